@@ -1,0 +1,1 @@
+"""maskfreevis_jax.export."""
