@@ -1,0 +1,351 @@
+"""The three box-supervised mask losses of MaskFreeVIS.
+
+* box projection loss (BoxInst): dice between the max-projections of mask and box along x and y;
+* spatial pairwise loss (BoxInst): neighbouring pixels of similar colour should agree;
+* Temporal KNN-patch loss (TK-Loss): a pixel and its K best-matching patches in another frame of
+  the clip should agree.
+
+Inputs are the mask logits of matched instances, `[B, N, T, h, w]` at mask stride, with instances
+padded to a static N and an `instance_valid [B, N]` mask; padded instances never change a value.
+"""
+
+import dataclasses
+from typing import Dict, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from maskfreevis_jax.losses import affinity as affinity_lib
+from maskfreevis_jax.losses import color
+
+_DICE_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskFreeLossConfig:
+  """Hyper-parameters of the mask-free losses; defaults are the official release's.
+
+  Attributes:
+    stride: mask stride relative to the input frames (masks are `[H / stride, W / stride]`).
+    pairwise_size: spatial neighbourhood window (odd); `size**2 - 1` neighbours.
+    pairwise_dilation: spatial neighbourhood dilation.
+    pairwise_color_threshold: a neighbour counts when its colour similarity reaches this.
+    patch_size: TK-Loss patch side (N in the paper).
+    temporal_search_size: TK-Loss candidate window side (odd); `size**2` candidates.
+    temporal_dilation: TK-Loss candidate window dilation (search radius R = size // 2 * dilation).
+    temporal_topk: TK-Loss keeps the K best candidates per pixel.
+    temporal_threshold: a kept candidate counts when its patch similarity reaches this (D).
+    temporal_weight: factor on the summed TK-Loss of all frame pairs.
+    warmup_steps: TK-Loss ramps linearly from 0 to full weight over this many steps (0: none).
+    frame_pairing: 'all_pairs' (the release) or 'cyclic' (the paper: t -> t+1, last -> first).
+  """
+  stride: int = 4
+  pairwise_size: int = 3
+  pairwise_dilation: int = 2
+  pairwise_color_threshold: float = 0.3
+  patch_size: int = 3
+  temporal_search_size: int = 3
+  temporal_dilation: int = 3
+  temporal_topk: int = 5
+  temporal_threshold: float = 0.05
+  temporal_weight: float = 0.1
+  warmup_steps: int = 2000
+  frame_pairing: str = "all_pairs"
+
+  def __post_init__(self):
+    for name in ("stride", "pairwise_size", "patch_size", "temporal_search_size",
+                 "pairwise_dilation", "temporal_dilation", "temporal_topk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"MaskFreeLossConfig.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("pairwise_size", "patch_size", "temporal_search_size"):
+      if getattr(self, name) % 2 == 0:
+        raise ValueError(f"MaskFreeLossConfig.{name} must be odd, got {getattr(self, name)}")
+    if self.frame_pairing not in ("all_pairs", "cyclic"):
+      raise ValueError("MaskFreeLossConfig.frame_pairing must be 'all_pairs' or 'cyclic', "
+                       f"got {self.frame_pairing!r}")
+    if self.warmup_steps < 0:
+      raise ValueError(f"MaskFreeLossConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def _check_rank(name: str, x, rank: int, layout: str):
+  if not hasattr(x, "shape") or x.ndim != rank:
+    got = getattr(x, "shape", type(x).__name__)
+    raise ValueError(f"{name} must be {layout} (rank {rank}), got shape {got}")
+
+
+def compute_color_affinities(frames: jnp.ndarray,
+                             config: MaskFreeLossConfig = MaskFreeLossConfig()
+                             ) -> affinity_lib.ColorAffinities:
+  """Lab colour affinities of a batch of clips, computed once and shared by all instances/layers.
+
+  Frames are pooled to mask stride (truncated to whole numbers), converted to CIE-Lab, then the
+  spatial neighbour similarities and the top-k temporal patch similarities of every frame pair are
+  computed and thresholded. No gradient flows through the result.
+
+  Args:
+    frames: `[B, T, H, W, 3]` RGB clips, uint8 (or a real dtype in [0, 255]); T >= 2.
+    config: loss hyper-parameters.
+
+  Returns:
+    `ColorAffinities` with `[B, T, Ks, h, w]` spatial and `[B, P, Kt, h, w]` temporal maps,
+    h = H // stride, w = W // stride.
+  """
+  _check_rank("frames", frames, 5, "[B, T, H, W, 3]")
+  if frames.shape[-1] != 3:
+    raise ValueError(f"frames must be RGB [B, T, H, W, 3], got shape {frames.shape}")
+  if not (jnp.issubdtype(frames.dtype, jnp.integer) or jnp.issubdtype(frames.dtype, jnp.floating)):
+    raise ValueError(f"frames must be uint8 or float RGB in [0, 255], got dtype {frames.dtype}")
+  if frames.shape[2] < config.stride or frames.shape[3] < config.stride:
+    raise ValueError(f"frames of {frames.shape[2]}x{frames.shape[3]} are smaller than the mask "
+                     f"stride {config.stride}")
+  pairs = affinity_lib.frame_pairs(frames.shape[1], config.frame_pairing)
+  frames = jax.lax.stop_gradient(frames)
+  lab = color.rgb_to_lab(color.downsample_frames(frames, config.stride))  # [B, T, h, w, 3]
+  spatial = affinity_lib.spatial_color_similarity(lab, config.pairwise_size,
+                                                  config.pairwise_dilation)
+  a_idx = jnp.asarray([a for a, _ in pairs])
+  b_idx = jnp.asarray([b for _, b in pairs])
+  temporal = affinity_lib.temporal_patch_similarity(
+      lab[:, a_idx], lab[:, b_idx], config.patch_size, config.temporal_search_size,
+      config.temporal_dilation)  # [B, P, Kt, h, w]
+  temporal = affinity_lib.keep_top_k(temporal, config.temporal_topk, axis=-3)
+  return affinity_lib.ColorAffinities(
+      spatial_similarity=spatial,
+      temporal_similarity=temporal,
+      spatial_affinity=(spatial >= config.pairwise_color_threshold).astype(jnp.float32),
+      temporal_affinity=(temporal >= config.temporal_threshold).astype(jnp.float32),
+      pairs=pairs)
+
+
+def _box_profile(lo: jnp.ndarray, hi: jnp.ndarray, full: int, stride: int) -> jnp.ndarray:
+  """1-D box indicator at full resolution, bilinearly resized by 1/stride (align_corners=False).
+
+  A full-resolution pixel i is inside when its centre i + 0.5 lies in [lo, hi). The resize samples
+  source coordinate (j + 0.5) * stride - 0.5 for output j, as `F.interpolate(mode='bilinear')`.
+
+  Args:
+    lo, hi: `[...]` box extent in pixels.
+    full: full-resolution length.
+    stride: downsampling factor.
+
+  Returns:
+    `[..., full // stride]` float32.
+  """
+  out = full // stride
+  src = jnp.maximum((jnp.arange(out, dtype=jnp.float32) + 0.5) * (full / out) - 0.5, 0.0)
+  i0 = jnp.floor(src)
+  frac = src - i0
+  i1 = jnp.minimum(i0 + 1, full - 1)
+
+  def inside(i):
+    centre = i + 0.5
+    return ((centre >= lo[..., None]) & (centre < hi[..., None])).astype(jnp.float32)
+
+  return (1.0 - frac) * inside(i0) + frac * inside(i1)
+
+
+def box_masks_at_stride(boxes: jnp.ndarray, box_valid: jnp.ndarray, image_size: Tuple[int, int],
+                        stride: int = 4) -> jnp.ndarray:
+  """Box masks at mask stride, equal to rasterising at full size then a bilinear resize.
+
+  Computed separably (rows x columns), never at full resolution. Border values are fractional,
+  as in the official release.
+
+  Args:
+    boxes: `[..., 4]` boxes (x1, y1, x2, y2) in pixels of the `image_size` frame.
+    box_valid: `[...]` bool; False gives an all-zero mask (no box in that frame).
+    image_size: (H, W) of the frames the boxes live in.
+    stride: mask stride.
+
+  Returns:
+    `[..., H // stride, W // stride]` float32.
+  """
+  if boxes.shape[-1:] != (4,):
+    raise ValueError(f"boxes must be [..., 4] (x1, y1, x2, y2), got shape {boxes.shape}")
+  if box_valid.shape != boxes.shape[:-1]:
+    raise ValueError(f"box_valid must have shape {boxes.shape[:-1]} (boxes without the last axis), "
+                     f"got {box_valid.shape}")
+  height, width = image_size
+  if height < stride or width < stride:
+    raise ValueError(f"image_size {image_size} is smaller than the stride {stride}")
+  boxes = boxes.astype(jnp.float32)
+  rows = _box_profile(boxes[..., 1], boxes[..., 3], height, stride)
+  cols = _box_profile(boxes[..., 0], boxes[..., 2], width, stride)
+  masks = rows[..., :, None] * cols[..., None, :]
+  return jnp.where(box_valid[..., None, None], masks, 0.0)
+
+
+def _dice_loss(x: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+  """`1 - 2 sum(x t) / (sum(x^2) + sum(t^2) + eps)` over the last axis."""
+  inter = jnp.sum(x * target, axis=-1)
+  union = jnp.sum(x * x, axis=-1) + jnp.sum(target * target, axis=-1) + _DICE_EPS
+  return 1.0 - 2.0 * inter / union
+
+
+def box_projection_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
+                        instance_valid: jnp.ndarray) -> jnp.ndarray:
+  """Dice of the max-projections along y and x, summed, mean over valid instance-frames.
+
+  Args:
+    mask_logits: `[B, N, T, h, w]`.
+    box_masks: `[B, N, T, h, w]` from `box_masks_at_stride`.
+    instance_valid: `[B, N]` bool.
+
+  Returns:
+    Scalar float32 (0 when there is no valid instance).
+  """
+  probs = jax.nn.sigmoid(mask_logits)
+  per_frame = (_dice_loss(probs.max(axis=-2), box_masks.max(axis=-2)) +
+               _dice_loss(probs.max(axis=-1), box_masks.max(axis=-1)))  # [B, N, T]
+  weight = jnp.broadcast_to(instance_valid[..., None], per_frame.shape).astype(jnp.float32)
+  return jnp.sum(per_frame * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def _disagreement(logits_p: jnp.ndarray, softplus_p: jnp.ndarray, logits_q: jnp.ndarray,
+                  softplus_q: jnp.ndarray) -> jnp.ndarray:
+  """`-log(P(p) P(q) + (1 - P(p)) (1 - P(q)))` with P = sigmoid, stably, from logits.
+
+  With s, t the logits, the probability of agreeing is (1 + e^(s+t)) / ((1 + e^s)(1 + e^t)), so
+  the cost is softplus(s) + softplus(t) - softplus(s + t): one transcendental per pixel pair.
+  """
+  return softplus_p + softplus_q - jax.nn.softplus(logits_p + logits_q)
+
+
+def _neighbour_costs(center: jnp.ndarray, neighbour: jnp.ndarray,
+                     offsets: Sequence[Tuple[int, int]]) -> jnp.ndarray:
+  """`[..., K, h, w]` disagreement between center(p) and neighbour(p + offset_k).
+
+  A neighbour outside the frame costs 0 (the release zero-pads log-probabilities, which makes
+  the agreement probability exactly 1 there).
+  """
+  inside = affinity_lib.inside_frame(center.shape[-2:], offsets)
+  sp_center = jax.nn.softplus(center)
+  sp_neighbour = jax.nn.softplus(neighbour)
+  costs = [
+      _disagreement(center, sp_center, affinity_lib.shift_spatial(neighbour, offset),
+                    affinity_lib.shift_spatial(sp_neighbour, offset)) for offset in offsets
+  ]
+  return jnp.stack(costs, axis=-3) * inside
+
+
+def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
+                        instance_valid: jnp.ndarray, affinities: affinity_lib.ColorAffinities,
+                        config: MaskFreeLossConfig = MaskFreeLossConfig()) -> jnp.ndarray:
+  """Spatial colour-affinity loss (BoxInst pairwise term), one ratio over the whole batch.
+
+  Weight of pixel p and neighbour q: [similarity(p, q) >= threshold] * box_mask(p).
+  Loss = sum(cost * weight) / max(sum(weight), 1).
+
+  Args:
+    mask_logits: `[B, N, T, h, w]`.
+    box_masks: `[B, N, T, h, w]`.
+    instance_valid: `[B, N]` bool.
+    affinities: from `compute_color_affinities` on the same clips.
+    config: loss hyper-parameters.
+
+  Returns:
+    Scalar float32.
+  """
+  offsets = affinity_lib.window_offsets(config.pairwise_size, config.pairwise_dilation,
+                                        include_center=False)
+  costs = _neighbour_costs(mask_logits, mask_logits, offsets)  # [B, N, T, K, h, w]
+  weight = box_masks * instance_valid[:, :, None, None, None]  # [B, N, T, h, w]
+  similar = affinities.spatial_affinity[:, None]  # [B, 1, T, K, h, w]
+  numerator = jnp.sum(costs * similar * weight[:, :, :, None])
+  denominator = jnp.sum(weight * jnp.sum(affinities.spatial_affinity, axis=2)[:, None])
+  return numerator / jnp.maximum(denominator, 1.0)
+
+
+def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
+                            instance_valid: jnp.ndarray,
+                            affinities: affinity_lib.ColorAffinities,
+                            config: MaskFreeLossConfig = MaskFreeLossConfig()) -> jnp.ndarray:
+  """Temporal KNN-patch loss (TK-Loss), before its weight and warm-up.
+
+  For each frame pair (a, b) and pixel p of frame b: the cost of disagreement between the mask at
+  p in frame b and at each kept candidate p + d in frame a, weighted by
+  [kept patch similarity >= threshold] * U(p), U being the union of the instance's box masks over
+  the clip. Each pair gives sum(cost * weight) / max(sum(weight), 1); pairs are summed.
+
+  Args:
+    mask_logits: `[B, N, T, h, w]`.
+    box_masks: `[B, N, T, h, w]`.
+    instance_valid: `[B, N]` bool.
+    affinities: from `compute_color_affinities` on the same clips (defines the frame pairs).
+    config: loss hyper-parameters.
+
+  Returns:
+    Scalar float32, the sum over frame pairs.
+  """
+  offsets = affinity_lib.window_offsets(config.temporal_search_size, config.temporal_dilation,
+                                        include_center=True)
+  a_idx = jnp.asarray([a for a, _ in affinities.pairs])
+  b_idx = jnp.asarray([b for _, b in affinities.pairs])
+  costs = _neighbour_costs(mask_logits[:, :, b_idx], mask_logits[:, :, a_idx],
+                           offsets)  # [B, N, P, K, h, w]
+  union = (jnp.sum(box_masks, axis=2) >= 1.0).astype(jnp.float32)
+  union = union * instance_valid[:, :, None, None]  # [B, N, h, w]
+  similar = affinities.temporal_affinity  # [B, P, K, h, w]
+  numerator = jnp.einsum("bnpkhw,bpkhw,bnhw->p", costs, similar, union)
+  denominator = jnp.einsum("bpkhw,bnhw->p", similar, union)
+  return jnp.sum(numerator / jnp.maximum(denominator, 1.0))
+
+
+def tk_warmup_factor(step, warmup_steps: int) -> jnp.ndarray:
+  """`min(step / warmup_steps, 1)`; 1 when warmup_steps is 0."""
+  if warmup_steps == 0:
+    return jnp.float32(1.0)
+  return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+def mask_free_losses(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
+                     instance_valid: jnp.ndarray, affinities: affinity_lib.ColorAffinities,
+                     step: Union[int, jnp.ndarray],
+                     config: MaskFreeLossConfig = MaskFreeLossConfig()) -> Dict[str, jnp.ndarray]:
+  """All three MaskFreeVIS losses for the matched instances of a batch of clips.
+
+  Example:
+    cfg = MaskFreeLossConfig()
+    affinities = compute_color_affinities(frames, cfg)           # once per batch
+    box_masks = box_masks_at_stride(boxes, box_valid, (H, W), cfg.stride)
+    losses = mask_free_losses(logits, box_masks, valid, affinities, step, cfg)
+
+  Args:
+    mask_logits: `[B, N, T, h, w]` mask logits of the (matched) instances, padded to N.
+    box_masks: `[B, N, T, h, w]` box masks at mask stride (`box_masks_at_stride`).
+    instance_valid: `[B, N]` bool, False for padding (which never changes any value).
+    affinities: `compute_color_affinities(frames, config)` for the same B clips.
+    step: training step (for the TK-Loss warm-up); an int or a traced scalar.
+    config: loss hyper-parameters.
+
+  Returns:
+    {'loss_mask_proj', 'loss_bound', 'loss_bound_neighbor'}: float32 scalars, the last with the
+    TK weight and warm-up applied (names as the official release).
+  """
+  _check_rank("mask_logits", mask_logits, 5, "[B, N, T, h, w]")
+  if box_masks.shape != mask_logits.shape:
+    raise ValueError(f"box_masks must have the shape of mask_logits {mask_logits.shape}, "
+                     f"got {box_masks.shape}")
+  batch, num_inst, num_frames, h, w = mask_logits.shape
+  if instance_valid.shape != (batch, num_inst):
+    raise ValueError(f"instance_valid must be [B, N] = {(batch, num_inst)}, "
+                     f"got {instance_valid.shape}")
+  if num_frames < 2:
+    raise ValueError(f"mask_logits must have T >= 2 frames for TK-Loss, got T={num_frames}")
+  expected = (batch, num_frames, affinities.spatial_affinity.shape[2], h, w)
+  if affinities.spatial_affinity.shape != expected:
+    raise ValueError(f"affinities were computed for [B, T, K, h, w] = "
+                     f"{affinities.spatial_affinity.shape}, but mask_logits imply {expected}")
+  if max(max(p) for p in affinities.pairs) >= num_frames:
+    raise ValueError(f"affinities pair frames {affinities.pairs} beyond T={num_frames}")
+  valid = instance_valid.astype(bool)
+  # Padding may hold anything (even inf); zeroing it keeps values and gradients finite.
+  mask_logits = jnp.where(valid[:, :, None, None, None], mask_logits.astype(jnp.float32), 0.0)
+  box_masks = jnp.where(valid[:, :, None, None, None], box_masks.astype(jnp.float32), 0.0)
+  tk = temporal_knn_patch_loss(mask_logits, box_masks, valid, affinities, config)
+  return {
+      "loss_mask_proj": box_projection_loss(mask_logits, box_masks, valid),
+      "loss_bound": pairwise_color_loss(mask_logits, box_masks, valid, affinities, config),
+      "loss_bound_neighbor": tk * config.temporal_weight * tk_warmup_factor(
+          step, config.warmup_steps),
+  }
