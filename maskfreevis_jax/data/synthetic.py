@@ -1,0 +1,372 @@
+"""Built-in synthetic video instance segmentation dataset (YouTube-VIS format on disk).
+
+Every video pans slowly over a real photograph that ships with scikit-image and shows a few
+moving objects of shape classes that boxes fit badly (ellipse, ring with a hole, star,
+L-shape, thin bar, crescent); one category per shape. Objects are filled with a flat colour
+or a photo texture, move, scale and rotate, occlude each other and enter/leave the frame.
+
+Ground truth is the *visible* mask after occlusion; boxes are derived from it; an object not
+visible in a frame has ``null`` box/segmentation there. Both ``train.json`` and
+``valid.json`` carry RLE masks (training ignores them unless a mask-supervised config asks).
+
+Layout written by `generate`::
+
+  out_dir/train.json   out_dir/train/JPEGImages/<video>/<frame>.jpg
+  out_dir/valid.json   out_dir/valid/JPEGImages/<video>/<frame>.jpg
+  out_dir/_COMPLETE.json   (marker with the generation parameters, written last)
+
+Everything is a pure function of the seed (one numpy Generator per video).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from maskfreevis_jax.data import ytvis_json
+
+SHAPE_CLASSES = ("ellipse", "ring", "star", "l_shape", "thin_bar", "crescent")
+# Photographs bundled inside the scikit-image wheel (no download needed).
+BACKGROUND_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
+                     "hubble_deep_field", "retina", "colorwheel", "brick", "grass", "gravel")
+MARKER_FILE = "_COMPLETE.json"
+FORMAT_VERSION = 1
+
+
+def _load_photo(name: str) -> np.ndarray:
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  image = np.asarray(getattr(skimage.data, name)())
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+
+
+def _resize_to_cover(image: np.ndarray, height: int, width: int, margin: float) -> np.ndarray:
+  """Resizes so the image covers ``(1 + margin) * (height, width)``, keeping its aspect."""
+  scale = (1.0 + margin) * max(height / image.shape[0], width / image.shape[1])
+  new_h = max(int(np.ceil(image.shape[0] * scale)), height + 1)
+  new_w = max(int(np.ceil(image.shape[1] * scale)), width + 1)
+  return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, aspect: float) -> np.ndarray:
+  """Rasterises one shape in its own normalised frame (unit radius, centred at 0)."""
+  r = np.sqrt(u * u + v * v)
+  if shape == "ellipse":
+    return (u * u + (v / aspect) ** 2) <= 1.0
+  if shape == "ring":
+    # Ring with a large hole: its box mostly covers background.
+    rr = np.sqrt(u * u + (v / max(aspect, 0.7)) ** 2)
+    return (rr <= 1.0) & (rr >= 0.6)
+  if shape == "star":
+    angle = np.arctan2(v, u)
+    radius = 0.38 + 0.62 * np.abs(np.cos(2.5 * angle)) ** 3
+    return r <= radius
+  if shape == "l_shape":
+    vertical = (u >= -1.0) & (u <= -0.45) & (np.abs(v) <= 1.0)
+    horizontal = (np.abs(u) <= 1.0) & (v >= 0.45) & (v <= 1.0)
+    return vertical | horizontal
+  if shape == "thin_bar":
+    return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.12)
+  if shape == "crescent":
+    return (r <= 1.0) & (((u - 0.5) ** 2 + v * v) > 0.75 ** 2)
+  raise ValueError(f"unknown shape class {shape!r}")
+
+
+class _Renderer:
+  """Holds the backgrounds/textures for one frame size (loaded once per generation)."""
+
+  def __init__(self, height: int, width: int):
+    self.height, self.width = height, width
+    photos = [_load_photo(n) for n in BACKGROUND_PHOTOS]
+    self.backgrounds = [_resize_to_cover(p, height, width, margin=0.35) for p in photos]
+    tex_size = max(64, min(height, width))
+    self.textures = [_resize_to_cover(p, tex_size, tex_size, margin=0.0) for p in photos]
+    self.grid_y, self.grid_x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+
+  def video(self, rng: np.random.Generator, length: int, max_objects: int):
+    """Renders one video.
+
+    Returns:
+      frames uint8 [L, H, W, 3], visible masks bool [K, L, H, W], labels list[int] (K).
+    """
+    h, w = self.height, self.width
+    size = min(h, w)
+    bg = self.backgrounds[rng.integers(len(self.backgrounds))]
+    spare_y, spare_x = bg.shape[0] - h, bg.shape[1] - w
+    start = np.array([rng.uniform(0, spare_y), rng.uniform(0, spare_x)])
+    # Slow pan: at most ~1.5% of the frame per step.
+    pan = rng.uniform(-0.015, 0.015, size=2) * size
+    num_objects = int(rng.integers(1, max_objects + 1))
+    objects = []
+    for _ in range(num_objects):
+      radius = rng.uniform(0.12, 0.3) * size
+      enters = rng.uniform() < 0.25
+      if enters:  # start outside a random border, move inwards
+        side = rng.integers(4)
+        cy = [-(radius * 0.8), h + radius * 0.8, rng.uniform(0, h), rng.uniform(0, h)][side]
+        cx = [rng.uniform(0, w), rng.uniform(0, w), -(radius * 0.8), w + radius * 0.8][side]
+        vy = (h / 2 - cy) / max(length, 1) * rng.uniform(0.6, 1.4)
+        vx = (w / 2 - cx) / max(length, 1) * rng.uniform(0.6, 1.4)
+      else:
+        cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+        speed = rng.uniform(0.0, 0.08) * size
+        heading = rng.uniform(0, 2 * np.pi)
+        vy, vx = speed * np.sin(heading), speed * np.cos(heading)
+      fill_texture = rng.uniform() < 0.5
+      objects.append(dict(
+          label=int(rng.integers(len(SHAPE_CLASSES))), cy=cy, cx=cx, vy=vy, vx=vx,
+          radius=radius, growth=rng.uniform(-0.04, 0.04),
+          angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-0.15, 0.15),
+          aspect=rng.uniform(0.45, 0.85),
+          color=rng.integers(0, 256, size=3).astype(np.uint8),
+          texture=int(rng.integers(len(self.textures))) if fill_texture else -1,
+          tex_offset=rng.integers(0, 10_000, size=2)))
+    # Random depth order: later objects occlude earlier ones.
+    frames = np.empty((length, h, w, 3), np.uint8)
+    full = np.zeros((num_objects, length, h, w), bool)
+    for t in range(length):
+      oy, ox = np.clip(np.rint(start + pan * t), 0, [spare_y, spare_x]).astype(int)
+      frame = bg[oy:oy + h, ox:ox + w].copy()
+      for k, obj in enumerate(objects):
+        radius = obj["radius"] * (1.0 + obj["growth"] * t)
+        cy, cx = obj["cy"] + obj["vy"] * t, obj["cx"] + obj["vx"] * t
+        angle = obj["angle"] + obj["spin"] * t
+        dy, dx = self.grid_y - cy, self.grid_x - cx
+        cos, sin = np.cos(angle), np.sin(angle)
+        u = (cos * dx + sin * dy) / radius
+        v = (-sin * dx + cos * dy) / radius
+        mask = _shape_mask(SHAPE_CLASSES[obj["label"]], u, v, obj["aspect"])
+        if not mask.any():
+          continue
+        full[k, t] = mask
+        if obj["texture"] >= 0:
+          tex = self.textures[obj["texture"]]
+          ty = (np.rint(v * radius).astype(int) + obj["tex_offset"][0]) % tex.shape[0]
+          tx = (np.rint(u * radius).astype(int) + obj["tex_offset"][1]) % tex.shape[1]
+          frame[mask] = tex[ty[mask], tx[mask]]
+        else:
+          shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
+          frame[mask] = (obj["color"][None].astype(np.float32) * shade[:, None]).astype(np.uint8)
+      frames[t] = frame
+    # Visible mask = own mask minus everything drawn above it.
+    visible = full.copy()
+    above = np.zeros((length, h, w), bool)
+    for k in range(num_objects - 1, -1, -1):
+      visible[k] &= ~above
+      above |= full[k]
+    return frames, visible, [o["label"] for o in objects]
+
+
+def _box_from_mask(mask: np.ndarray) -> list[float]:
+  ys = np.flatnonzero(mask.any(axis=1))
+  xs = np.flatnonzero(mask.any(axis=0))
+  return [float(xs[0]), float(ys[0]), float(xs[-1] + 1 - xs[0]), float(ys[-1] + 1 - ys[0])]
+
+
+def _write_split(out_dir: str, split: str, num_videos: int, seed: int, renderer: _Renderer,
+                 frames_range: tuple[int, int], max_objects: int, jpeg_quality: int,
+                 min_visible_pixels: int) -> dict[str, Any]:
+  split_index = {"train": 0, "valid": 1}[split]
+  videos, annotations = [], []
+  ann_id = 1
+  for i in range(num_videos):
+    rng = np.random.default_rng([seed, split_index, i])
+    length = int(rng.integers(frames_range[0], frames_range[1] + 1))
+    # Retry (deterministically) until at least one object is visible somewhere.
+    for _ in range(20):
+      frames, visible, labels = renderer.video(rng, length, max_objects)
+      visible &= visible.sum(axis=(2, 3), keepdims=True) >= min_visible_pixels
+      if visible.any():
+        break
+    name = f"{split}_{i:05d}"
+    video_dir = os.path.join(out_dir, split, "JPEGImages", name)
+    os.makedirs(video_dir, exist_ok=True)
+    file_names = []
+    for t in range(length):
+      rel = f"{name}/{t:05d}.jpg"
+      Image.fromarray(frames[t]).save(os.path.join(video_dir, f"{t:05d}.jpg"),
+                                      quality=jpeg_quality)
+      file_names.append(rel)
+    video_id = i + 1
+    videos.append({"id": video_id, "width": renderer.width, "height": renderer.height,
+                   "length": length, "file_names": file_names})
+    for k, label in enumerate(labels):
+      if not visible[k].any():
+        continue  # never visible: not an annotated instance
+      bboxes, segms, areas = [], [], []
+      for t in range(length):
+        if visible[k, t].any():
+          bboxes.append(_box_from_mask(visible[k, t]))
+          segms.append(ytvis_json.encode_mask(visible[k, t]))
+          areas.append(int(visible[k, t].sum()))
+        else:
+          bboxes.append(None)
+          segms.append(None)
+          areas.append(None)
+      annotations.append({"id": ann_id, "video_id": video_id, "category_id": label + 1,
+                          "iscrowd": 0, "bboxes": bboxes, "segmentations": segms,
+                          "areas": areas, "height": renderer.height, "width": renderer.width})
+      ann_id += 1
+  data = {
+      "info": {"description": f"maskfreevis_jax synthetic VIS ({split}), seed {seed}"},
+      "licenses": [],
+      "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
+                     for i, n in enumerate(SHAPE_CLASSES)],
+      "videos": videos,
+      "annotations": annotations,
+  }
+  with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
+    json.dump(data, f)
+  return {"videos": len(videos), "instances": len(annotations)}
+
+
+def generate(out_dir: str, seed: int = 0, num_train_videos: int = 300,
+             num_val_videos: int = 30, *, frame_size: Sequence[int] = (128, 128),
+             frames_per_video: Sequence[int] = (6, 10), max_objects: int = 4,
+             jpeg_quality: int = 90, min_visible_pixels: int = 4) -> dict[str, Any]:
+  """Writes the synthetic dataset (YouTube-VIS JSON + JPEG frames) into ``out_dir``.
+
+  Args:
+    out_dir: destination directory (created; existing files are overwritten).
+    seed: generation seed; the output is a pure function of all arguments.
+    num_train_videos: videos in ``train.json``.
+    num_val_videos: videos in ``valid.json``.
+    frame_size: ``(height, width)`` of every frame.
+    frames_per_video: inclusive ``(min, max)`` number of frames per video.
+    max_objects: at most this many objects per video (at least one is visible).
+    jpeg_quality: JPEG quality of the frames.
+    min_visible_pixels: a frame where an object shows fewer pixels counts as not visible.
+
+  Returns:
+    The parameters and per-split counts (also written to the marker file).
+  """
+  height, width = int(frame_size[0]), int(frame_size[1])
+  if height < 16 or width < 16:
+    raise ValueError(f"frame_size must be at least 16x16, got {frame_size}")
+  lo, hi = int(frames_per_video[0]), int(frames_per_video[1])
+  if not 1 <= lo <= hi:
+    raise ValueError(f"frames_per_video must be (min, max) with 1 <= min <= max, got "
+                     f"{frames_per_video}")
+  if num_train_videos < 0 or num_val_videos < 0 or max_objects < 1:
+    raise ValueError("video counts must be >= 0 and max_objects >= 1")
+  params = _params(seed, num_train_videos, num_val_videos, (height, width), (lo, hi),
+                   max_objects, jpeg_quality, min_visible_pixels)
+  start = time.time()
+  os.makedirs(out_dir, exist_ok=True)
+  marker = os.path.join(out_dir, MARKER_FILE)
+  if os.path.exists(marker):
+    os.remove(marker)
+  renderer = _Renderer(height, width)
+  counts = {}
+  for split, n in (("train", num_train_videos), ("valid", num_val_videos)):
+    counts[split] = _write_split(out_dir, split, n, seed, renderer, (lo, hi), max_objects,
+                                 jpeg_quality, min_visible_pixels)
+  summary = dict(params=params, counts=counts, seconds=round(time.time() - start, 2))
+  with open(marker, "w") as f:
+    json.dump(summary, f)
+  logging.info("synthetic dataset written to %s in %.1fs: %s", out_dir, summary["seconds"],
+               counts)
+  return summary
+
+
+def _params(seed=0, num_train_videos=300, num_val_videos=30, frame_size=(128, 128),
+            frames_per_video=(6, 10), max_objects=4, jpeg_quality=90,
+            min_visible_pixels=4) -> dict[str, Any]:
+  return dict(format_version=FORMAT_VERSION, seed=int(seed),
+              num_train_videos=int(num_train_videos), num_val_videos=int(num_val_videos),
+              frame_size=[int(v) for v in frame_size],
+              frames_per_video=[int(v) for v in frames_per_video],
+              max_objects=int(max_objects), jpeg_quality=int(jpeg_quality),
+              min_visible_pixels=int(min_visible_pixels))
+
+
+def is_complete(out_dir: str, **params) -> bool:
+  """True when ``out_dir`` holds a finished dataset generated with these parameters."""
+  marker = os.path.join(out_dir, MARKER_FILE)
+  if not os.path.isfile(marker):
+    return False
+  try:
+    with open(marker) as f:
+      stored = json.load(f)["params"]
+  except (ValueError, KeyError, OSError):
+    return False
+  return stored == _params(**params)
+
+
+def ensure_dataset(out_dir: str, seed: int = 0, num_train_videos: int = 300,
+                   num_val_videos: int = 30, *, frame_size: Sequence[int] = (128, 128),
+                   frames_per_video: Sequence[int] = (6, 10), max_objects: int = 4,
+                   jpeg_quality: int = 90, min_visible_pixels: int = 4) -> str:
+  """Generates the dataset into ``out_dir`` unless a complete copy is already there.
+
+  A copy without the marker (e.g. an interrupted run) or with other parameters is
+  regenerated. Generation happens in a temporary sibling directory that is renamed into
+  place, so concurrent processes never read a half-written dataset.
+
+  Returns:
+    ``out_dir``.
+  """
+  params = dict(seed=seed, num_train_videos=num_train_videos, num_val_videos=num_val_videos,
+                frame_size=tuple(frame_size), frames_per_video=tuple(frames_per_video),
+                max_objects=max_objects, jpeg_quality=jpeg_quality,
+                min_visible_pixels=min_visible_pixels)
+  if is_complete(out_dir, **params):
+    return out_dir
+  out_dir = os.path.abspath(out_dir)
+  tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  logging.info("generating the synthetic dataset into %s", out_dir)
+  generate(tmp_dir, **params)
+  if is_complete(out_dir, **params):  # another process finished first
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+  try:
+    os.rename(tmp_dir, out_dir)
+  except OSError:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if not is_complete(out_dir, **params):
+      raise
+  return out_dir
+
+
+def default_cache_dir() -> str:
+  """Where the synthetic data goes by default ($MASKFREEVIS_DATA_DIR or ~/.cache)."""
+  root = os.environ.get("MASKFREEVIS_DATA_DIR",
+                        os.path.join(os.path.expanduser("~"), ".cache", "maskfreevis_jax"))
+  return os.path.join(root, "synthetic")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Command line: ``python -m maskfreevis_jax.data.synthetic OUT_DIR [--seed ...]``."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("out_dir")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num_train_videos", type=int, default=300)
+  parser.add_argument("--num_val_videos", type=int, default=30)
+  parser.add_argument("--frame_size", type=int, nargs=2, default=(128, 128),
+                      metavar=("HEIGHT", "WIDTH"))
+  parser.add_argument("--frames_per_video", type=int, nargs=2, default=(6, 10),
+                      metavar=("MIN", "MAX"))
+  parser.add_argument("--max_objects", type=int, default=4)
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO)
+  summary = generate(args.out_dir, args.seed, args.num_train_videos, args.num_val_videos,
+                     frame_size=args.frame_size, frames_per_video=args.frames_per_video,
+                     max_objects=args.max_objects)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()
