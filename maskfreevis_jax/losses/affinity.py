@@ -25,14 +25,15 @@ def window_offsets(size: int, dilation: int, include_center: bool) -> Tuple[Offs
                if include_center or (dy, dx) != (0, 0))
 
 
-def shift_spatial(x: jnp.ndarray, offset: Offset, axes: Tuple[int, int] = (-2, -1)) -> jnp.ndarray:
-  """Returns y with y[..., i, j] = x[..., i + dy, j + dx], zero where that falls outside x."""
+def shift_spatial(x: jnp.ndarray, offset: Offset, axes: Tuple[int, int] = (-2, -1),
+                  fill: float = 0.0) -> jnp.ndarray:
+  """Returns y with y[..., i, j] = x[..., i + dy, j + dx], `fill` where that falls outside x."""
   dy, dx = offset
   ay, ax = (a % x.ndim for a in axes)
   pad = [(0, 0)] * x.ndim
   pad[ay] = (max(-dy, 0), max(dy, 0))
   pad[ax] = (max(-dx, 0), max(dx, 0))
-  padded = jnp.pad(x, pad)
+  padded = jnp.pad(x, pad, constant_values=fill)
   start = [0] * x.ndim
   start[ay], start[ax] = max(dy, 0), max(dx, 0)
   return jax.lax.slice(padded, start, [s + n for s, n in zip(start, x.shape)])

@@ -201,31 +201,44 @@ def box_projection_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   return jnp.sum(per_frame * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def _disagreement(logits_p: jnp.ndarray, softplus_p: jnp.ndarray, logits_q: jnp.ndarray,
-                  softplus_q: jnp.ndarray) -> jnp.ndarray:
-  """`-log(P(p) P(q) + (1 - P(p)) (1 - P(q)))` with P = sigmoid, stably, from logits.
+# Logits are clipped here so that the agreement probability stays a normal float32 (> 1e-26).
+_LOGIT_LIMIT = 60.0
 
-  With s, t the logits, the probability of agreeing is (1 + e^(s+t)) / ((1 + e^s)(1 + e^t)), so
-  the cost is softplus(s) + softplus(t) - softplus(s + t): one transcendental per pixel pair.
+
+def _fg_bg_probs(logits: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """sigmoid(x) and sigmoid(-x), each computed directly (1 - p would lose precision near 1)."""
+  logits = jnp.clip(logits, -_LOGIT_LIMIT, _LOGIT_LIMIT)
+  return jax.nn.sigmoid(logits), jax.nn.sigmoid(-logits)
+
+
+def _weighted_disagreement(center: jnp.ndarray, neighbour: jnp.ndarray,
+                           offsets: Sequence[Tuple[int, int]],
+                           pair_weights: Sequence[jnp.ndarray]) -> jnp.ndarray:
+  """Sum over pixels of disagreement(center(p), neighbour(p + d_k)) * pair_weights[k](p).
+
+  The disagreement is `-log(P(p) P(q) + (1 - P(p)) (1 - P(q)))`, P = sigmoid of the logits: one
+  logarithm per pixel pair on per-pixel probabilities, equal to the release's log-space form. A
+  neighbour outside the frame reads probabilities (1, 1), as the release's zero-padded
+  log-probabilities do, so its cost and gradient are exactly 0. One offset at a time, so that each
+  term is a single fused elementwise-and-reduce: no `[..., K, h, w]` stack of costs is built.
+
+  Args:
+    center: `[B, N, F, h, w]` logits supplying p.
+    neighbour: `[B, N, F, h, w]` logits supplying p + d_k.
+    offsets: the K offsets d_k.
+    pair_weights: K arrays broadcastable to `[B, N, F, h, w]`.
+
+  Returns:
+    `[F]` sums.
   """
-  return softplus_p + softplus_q - jax.nn.softplus(logits_p + logits_q)
-
-
-def _neighbour_costs(center: jnp.ndarray, neighbour: jnp.ndarray,
-                     offsets: Sequence[Tuple[int, int]]) -> jnp.ndarray:
-  """`[..., K, h, w]` disagreement between center(p) and neighbour(p + offset_k).
-
-  A neighbour outside the frame costs 0 (the release zero-pads log-probabilities, which makes
-  the agreement probability exactly 1 there).
-  """
-  inside = affinity_lib.inside_frame(center.shape[-2:], offsets)
-  sp_center = jax.nn.softplus(center)
-  sp_neighbour = jax.nn.softplus(neighbour)
-  costs = [
-      _disagreement(center, sp_center, affinity_lib.shift_spatial(neighbour, offset),
-                    affinity_lib.shift_spatial(sp_neighbour, offset)) for offset in offsets
-  ]
-  return jnp.stack(costs, axis=-3) * inside
+  fg_center, bg_center = _fg_bg_probs(center)
+  fg_neighbour, bg_neighbour = _fg_bg_probs(neighbour)
+  total = jnp.zeros(center.shape[2], jnp.float32)
+  for offset, weight in zip(offsets, pair_weights):
+    agreement = (fg_center * affinity_lib.shift_spatial(fg_neighbour, offset, fill=1.0) +
+                 bg_center * affinity_lib.shift_spatial(bg_neighbour, offset, fill=1.0))
+    total = total + jnp.sum(-jnp.log(agreement) * weight, axis=(0, 1, 3, 4))
+  return total
 
 
 def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
@@ -248,11 +261,20 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   """
   offsets = affinity_lib.window_offsets(config.pairwise_size, config.pairwise_dilation,
                                         include_center=False)
-  costs = _neighbour_costs(mask_logits, mask_logits, offsets)  # [B, N, T, K, h, w]
   weight = box_masks * instance_valid[:, :, None, None, None]  # [B, N, T, h, w]
-  similar = affinities.spatial_affinity[:, None]  # [B, 1, T, K, h, w]
-  numerator = jnp.sum(costs * similar * weight[:, :, :, None])
-  denominator = jnp.sum(weight * jnp.sum(affinities.spatial_affinity, axis=2)[:, None])
+  similar = affinities.spatial_affinity  # [B, T, K, h, w]
+  # The cost and the similarity are symmetric in (p, p + d), so the pair seen from p with offset d
+  # and from p + d with offset -d is costed once, weighted by box_mask(p) + box_mask(p + d). The
+  # first half of the row-major window holds one offset of each opposite pair.
+  half = len(offsets) // 2
+  inside = affinity_lib.inside_frame(mask_logits.shape[-2:], offsets[:half])
+  pair_weights = [
+      similar[:, None, :, k] * inside[k] * (weight + affinity_lib.shift_spatial(weight, offset))
+      for k, offset in enumerate(offsets[:half])
+  ]
+  numerator = jnp.sum(_weighted_disagreement(mask_logits, mask_logits, offsets[:half],
+                                             pair_weights))
+  denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * weight)
   return numerator / jnp.maximum(denominator, 1.0)
 
 
@@ -281,13 +303,13 @@ def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
                                         include_center=True)
   a_idx = jnp.asarray([a for a, _ in affinities.pairs])
   b_idx = jnp.asarray([b for _, b in affinities.pairs])
-  costs = _neighbour_costs(mask_logits[:, :, b_idx], mask_logits[:, :, a_idx],
-                           offsets)  # [B, N, P, K, h, w]
   union = (jnp.sum(box_masks, axis=2) >= 1.0).astype(jnp.float32)
   union = union * instance_valid[:, :, None, None]  # [B, N, h, w]
   similar = affinities.temporal_affinity  # [B, P, K, h, w]
-  numerator = jnp.einsum("bnpkhw,bpkhw,bnhw->p", costs, similar, union)
-  denominator = jnp.einsum("bpkhw,bnhw->p", similar, union)
+  pair_weights = [similar[:, None, :, k] * union[:, :, None] for k in range(len(offsets))]
+  numerator = _weighted_disagreement(mask_logits[:, :, b_idx], mask_logits[:, :, a_idx], offsets,
+                                     pair_weights)  # [P]
+  denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * union[:, :, None], axis=(0, 1, 3, 4))
   return jnp.sum(numerator / jnp.maximum(denominator, 1.0))
 
 
