@@ -1,0 +1,161 @@
+"""Overlays of predicted video masks (per-track colours, class names and scores) and animations.
+
+  overlay = overlay_frames(frames, prediction.masks, prediction.labels, prediction.scores,
+                           class_names, score_threshold=0.3)
+  save_animation('video.gif', overlay, fps=6)   # GIF always; '.mp4' needs imageio-ffmpeg or av
+"""
+from __future__ import annotations
+
+import colorsys
+import importlib.util
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def track_colors(num_tracks: int) -> np.ndarray:
+  """Distinct saturated RGB colours, uint8 [num_tracks, 3] (golden-ratio hue steps)."""
+  hues = (np.arange(num_tracks) * 0.618033988749895 + 0.1) % 1.0
+  return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)] for h in hues],
+                  np.uint8).reshape(num_tracks, 3)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+  """Pixels of a bool [H, W] mask with a 4-neighbour outside it."""
+  padded = np.pad(mask, 1, constant_values=False)
+  interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+  return mask & ~interior
+
+
+def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
+                   scores: Sequence[float], class_names: Optional[Sequence[str]] = None, *,
+                   alpha: float = 0.5, score_threshold: float = 0.0,
+                   colors: Optional[np.ndarray] = None, draw_text: bool = True) -> np.ndarray:
+  """Tints each predicted track on the frames and writes its class name and score.
+
+  Args:
+    frames: uint8 [T, H, W, 3] RGB frames.
+    masks: bool [K, T, H, W] track masks (same H, W as the frames).
+    labels: [K] contiguous class indices.
+    scores: [K] confidences.
+    class_names: names indexed by label (default: the label number).
+    alpha: tint strength in [0, 1].
+    score_threshold: tracks scoring below it are not drawn.
+    colors: optional uint8 [K, 3] colours (default `track_colors(K)`).
+    draw_text: write "name score" at the top-left of each mask.
+
+  Returns:
+    uint8 [T, H, W, 3] annotated frames (the input is not modified).
+  """
+  frames = np.asarray(frames)
+  masks = np.asarray(masks, bool)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f'frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}')
+  if masks.ndim != 4 or masks.shape[1:] != frames.shape[:3]:
+    raise ValueError(f'masks must be [K, T, H, W] = [K, {", ".join(map(str, frames.shape[:3]))}],'
+                     f' got {masks.shape}')
+  num_tracks = masks.shape[0]
+  labels, scores = np.asarray(labels).reshape(-1), np.asarray(scores, np.float64).reshape(-1)
+  if labels.shape[0] != num_tracks or scores.shape[0] != num_tracks:
+    raise ValueError(f'{num_tracks} masks but {labels.shape[0]} labels and {scores.shape[0]} '
+                     'scores')
+  if not 0. <= alpha <= 1.:
+    raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+  colors = track_colors(num_tracks) if colors is None else np.asarray(colors, np.uint8)
+  out = frames.astype(np.float32)
+  # Low scores first so that confident tracks are drawn on top.
+  order = [k for k in np.argsort(scores, kind='stable') if scores[k] >= score_threshold]
+  for k in order:
+    color = colors[k].astype(np.float32)
+    for t in range(frames.shape[0]):
+      m = masks[k, t]
+      if not m.any():
+        continue
+      out[t][m] = (1 - alpha) * out[t][m] + alpha * color
+      out[t][_boundary(m)] = color
+  out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+  if not draw_text or not order:
+    return out
+  font = ImageFont.load_default()
+  for t in range(frames.shape[0]):
+    image = Image.fromarray(out[t])
+    draw = ImageDraw.Draw(image)
+    for k in order:
+      ys, xs = np.nonzero(masks[k, t])
+      if ys.size == 0:
+        continue
+      label = int(labels[k])
+      name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else (
+          str(label))
+      text = f'{name} {scores[k]:.2f}'
+      x0, y0 = int(xs.min()), int(ys.min())
+      left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+      draw.rectangle((left - 1, top - 1, right + 1, bottom + 1),
+                     fill=tuple(int(c) for c in colors[k]))
+      draw.text((x0, y0), text, fill=(0, 0, 0), font=font)
+    out[t] = np.asarray(image)
+  return out
+
+
+def frames_at_original_size(frames: np.ndarray, image_size: Sequence[int],
+                            output_size: Sequence[int]) -> np.ndarray:
+  """Crops padded model-input frames to the image and resizes them to the original video size.
+
+  Args:
+    frames: uint8 [T, Hp, Wp, 3].
+    image_size: (H, W) valid image area (top-left).
+    output_size: (H0, W0).
+
+  Returns:
+    uint8 [T, H0, W0, 3], matching the masks of `VideoPrediction`.
+  """
+  h, w = (int(s) for s in image_size)
+  out_h, out_w = (int(s) for s in output_size)
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(f[:h, :w])).resize(
+      (out_w, out_h), Image.BILINEAR)) for f in np.asarray(frames)])
+
+
+def mp4_writer_available() -> bool:
+  """Whether imageio can write MP4 here (needs the imageio-ffmpeg or av package)."""
+  return any(importlib.util.find_spec(m) is not None for m in ('imageio_ffmpeg', 'av'))
+
+
+def save_animation(path: str | os.PathLike, frames: np.ndarray, fps: float = 6.0) -> str:
+  """Writes frames as an animated GIF ('.gif') or an MP4 video ('.mp4').
+
+  Args:
+    path: output file; its extension picks the format.
+    frames: uint8 [T, H, W, 3].
+    fps: frames per second.
+
+  Returns:
+    The path written.
+
+  Raises:
+    ValueError: unsupported extension or bad frames.
+    RuntimeError: '.mp4' requested but no MP4 writer is installed.
+  """
+  import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f'frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}')
+  if fps <= 0:
+    raise ValueError(f'fps must be positive, got {fps}')
+  extension = os.path.splitext(path)[1].lower()
+  if extension == '.gif':
+    # Pillow's GIF writer: duration per frame in ms, loop forever.
+    iio.imwrite(path, frames, extension='.gif', duration=1000. / fps, loop=0)
+  elif extension == '.mp4':
+    if not mp4_writer_available():
+      raise RuntimeError(f'cannot write {path}: MP4 needs the imageio-ffmpeg or av package; '
+                         'install one or write a .gif')
+    if importlib.util.find_spec('av') is not None:
+      iio.imwrite(path, frames, plugin='pyav', codec='libx264', fps=fps)
+    else:
+      iio.imwrite(path, frames, extension='.mp4', fps=fps)
+  else:
+    raise ValueError(f'unsupported animation format {extension!r} for {path}: use .gif or .mp4')
+  return path

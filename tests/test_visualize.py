@@ -1,0 +1,96 @@
+"""Tests of the mask overlays and animation writing."""
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from maskfreevis_jax.evaluation import visualize
+
+
+def _scene(num_frames=4, height=48, width=64):
+  rng = np.random.default_rng(0)
+  frames = (rng.integers(90, 110, size=(num_frames, height, width, 3))).astype(np.uint8)
+  masks = np.zeros((2, num_frames, height, width), bool)
+  for t in range(num_frames):
+    masks[0, t, 20:40, 4 + 4 * t:24 + 4 * t] = True
+    masks[1, t, 2:14, 40:60] = t % 2 == 0  # absent in odd frames
+  return frames, masks
+
+
+def test_overlay_tints_masked_pixels_only():
+  frames, masks = _scene()
+  colors = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
+  out = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.8], ['cat', 'dog'], alpha=0.5,
+                                 colors=colors, draw_text=False)
+  assert out.shape == frames.shape and out.dtype == np.uint8
+  inside = masks[0]
+  # Under track 0: red up, blue down, relative to the input.
+  assert np.all(out[inside][:, 0].astype(int) > frames[inside][:, 0].astype(int) + 50)
+  assert np.all(out[inside][:, 2] < frames[inside][:, 2])
+  # Track 1 is blue and only where present.
+  np.testing.assert_array_equal(out[1][masks[1, 0]], frames[1][masks[1, 0]])
+  assert np.all(out[0][masks[1, 0]][:, 2] > 150)
+  outside = ~(masks[0] | masks[1])
+  np.testing.assert_array_equal(out[outside], frames[outside])
+
+
+def test_overlay_writes_labels_and_respects_threshold():
+  frames, masks = _scene()
+  with_text = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.2], ['cat', 'dog'])
+  no_text = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.2], ['cat', 'dog'],
+                                     draw_text=False)
+  assert (with_text != no_text).any()  # text drawn
+  thresholded = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.2], ['cat', 'dog'],
+                                         score_threshold=0.5, draw_text=False)
+  np.testing.assert_array_equal(thresholded[:, 2:14, 40:60], frames[:, 2:14, 40:60])
+  assert (thresholded[masks[0]] != frames[masks[0]]).any()
+
+
+def test_gif_is_readable_with_frames_and_tint(tmp_path):
+  frames, masks = _scene(num_frames=5)
+  colors = np.array([[255, 0, 0], [0, 255, 0]], np.uint8)
+  out = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.8], ['cat', 'dog'],
+                                 colors=colors, alpha=0.6)
+  path = visualize.save_animation(tmp_path / 'overlay.gif', out, fps=5)
+  read = iio.imread(path, index=None)
+  assert read.shape[:3] == (5, 48, 64)
+  read = read[..., :3].astype(int)
+  for t in range(5):
+    interior = masks[0, t].copy()
+    interior[:, :] &= np.roll(masks[0, t], 2, 0) & np.roll(masks[0, t], -2, 0)
+    interior &= np.roll(masks[0, t], 2, 1) & np.roll(masks[0, t], -2, 1)
+    interior[20:32] = False  # keep away from the label text
+    red = read[t][interior]
+    assert red[:, 0].mean() > 170 and red[:, 1].mean() < 80, t
+    background = read[t][~(masks[0, t] | masks[1, t])]
+    assert abs(background.mean() - 100) < 10
+
+
+def test_mp4_or_clear_error(tmp_path):
+  frames, _ = _scene()
+  if visualize.mp4_writer_available():
+    path = visualize.save_animation(tmp_path / 'overlay.mp4', frames)
+    assert iio.imread(path, index=None).shape[0] == frames.shape[0]
+  else:
+    with pytest.raises(RuntimeError, match='imageio-ffmpeg or av'):
+      visualize.save_animation(tmp_path / 'overlay.mp4', frames)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+  frames, masks = _scene()
+  with pytest.raises(ValueError, match='masks must be'):
+    visualize.overlay_frames(frames, masks[:, :2], [0, 1], [1., 1.])
+  with pytest.raises(ValueError, match='2 masks but 1 labels'):
+    visualize.overlay_frames(frames, masks, [0], [1., 1.])
+  with pytest.raises(ValueError, match='uint8'):
+    visualize.overlay_frames(frames.astype(np.float32), masks, [0, 1], [1., 1.])
+  with pytest.raises(ValueError, match='unsupported animation format'):
+    visualize.save_animation(tmp_path / 'x.avi', frames)
+
+
+def test_frames_at_original_size_and_colors():
+  frames = np.zeros((2, 32, 48, 3), np.uint8)
+  frames[:, :16, :24] = 200
+  out = visualize.frames_at_original_size(frames, (16, 24), (40, 60))
+  assert out.shape == (2, 40, 60, 3) and np.all(out == 200)
+  colors = visualize.track_colors(10)
+  assert colors.shape == (10, 3) and len({tuple(c) for c in colors}) == 10
