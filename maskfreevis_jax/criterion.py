@@ -1,0 +1,362 @@
+"""Set criterion of MaskFreeVIS: Hungarian matching plus box-supervised (or mask-supervised) losses.
+
+For each of the L stacked predictions of the model (deep supervision: the learnable-query
+prediction, then one per decoder layer; index -1 is the final one), queries are matched to the
+ground-truth instances of each clip separately, then:
+
+* ``loss_ce``: cross-entropy over all queries, unmatched queries labelled "no object", with the
+  no-object class weighted by ``eos_coef`` (weighted mean, as torch ``F.cross_entropy(weight=)``).
+* ``mode='box'`` (MaskFreeVIS): ``loss_mask_proj``, ``loss_bound`` and ``loss_bound_neighbor``
+  from `maskfreevis_jax.losses.mask_free_losses` on the matched queries' mask logits.
+* ``mode='mask'`` (fully supervised upper bound): ``loss_mask`` (sigmoid BCE) and ``loss_dice`` on
+  the instance masks pooled to stride 4, each summed over instance-frames and divided by the number
+  of instances, as the official Mask2Former-VIS criterion.
+
+Term names follow the official release: the final prediction's terms are plain ('loss_ce', ...),
+the auxiliary ones get '_0' .. '_{L-2}' suffixes. Weights are the official ones
+(``weight_dict`` in ``VideoMaskFormer.from_config``: class 2, every mask term 5).
+"""
+
+import dataclasses
+from typing import Any, Dict, Mapping, Tuple
+
+import jax
+from jax import ad_checkpoint
+import jax.numpy as jnp
+import ml_collections
+
+from maskfreevis_jax import losses as mask_free
+from maskfreevis_jax import matcher as matcher_lib
+
+Array = jax.Array
+
+BOX_TERMS = ('loss_ce', 'loss_mask_proj', 'loss_bound', 'loss_bound_neighbor')
+MASK_TERMS = ('loss_ce', 'loss_mask', 'loss_dice')
+
+
+def default_criterion_config() -> ml_collections.ConfigDict:
+  """Criterion settings of the official R50 YouTube-VIS 2019 MaskFreeVIS recipe."""
+  config = ml_collections.ConfigDict()
+  config.num_classes = 40
+  # 'box': mask-free training from boxes; 'mask': fully mask-supervised upper bound.
+  config.mode = 'box'
+  # Relative class weight of "no object" in the cross-entropy.
+  config.eos_coef = 0.1
+  # Loss weights (official weight_dict: CLASS_WEIGHT 2, MASK_WEIGHT 5 for loss_mask,
+  # loss_mask_proj, loss_bound, loss_bound_neighbor; DICE_WEIGHT 5 for loss_dice).
+  config.weights = ml_collections.ConfigDict({
+      'loss_ce': 2.0,
+      'loss_mask_proj': 5.0,
+      'loss_bound': 5.0,
+      'loss_bound_neighbor': 5.0,
+      'loss_mask': 5.0,
+      'loss_dice': 5.0,
+  })
+  # Matching cost weights (official: cost_class=CLASS_WEIGHT, cost_mask=MASK_WEIGHT,
+  # cost_dice=DICE_WEIGHT; the box branch uses only class and dice).
+  config.matcher = ml_collections.ConfigDict({
+      'class_weight': 2.0,
+      'mask_weight': 5.0,
+      'dice_weight': 5.0,
+  })
+  # Supervise every stacked prediction (True) or only the final one.
+  config.deep_supervision = True
+  # The official criterion advances its TK-Loss warm-up counter once per loss call, i.e. once per
+  # supervised layer (L = 10 times per iteration for R50), so the warm-up ends after
+  # warmup_steps / L iterations. True mirrors that; False counts optimizer steps.
+  config.warmup_counts_layer_calls = True
+  # How the L supervised layers are looped: 'vmap' (all layers at once, fastest) or 'map'
+  # (lax.map with rematerialisation: one layer's loss intermediates alive at a time, for
+  # large N x T x h x w on small-memory accelerators; the matchings are saved, not re-solved).
+  config.layer_loop = 'vmap'
+  # Settings of the mask-free losses (fields of maskfreevis_jax.losses.MaskFreeLossConfig).
+  config.mask_free = ml_collections.ConfigDict(
+      dataclasses.asdict(mask_free.MaskFreeLossConfig()))
+  return config
+
+
+def mask_free_config(config: ml_collections.ConfigDict) -> Any:
+  """Builds the `MaskFreeLossConfig` from the criterion config's `mask_free` sub-dict."""
+  known = {f.name for f in dataclasses.fields(mask_free.MaskFreeLossConfig)}
+  given = dict(config.mask_free)
+  unknown = sorted(set(given) - known)
+  if unknown:
+    raise ValueError(f'criterion config mask_free has unknown fields {unknown}; '
+                     f'MaskFreeLossConfig accepts {sorted(known)}')
+  return mask_free.MaskFreeLossConfig(**given)
+
+
+def class_loss(
+    logits: Array,
+    query_index: Array,
+    matched: Array,
+    labels: Array,
+    eos_coef: float,
+) -> Array:
+  """Weighted cross-entropy of every query's class logits.
+
+  Args:
+    logits: float [B, Q, C + 1] class logits, last class = no object.
+    query_index: int [B, N] query matched to each target slot.
+    matched: bool [B, N] target slot is real and matched.
+    labels: int [B, N] class of each target slot.
+    eos_coef: weight of the no-object class.
+
+  Returns:
+    float32 scalar: sum_i w[y_i] * nll_i / sum_i w[y_i] over all B * Q queries.
+  """
+  batch, num_queries, num_classes_plus_one = logits.shape
+  no_object = num_classes_plus_one - 1
+  # Unmatched slots scatter out of bounds and are dropped.
+  scatter_index = jnp.where(matched, query_index, num_queries)
+  batch_index = jnp.broadcast_to(jnp.arange(batch)[:, None], scatter_index.shape)
+  target_classes = jnp.full((batch, num_queries), no_object, jnp.int32)
+  target_classes = target_classes.at[batch_index, scatter_index].set(
+      labels.astype(jnp.int32), mode='drop')
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
+  class_weights = jnp.ones((num_classes_plus_one,), jnp.float32).at[no_object].set(eos_coef)
+  weights = class_weights[target_classes]
+  return jnp.sum(weights * nll) / jnp.sum(weights)
+
+
+def mask_supervised_losses(
+    mask_logits: Array,
+    target_masks: Array,
+    matched: Array,
+    num_masks: Array,
+) -> Dict[str, Array]:
+  """Dense sigmoid BCE and dice of matched masks (fully supervised mode).
+
+  Args:
+    mask_logits: float [B, N, T, h, w] logits of the query matched to each target slot.
+    target_masks: float [B, N, T, h, w] targets in [0, 1].
+    matched: bool [B, N] slots that count.
+    num_masks: float scalar normaliser (number of real targets, >= 1).
+
+  Returns:
+    {'loss_mask', 'loss_dice'}: per instance-frame values summed over the matched instances and
+    their T frames, divided by `num_masks` (official normalisation).
+  """
+  logits = mask_logits.astype(jnp.float32)
+  targets = target_masks.astype(jnp.float32)
+  bce = (jax.nn.softplus(logits) - logits * targets).mean(axis=(-2, -1))  # [B, N, T]
+  probs = jax.nn.sigmoid(logits)
+  numerator = 2.0 * jnp.sum(probs * targets, axis=(-2, -1))
+  denominator = jnp.sum(probs, axis=(-2, -1)) + jnp.sum(targets, axis=(-2, -1))
+  dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)  # [B, N, T]
+  keep = matched[:, :, None]
+  return {
+      'loss_mask': jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks,
+      'loss_dice': jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks,
+  }
+
+
+def downsample_instance_masks(masks: Array, stride: int) -> Array:
+  """Average-pools full-resolution instance masks by `stride` (fraction of covered pixels).
+
+  The official criterion reads full-resolution masks at random points; the per-cell coverage is
+  that sampling's expectation.
+
+  Args:
+    masks: [B, N, T, H, W] binary masks (any numeric/bool dtype), H and W divisible by `stride`.
+    stride: pooling factor.
+
+  Returns:
+    float32 [B, N, T, H / stride, W / stride] in [0, 1].
+  """
+  *lead, height, width = masks.shape
+  pooled = masks.astype(jnp.float32).reshape(
+      *lead, height // stride, stride, width // stride, stride)
+  return pooled.mean(axis=(-3, -1))
+
+
+def layer_warmup_steps(step: Array, num_layers: int, counts_layer_calls: bool) -> Array:
+  """The warm-up counter each supervised layer sees, int32 [num_layers] (stacking order).
+
+  The official counter is incremented before each use, the final layer first, then the
+  auxiliary layers in order. `step` is the number of optimizer updates already done.
+  """
+  step = jnp.asarray(step, jnp.int32)
+  if not counts_layer_calls:
+    return jnp.full((num_layers,), step + 1, jnp.int32)
+  layer = jnp.arange(num_layers, dtype=jnp.int32)
+  call_order = jnp.where(layer == num_layers - 1, 0, layer + 1)
+  return step * num_layers + call_order + 1
+
+
+def criterion_layer_losses(
+    outputs: Mapping[str, Array],
+    batch: Mapping[str, Array],
+    step: Array,
+    config: ml_collections.ConfigDict,
+) -> Tuple[Dict[str, Array], matcher_lib.Matching]:
+  """Unweighted loss terms of every supervised layer and their matchings.
+
+  Args:
+    outputs: model outputs, 'pred_logits' [L, B, Q, C + 1] and 'pred_masks' [L, B, Q, T, h, w].
+    batch: input batch (common brief): 'labels', 'instance_valid', 'box_valid' and, in 'box' mode,
+      'frames' and 'boxes', in 'mask' mode 'masks'.
+    step: int scalar, optimizer updates done so far (drives the TK-Loss warm-up).
+    config: see `default_criterion_config`.
+
+  Returns:
+    (terms, matching): terms maps each loss name to float32 [L'] (L' = L with deep supervision,
+    else 1, last entry = final prediction); matching has [L', B, N] fields.
+  """
+  pred_logits, pred_masks = _check_outputs(outputs, config)
+  mode = config.mode
+  if mode not in ('box', 'mask'):
+    raise ValueError(f"criterion config mode must be 'box' or 'mask', got {mode!r}")
+  if config.layer_loop not in ('vmap', 'map'):
+    raise ValueError(
+        f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}")
+  if not config.deep_supervision:
+    pred_logits, pred_masks = pred_logits[-1:], pred_masks[-1:]
+  num_layers = pred_logits.shape[0]
+  _, batch_size, _, num_frames, height, width = pred_masks.shape
+  targets = _check_batch(batch, mode, batch_size, num_frames)
+
+  # Instances without a box in any frame of the clip are dropped, as the official
+  # prepare_targets does; padded slots are zeroed so garbage in them cannot leak into any value.
+  target_valid = targets['instance_valid'] & jnp.any(targets['box_valid'], axis=-1)
+  labels = jnp.where(target_valid, targets['labels'], 0).astype(jnp.int32)
+  num_masks = jnp.maximum(jnp.sum(target_valid).astype(jnp.float32), 1.0)
+
+  mf_config = mask_free_config(config)
+  if mode == 'box':
+    box_valid = targets['box_valid'] & target_valid[:, :, None]
+    boxes = jnp.where(box_valid[..., None], targets['boxes'].astype(jnp.float32), 0.0)
+    frame_size = tuple(targets['frames'].shape[2:4])
+    target_masks = mask_free.box_masks_at_stride(boxes, box_valid, frame_size, mf_config.stride)
+    affinities = mask_free.compute_color_affinities(targets['frames'], mf_config)
+  else:
+    full_height = targets['masks'].shape[-2]
+    if full_height % height or targets['masks'].shape[-1] != width * (full_height // height):
+      raise ValueError(
+          f"batch['masks'] spatial size {targets['masks'].shape[-2:]} is not an integer multiple "
+          f'of the predicted mask size {(height, width)}')
+    target_masks = downsample_instance_masks(targets['masks'], full_height // height)
+    target_masks = jnp.where(target_valid[:, :, None, None, None], target_masks, 0.0)
+    affinities = None
+  if tuple(target_masks.shape[-2:]) != (height, width):
+    raise ValueError(
+        f'target masks at stride {mf_config.stride} have size {tuple(target_masks.shape[-2:])} '
+        f'but pred_masks are {(height, width)}; check mask_free.stride and the frame size')
+  target_masks = jax.lax.stop_gradient(target_masks)
+
+  warmup_steps = layer_warmup_steps(step, num_layers, config.warmup_counts_layer_calls)
+
+  def one_layer(layer_logits, layer_masks, layer_step):
+    matching = matcher_lib.hungarian_match(
+        layer_logits, layer_masks, labels, target_masks, target_valid,
+        mode=mode, class_weight=config.matcher.class_weight,
+        mask_weight=config.matcher.mask_weight, dice_weight=config.matcher.dice_weight)
+    matching = matcher_lib.Matching(
+        query_index=ad_checkpoint.checkpoint_name(matching.query_index, 'matching'),
+        valid=matching.valid)
+    terms = {'loss_ce': class_loss(layer_logits, matching.query_index, matching.valid, labels,
+                                   config.eos_coef)}
+    gather_index = matching.query_index[:, :, None, None, None]
+    matched_masks = jnp.take_along_axis(
+        layer_masks.astype(jnp.float32), gather_index, axis=1)  # [B, N, T, h, w]
+    if mode == 'box':
+      terms.update(mask_free.mask_free_losses(
+          matched_masks, target_masks, matching.valid, affinities, layer_step, mf_config))
+    else:
+      terms.update(mask_supervised_losses(matched_masks, target_masks, matching.valid, num_masks))
+    return terms, matching
+
+  if config.layer_loop == 'vmap':
+    return jax.vmap(one_layer)(pred_logits, pred_masks, warmup_steps)
+  if config.layer_loop == 'map':
+    remat_layer = jax.checkpoint(
+        one_layer, policy=jax.checkpoint_policies.save_only_these_names('matching'))
+    return jax.lax.map(lambda args: remat_layer(*args), (pred_logits, pred_masks, warmup_steps))
+  raise ValueError(f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}")
+
+
+def set_criterion(
+    outputs: Mapping[str, Array],
+    batch: Mapping[str, Array],
+    step: Array,
+    config: ml_collections.ConfigDict,
+) -> Tuple[Array, Dict[str, Array]]:
+  """Total weighted loss and its named terms; usable directly inside a jitted `loss_fn`.
+
+  Args:
+    outputs: model outputs, 'pred_logits' [L, B, Q, C + 1] and 'pred_masks' [L, B, Q, T, h, w].
+    batch: input batch as in `criterion_layer_losses`.
+    step: int scalar, optimizer updates done so far.
+    config: see `default_criterion_config`.
+
+  Returns:
+    (total, terms): terms are WEIGHTED scalars (as the official model returns them), named
+    'loss_ce', 'loss_mask_proj', ... for the final prediction and with '_{i}' suffixes for the
+    auxiliary predictions i = 0 .. L-2; total is their sum.
+  """
+  layer_terms, _ = criterion_layer_losses(outputs, batch, step, config)
+  names = BOX_TERMS if config.mode == 'box' else MASK_TERMS
+  num_layers = layer_terms['loss_ce'].shape[0]
+  terms = {}
+  for name in names:
+    weight = config.weights[name]
+    values = layer_terms[name] * weight
+    terms[name] = values[-1]
+    for i in range(num_layers - 1):
+      terms[f'{name}_{i}'] = values[i]
+  total = sum(jnp.sum(layer_terms[name]) * config.weights[name] for name in names)
+  return total, terms
+
+
+def _check_outputs(outputs: Mapping[str, Array], config) -> Tuple[Array, Array]:
+  for key in ('pred_logits', 'pred_masks'):
+    if key not in outputs:
+      raise ValueError(f"model outputs lack '{key}' (have {sorted(outputs)})")
+  pred_logits, pred_masks = outputs['pred_logits'], outputs['pred_masks']
+  if pred_logits.ndim != 4:
+    raise ValueError(f"outputs['pred_logits'] must be [L, B, Q, C + 1], got {pred_logits.shape}")
+  if pred_masks.ndim != 6 or pred_masks.shape[:3] != pred_logits.shape[:3]:
+    raise ValueError(f"outputs['pred_masks'] must be [L, B, Q, T, h, w] matching pred_logits "
+                     f'{pred_logits.shape[:3]}, got {pred_masks.shape}')
+  if pred_logits.shape[-1] != config.num_classes + 1:
+    raise ValueError(f"outputs['pred_logits'] has {pred_logits.shape[-1]} classes but the criterion "
+                     f'config expects num_classes + 1 = {config.num_classes + 1}')
+  return pred_logits, pred_masks
+
+
+def _check_batch(batch: Mapping[str, Array], mode: str, batch_size: int,
+                 num_frames: int) -> Dict[str, Array]:
+  """Returns the batch fields the criterion needs, after checking keys and shapes."""
+  needed = ['labels', 'instance_valid', 'box_valid']
+  needed += ['frames', 'boxes'] if mode == 'box' else ['masks']
+  missing = [k for k in needed if k not in batch]
+  if missing:
+    raise ValueError(f"batch lacks {missing} needed by the criterion in mode '{mode}' "
+                     f'(have {sorted(batch)})')
+  fields = {k: jnp.asarray(batch[k]) for k in needed}
+  labels = fields['labels']
+  if labels.ndim != 2 or labels.shape[0] != batch_size:
+    raise ValueError(f"batch['labels'] must be [B={batch_size}, N], got {labels.shape}")
+  num_instances = labels.shape[1]
+  expected = {
+      'instance_valid': (batch_size, num_instances),
+      'box_valid': (batch_size, num_instances, num_frames),
+      'boxes': (batch_size, num_instances, num_frames, 4),
+  }
+  for key, shape in expected.items():
+    if key in fields and tuple(fields[key].shape) != shape:
+      raise ValueError(f"batch['{key}'] must have shape {shape}, got {fields[key].shape}")
+  if 'frames' in fields:
+    frames = fields['frames']
+    if frames.ndim != 5 or frames.shape[:2] != (batch_size, num_frames) or frames.shape[-1] != 3:
+      raise ValueError(f"batch['frames'] must be [B={batch_size}, T={num_frames}, H, W, 3], "
+                       f'got {frames.shape}')
+  if 'masks' in fields:
+    masks = fields['masks']
+    if masks.ndim != 5 or masks.shape[:3] != (batch_size, num_instances, num_frames):
+      raise ValueError(f"batch['masks'] must be [B={batch_size}, N={num_instances}, "
+                       f'T={num_frames}, H, W], got {masks.shape}')
+  fields['instance_valid'] = fields['instance_valid'].astype(bool)
+  fields['box_valid'] = fields['box_valid'].astype(bool)
+  return fields
