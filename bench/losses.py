@@ -64,16 +64,16 @@ def run_ours(a):
     box_masks = losses.box_masks_at_stride(boxes, box_valid, (h, w), cfg.stride)
 
     def total(logits):
-      # Distinct inputs per layer so that no layer's work can be shared with another's.
-      layer_logits = logits[None] * (1.0 + 0.01 * jnp.arange(a.layers))[:, None, None, None,
-                                                                        None, None]
-      gathered = jnp.take_along_axis(layer_logits, matched[None, :, :, None, None, None], axis=2)
+      # Matched queries' logits, [B, N, T, h, w]; every layer reads the same predictions, as in
+      # the official bench, but through a distinct scale so no layer's work can be shared.
+      gathered = jnp.take_along_axis(logits, matched[:, :, None, None, None], axis=1)
 
-      def one_layer(x):
-        terms = losses.mask_free_losses(x, box_masks, instance_valid, affinities, step_index, cfg)
+      def one_layer(scale):
+        terms = losses.mask_free_losses(gathered * scale, box_masks, instance_valid, affinities,
+                                        step_index, cfg)
         return sum(terms.values())
 
-      return jnp.sum(jax.vmap(one_layer)(gathered))
+      return jnp.sum(jax.vmap(one_layer)(1.0 + 0.01 * jnp.arange(a.layers)))
 
     return jax.value_and_grad(total)(logits)
 

@@ -10,6 +10,7 @@ padded to a static N and an `instance_valid [B, N]` mask; padded instances never
 """
 
 import dataclasses
+import functools
 from typing import Dict, Sequence, Tuple, Union
 
 import jax
@@ -211,34 +212,93 @@ def _fg_bg_probs(logits: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
   return jax.nn.sigmoid(logits), jax.nn.sigmoid(-logits)
 
 
-def _weighted_disagreement(center: jnp.ndarray, neighbour: jnp.ndarray,
-                           offsets: Sequence[Tuple[int, int]],
-                           pair_weights: Sequence[jnp.ndarray]) -> jnp.ndarray:
-  """Sum over pixels of disagreement(center(p), neighbour(p + d_k)) * pair_weights[k](p).
+def _pair_weight(affinity, pixel_weight, k, offset, symmetric):
+  """Weight of pixel p and offset k: affinity_k(p) * (pw(p) [+ pw(p + d_k) when symmetric])."""
+  weight = pixel_weight
+  if symmetric:
+    inside = affinity_lib.inside_frame(pixel_weight.shape[-2:], [offset])[0]
+    weight = (weight + affinity_lib.shift_spatial(pixel_weight, offset)) * inside
+  return affinity[:, None, :, k] * weight
+
+
+def _agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset):
+  """P(p) P(p + d) + (1 - P(p)) (1 - P(p + d)); outside the frame the neighbour reads (1, 1)."""
+  return (fg_center * affinity_lib.shift_spatial(fg_neighbour, offset, fill=1.0) +
+          bg_center * affinity_lib.shift_spatial(bg_neighbour, offset, fill=1.0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_disagreement(center: jnp.ndarray, neighbour: jnp.ndarray, affinity: jnp.ndarray,
+                           pixel_weight: jnp.ndarray, offsets: Tuple[Tuple[int, int], ...],
+                           symmetric: bool) -> jnp.ndarray:
+  """Sum over pixels of disagreement(center(p), neighbour(p + d_k)) * weight_k(p).
 
   The disagreement is `-log(P(p) P(q) + (1 - P(p)) (1 - P(q)))`, P = sigmoid of the logits: one
   logarithm per pixel pair on per-pixel probabilities, equal to the release's log-space form. A
   neighbour outside the frame reads probabilities (1, 1), as the release's zero-padded
-  log-probabilities do, so its cost and gradient are exactly 0. One offset at a time, so that each
-  term is a single fused elementwise-and-reduce: no `[..., K, h, w]` stack of costs is built.
+  log-probabilities do, so its cost and gradient are exactly 0. weight_k(p) = affinity_k(p) *
+  pixel_weight(p), plus pixel_weight(p + d_k) when `symmetric` (each unordered pair costed once).
+
+  The hand-written backward pass recomputes the agreement per offset inside two fused
+  elementwise passes (one for the centre, one for the neighbour), so neither pass stores a
+  per-offset intermediate. The weights receive no gradient.
 
   Args:
     center: `[B, N, F, h, w]` logits supplying p.
     neighbour: `[B, N, F, h, w]` logits supplying p + d_k.
-    offsets: the K offsets d_k.
-    pair_weights: K arrays broadcastable to `[B, N, F, h, w]`.
+    affinity: `[B, F, K, h, w]` per-clip weights of the K offsets.
+    pixel_weight: `[B, N, F, h, w]` (or broadcastable) per-instance pixel weights.
+    offsets: the K offsets d_k (static).
+    symmetric: add the weight of the mirrored pair (static).
 
   Returns:
     `[F]` sums.
   """
   fg_center, bg_center = _fg_bg_probs(center)
   fg_neighbour, bg_neighbour = _fg_bg_probs(neighbour)
-  total = jnp.zeros(center.shape[2], jnp.float32)
-  for offset, weight in zip(offsets, pair_weights):
-    agreement = (fg_center * affinity_lib.shift_spatial(fg_neighbour, offset, fill=1.0) +
-                 bg_center * affinity_lib.shift_spatial(bg_neighbour, offset, fill=1.0))
-    total = total + jnp.sum(-jnp.log(agreement) * weight, axis=(0, 1, 3, 4))
-  return total
+  # One elementwise sum over offsets, then one reduction: a single pass over the pixels.
+  per_pixel = sum(
+      -jnp.log(_agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset)) *
+      _pair_weight(affinity, pixel_weight, k, offset, symmetric)
+      for k, offset in enumerate(offsets))
+  return jnp.sum(per_pixel, axis=(0, 1, 3, 4))
+
+
+def _weighted_disagreement_fwd(center, neighbour, affinity, pixel_weight, offsets, symmetric):
+  value = _weighted_disagreement(center, neighbour, affinity, pixel_weight, offsets, symmetric)
+  return value, (center, neighbour, affinity, pixel_weight)
+
+
+def _weighted_disagreement_bwd(offsets, symmetric, residuals, cotangent):
+  center, neighbour, affinity, pixel_weight = residuals
+  fg_center, bg_center = _fg_bg_probs(center)
+  fg_neighbour, bg_neighbour = _fg_bg_probs(neighbour)
+  g = cotangent[None, None, :, None, None]
+  grad_center = 0.0
+  grad_neighbour = 0.0
+  # d(-log A)/dA * weight per offset, stored once: both gradients read it (one of them shifted).
+  scales = jax.lax.optimization_barrier([
+      -g * _pair_weight(affinity, pixel_weight, k, offset, symmetric) /
+      _agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset)
+      for k, offset in enumerate(offsets)])
+  diff_center = fg_center - bg_center
+  diff_neighbour = fg_neighbour - bg_neighbour
+  for offset, scale in zip(offsets, scales):
+    # A is linear in each probability: dA/dP(p) = P(q) - (1 - P(q)) in terms of logits' sigmoid.
+    grad_center = grad_center + scale * affinity_lib.shift_spatial(diff_neighbour, offset)
+    back = (-offset[0], -offset[1])
+    grad_neighbour = grad_neighbour + (affinity_lib.shift_spatial(scale, back) *
+                                       affinity_lib.shift_spatial(diff_center, back))
+  # d sigmoid(x)/dx = sigmoid(x) sigmoid(-x); zero where the logits were clipped.
+  def through_sigmoid(grad, logits, fg, bg):
+    return jnp.where(jnp.abs(logits) <= _LOGIT_LIMIT, grad * fg * bg, 0.0).astype(logits.dtype)
+
+  return (through_sigmoid(grad_center, center, fg_center, bg_center),
+          through_sigmoid(grad_neighbour, neighbour, fg_neighbour, bg_neighbour),
+          jnp.zeros_like(affinity), jnp.zeros_like(pixel_weight))
+
+
+_weighted_disagreement.defvjp(_weighted_disagreement_fwd, _weighted_disagreement_bwd)
 
 
 def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
@@ -267,13 +327,8 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   # and from p + d with offset -d is costed once, weighted by box_mask(p) + box_mask(p + d). The
   # first half of the row-major window holds one offset of each opposite pair.
   half = len(offsets) // 2
-  inside = affinity_lib.inside_frame(mask_logits.shape[-2:], offsets[:half])
-  pair_weights = [
-      similar[:, None, :, k] * inside[k] * (weight + affinity_lib.shift_spatial(weight, offset))
-      for k, offset in enumerate(offsets[:half])
-  ]
-  numerator = jnp.sum(_weighted_disagreement(mask_logits, mask_logits, offsets[:half],
-                                             pair_weights))
+  numerator = jnp.sum(_weighted_disagreement(mask_logits, mask_logits, similar, weight,
+                                             offsets[:half], True))
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * weight)
   return numerator / jnp.maximum(denominator, 1.0)
 
@@ -301,14 +356,14 @@ def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   """
   offsets = affinity_lib.window_offsets(config.temporal_search_size, config.temporal_dilation,
                                         include_center=True)
-  a_idx = jnp.asarray([a for a, _ in affinities.pairs])
-  b_idx = jnp.asarray([b for _, b in affinities.pairs])
   union = (jnp.sum(box_masks, axis=2) >= 1.0).astype(jnp.float32)
   union = union * instance_valid[:, :, None, None]  # [B, N, h, w]
   similar = affinities.temporal_affinity  # [B, P, K, h, w]
-  pair_weights = [similar[:, None, :, k] * union[:, :, None] for k in range(len(offsets))]
-  numerator = _weighted_disagreement(mask_logits[:, :, b_idx], mask_logits[:, :, a_idx], offsets,
-                                     pair_weights)  # [P]
+  # Static per-frame slices (not a gather) keep the backward pass a plain sum of slices.
+  frames_b = jnp.stack([mask_logits[:, :, b] for _, b in affinities.pairs], axis=2)
+  frames_a = jnp.stack([mask_logits[:, :, a] for a, _ in affinities.pairs], axis=2)
+  numerator = _weighted_disagreement(frames_b, frames_a, similar, union[:, :, None], offsets,
+                                     False)  # [P]
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * union[:, :, None], axis=(0, 1, 3, 4))
   return jnp.sum(numerator / jnp.maximum(denominator, 1.0))
 
