@@ -212,6 +212,17 @@ def _fg_bg_probs(logits: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
   return jax.nn.sigmoid(logits), jax.nn.sigmoid(-logits)
 
 
+# A block of frame pairs: (frames supplying p, frames supplying p + d_k, rows of the affinity).
+PairBlock = Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]
+
+
+def _select(x: jnp.ndarray, frames: Tuple[int, ...], axis: int = 2) -> jnp.ndarray:
+  """x's frames `frames` along `axis` through static slices (the whole array when in order)."""
+  if frames == tuple(range(x.shape[axis])):
+    return x
+  return jnp.concatenate([jax.lax.slice_in_dim(x, t, t + 1, axis=axis) for t in frames], axis=axis)
+
+
 def _pair_weight(affinity, pixel_weight, k, offset, symmetric):
   """Weight of pixel p and offset k: affinity_k(p) * (pw(p) [+ pw(p + d_k) when symmetric])."""
   weight = pixel_weight
@@ -227,75 +238,95 @@ def _agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset):
           bg_center * affinity_lib.shift_spatial(bg_neighbour, offset, fill=1.0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _weighted_disagreement(center: jnp.ndarray, neighbour: jnp.ndarray, affinity: jnp.ndarray,
-                           pixel_weight: jnp.ndarray, offsets: Tuple[Tuple[int, int], ...],
+def _block_inputs(logits, affinity, pixel_weight, block):
+  centers, neighbours, rows = block
+  fg, bg = _fg_bg_probs(logits)
+  weight = pixel_weight if pixel_weight.shape[2] == 1 else _select(pixel_weight, rows)
+  return (_select(fg, centers), _select(bg, centers), _select(fg, neighbours),
+          _select(bg, neighbours), _select(affinity, rows, axis=1), weight)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_weight: jnp.ndarray,
+                           blocks: Tuple[PairBlock, ...], offsets: Tuple[Tuple[int, int], ...],
                            symmetric: bool) -> jnp.ndarray:
-  """Sum over pixels of disagreement(center(p), neighbour(p + d_k)) * weight_k(p).
+  """Per frame pair: sum of disagreement(frame b at p, frame a at p + d_k) * weight_k(p).
 
   The disagreement is `-log(P(p) P(q) + (1 - P(p)) (1 - P(q)))`, P = sigmoid of the logits: one
   logarithm per pixel pair on per-pixel probabilities, equal to the release's log-space form. A
   neighbour outside the frame reads probabilities (1, 1), as the release's zero-padded
   log-probabilities do, so its cost and gradient are exactly 0. weight_k(p) = affinity_k(p) *
-  pixel_weight(p), plus pixel_weight(p + d_k) when `symmetric` (each unordered pair costed once).
+  pixel_weight(p), plus pixel_weight(p + d_k) when `symmetric` (each unordered pair once).
 
-  The hand-written backward pass recomputes the agreement per offset inside two fused
-  elementwise passes (one for the centre, one for the neighbour), so neither pass stores a
-  per-offset intermediate. The weights receive no gradient.
+  Pairs come in blocks whose frames are static slices of one probability array (the spatial loss
+  is one block of every frame with itself; TK-Loss one block per frame pair). Each offset's term
+  is one fused elementwise pass; the hand-written backward pass stores one scale per offset and
+  accumulates the gradients of both frames in fused passes. The weights receive no gradient.
 
   Args:
-    center: `[B, N, F, h, w]` logits supplying p.
-    neighbour: `[B, N, F, h, w]` logits supplying p + d_k.
-    affinity: `[B, F, K, h, w]` per-clip weights of the K offsets.
-    pixel_weight: `[B, N, F, h, w]` (or broadcastable) per-instance pixel weights.
+    logits: `[B, N, T, h, w]` mask logits.
+    affinity: `[B, J, K, h, w]` per-clip weights of the J pairs and K offsets.
+    pixel_weight: `[B, N, J, h, w]` or `[B, N, 1, h, w]` per-instance pixel weights.
+    blocks: (center frames, neighbour frames, affinity rows) per block, covering the J pairs.
     offsets: the K offsets d_k (static).
-    symmetric: add the weight of the mirrored pair (static).
+    symmetric: add the weight of the mirrored pixel pair (static).
 
   Returns:
-    `[F]` sums.
+    `[J']` sums, one per pair, blocks in order.
   """
-  fg_center, bg_center = _fg_bg_probs(center)
-  fg_neighbour, bg_neighbour = _fg_bg_probs(neighbour)
-  # One elementwise sum over offsets, then one reduction: a single pass over the pixels.
-  per_pixel = sum(
-      -jnp.log(_agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset)) *
-      _pair_weight(affinity, pixel_weight, k, offset, symmetric)
-      for k, offset in enumerate(offsets))
-  return jnp.sum(per_pixel, axis=(0, 1, 3, 4))
+  totals = []
+  for block in blocks:
+    fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(logits, affinity, pixel_weight, block)
+    per_pixel = sum(
+        -jnp.log(_agreement(fg_c, bg_c, fg_n, bg_n, offset)) *
+        _pair_weight(aff, weight, k, offset, symmetric) for k, offset in enumerate(offsets))
+    totals.append(jnp.sum(per_pixel, axis=(0, 1, 3, 4)))
+  return jnp.concatenate(totals)
 
 
-def _weighted_disagreement_fwd(center, neighbour, affinity, pixel_weight, offsets, symmetric):
-  value = _weighted_disagreement(center, neighbour, affinity, pixel_weight, offsets, symmetric)
-  return value, (center, neighbour, affinity, pixel_weight)
+def _weighted_disagreement_fwd(logits, affinity, pixel_weight, blocks, offsets, symmetric):
+  value = _weighted_disagreement(logits, affinity, pixel_weight, blocks, offsets, symmetric)
+  return value, (logits, affinity, pixel_weight)
 
 
-def _weighted_disagreement_bwd(offsets, symmetric, residuals, cotangent):
-  center, neighbour, affinity, pixel_weight = residuals
-  fg_center, bg_center = _fg_bg_probs(center)
-  fg_neighbour, bg_neighbour = _fg_bg_probs(neighbour)
-  g = cotangent[None, None, :, None, None]
-  grad_center = 0.0
-  grad_neighbour = 0.0
-  # d(-log A)/dA * weight per offset, stored once: both gradients read it (one of them shifted).
-  scales = jax.lax.optimization_barrier([
-      -g * _pair_weight(affinity, pixel_weight, k, offset, symmetric) /
-      _agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset)
-      for k, offset in enumerate(offsets)])
-  diff_center = fg_center - bg_center
-  diff_neighbour = fg_neighbour - bg_neighbour
-  for offset, scale in zip(offsets, scales):
-    # A is linear in each probability: dA/dP(p) = P(q) - (1 - P(q)) in terms of logits' sigmoid.
-    grad_center = grad_center + scale * affinity_lib.shift_spatial(diff_neighbour, offset)
-    back = (-offset[0], -offset[1])
-    grad_neighbour = grad_neighbour + (affinity_lib.shift_spatial(scale, back) *
-                                       affinity_lib.shift_spatial(diff_center, back))
+def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent):
+  logits, affinity, pixel_weight = residuals
+  num_frames = logits.shape[2]
+  per_frame = [0.0] * num_frames  # gradient contributions to single frames
+  whole = 0.0  # contributions to all frames at once
+
+  def add(grad, frames):
+    nonlocal whole
+    if frames == tuple(range(num_frames)):
+      whole = whole + grad
+    else:
+      for i, t in enumerate(frames):
+        per_frame[t] = per_frame[t] + grad[:, :, i]
+
+  start = 0
+  for block in blocks:
+    fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(logits, affinity, pixel_weight, block)
+    g = cotangent[start:start + len(block[0])][None, None, :, None, None]
+    start += len(block[0])
+    # d(-log A)/dA * weight per offset, stored once: both gradients read it (one shifted).
+    scales = jax.lax.optimization_barrier([
+        -g * _pair_weight(aff, weight, k, offset, symmetric) /
+        _agreement(fg_c, bg_c, fg_n, bg_n, offset) for k, offset in enumerate(offsets)])
+    diff_c, diff_n = fg_c - bg_c, fg_n - bg_n  # dA/dP(p) = P(q) - (1 - P(q))
+    grad_c, grad_n = 0.0, 0.0
+    for offset, scale in zip(offsets, scales):
+      back = (-offset[0], -offset[1])
+      grad_c = grad_c + scale * affinity_lib.shift_spatial(diff_n, offset)
+      grad_n = grad_n + (affinity_lib.shift_spatial(scale, back) *
+                         affinity_lib.shift_spatial(diff_c, back))
+    add(grad_c, block[0])
+    add(grad_n, block[1])
+  frame_shape = logits.shape[:2] + logits.shape[3:]
+  grad = whole + jnp.stack([jnp.broadcast_to(g, frame_shape) for g in per_frame], axis=2)
   # d sigmoid(x)/dx = sigmoid(x) sigmoid(-x); zero where the logits were clipped.
-  def through_sigmoid(grad, logits, fg, bg):
-    return jnp.where(jnp.abs(logits) <= _LOGIT_LIMIT, grad * fg * bg, 0.0).astype(logits.dtype)
-
-  return (through_sigmoid(grad_center, center, fg_center, bg_center),
-          through_sigmoid(grad_neighbour, neighbour, fg_neighbour, bg_neighbour),
-          jnp.zeros_like(affinity), jnp.zeros_like(pixel_weight))
+  fg, bg = _fg_bg_probs(logits)
+  grad = jnp.where(jnp.abs(logits) <= _LOGIT_LIMIT, grad * fg * bg, 0.0).astype(logits.dtype)
+  return grad, jnp.zeros_like(affinity), jnp.zeros_like(pixel_weight)
 
 
 _weighted_disagreement.defvjp(_weighted_disagreement_fwd, _weighted_disagreement_bwd)
@@ -327,7 +358,9 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   # and from p + d with offset -d is costed once, weighted by box_mask(p) + box_mask(p + d). The
   # first half of the row-major window holds one offset of each opposite pair.
   half = len(offsets) // 2
-  numerator = jnp.sum(_weighted_disagreement(mask_logits, mask_logits, similar, weight,
+  every_frame = tuple(range(mask_logits.shape[2]))
+  numerator = jnp.sum(_weighted_disagreement(mask_logits, similar, weight,
+                                             ((every_frame, every_frame, every_frame),),
                                              offsets[:half], True))
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * weight)
   return numerator / jnp.maximum(denominator, 1.0)
@@ -359,10 +392,8 @@ def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   union = (jnp.sum(box_masks, axis=2) >= 1.0).astype(jnp.float32)
   union = union * instance_valid[:, :, None, None]  # [B, N, h, w]
   similar = affinities.temporal_affinity  # [B, P, K, h, w]
-  # Static per-frame slices (not a gather) keep the backward pass a plain sum of slices.
-  frames_b = jnp.stack([mask_logits[:, :, b] for _, b in affinities.pairs], axis=2)
-  frames_a = jnp.stack([mask_logits[:, :, a] for a, _ in affinities.pairs], axis=2)
-  numerator = _weighted_disagreement(frames_b, frames_a, similar, union[:, :, None], offsets,
+  blocks = tuple(((b,), (a,), (j,)) for j, (a, b) in enumerate(affinities.pairs))
+  numerator = _weighted_disagreement(mask_logits, similar, union[:, :, None], blocks, offsets,
                                      False)  # [P]
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * union[:, :, None], axis=(0, 1, 3, 4))
   return jnp.sum(numerator / jnp.maximum(denominator, 1.0))
