@@ -1,1 +1,63 @@
-"""maskfreevis_jax.models."""
+"""maskfreevis_jax.models: the Flax VideoMaskFormer (Mask2Former for video) and its presets."""
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from maskfreevis_jax.models.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
+from maskfreevis_jax.models.presets import PRESETS, get_model_config, r50, r101, tiny, tiny_fpn
+from maskfreevis_jax.models.resnet import ResNet
+from maskfreevis_jax.models.video_decoder import VideoMultiScaleMaskedTransformerDecoder
+from maskfreevis_jax.models.video_maskformer import NON_TRAINABLE_COLLECTIONS, VideoMaskFormer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _field(config: Any, path: str):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ValueError(f"model config lacks field {path!r}")
+    node = node[part]
+  return node
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
+  """Builds the VideoMaskFormer described by a preset-shaped config (see presets.py)."""
+  dtype_name = _field(model_config, "dtype")
+  if dtype_name not in _DTYPES:
+    raise ValueError(f"model config dtype {dtype_name!r} not in {sorted(_DTYPES)}")
+  dtype = _DTYPES[dtype_name]
+  bb = _field(model_config, "backbone")
+  if bb.name != "resnet":
+    raise ValueError(f"model config backbone.name {bb.name!r} unsupported (only 'resnet')")
+  backbone = ResNet(block_counts=tuple(bb.block_counts), stem_features=bb.stem_features,
+                    bottleneck_features=bb.bottleneck_features,
+                    stride_in_1x1=bb.stride_in_1x1, norm=bb.norm, dtype=dtype)
+  pd = _field(model_config, "pixel_decoder")
+  if pd.name == "msdeformattn":
+    pixel_decoder = MSDeformAttnPixelDecoder(
+        conv_dim=pd.conv_dim, mask_dim=pd.mask_dim, num_groups=pd.num_groups,
+        num_encoder_layers=pd.num_encoder_layers, num_heads=pd.num_heads,
+        num_points=pd.num_points, ffn_dim=pd.ffn_dim, dtype=dtype,
+        force_float32=pd.get("force_float32", True),
+        remat_encoder_layers=pd.get("remat_encoder_layers", False))
+  elif pd.name == "fpn":
+    pixel_decoder = FPNPixelDecoder(conv_dim=pd.conv_dim, mask_dim=pd.mask_dim,
+                                    num_groups=pd.num_groups, dtype=dtype)
+  else:
+    raise ValueError(f"model config pixel_decoder.name {pd.name!r} not in 'msdeformattn', 'fpn'")
+  dec = _field(model_config, "decoder")
+  predictor = VideoMultiScaleMaskedTransformerDecoder(
+      num_classes=_field(model_config, "num_classes"), hidden_dim=dec.hidden_dim,
+      num_queries=dec.num_queries, num_heads=dec.num_heads, ffn_dim=dec.ffn_dim,
+      num_layers=dec.num_layers, mask_dim=pd.mask_dim,
+      enforce_input_proj=dec.enforce_input_proj, dtype=dtype)
+  return VideoMaskFormer(backbone=backbone, pixel_decoder=pixel_decoder, predictor=predictor,
+                         pixel_mean=tuple(model_config.pixel_mean),
+                         pixel_std=tuple(model_config.pixel_std),
+                         size_divisibility=model_config.get("size_divisibility", 32))
+
+
+__all__ = ["build_model", "get_model_config", "PRESETS", "r50", "r101", "tiny", "tiny_fpn",
+           "VideoMaskFormer", "NON_TRAINABLE_COLLECTIONS"]
