@@ -1,0 +1,543 @@
+"""Training loop: one jitted, sharded train step; Orbax checkpoints; clu metrics and progress.
+
+The step is `train_step(state, batch) -> (state, metrics)`: forward, criterion, gradients, global
+norm, non-finite check, optimizer update. When the loss or any gradient is NaN/inf, the update is
+discarded inside the jitted step (params and optimizer state keep their values via `jnp.where`),
+the step is counted as bad and training stops with an explanation after
+`config.train.max_consecutive_nonfinite` bad steps in a row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Protocol
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from maskfreevis_jax import checkpointing
+from maskfreevis_jax import optimizer as optimizer_lib
+from maskfreevis_jax import sharding as sharding_lib
+
+# loss_fn(outputs, batch, step) -> (total loss scalar, {term name: scalar}).
+LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array],
+                  tuple[jax.Array, Mapping[str, jax.Array]]]
+
+# Batch keys that are model/criterion inputs (anything else from the pipeline stays on the host).
+_HOST_ONLY_KEYS = ("file_names",)
+# Variable collections the model may update in train mode (trainable BatchNorm statistics).
+_MUTABLE_COLLECTIONS = ("batch_stats",)
+
+
+class CheckpointableIterator(Protocol):
+  """What the trainer needs from a data iterator: batches and a saveable position."""
+
+  def __next__(self) -> dict[str, np.ndarray]: ...
+
+  def get_state(self) -> Any: ...
+
+  def set_state(self, state: Any) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when too many consecutive steps had a NaN/inf loss or gradient."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes (the checkpointed pytree)."""
+  step: jax.Array                     # int32 [], number of steps run (good and skipped).
+  params: Any
+  opt_state: Any
+  model_state: Any                    # non-trainable collections (e.g. frozen BN 'batch_stats').
+  rng: jax.Array                      # uint32 [2] raw key; per-step keys are folded from `step`.
+  nonfinite_consecutive: jax.Array    # int32 [], bad steps in a row ending at `step`.
+  nonfinite_total: jax.Array          # int32 [], bad steps since the start.
+
+
+# ---------------------------------------------------------------------------------------------
+# State creation
+# ---------------------------------------------------------------------------------------------
+
+
+def model_inputs(batch: Mapping[str, Any]) -> tuple[Any, Any]:
+  return batch["frames"], batch.get("image_valid")
+
+
+def init_variables(model: nn.Module, batch: Mapping[str, Any], rng: jax.Array) -> dict:
+  frames, image_valid = model_inputs(batch)
+  params_rng, dropout_rng = jax.random.split(rng)
+  return model.init({"params": params_rng, "dropout": dropout_rng}, frames,
+                    image_valid=image_valid, train=False)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       batch: Mapping[str, Any], rng: jax.Array) -> TrainState:
+  """Initialises params (from one batch's shapes) and the optimizer (not jitted: wrap as needed)."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = dict(init_variables(model, batch, init_rng))
+  params = variables.pop("params")
+  return TrainState(
+      step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+      model_state=variables, rng=jax.random.key_data(state_rng),
+      nonfinite_consecutive=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32))
+
+
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
+                    min_shard_size: int) -> TrainState:
+  """Params/optimizer/model state: replicated or 'model'-split; counters and rng: replicated."""
+  shardings = sharding_lib.tree_shardings(abstract_state, mesh, min_shard_size)
+  return shardings.replace(
+      step=sharding_lib.replicated(mesh), rng=sharding_lib.replicated(mesh),
+      nonfinite_consecutive=sharding_lib.replicated(mesh),
+      nonfinite_total=sharding_lib.replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Train step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
+                    schedule: optax.Schedule) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Returns the (unjitted) train step function."""
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    frames, image_valid = model_inputs(batch)
+
+    # Trainable BatchNorm updates its statistics in train mode; other collections are constants.
+    mutable = [k for k in state.model_state if k in _MUTABLE_COLLECTIONS]
+
+    def compute_loss(params):
+      outputs, updated = model.apply({"params": params, **state.model_state}, frames,
+                                     image_valid=image_valid, train=True, rngs={"dropout": rng},
+                                     mutable=mutable)
+      total, terms = loss_fn(outputs, batch, state.step)
+      return total, (terms, updated)
+
+    (loss, (terms, updated_state)), grads = jax.value_and_grad(
+        compute_loss, has_aux=True)(state.params)
+    new_model_state = {**state.model_state, **updated_state}
+    grad_norm = optax.global_norm(grads)
+    is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Zero bad gradients so the (discarded) update stays NaN-free and cheap to reason about.
+    safe_grads = jax.tree.map(lambda g: jnp.where(is_finite, g, jnp.zeros_like(g)), grads)
+    updates, new_opt_state = tx.update(safe_grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(is_finite, new, old)
+    consecutive = jnp.where(is_finite, 0, state.nonfinite_consecutive + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep, new_params, state.params),
+        opt_state=jax.tree.map(keep, new_opt_state, state.opt_state),
+        model_state=jax.tree.map(keep, new_model_state, state.model_state),
+        nonfinite_consecutive=consecutive.astype(jnp.int32),
+        nonfinite_total=(state.nonfinite_total + (~is_finite).astype(jnp.int32)))
+    metrics = {
+        "loss": loss, **terms, "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "skipped_nonfinite": (~is_finite).astype(jnp.float32),
+        "nonfinite_consecutive": consecutive.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_sharding: TrainState, mesh: jax.sharding.Mesh):
+  """jit with explicit shardings: state as given, batch split over 'data', metrics replicated."""
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real pieces (model, criterion, data) from the config
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
+  return models.build_model(config.model)
+
+
+def build_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
+  """The set criterion of `maskfreevis_jax.criterion` bound to `config.criterion`."""
+  from maskfreevis_jax import criterion  # pylint: disable=g-import-not-at-top
+
+  def loss_fn(outputs, batch, step):
+    return criterion.set_criterion(outputs, batch, step, config.criterion)
+
+  return loss_fn
+
+
+def build_train_iterator(config: ml_collections.ConfigDict) -> CheckpointableIterator:
+  from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.create_train_iterator(config, seed=int(config.train.seed),
+                                             global_batch_size=int(config.train.batch_size))
+
+
+def load_pretrained(init_from: str, params: Any, model_state: Any,
+                    model_config: ml_collections.ConfigDict | None = None) -> tuple[Any, Any]:
+  """`config.init_from`: initialise from an official / detectron2 / exported checkpoint file.
+
+  Uses `maskfreevis_jax.export.load_pretrained` (.pkl, .pth, .safetensors); tensors whose shapes
+  differ (e.g. an 81-class COCO head into a 41-class head) keep their initial values and are
+  reported in the log. Returns (params, model_state).
+  """
+  path = pathlib.Path(init_from)
+  if not path.exists():
+    raise FileNotFoundError(f"config.init_from: file {init_from} does not exist")
+  from maskfreevis_jax import export  # pylint: disable=g-import-not-at-top
+  variables = {"params": params, **dict(model_state)}
+  loaded, report = export.load_pretrained(str(path), jax.device_get(variables), model_config)
+  logging.info("init_from %s: %d tensors loaded, %d skipped, %d shape-mismatched, %d missing",
+               init_from, len(report.loaded), len(report.skipped), len(report.shape_mismatched),
+               len(report.missing))
+  print(f"Initialised from {init_from}: {len(report.loaded)} tensors loaded, "
+        f"{len(report.shape_mismatched)} kept at init (shape differs), {len(report.missing)} "
+        "missing from the file", flush=True)
+  loaded = dict(loaded)
+  return loaded.pop("params"), loaded
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> dict:
+  """Flat {'model.x': value} of the settings that decide parameter shapes (for clear errors)."""
+  flat = {}
+
+  def walk(prefix, node):
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+      for k in node.keys():
+        walk(f"{prefix}.{k}" if prefix else k, node[k])
+    else:
+      try:
+        json.dumps(node)
+        flat[prefix] = node
+      except TypeError:
+        flat[prefix] = repr(node)
+
+  walk("model", config.get("model", {}))
+  if "criterion" in config and "num_classes" in config.criterion:
+    flat["criterion.num_classes"] = config.criterion.num_classes
+  return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
+
+_PALETTE = np.asarray([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                       [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]], np.float32)
+
+
+def mask_overlay_image(frames: np.ndarray, pred_logits: np.ndarray, pred_masks: np.ndarray,
+                       image_valid: np.ndarray | None = None, top_k: int = 4) -> np.ndarray:
+  """One clip's frames side by side with the top-k queries' masks tinted over them.
+
+  Args:
+    frames: uint8 [T, H, W, 3].
+    pred_logits: [Q, C + 1] final-layer class logits (last = no object).
+    pred_masks: [Q, T, h, w] final-layer mask logits at stride H / h.
+    image_valid: optional bool [H, W].
+    top_k: queries drawn (highest non-void class probability).
+
+  Returns:
+    uint8 [H, T * W, 3].
+  """
+  t, h, w, _ = frames.shape
+  logits = pred_logits - pred_logits.max(-1, keepdims=True)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  scores = probs[:, :-1].max(-1)
+  order = np.argsort(-scores)[:top_k]
+  stride_h, stride_w = h // pred_masks.shape[-2], w // pred_masks.shape[-1]
+  image = frames.astype(np.float32)
+  for colour_index, q in enumerate(order):
+    masks = np.repeat(np.repeat(pred_masks[q] > 0, stride_h, axis=-2), stride_w, axis=-1)
+    masks = masks[:, :h, :w]
+    if image_valid is not None:
+      masks = masks & image_valid[None]
+    colour = _PALETTE[colour_index % len(_PALETTE)]
+    image = np.where(masks[..., None], 0.45 * image + 0.55 * colour, image)
+  return np.concatenate(list(image.clip(0, 255).astype(np.uint8)), axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in batch.items() if k not in _HOST_ONLY_KEYS}
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+_MAIN_TERMS = (("loss_ce", "ce"), ("loss_mask_proj", "proj"), ("loss_bound", "pair"),
+               ("loss_bound_neighbor", "temporal"), ("loss_mask", "bce"), ("loss_dice", "dice"))
+
+
+def progress_line(step: int, total_steps: int, metrics: Mapping[str, float], clips_per_sec: float,
+                  eta_seconds: float) -> str:
+  """E.g. 'step 120/3000 | loss 3.412 | ce 0.512 proj 0.201 ... | lr 1.0e-04 | 2.31 clips/s | ETA 0:21:03'."""
+  terms = " ".join(f"{short} {metrics[name]:.4f}" for name, short in _MAIN_TERMS if name in metrics)
+  parts = [f"step {step}/{total_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
+  if terms:
+    parts.append(terms)
+  parts += [f"grad_norm {metrics.get('grad_norm', float('nan')):.3g}",
+            f"lr {metrics.get('learning_rate', float('nan')):.1e}",
+            f"{clips_per_sec:.2f} clips/s", f"ETA {_format_duration(eta_seconds)}"]
+  if metrics.get("skipped_nonfinite", 0) > 0:
+    parts.append(f"skipped {metrics['skipped_nonfinite']:.0%} non-finite")
+  return " | ".join(parts)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  step: int
+  last_metrics: dict[str, float]
+  preempted: bool
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          model: nn.Module | None = None, loss_fn: LossFn | None = None,
+          train_iterator: CheckpointableIterator | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+  """Trains for `config.train.steps` steps, resuming from the latest checkpoint in `workdir`.
+
+  Args:
+    config: the full config (model, data, criterion, train, sharding, init_from).
+    workdir: checkpoints go to `workdir/checkpoints`, TensorBoard events to `workdir`.
+    model, loss_fn, train_iterator: override the config-built pieces (tests use small ones).
+    mesh: override the device mesh (default: all devices, ('data', 'model') axes).
+
+  Returns:
+    TrainResult with the final state (on device), last step, last logged metrics, and whether the
+    run stopped early on a preemption signal.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tcfg = config.train
+  total_steps = int(tcfg.steps)
+  mesh = mesh or sharding_lib.create_mesh(int(config.get("sharding", {}).get("model_axis_size", 1)))
+  sharding_lib.check_global_batch_size(int(tcfg.batch_size), mesh)
+  min_shard_size = int(config.get("sharding", {}).get("min_shard_size", 2**18))
+
+  model = model if model is not None else build_model(config)
+  loss_fn = loss_fn if loss_fn is not None else build_loss_fn(config)
+  iterator = train_iterator if train_iterator is not None else build_train_iterator(config)
+
+  # The first batch gives the shapes for init; it is then used as the first step's batch (only
+  # when not resuming: a restored iterator position replaces it).
+  first_batch = _host_batch(next(iterator))
+  local_batch = first_batch["frames"].shape[0]
+  if local_batch * jax.process_count() != int(tcfg.batch_size):
+    raise ValueError(f"the data pipeline yields {local_batch} clips per host but "
+                     f"config.train.batch_size={tcfg.batch_size} over {jax.process_count()} hosts")
+  global_abstract_batch = {
+      k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
+      for k, v in first_batch.items()}
+
+  schedule = optimizer_lib.learning_rate_schedule(tcfg)
+  abstract_params = jax.eval_shape(
+      lambda b: init_variables(model, b, jax.random.key(0))["params"], global_abstract_batch)
+  module_types = optimizer_lib.module_types_by_path(
+      model, {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+      *model_inputs(global_abstract_batch)[:1], image_valid=model_inputs(global_abstract_batch)[1],
+      train=False)
+  labels = optimizer_lib.param_labels(abstract_params, tcfg, module_types)
+  tx = optimizer_lib.create_optimizer(tcfg, labels)
+  if jax.process_index() == 0:
+    counts = optimizer_lib.label_counts(labels, abstract_params)
+    logging.info("parameter groups (scalars): %s", counts)
+
+  # Init needs only shapes: zeros of the global batch shapes, built inside jit (nothing on host).
+  def init_fn(rng):
+    dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in global_abstract_batch.items()}
+    return create_train_state(model, tx, dummy, rng)
+
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(int(tcfg.seed)))
+  shardings = state_shardings(abstract_state, mesh, min_shard_size)
+
+  checkpointer = checkpointing.Checkpointer(
+      workdir / "checkpoints", keep=int(tcfg.keep), save_every=int(tcfg.checkpoint_every),
+      fingerprint=config_fingerprint(config), async_save=bool(tcfg.get("async_checkpoint", True)))
+  try:
+    restored = checkpointer.restore(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings))
+  except Exception:
+    checkpointer.close()
+    raise
+  pending_batch = None
+  if restored is not None:
+    state, iterator_state, start_step = restored
+    if iterator_state is not None:
+      iterator.set_state(iterator_state)
+    else:
+      logging.warning("checkpoint has no data iterator state: the data stream restarts")
+    if jax.process_index() == 0:
+      print(f"Resuming from step {start_step} (checkpoint in {checkpointer.directory})", flush=True)
+  else:
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(int(tcfg.seed)))
+    if config.get("init_from"):
+      params, model_state = load_pretrained(config.init_from, state.params, state.model_state,
+                                            config.get("model"))
+      state = jax.device_put(state.replace(params=params, model_state=model_state,
+                                           opt_state=tx.init(params)), shardings)
+    start_step = 0
+    pending_batch = first_batch
+
+  step_fn = jit_train_step(make_train_step(model, tx, loss_fn, schedule), shardings, mesh)
+  predict_fn = jax.jit(lambda params, model_state, frames, image_valid: model.apply(
+      {"params": params, **model_state}, frames, image_valid=image_valid, train=False))
+
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in tcfg.items() if isinstance(v, (int, float, str, bool))})
+  hooks = []
+  if is_chief:
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                                 every_steps=int(tcfg.log_every)))
+    if int(tcfg.get("profile_steps", 0)) > 0:
+      hooks.append(periodic_actions.Profile(
+          logdir=str(workdir), num_profile_steps=int(tcfg.profile_steps),
+          first_profile=start_step + 10, every_secs=None, every_steps=None))
+
+  preemption = checkpointing.PreemptionFlag()
+  max_bad = int(tcfg.max_consecutive_nonfinite)
+  log_every, image_every = int(tcfg.log_every), int(tcfg.get("image_every", 0))
+  pending_metrics: list[dict] = []
+  last_metrics: dict[str, float] = {}
+  previous_bad_counter = None
+  preempted = False
+  interval_start, interval_steps = time.perf_counter(), 0
+  step = start_step
+  try:
+    while step < total_steps:
+      host_batch = pending_batch if pending_batch is not None else _host_batch(next(iterator))
+      pending_batch = None
+      batch = sharding_lib.shard_batch(host_batch, mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      interval_steps += 1
+      pending_metrics.append(metrics)
+      for hook in hooks:
+        hook(step)
+
+      # Non-finite guard: read the previous step's counter so dispatch is not blocked (the state
+      # itself is donated to the next step; the metrics are not).
+      if previous_bad_counter is not None:
+        bad_in_a_row = int(previous_bad_counter)
+        if bad_in_a_row >= max_bad:
+          _raise_nonfinite(bad_in_a_row, step - 1, workdir)
+      previous_bad_counter = metrics["nonfinite_consecutive"]
+
+      if step % log_every == 0 or step == total_steps:
+        fetched = jax.device_get(pending_metrics)
+        last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+        pending_metrics = []
+        elapsed = time.perf_counter() - interval_start
+        clips_per_sec = interval_steps * int(tcfg.batch_size) / max(elapsed, 1e-9)
+        step_time = elapsed / max(interval_steps, 1)
+        writer.write_scalars(step, {**last_metrics, "clips_per_sec": clips_per_sec,
+                                    "step_time_s": step_time,
+                                    "nonfinite_total": float(state.nonfinite_total)})
+        if is_chief:
+          print(progress_line(step, total_steps, last_metrics, clips_per_sec,
+                              (total_steps - step) * step_time), flush=True)
+        interval_start, interval_steps = time.perf_counter(), 0
+
+      if image_every and step % image_every == 0 and is_chief:
+        outputs = predict_fn(state.params, state.model_state, batch["frames"], batch.get("image_valid"))
+        clip0 = jax.device_get({"logits": outputs["pred_logits"][-1, 0],
+                                "masks": outputs["pred_masks"][-1, 0]})
+        valid0 = host_batch["image_valid"][0] if "image_valid" in host_batch else None
+        writer.write_images(step, {"predicted_masks": mask_overlay_image(
+            host_batch["frames"][0], clip0["logits"], clip0["masks"], valid0)[None]})
+
+      if step % checkpointer.save_every == 0:
+        checkpointer.save(step, state, iterator.get_state())
+      if preemption.is_set() or checkpointer.reached_preemption(step):
+        checkpointer.save(step, state, iterator.get_state(), force=True)
+        logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume",
+                        step)
+        print(f"Stopped by a preemption signal at step {step}; checkpoint saved to "
+              f"{checkpointer.directory}. Rerun the same command to resume.", flush=True)
+        preempted = True
+        break
+
+    bad_in_a_row = int(state.nonfinite_consecutive)
+    if bad_in_a_row >= max_bad:
+      _raise_nonfinite(bad_in_a_row, step, workdir)
+    if not preempted:
+      checkpointer.save(step, state, iterator.get_state(), force=True)
+  finally:
+    checkpointer.close()
+    writer.flush()
+    preemption.restore_handlers()
+  return TrainResult(state=state, step=step, last_metrics=last_metrics, preempted=preempted)
+
+
+def _raise_nonfinite(bad_in_a_row: int, step: int, workdir: pathlib.Path) -> None:
+  raise NonFiniteLossError(
+      f"training stopped at step {step}: the loss or gradients were NaN/inf for {bad_in_a_row} "
+      "consecutive steps (config.train.max_consecutive_nonfinite). Those updates were skipped, so "
+      f"the last checkpoint in {workdir / 'checkpoints'} holds finite parameters. Try a lower "
+      "config.train.lr, a smaller config.train.clip_grad_norm, or check the data for empty or "
+      "degenerate boxes.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config defaults (used by configs/*.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """`config.train`: the official R50 recipe (8-epoch YouTube-VIS 2019 schedule)."""
+  c = ml_collections.ConfigDict()
+  c.steps = 6000
+  c.batch_size = 16
+  optimizer_lib.default_optimizer_fields(c)  # lr 1e-4, wd 0.05, backbone x0.1, clip 0.01, ...
+  c.seed = 29118357  # official SEED
+  c.checkpoint_every = 500
+  c.keep = 3
+  c.async_checkpoint = True
+  c.log_every = 20
+  c.image_every = 500  # 0 disables the predicted-mask images in TensorBoard.
+  c.profile_steps = 0  # > 0: capture a jax profiler trace of that many steps (after step 10).
+  c.max_consecutive_nonfinite = 10
+  return c
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+  """`config.eval`: official inference (whole video, top-10 (query, class) pairs)."""
+  c = ml_collections.ConfigDict()
+  c.split = "valid"
+  c.top_k = 10
+  c.window_size = 0  # 0: whole video at once (official); N: windows of N frames.
+  c.max_videos = 0  # 0: all.
+  c.gt_json = ""  # default: the dataset's own annotation file.
+  return c
+
+
+def default_sharding_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model_axis_size = 1  # > 1 splits large params/optimizer slots over a 'model' mesh axis.
+  c.min_shard_size = 2**18
+  return c

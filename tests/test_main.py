@@ -1,0 +1,161 @@
+"""main.py: flags, config overrides, clear errors, and (slow) a tiny end-to-end synthetic run."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ("synthetic", "ytvis19_r50", "ytvis21_r50", "ovis_r50", "ytvis19_r50_mask_supervised",
+           "ytvis19_r101")
+
+
+def _run_main(*args, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _parse_config(monkeypatch, *argv):
+  """Parses --config flags as main.py does (config_flags reads overrides from sys.argv)."""
+  argv = ["main.py", *argv]
+  monkeypatch.setattr(sys, "argv", argv)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values,
+                                  lock_config=True)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_load_with_overrides(monkeypatch, name):
+  config = _parse_config(monkeypatch, "--config", str(REPO / "configs" / f"{name}.py"),
+                         "--config.train.steps=7", "--config.train.batch_size=32")
+  assert config.train.steps == 7
+  assert config.data.batch_size == 32, "data.batch_size must follow train.batch_size"
+  assert config.criterion.num_classes == config.model.num_classes
+  assert config.mode in ("train", "train_and_evaluate")
+  for key in ("steps", "batch_size", "lr", "checkpoint_every", "keep", "log_every",
+              "max_consecutive_nonfinite", "seed", "lr_decay_steps", "warmup_steps"):
+    assert key in config.train, key
+  assert "init_from" in config and "eval" in config
+  if name != "synthetic":  # the official recipe
+    t = config.train
+    assert (t.lr, t.weight_decay, t.backbone_lr_multiplier, t.clip_grad_norm) == (
+        1e-4, 0.05, 0.1, 0.01)
+    assert tuple(t.lr_decay_steps) == (4000,) and t.lr_decay_factor == 0.1
+    assert config.data.num_frames == 3 and config.data.min_size_train == (360, 480)
+
+
+def test_config_differences():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+  assert load("ovis_r50").model.num_classes == 25
+  assert load("ytvis19_r101").model.backbone.block_counts != load("ytvis19_r50").model.backbone.block_counts
+  upper = load("ytvis19_r50_mask_supervised")
+  assert upper.criterion.mode == "mask" and upper.data.with_masks
+  synthetic = load("synthetic")
+  assert synthetic.model.name == "tiny" and synthetic.data.name == "synthetic"
+
+
+def test_help_lists_the_flags():
+  result = _run_main("--help", timeout=300)
+  assert result.returncode in (0, 1), result.stderr  # absl exits 1 after printing help.
+  text = result.stdout + result.stderr
+  for flag in ("--config", "--workdir", "--mode", "--input"):
+    assert flag in text
+  assert "train_and_evaluate" in text
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+  result = _run_main("--config", "configs/synthetic.py", "--workdir", str(tmp_path),
+                     "--config.train.stepz=3", timeout=300)
+  assert result.returncode != 0
+  assert "stepz" in result.stderr and 'Did you mean "steps"' in result.stderr, result.stderr[-2000:]
+
+
+def test_missing_dataset_path_is_named(tmp_path):
+  missing = tmp_path / "no_such_dir" / "train.json"
+  result = _run_main("--config", "configs/ytvis19_r50.py", "--workdir", str(tmp_path / "w"),
+                     "--mode", "train", f"--config.data.train_json={missing}",
+                     "--config.train.batch_size=1", timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert str(missing) in result.stderr, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_evaluate_without_checkpoint_names_the_directory(tmp_path):
+  from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "checkpoints")):
+    evaluate.restore_variables(tmp_path)
+
+
+def test_results_for_unknown_videos_raise():
+  from maskfreevis_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+  rle = mask_utils.encode(np.asfortranarray(np.ones((4, 4), np.uint8)))
+  rle["counts"] = rle["counts"].decode()
+  gt = {"videos": [{"id": 1, "width": 4, "height": 4, "length": 1, "file_names": ["a.jpg"]}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "iscrowd": 0,
+                         "segmentations": [rle], "areas": [16], "bboxes": [[0, 0, 4, 4]]}]}
+  results = [{"video_id": 77, "category_id": 1, "score": 0.9, "segmentations": [rle]}]
+  with pytest.raises(ValueError, match="77"):
+    evaluation.evaluate_ytvis(gt, results)
+
+
+@pytest.mark.slow
+def test_two_step_synthetic_run_then_predict(tmp_path):
+  cache = tmp_path / "synthetic_cache"
+  common = ["--config", "configs/synthetic.py", "--workdir", str(tmp_path / "run"),
+            f"--config.data.synthetic.cache_dir={cache}",
+            "--config.data.synthetic.num_train_videos=4", "--config.data.synthetic.num_val_videos=2",
+            "--config.train.batch_size=2", "--config.train.checkpoint_every=1"]
+  result = _run_main(*common, "--config.train.steps=2", "--config.train.log_every=1",
+                     "--config.train.image_every=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "step 1/2 | loss" in out and "step 2/2 | loss" in out, out
+  assert "| AP " in out and "Per-category AP" in out, out
+  metrics = json.loads((tmp_path / "run" / "eval" / "metrics_2.json").read_text())
+  assert 0.0 <= metrics["AP"] <= 100.0
+  results = json.loads((tmp_path / "run" / "eval" / "results_2.json").read_text())
+  assert results and {"video_id", "category_id", "score", "segmentations"} <= set(results[0])
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()
+                if p.name.isdigit())[-1] == "2"
+  assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+  # Running again is a no-op resume (already at the last step), then predict on a frame folder.
+  frames_dir = next((cache).rglob("valid/JPEGImages/*"))
+  result = _run_main(*common, "--config.train.steps=2", "--mode", "predict", "--input",
+                     str(frames_dir), "--output", str(tmp_path / "pred"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "pred" / "overlay.gif").stat().st_size > 0
+  predictions = json.loads((tmp_path / "pred" / "results.json").read_text())
+  assert len(predictions) == 10
+
+  # Export the checkpoint in the official PyTorch layout, then initialise a new run from it.
+  exported = tmp_path / "export" / "model.pth"
+  result = _run_main(*common, "--mode", "export", "--output", str(exported))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert exported.stat().st_size > 0 and "Exported step 2" in result.stdout
+  fresh = [a if not a.startswith(str(tmp_path / "run")) else str(tmp_path / "run2") for a in common]
+  result = _run_main(*fresh, "--mode", "train", "--config.train.steps=1",
+                     f"--config.init_from={exported}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Initialised from" in result.stdout and "0 missing" in result.stdout, result.stdout
+
