@@ -195,9 +195,10 @@ def box_projection_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   Returns:
     Scalar float32 (0 when there is no valid instance).
   """
-  probs = jax.nn.sigmoid(mask_logits)
-  per_frame = (_dice_loss(probs.max(axis=-2), box_masks.max(axis=-2)) +
-               _dice_loss(probs.max(axis=-1), box_masks.max(axis=-1)))  # [B, N, T]
+  # sigmoid is monotonic, so the projection of the probabilities is the sigmoid of the
+  # projection of the logits: the sigmoid runs on [h + w] values instead of [h * w].
+  per_frame = (_dice_loss(jax.nn.sigmoid(mask_logits.max(axis=-2)), box_masks.max(axis=-2)) +
+               _dice_loss(jax.nn.sigmoid(mask_logits.max(axis=-1)), box_masks.max(axis=-1)))
   weight = jnp.broadcast_to(instance_valid[..., None], per_frame.shape).astype(jnp.float32)
   return jnp.sum(per_frame * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
@@ -272,7 +273,7 @@ def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_wei
     symmetric: add the weight of the mirrored pixel pair (static).
 
   Returns:
-    `[J']` sums, one per pair, blocks in order.
+    `[len(blocks)]` sums, one per block.
   """
   totals = []
   for block in blocks:
@@ -280,8 +281,8 @@ def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_wei
     per_pixel = sum(
         -jnp.log(_agreement(fg_c, bg_c, fg_n, bg_n, offset)) *
         _pair_weight(aff, weight, k, offset, symmetric) for k, offset in enumerate(offsets))
-    totals.append(jnp.sum(per_pixel, axis=(0, 1, 3, 4)))
-  return jnp.concatenate(totals)
+    totals.append(jnp.sum(per_pixel))
+  return jnp.stack(totals)
 
 
 def _weighted_disagreement_fwd(logits, affinity, pixel_weight, blocks, offsets, symmetric):
@@ -303,11 +304,9 @@ def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent)
       for i, t in enumerate(frames):
         per_frame[t] = per_frame[t] + grad[:, :, i]
 
-  start = 0
-  for block in blocks:
+  for block_index, block in enumerate(blocks):
     fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(logits, affinity, pixel_weight, block)
-    g = cotangent[start:start + len(block[0])][None, None, :, None, None]
-    start += len(block[0])
+    g = cotangent[block_index]
     # d(-log A)/dA * weight per offset, stored once: both gradients read it (one shifted).
     scales = jax.lax.optimization_barrier([
         -g * _pair_weight(aff, weight, k, offset, symmetric) /
