@@ -5,5 +5,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 export TF_CPP_MIN_LOG_LEVEL=2
-if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
+# Slow end-to-end tests are excluded unless a marker expression is given (e.g. -m slow).
+case " $* " in
+  *" -m "*) ;;
+  *) set -- -m "not slow" "$@" ;;
+esac
 exec .venv/bin/python -m pytest -q "$@"
