@@ -13,33 +13,8 @@ The official 46.6 AP starts from COCO mask-pretrained Mask2Former weights: set -
 """
 import ml_collections
 
-from maskfreevis_jax import criterion
-from maskfreevis_jax import models
-from maskfreevis_jax import train
-from maskfreevis_jax.data import input_pipeline
-
-
-def base_config(num_classes: int, backbone: str = "r50") -> ml_collections.ConfigDict:
-  """Official recipe shared by the YouTube-VIS 2019/2021 and OVIS configs."""
-  config = ml_collections.ConfigDict()
-  config.mode = "train_and_evaluate"
-  config.init_from = ""  # e.g. COCO-pretrained Mask2Former weights (issue 6 importer).
-
-  config.model = models.get_model_config(backbone, num_classes=num_classes)
-  config.criterion = criterion.default_criterion_config()
-  config.criterion.num_classes = config.model.get_ref("num_classes")
-
-  config.train = train.default_train_config()  # steps 6000, decay at 4000, batch 16, ...
-  config.train.profile_steps = 5
-
-  config.data = input_pipeline.official_ytvis_data_config("", "", "", "")
-  config.data.batch_size = config.train.get_ref("batch_size")
-  config.data.num_frames = 3
-
-  config.eval = train.default_eval_config()
-  config.sharding = train.default_sharding_config()
-  return config
+from maskfreevis_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return base_config(num_classes=40)
+  return recipes.official_recipe(num_classes=40)
