@@ -251,7 +251,7 @@ def _block_inputs(logits, affinity, pixel_weight, block):
 def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_weight: jnp.ndarray,
                            blocks: Tuple[PairBlock, ...], offsets: Tuple[Tuple[int, int], ...],
                            symmetric: bool) -> jnp.ndarray:
-  """Per frame pair: sum of disagreement(frame b at p, frame a at p + d_k) * weight_k(p).
+  """Per block of frame pairs (a, b): sum of disagreement(b at p, a at p + d_k) * weight_k(p).
 
   The disagreement is `-log(P(p) P(q) + (1 - P(p)) (1 - P(q)))`, P = sigmoid of the logits: one
   logarithm per pixel pair on per-pixel probabilities, equal to the release's log-space form. A
