@@ -239,9 +239,8 @@ def _agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset):
           bg_center * affinity_lib.shift_spatial(bg_neighbour, offset, fill=1.0))
 
 
-def _block_inputs(logits, affinity, pixel_weight, block):
+def _block_inputs(fg, bg, affinity, pixel_weight, block):
   centers, neighbours, rows = block
-  fg, bg = _fg_bg_probs(logits)
   weight = pixel_weight if pixel_weight.shape[2] == 1 else _select(pixel_weight, rows)
   return (_select(fg, centers), _select(bg, centers), _select(fg, neighbours),
           _select(bg, neighbours), _select(affinity, rows, axis=1), weight)
@@ -275,9 +274,14 @@ def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_wei
   Returns:
     `[len(blocks)]` sums, one per block.
   """
+  return _weighted_disagreement_value(*_fg_bg_probs(logits), affinity, pixel_weight, blocks,
+                                     offsets, symmetric)
+
+
+def _weighted_disagreement_value(fg, bg, affinity, pixel_weight, blocks, offsets, symmetric):
   totals = []
   for block in blocks:
-    fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(logits, affinity, pixel_weight, block)
+    fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(fg, bg, affinity, pixel_weight, block)
     per_pixel = sum(
         -jnp.log(_agreement(fg_c, bg_c, fg_n, bg_n, offset)) *
         _pair_weight(aff, weight, k, offset, symmetric) for k, offset in enumerate(offsets))
@@ -286,12 +290,13 @@ def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_wei
 
 
 def _weighted_disagreement_fwd(logits, affinity, pixel_weight, blocks, offsets, symmetric):
-  value = _weighted_disagreement(logits, affinity, pixel_weight, blocks, offsets, symmetric)
-  return value, (logits, affinity, pixel_weight)
+  fg, bg = _fg_bg_probs(logits)  # kept for the backward pass rather than recomputed
+  value = _weighted_disagreement_value(fg, bg, affinity, pixel_weight, blocks, offsets, symmetric)
+  return value, (logits, fg, bg, affinity, pixel_weight)
 
 
 def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent):
-  logits, affinity, pixel_weight = residuals
+  logits, fg, bg, affinity, pixel_weight = residuals
   num_frames = logits.shape[2]
   per_frame = [0.0] * num_frames  # gradient contributions to single frames
   whole = 0.0  # contributions to all frames at once
@@ -305,7 +310,7 @@ def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent)
         per_frame[t] = per_frame[t] + grad[:, :, i]
 
   for block_index, block in enumerate(blocks):
-    fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(logits, affinity, pixel_weight, block)
+    fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(fg, bg, affinity, pixel_weight, block)
     g = cotangent[block_index]
     # d(-log A)/dA * weight per offset, stored once: both gradients read it (one shifted).
     scales = jax.lax.optimization_barrier([
@@ -323,7 +328,6 @@ def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent)
   frame_shape = logits.shape[:2] + logits.shape[3:]
   grad = whole + jnp.stack([jnp.broadcast_to(g, frame_shape) for g in per_frame], axis=2)
   # d sigmoid(x)/dx = sigmoid(x) sigmoid(-x); zero where the logits were clipped.
-  fg, bg = _fg_bg_probs(logits)
   grad = jnp.where(jnp.abs(logits) <= _LOGIT_LIMIT, grad * fg * bg, 0.0).astype(logits.dtype)
   return grad, jnp.zeros_like(affinity), jnp.zeros_like(pixel_weight)
 
