@@ -233,6 +233,14 @@ def _pair_weight(affinity, pixel_weight, k, offset, symmetric):
   return affinity[:, None, :, k] * weight
 
 
+def _pair_weights(affinity, pixel_weight, offsets, symmetric):
+  """All offsets' weights, materialised once: they do not depend on the predictions, so under a
+  vmap over deep-supervision layers they are computed once instead of inside every layer's loop."""
+  return jax.lax.optimization_barrier(
+      [_pair_weight(affinity, pixel_weight, k, offset, symmetric)
+       for k, offset in enumerate(offsets)])
+
+
 def _agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset):
   """P(p) P(p + d) + (1 - P(p)) (1 - P(p + d)); outside the frame the neighbour reads (1, 1)."""
   return (fg_center * affinity_lib.shift_spatial(fg_neighbour, offset, fill=1.0) +
@@ -282,9 +290,9 @@ def _weighted_disagreement_value(fg, bg, affinity, pixel_weight, blocks, offsets
   totals = []
   for block in blocks:
     fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(fg, bg, affinity, pixel_weight, block)
-    per_pixel = sum(
-        -jnp.log(_agreement(fg_c, bg_c, fg_n, bg_n, offset)) *
-        _pair_weight(aff, weight, k, offset, symmetric) for k, offset in enumerate(offsets))
+    weights = _pair_weights(aff, weight, offsets, symmetric)
+    per_pixel = sum(-jnp.log(_agreement(fg_c, bg_c, fg_n, bg_n, offset)) * w
+                    for offset, w in zip(offsets, weights))
     totals.append(jnp.sum(per_pixel))
   return jnp.stack(totals)
 
@@ -313,9 +321,9 @@ def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent)
     fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(fg, bg, affinity, pixel_weight, block)
     g = cotangent[block_index]
     # d(-log A)/dA * weight per offset, stored once: both gradients read it (one shifted).
+    weights = _pair_weights(aff, weight, offsets, symmetric)
     scales = jax.lax.optimization_barrier([
-        -g * _pair_weight(aff, weight, k, offset, symmetric) /
-        _agreement(fg_c, bg_c, fg_n, bg_n, offset) for k, offset in enumerate(offsets)])
+        -g * w / _agreement(fg_c, bg_c, fg_n, bg_n, offset) for offset, w in zip(offsets, weights)])
     diff_c, diff_n = fg_c - bg_c, fg_n - bg_n  # dA/dP(p) = P(q) - (1 - P(q))
     grad_c, grad_n = 0.0, 0.0
     for offset, scale in zip(offsets, scales):
