@@ -268,8 +268,9 @@ def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_wei
 
   Pairs come in blocks whose frames are static slices of one probability array (the spatial loss
   is one block of every frame with itself; TK-Loss one block per frame pair). Each offset's term
-  is one fused elementwise pass; the hand-written backward pass stores one scale per offset and
-  accumulates the gradients of both frames in fused passes. The weights receive no gradient.
+  is one fused elementwise pass; the weights, which do not depend on the predictions, are built
+  once; the hand-written backward pass reuses the forward's probabilities and accumulates the
+  gradients of both frames in fused elementwise passes. The weights receive no gradient.
 
   Args:
     logits: `[B, N, T, h, w]` mask logits.
@@ -320,10 +321,10 @@ def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent)
   for block_index, block in enumerate(blocks):
     fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(fg, bg, affinity, pixel_weight, block)
     g = cotangent[block_index]
-    # d(-log A)/dA * weight per offset, stored once: both gradients read it (one shifted).
+    # d(-log A)/dA * weight per offset; both gradients read it (the neighbour's shifted back).
     weights = _pair_weights(aff, weight, offsets, symmetric)
-    scales = jax.lax.optimization_barrier([
-        -g * w / _agreement(fg_c, bg_c, fg_n, bg_n, offset) for offset, w in zip(offsets, weights)])
+    scales = [-g * w / _agreement(fg_c, bg_c, fg_n, bg_n, offset)
+              for offset, w in zip(offsets, weights)]
     diff_c, diff_n = fg_c - bg_c, fg_n - bg_n  # dA/dP(p) = P(q) - (1 - P(q))
     grad_c, grad_n = 0.0, 0.0
     for offset, scale in zip(offsets, scales):
