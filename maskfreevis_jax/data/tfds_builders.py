@@ -22,7 +22,6 @@ CLI imports it; it is not in requirements.txt).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from pycocotools import mask as mask_util

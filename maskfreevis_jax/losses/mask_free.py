@@ -11,7 +11,7 @@ padded to a static N and an `instance_valid [B, N]` mask; padded instances never
 
 import dataclasses
 import functools
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Tuple, Union
 
 import jax
 import jax.numpy as jnp

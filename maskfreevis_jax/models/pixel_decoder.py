@@ -102,9 +102,9 @@ class DeformableEncoder(nn.Module):
     layer_cls = (nn.remat(DeformableEncoderLayer, static_argnums=(4,)) if self.remat
                  else DeformableEncoderLayer)
     for i in range(self.num_layers):
-      src = layer_cls(self.d_model, self.ffn_dim, self.num_levels, self.num_heads,
-                                   self.num_points, dtype=self.dtype, name=f"layers_{i}")(
-                                       src, pos, reference_points, spatial_shapes)
+      layer = layer_cls(self.d_model, self.ffn_dim, self.num_levels, self.num_heads,
+                        self.num_points, dtype=self.dtype, name=f"layers_{i}")
+      src = layer(src, pos, reference_points, spatial_shapes)
     return src
 
 
