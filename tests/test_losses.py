@@ -376,3 +376,107 @@ def test_bad_input_names_the_argument():
     losses.MaskFreeLossConfig(frame_pairing="random")
   with pytest.raises(ValueError, match="patch_size"):
     losses.MaskFreeLossConfig(patch_size=4)
+
+
+# --- Box windows: the pairwise and TK costs computed on per-instance windows around the boxes. ---
+
+
+def small_box_problem(seed, placement, num_frames=3):
+  """96x128 clips whose boxes (<= 14 px, moving <= 4 px) sit in the interior or on frame edges."""
+  frames, logits, _, box_valid, valid = make_problem(seed, num_frames=num_frames, height=96,
+                                                     width=128)
+  rng = np.random.default_rng(seed)
+  size = rng.integers(6, 15, size=box_valid.shape + (2,))
+  jitter = rng.integers(0, 5, size=box_valid.shape + (2,))
+  if placement == "interior":
+    corner = rng.integers(20, 60, size=box_valid.shape[:2] + (1, 2)) + jitter
+  elif placement == "top_left":
+    corner = jitter
+  else:  # bottom_right: the boxes touch the far edges
+    corner = np.array([128, 96]) - size - jitter
+  boxes = np.concatenate([corner, corner + size], -1).astype(np.float32)
+  return frames, logits, boxes, box_valid, valid
+
+
+def losses_and_grads(problem, cfg, step=40):
+  frames, logits, boxes, box_valid, valid = problem
+  affinities = losses.compute_color_affinities(jnp.asarray(frames), cfg)
+  masks = losses.box_masks_at_stride(jnp.asarray(boxes), jnp.asarray(box_valid), frames.shape[2:4],
+                                     cfg.stride)
+
+  def total(x):
+    out = losses.mask_free_losses(x, masks, jnp.asarray(valid), affinities, step, cfg)
+    return out["loss_bound"] + out["loss_bound_neighbor"], out
+
+  (_, values), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(jnp.asarray(logits))
+  return ({k: float(v) for k, v in values.items()}, np.asarray(grad),
+          losses.box_windows(masks, cfg))
+
+
+@pytest.mark.parametrize("placement", ["interior", "top_left", "bottom_right"])
+@pytest.mark.parametrize("num_frames,pairing", [(3, "all_pairs"), (2, "cyclic")])
+def test_box_windows_change_no_value(placement, num_frames, pairing):
+  problem = small_box_problem(11, placement, num_frames)
+  windowed_cfg = losses.MaskFreeLossConfig(frame_pairing=pairing, warmup_steps=100,
+                                           box_window_fractions=(0.25, 0.5))
+  whole_cfg = losses.MaskFreeLossConfig(frame_pairing=pairing, warmup_steps=100,
+                                        box_window_fractions=())
+  values, grad, windows = losses_and_grads(problem, windowed_cfg)
+  whole_values, whole_grad, _ = losses_and_grads(problem, whole_cfg)
+  # The windowed path ran: 12x16 windows (half of the 24x32 mask grid), not the whole frame.
+  assert windows.sizes == ((6, 8), (12, 16)) and int(windows.size_index) == 1
+  for name in LOSS_NAMES:
+    np.testing.assert_allclose(values[name], whole_values[name], rtol=1e-5, err_msg=name)
+  assert values["loss_bound"] > 0 and values["loss_bound_neighbor"] > 0
+  np.testing.assert_allclose(grad, whole_grad, rtol=1e-5, atol=1e-6 * np.abs(whole_grad).max())
+  # ...and both agree with the independent float64 reference.
+  ref_values, _ = reference_losses(*problem, 40, losses.frame_pairs(num_frames, pairing),
+                                   windowed_cfg)
+  for name in LOSS_NAMES:
+    np.testing.assert_allclose(values[name], ref_values[name], rtol=2e-4, err_msg=name)
+
+
+def test_box_windows_choice():
+  frames, logits, boxes, box_valid, valid = small_box_problem(3, "interior")
+  cfg = losses.MaskFreeLossConfig(box_window_fractions=(0.5, 0.25))
+  assert cfg.box_window_fractions == (0.25, 0.5)  # sorted: the smallest that fits wins
+  masks = losses.box_masks_at_stride(jnp.asarray(boxes), jnp.asarray(box_valid), (96, 128))
+  windows = losses.box_windows(masks, cfg)
+  # Window corners: the support of each instance's boxes over the clip, less the margin of 3.
+  support = np.asarray(masks).any(2)
+  for b, n in np.ndindex(*support.shape[:2]):
+    if support[b, n].any():
+      rows, cols = np.nonzero(support[b, n].any(1))[0], np.nonzero(support[b, n].any(0))[0]
+      assert int(windows.start_y[b, n]) == max(rows[0] - 3, 0)
+      assert int(windows.start_x[b, n]) == max(cols[0] - 3, 0)
+  # One instance spanning the frame forces the whole frame for the batch.
+  big = masks.at[0, 0, 0].set(1.0)
+  assert int(losses.box_windows(big, cfg).size_index) == 2
+  # No box at all: the smallest window.
+  assert int(losses.box_windows(jnp.zeros_like(masks), cfg).size_index) == 0
+  # Without fractions there is nothing to choose.
+  assert losses.box_windows(masks, losses.MaskFreeLossConfig(box_window_fractions=())).sizes == ()
+  with pytest.raises(ValueError, match="box_window_fractions"):
+    losses.MaskFreeLossConfig(box_window_fractions=(0.5, 1.0))
+
+
+def test_box_windows_stay_one_branch_under_vmap_over_layers():
+  """Per-layer matchings differ, but the window choice comes from the box masks alone: one branch
+  (a `cond`), not every branch evaluated and selected."""
+  cfg = losses.MaskFreeLossConfig()
+  frames, logits, boxes, box_valid, valid = small_box_problem(5, "interior")
+  affinities = losses.compute_color_affinities(jnp.asarray(frames), cfg)
+  masks = losses.box_masks_at_stride(jnp.asarray(boxes), jnp.asarray(box_valid), (96, 128))
+  layers = jnp.stack([jnp.asarray(logits), jnp.asarray(logits) * 2.0])
+  layer_valid = jnp.stack([jnp.asarray(valid), jnp.ones_like(jnp.asarray(valid))])
+
+  def per_layer(x, v):
+    return losses.mask_free_losses(x, masks, v, affinities, 40, cfg)["loss_bound_neighbor"]
+
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(jax.vmap(per_layer)(x, layer_valid))))(
+      layers))
+  assert "cond[" in jaxpr
+  out = jax.vmap(per_layer)(layers, layer_valid)
+  for i in range(2):
+    np.testing.assert_allclose(float(out[i]), float(per_layer(layers[i], layer_valid[i])),
+                               rtol=1e-5)

@@ -17,6 +17,8 @@ from maskfreevis_jax.losses.color import downsample_frames
 from maskfreevis_jax.losses.color import rgb_to_lab
 from maskfreevis_jax.losses.mask_free import box_masks_at_stride
 from maskfreevis_jax.losses.mask_free import box_projection_loss
+from maskfreevis_jax.losses.mask_free import box_windows
+from maskfreevis_jax.losses.mask_free import BoxWindows
 from maskfreevis_jax.losses.mask_free import compute_color_affinities
 from maskfreevis_jax.losses.mask_free import mask_free_losses
 from maskfreevis_jax.losses.mask_free import MaskFreeLossConfig
@@ -25,7 +27,8 @@ from maskfreevis_jax.losses.mask_free import temporal_knn_patch_loss
 from maskfreevis_jax.losses.mask_free import tk_warmup_factor
 
 __all__ = [
-    "ColorAffinities", "MaskFreeLossConfig", "box_masks_at_stride", "box_projection_loss",
+    "BoxWindows", "ColorAffinities", "MaskFreeLossConfig", "box_masks_at_stride",
+    "box_projection_loss", "box_windows",
     "compute_color_affinities", "downsample_frames", "frame_pairs", "keep_top_k",
     "mask_free_losses", "pairwise_color_loss", "rgb_to_lab", "spatial_color_similarity",
     "temporal_knn_patch_loss", "temporal_patch_similarity", "tk_warmup_factor",

@@ -11,8 +11,10 @@ padded to a static N and an `instance_valid [B, N]` mask; padded instances never
 
 import dataclasses
 import functools
-from typing import Dict, Tuple, Union
+import math
+from typing import Dict, Optional, Tuple, Union
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +41,11 @@ class MaskFreeLossConfig:
     temporal_weight: factor on the summed TK-Loss of all frame pairs.
     warmup_steps: TK-Loss ramps linearly from 0 to full weight over this many steps (0: none).
     frame_pairing: 'all_pairs' (the release) or 'cyclic' (the paper: t -> t+1, last -> first).
+    box_window_fractions: the pairwise and TK costs are zero outside each instance's boxes (plus
+      the neighbourhood radius), so when every instance of the batch fits a window of this
+      fraction of the mask's height and width, they are computed on such per-instance windows
+      only. One compiled branch per fraction plus the whole frame; the smallest that fits runs.
+      Values are unchanged (up to float summation order); `()` always uses the whole frame.
   """
   stride: int = 4
   pairwise_size: int = 3
@@ -52,6 +59,7 @@ class MaskFreeLossConfig:
   temporal_weight: float = 0.1
   warmup_steps: int = 2000
   frame_pairing: str = "all_pairs"
+  box_window_fractions: Tuple[float, ...] = (0.5,)
 
   def __post_init__(self):
     for name in ("stride", "pairwise_size", "patch_size", "temporal_search_size",
@@ -66,6 +74,11 @@ class MaskFreeLossConfig:
                        f"got {self.frame_pairing!r}")
     if self.warmup_steps < 0:
       raise ValueError(f"MaskFreeLossConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+    fractions = tuple(float(f) for f in self.box_window_fractions)
+    if any(not 0.0 < f < 1.0 for f in fractions):
+      raise ValueError("MaskFreeLossConfig.box_window_fractions must lie in (0, 1), "
+                       f"got {self.box_window_fractions}")
+    object.__setattr__(self, "box_window_fractions", tuple(sorted(set(fractions))))
 
 
 def _check_rank(name: str, x, rank: int, layout: str):
@@ -344,9 +357,124 @@ def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent)
 _weighted_disagreement.defvjp(_weighted_disagreement_fwd, _weighted_disagreement_bwd)
 
 
+@flax.struct.dataclass
+class BoxWindows:
+  """Per-instance windows of the mask grid that hold every non-zero pairwise and TK weight.
+
+  Attributes:
+    size_index: int32 scalar: the window size `sizes[size_index]` all instances fit, or
+      `len(sizes)` for the whole frame.
+    start_y, start_x: `[B, N]` int32 top-left corners (for a window of any of the sizes, clamped
+      so that it lies inside the frame).
+    sizes: static (height, width) window sizes, smallest first, each smaller than the frame.
+  """
+  size_index: jnp.ndarray
+  start_y: jnp.ndarray
+  start_x: jnp.ndarray
+  sizes: Tuple[Tuple[int, int], ...] = flax.struct.field(pytree_node=False)
+
+
+def _loss_margin(config: MaskFreeLossConfig) -> int:
+  """Largest pixel distance between the two pixels of a pairwise or TK pair."""
+  return max(config.pairwise_dilation * (config.pairwise_size // 2),
+             config.temporal_dilation * (config.temporal_search_size // 2))
+
+
+def _support_span(support: jnp.ndarray, margin: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """First index and length of the True run of `support [..., n]` grown by `margin`, clipped."""
+  n = support.shape[-1]
+  first = jnp.argmax(support, axis=-1)
+  last = n - 1 - jnp.argmax(support[..., ::-1], axis=-1)
+  lo = jnp.maximum(first - margin, 0)
+  hi = jnp.minimum(last + margin + 1, n)
+  present = jnp.any(support, axis=-1)
+  return jnp.where(present, lo, 0), jnp.where(present, hi - lo, 0)
+
+
+def box_windows(box_masks: jnp.ndarray,
+                config: MaskFreeLossConfig = MaskFreeLossConfig()) -> BoxWindows:
+  """Chooses the windows the pairwise and TK costs are computed on (see `box_window_fractions`).
+
+  A pair's weight is zero unless one of its pixels lies where the box masks are non-zero, and the
+  pixels of a pair are at most `margin` apart; so each instance's window covers its boxes (the
+  union over the clip) grown by that margin. All instances share one static size, the smallest of
+  `config.box_window_fractions` that every instance fits.
+
+  Args:
+    box_masks: `[B, N, T, h, w]` box masks at mask stride (any non-zero value counts, padding
+      included, so the choice never depends on which instances are valid).
+    config: loss hyper-parameters.
+
+  Returns:
+    `BoxWindows`.
+  """
+  _check_rank("box_masks", box_masks, 5, "[B, N, T, h, w]")
+  h, w = box_masks.shape[-2:]
+  sizes = []
+  for fraction in config.box_window_fractions:
+    size = (min(h, math.ceil(fraction * h)), min(w, math.ceil(fraction * w)))
+    if size != (h, w) and size not in sizes:
+      sizes.append(size)
+  box_masks = jax.lax.stop_gradient(box_masks)
+  support = jnp.any(box_masks != 0, axis=2)  # [B, N, h, w]
+  margin = _loss_margin(config)
+  start_y, span_y = _support_span(jnp.any(support, axis=-1), margin)
+  start_x, span_x = _support_span(jnp.any(support, axis=-2), margin)
+  need_y, need_x = jnp.max(span_y), jnp.max(span_x)
+  fits = [(need_y <= sh) & (need_x <= sw) for sh, sw in sizes] + [jnp.asarray(True)]
+  return BoxWindows(size_index=jnp.argmax(jnp.stack(fits)).astype(jnp.int32),
+                    start_y=start_y.astype(jnp.int32), start_x=start_x.astype(jnp.int32),
+                    sizes=tuple(sizes))
+
+
+def _crop(x: jnp.ndarray, start_y: jnp.ndarray, start_x: jnp.ndarray, size: Tuple[int, int],
+          per_instance: bool) -> jnp.ndarray:
+  """Each instance's window: x `[B, N, ..., h, w]` (or `[B, ...]` shared by the N instances of a
+  clip when not `per_instance`) -> `[B, N, ..., *size]`; starts `[B, N]`, clamped into the frame."""
+  h, w = x.shape[-2:]
+  start_y = jnp.minimum(start_y, h - size[0])
+  start_x = jnp.minimum(start_x, w - size[1])
+
+  def one(x, sy, sx):
+    return jax.lax.dynamic_slice(x, (0,) * (x.ndim - 2) + (sy, sx), x.shape[:-2] + size)
+
+  over_instances = jax.vmap(one, in_axes=(0 if per_instance else None, 0, 0))
+  return jax.vmap(over_instances)(x, start_y, start_x)
+
+
+def _windowed_disagreement(logits, affinity, pixel_weight, blocks, offsets, symmetric,
+                           windows: BoxWindows):
+  """`_weighted_disagreement` on the instances' windows when they fit, else on whole frames.
+
+  Inside a window the sums are the same: every non-zero weight has both pixels in the window; a
+  neighbour outside the window is either outside the frame as well (window edge on the frame edge,
+  the same (1, 1) read) or paired with a zero weight. Instances become the batch axis there.
+  """
+
+  def whole_frame(logits, affinity, pixel_weight, start_y, start_x):
+    del start_y, start_x
+    return _weighted_disagreement(logits, affinity, pixel_weight, blocks, offsets, symmetric)
+
+  def in_windows(size, logits, affinity, pixel_weight, start_y, start_x):
+    crop = functools.partial(_crop, start_y=start_y, start_x=start_x, size=size)
+    logits = crop(logits, per_instance=True)  # [B, N, T, *size]
+    affinity = crop(affinity, per_instance=False)  # [B, N, J, K, *size]
+    pixel_weight = crop(pixel_weight, per_instance=True)  # [B, N, J or 1, *size]
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    return _weighted_disagreement(flat(logits)[:, None], flat(affinity),
+                                  flat(pixel_weight)[:, None], blocks, offsets, symmetric)
+
+  if not windows.sizes:
+    return whole_frame(logits, affinity, pixel_weight, None, None)
+  branches = [functools.partial(in_windows, size) for size in windows.sizes] + [whole_frame]
+  return jax.lax.switch(windows.size_index, branches, logits, affinity, pixel_weight,
+                        windows.start_y, windows.start_x)
+
+
 def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
                         instance_valid: jnp.ndarray, affinities: affinity_lib.ColorAffinities,
-                        config: MaskFreeLossConfig = MaskFreeLossConfig()) -> jnp.ndarray:
+                        config: MaskFreeLossConfig = MaskFreeLossConfig(),
+                        windows: Optional[BoxWindows] = None) -> jnp.ndarray:
   """Spatial colour-affinity loss (BoxInst pairwise term), one ratio over the whole batch.
 
   Weight of pixel p and neighbour q: [similarity(p, q) >= threshold] * box_mask(p).
@@ -358,6 +486,7 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
     instance_valid: `[B, N]` bool.
     affinities: from `compute_color_affinities` on the same clips.
     config: loss hyper-parameters.
+    windows: `box_windows(box_masks, config)`, computed here when None.
 
   Returns:
     Scalar float32.
@@ -371,9 +500,11 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   # first half of the row-major window holds one offset of each opposite pair.
   half = len(offsets) // 2
   every_frame = tuple(range(mask_logits.shape[2]))
-  numerator = jnp.sum(_weighted_disagreement(mask_logits, similar, weight,
+  if windows is None:
+    windows = box_windows(box_masks, config)
+  numerator = jnp.sum(_windowed_disagreement(mask_logits, similar, weight,
                                              ((every_frame, every_frame, every_frame),),
-                                             offsets[:half], True))
+                                             offsets[:half], True, windows))
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * weight)
   return numerator / jnp.maximum(denominator, 1.0)
 
@@ -381,7 +512,8 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
 def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
                             instance_valid: jnp.ndarray,
                             affinities: affinity_lib.ColorAffinities,
-                            config: MaskFreeLossConfig = MaskFreeLossConfig()) -> jnp.ndarray:
+                            config: MaskFreeLossConfig = MaskFreeLossConfig(),
+                            windows: Optional[BoxWindows] = None) -> jnp.ndarray:
   """Temporal KNN-patch loss (TK-Loss), before its weight and warm-up.
 
   For each frame pair (a, b) and pixel p of frame b: the cost of disagreement between the mask at
@@ -395,6 +527,7 @@ def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
     instance_valid: `[B, N]` bool.
     affinities: from `compute_color_affinities` on the same clips (defines the frame pairs).
     config: loss hyper-parameters.
+    windows: `box_windows(box_masks, config)`, computed here when None.
 
   Returns:
     Scalar float32, the sum over frame pairs.
@@ -405,8 +538,10 @@ def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   union = union * instance_valid[:, :, None, None]  # [B, N, h, w]
   similar = affinities.temporal_affinity  # [B, P, K, h, w]
   blocks = tuple(((b,), (a,), (j,)) for j, (a, b) in enumerate(affinities.pairs))
-  numerator = _weighted_disagreement(mask_logits, similar, union[:, :, None], blocks, offsets,
-                                     False)  # [P]
+  if windows is None:
+    windows = box_windows(box_masks, config)
+  numerator = _windowed_disagreement(mask_logits, similar, union[:, :, None], blocks, offsets,
+                                     False, windows)  # [P]
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * union[:, :, None], axis=(0, 1, 3, 4))
   return jnp.sum(numerator / jnp.maximum(denominator, 1.0))
 
@@ -458,14 +593,18 @@ def mask_free_losses(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
                      f"{affinities.spatial_affinity.shape}, but mask_logits imply {expected}")
   if max(max(p) for p in affinities.pairs) >= num_frames:
     raise ValueError(f"affinities pair frames {affinities.pairs} beyond T={num_frames}")
+  # From the masks as given, so that under a vmap over layers (whose matchings differ) the
+  # window choice stays one value and a single branch runs.
+  windows = box_windows(box_masks, config)
   valid = instance_valid.astype(bool)
   # Padding may hold anything (even inf); zeroing it keeps values and gradients finite.
   mask_logits = jnp.where(valid[:, :, None, None, None], mask_logits.astype(jnp.float32), 0.0)
   box_masks = jnp.where(valid[:, :, None, None, None], box_masks.astype(jnp.float32), 0.0)
-  tk = temporal_knn_patch_loss(mask_logits, box_masks, valid, affinities, config)
+  tk = temporal_knn_patch_loss(mask_logits, box_masks, valid, affinities, config, windows)
   return {
       "loss_mask_proj": box_projection_loss(mask_logits, box_masks, valid),
-      "loss_bound": pairwise_color_loss(mask_logits, box_masks, valid, affinities, config),
+      "loss_bound": pairwise_color_loss(mask_logits, box_masks, valid, affinities, config,
+                                        windows),
       "loss_bound_neighbor": tk * config.temporal_weight * tk_warmup_factor(
           step, config.warmup_steps),
   }
