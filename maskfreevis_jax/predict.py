@@ -1,11 +1,13 @@
-"""Prediction glue for `--mode predict`: a folder of frames or a video file -> results JSON + GIF.
+"""Prediction glue for `--mode predict`: a folder of frames or a video file -> results JSON + overlay.
 
 The frames are resized as the evaluation videos (short side `config.data.min_size_test`, long side
 at most `max_size_test`), padded to a multiple of 32, run through the model of the latest
 checkpoint in the workdir (whole video, or windows of `config.eval.window_size` frames), and
 post-processed as the official `inference_video`. Outputs in `output_dir`:
   results.json  YouTube-VIS submission entries (video_id 0, one RLE per frame);
-  overlay.gif   the frames with the predictions scoring >= `score_threshold` tinted and labelled.
+  overlay.gif   the frames with the predictions scoring >= `score_threshold` tinted and labelled;
+  overlay.mp4   the same as a video (H.264 through imageio-ffmpeg, when installed).
+Video files (.mp4, .avi, .mov, ...) are decoded with imageio's ffmpeg plugin, GIFs with Pillow.
 """
 from __future__ import annotations
 
@@ -93,10 +95,15 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
                                       prediction.scores, class_names,
                                       score_threshold=score_threshold)
   gif = evaluation.save_animation(out / "overlay.gif", overlay)
+  overlays = [gif]
+  if evaluation.mp4_writer_available():  # imageio-ffmpeg is in requirements.txt
+    overlays.append(evaluation.save_animation(out / "overlay.mp4", overlay))
   kept = int(np.sum(prediction.scores >= score_threshold))
   print(f"{len(frames)} frames: {kept} predictions scoring >= {score_threshold} "
-        f"(top {len(results)} in {out / 'results.json'}); overlay in {gif}", flush=True)
-  return {"results": str(out / "results.json"), "overlay": str(gif), "num_predictions": kept}
+        f"(top {len(results)} in {out / 'results.json'}); overlay in {', '.join(overlays)}",
+        flush=True)
+  return {"results": str(out / "results.json"), "overlay": str(gif), "overlays": overlays,
+          "num_predictions": kept}
 
 
 def _class_names(config) -> list[str] | None:

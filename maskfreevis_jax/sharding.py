@@ -23,14 +23,24 @@ def maybe_initialize_distributed(force: bool = False) -> None:
   """Calls `jax.distributed.initialize()` on multi-host runs (before any other jax call).
 
   Multi-host is detected from `force`, MASKFREEVIS_DISTRIBUTED=1, or the usual cluster variables
-  (JAX_COORDINATOR_ADDRESS, SLURM with several tasks, multi-worker Cloud TPU).
+  (JAX_COORDINATOR_ADDRESS, SLURM with several tasks, multi-worker Cloud TPU). Where JAX cannot
+  detect the cluster itself (plain machines, GPU hosts), set JAX_COORDINATOR_ADDRESS (host:port of
+  process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
   """
   env = os.environ
   wanted = (force or env.get("MASKFREEVIS_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in env
             or int(env.get("SLURM_NTASKS", "1")) > 1
             or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
   if wanted:
-    jax.distributed.initialize()
+    kwargs = {}
+    for name, variable in (("num_processes", "JAX_NUM_PROCESSES"),
+                           ("process_id", "JAX_PROCESS_ID")):
+      if env.get(variable):
+        try:
+          kwargs[name] = int(env[variable])
+        except ValueError:
+          raise ValueError(f"{variable} must be an integer, got {env[variable]!r}") from None
+    jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
                  jax.process_count())
 

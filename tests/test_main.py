@@ -145,6 +145,7 @@ def test_two_step_synthetic_run_then_predict(tmp_path):
                      str(frames_dir), "--output", str(tmp_path / "pred"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "pred" / "overlay.gif").stat().st_size > 0
+  assert (tmp_path / "pred" / "overlay.mp4").stat().st_size > 0
   predictions = json.loads((tmp_path / "pred" / "results.json").read_text())
   assert len(predictions) == 10
 
