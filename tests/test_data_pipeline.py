@@ -264,3 +264,28 @@ def test_synthetic_training_and_eval(tmp_path):
     np.testing.assert_array_equal(
         ex["masks"][0, t],
         ytvis_json.decode_segmentation(track.segmentations[t], video.height, video.width))
+
+
+def test_synthetic_object_textures_never_come_from_the_background_photo(monkeypatch):
+  # An object textured with its own background photograph is camouflaged (only the pan gives it
+  # away): the generator picks the texture among the other photographs.
+  rng = np.random.default_rng(0)
+  for excluded in range(len(synthetic.BACKGROUND_PHOTOS)):
+    drawn = {synthetic._other_index(rng, len(synthetic.BACKGROUND_PHOTOS), excluded)
+             for _ in range(300)}
+    assert drawn == set(range(len(synthetic.BACKGROUND_PHOTOS))) - {excluded}
+  calls = []
+  original = synthetic._other_index
+
+  def recording(rng, size, excluded):
+    index = original(rng, size, excluded)
+    calls.append((index, excluded))
+    return index
+
+  monkeypatch.setattr(synthetic, "_other_index", recording)
+  renderer = synthetic._Renderer(32, 32)
+  backgrounds = {id(b): i for i, b in enumerate(renderer.backgrounds)}
+  for seed in range(12):
+    renderer.video(np.random.default_rng(seed), length=2, max_objects=4)
+  assert calls and all(index != excluded for index, excluded in calls)
+  assert all(0 <= excluded < len(backgrounds) for _, excluded in calls)

@@ -140,6 +140,32 @@ def test_trainable_batch_norm_option():
   assert not np.allclose(before, after)
 
 
+def test_group_norm_backbone_honours_num_groups():
+  """backbone.num_groups reaches every backbone GroupNorm (the tiny stem has 16 channels, which
+  the GroupNorm default of 32 groups cannot split)."""
+  frames = jnp.asarray(np.random.default_rng(3).integers(0, 256, (1, 2, 32, 32, 3), np.uint8))
+  outputs = {}
+  for groups in (8, 4):
+    config = get_model_config("tiny")
+    config.backbone.norm = "gn"
+    config.backbone.num_groups = groups
+    model = build_model(config)
+    if groups == 8:
+      variables = jax.jit(model.init)(jax.random.PRNGKey(1), frames)
+      assert "frozen_params" not in variables and "batch_stats" not in variables
+      assert variables["params"]["backbone"]["stem"]["conv1"]["norm"]["scale"].shape == (16,)
+      assert "norm" in variables["params"]["backbone"]["res2_0"]["shortcut"]
+    # Same parameters, other grouping: the statistics (hence the outputs) must change.
+    outputs[groups] = jax.jit(model.apply)(variables, frames)["pred_masks"]
+  assert np.all(np.isfinite(outputs[8]))
+  assert not np.allclose(outputs[8], outputs[4])
+  config = get_model_config("tiny")
+  config.backbone.norm = "gn"
+  assert config.backbone.num_groups == 32  # default; 32 groups do not divide 16 channels
+  with pytest.raises(ValueError):
+    build_model(config).init(jax.random.PRNGKey(1), frames)
+
+
 def test_bad_inputs_raise_clear_errors(tiny_setup):
   model, variables, _ = tiny_setup
   with pytest.raises(ValueError, match="multiple of 32"):

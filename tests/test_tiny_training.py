@@ -51,3 +51,60 @@ def test_tiny_box_supervised_loss_goes_down(tmp_path):
   assert all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
   assert float(terms["loss_mask_proj"]) > 0 and float(terms["loss_bound"]) >= 0
+
+
+def _synthetic_recipe(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
+  spec = importlib.util.spec_from_file_location("synthetic_recipe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.train.batch_size = 2
+  config.data.synthetic.cache_dir = str(tmp_path / "synthetic")
+  config.data.synthetic.num_train_videos = 12
+  config.data.synthetic.num_val_videos = 1
+  return config
+
+
+def box_recipe_mask_saturation(config, steps: int) -> tuple[float, list[float]]:
+  """Trains `steps` steps of the config's recipe (model, criterion, optimizer, project train step)
+  on fresh clips; returns the fraction of saturated (|logit| > 6) final-layer mask logits of the
+  last batch and the projection losses."""
+  from maskfreevis_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  iterator = input_pipeline.create_train_iterator(config, seed=0, global_batch_size=2)
+  batch = {k: v for k, v in next(iterator).items()}
+  model = train_lib.build_model(config)
+  loss_fn = train_lib.build_loss_fn(config)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  init_rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+  abstract = jax.eval_shape(lambda: model.init(init_rngs, batch["frames"],
+                                               image_valid=batch["image_valid"]))["params"]
+  module_types = optimizer_lib.module_types_by_path(model, init_rngs, batch["frames"],
+                                                    image_valid=batch["image_valid"])
+  tx = optimizer_lib.create_optimizer(
+      config.train, optimizer_lib.param_labels(abstract, config.train, module_types))
+  state = train_lib.create_train_state(model, tx, batch, jax.random.key(int(config.train.seed)))
+  step_fn = jax.jit(train_lib.make_train_step(model, tx, loss_fn, schedule))
+  projections = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, batch)
+    projections.append(float(metrics["loss_mask_proj"]))
+    batch = next(iterator)
+  outputs = model.apply({"params": state.params, **state.model_state}, batch["frames"],
+                        image_valid=batch["image_valid"])
+  logits = np.asarray(outputs["pred_masks"][-1])
+  return float(np.mean(np.abs(logits) > 6.0)), projections
+
+
+def test_synthetic_recipe_masks_do_not_saturate(tmp_path):
+  """Regression: with the official pairwise weight (5) on a randomly initialised model the masks
+  saturate within ~100 steps (all on with GroupNorm, all off with FrozenBN), the sigmoid gradients
+  vanish and box-supervised training stalls for good (projection loss flat, AP ~0). The embedded
+  recipe must keep the mask logits in the trainable range."""
+  config = _synthetic_recipe(tmp_path)
+  saturated, projections = box_recipe_mask_saturation(config, steps=100)
+  assert np.all(np.isfinite(projections))
+  assert saturated < 0.5, (saturated, projections[::10])

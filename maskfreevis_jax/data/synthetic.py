@@ -3,7 +3,8 @@
 Every video pans slowly over a real photograph that ships with scikit-image and shows a few
 moving objects of shape classes that boxes fit badly (ellipse, ring with a hole, star,
 L-shape, thin bar, crescent); one category per shape. Objects are filled with a flat colour
-or a photo texture, move, scale and rotate, occlude each other and enter/leave the frame.
+or a texture cut from another photograph than the background (never camouflaged in their own
+background), move, scale and rotate, occlude each other and enter/leave the frame.
 
 Ground truth is the *visible* mask after occlusion; boxes are derived from it; an object not
 visible in a frame has ``null`` box/segmentation there. Both ``train.json`` and
@@ -37,7 +38,7 @@ SHAPE_CLASSES = ("ellipse", "ring", "star", "l_shape", "thin_bar", "crescent")
 BACKGROUND_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
                      "hubble_deep_field", "retina", "colorwheel", "brick", "grass", "gravel")
 MARKER_FILE = "_COMPLETE.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: object textures never come from the background photo
 
 
 def _load_photo(name: str) -> np.ndarray:
@@ -80,6 +81,12 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, aspect: float) -> np.n
   raise ValueError(f"unknown shape class {shape!r}")
 
 
+def _other_index(rng: np.random.Generator, size: int, excluded: int) -> int:
+  """A uniform index in [0, size) other than `excluded`."""
+  index = int(rng.integers(size - 1))
+  return index + (index >= excluded)
+
+
 class _Renderer:
   """Holds the backgrounds/textures for one frame size (loaded once per generation)."""
 
@@ -99,7 +106,8 @@ class _Renderer:
     """
     h, w = self.height, self.width
     size = min(h, w)
-    bg = self.backgrounds[rng.integers(len(self.backgrounds))]
+    bg_index = int(rng.integers(len(self.backgrounds)))
+    bg = self.backgrounds[bg_index]
     spare_y, spare_x = bg.shape[0] - h, bg.shape[1] - w
     start = np.array([rng.uniform(0, spare_y), rng.uniform(0, spare_x)])
     # Slow pan: at most ~1.5% of the frame per step.
@@ -127,7 +135,9 @@ class _Renderer:
           angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-0.15, 0.15),
           aspect=rng.uniform(0.45, 0.85),
           color=rng.integers(0, 256, size=3).astype(np.uint8),
-          texture=int(rng.integers(len(self.textures))) if fill_texture else -1,
+          # A photo other than the background's: an object cut from the background photo
+          # itself would be camouflaged (invisible but for the pan), not a fair instance.
+          texture=_other_index(rng, len(self.textures), bg_index) if fill_texture else -1,
           tex_offset=rng.integers(0, 10_000, size=2)))
     # Random depth order: later objects occlude earlier ones.
     frames = np.empty((length, h, w, 3), np.uint8)

@@ -33,7 +33,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
     raise ValueError(f"model config backbone.name {bb.name!r} unsupported (only 'resnet')")
   backbone = ResNet(block_counts=tuple(bb.block_counts), stem_features=bb.stem_features,
                     bottleneck_features=bb.bottleneck_features,
-                    stride_in_1x1=bb.stride_in_1x1, norm=bb.norm, dtype=dtype)
+                    stride_in_1x1=bb.stride_in_1x1, norm=bb.norm,
+                    num_groups=bb.get("num_groups", 32), dtype=dtype)
   pd = _field(model_config, "pixel_decoder")
   if pd.name == "msdeformattn":
     pixel_decoder = MSDeformAttnPixelDecoder(

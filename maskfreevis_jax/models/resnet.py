@@ -163,13 +163,14 @@ class BasicStem(nn.Module):
   """7x7 stride-2 conv + norm + ReLU + 3x3 stride-2 max pool (overall stride 4)."""
   features: int = 64
   norm: str = "frozen_bn"
+  num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [N, H, W, 3] -> [N, H/4, W/4, features]."""
     x = Conv2dNorm(self.features, kernel_size=7, stride=2, norm=self.norm, activation=True,
-                   dtype=self.dtype, name="conv1")(x, train)
+                   num_groups=self.num_groups, dtype=self.dtype, name="conv1")(x, train)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -187,22 +188,22 @@ class BottleneckBlock(nn.Module):
   stride: int = 1
   stride_in_1x1: bool = False
   norm: str = "frozen_bn"
+  num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [N, H, W, C_in] -> [N, H/stride, W/stride, features]."""
+    conv = functools.partial(Conv2dNorm, norm=self.norm, num_groups=self.num_groups,
+                             dtype=self.dtype)
     stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     if x.shape[-1] != self.features:
-      shortcut = Conv2dNorm(self.features, 1, self.stride, norm=self.norm, dtype=self.dtype,
-                            name="shortcut")(x, train)
+      shortcut = conv(self.features, 1, self.stride, name="shortcut")(x, train)
     else:
       shortcut = x
-    y = Conv2dNorm(self.bottleneck_features, 1, stride_1x1, norm=self.norm, activation=True,
-                   dtype=self.dtype, name="conv1")(x, train)
-    y = Conv2dNorm(self.bottleneck_features, 3, stride_3x3, norm=self.norm, activation=True,
-                   dtype=self.dtype, name="conv2")(y, train)
-    y = Conv2dNorm(self.features, 1, 1, norm=self.norm, dtype=self.dtype, name="conv3")(y, train)
+    y = conv(self.bottleneck_features, 1, stride_1x1, activation=True, name="conv1")(x, train)
+    y = conv(self.bottleneck_features, 3, stride_3x3, activation=True, name="conv2")(y, train)
+    y = conv(self.features, 1, 1, name="conv3")(y, train)
     return nn.relu(y + shortcut)
 
 
@@ -216,6 +217,7 @@ class ResNet(nn.Module):
     out_features_multiplier: output channels = bottleneck channels * this (4 officially).
     stride_in_1x1: see BottleneckBlock (False for the official torchvision-style weights).
     norm: 'frozen_bn' (default), 'bn' or 'gn'.
+    num_groups: GroupNorm groups when norm == 'gn' (must divide every conv's channels).
     dtype: compute dtype.
   """
   block_counts: Sequence[int] = (3, 4, 6, 3)
@@ -224,12 +226,14 @@ class ResNet(nn.Module):
   out_features_multiplier: int = 4
   stride_in_1x1: bool = False
   norm: str = "frozen_bn"
+  num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """x [N, H, W, 3] (normalised) -> {'res2': [N, H/4, W/4, C2], ..., 'res5': [N, H/32, W/32, C5]}."""
-    x = BasicStem(self.stem_features, norm=self.norm, dtype=self.dtype, name="stem")(x, train)
+    x = BasicStem(self.stem_features, norm=self.norm, num_groups=self.num_groups,
+                  dtype=self.dtype, name="stem")(x, train)
     features = {}
     bottleneck = self.bottleneck_features
     for stage_index, num_blocks in enumerate(self.block_counts):
@@ -239,8 +243,8 @@ class ResNet(nn.Module):
         x = BottleneckBlock(
             features=bottleneck * self.out_features_multiplier,
             bottleneck_features=bottleneck, stride=stride,
-            stride_in_1x1=self.stride_in_1x1, norm=self.norm, dtype=self.dtype,
-            name=f"{stage_name}_{block_index}")(x, train)
+            stride_in_1x1=self.stride_in_1x1, norm=self.norm, num_groups=self.num_groups,
+            dtype=self.dtype, name=f"{stage_name}_{block_index}")(x, train)
       features[stage_name] = x
       bottleneck *= 2
     return features
