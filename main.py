@@ -84,7 +84,11 @@ def main(argv):
     # Library INFO logs (Orbax in particular) drown the progress lines; -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
   from maskfreevis_jax import sharding  # pylint: disable=g-import-not-at-top
-  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  try:
+    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   config = _CONFIG.value
   mode = _MODE.value or config.get("mode", "train_and_evaluate")
   if mode not in MODES:

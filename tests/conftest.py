@@ -12,6 +12,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = pathlib.Path(os.environ.get("MASKFREEVIS_SHARED", REPO_ROOT.parent / "shared"))
 
 
+def load_config(name: str):
+  """`configs/<name>.py`'s `get_config()`, loaded as main.py's --config flag loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO_ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
   if not SHARED_DIR.is_dir():

@@ -12,6 +12,8 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from conftest import load_config
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ("synthetic", "ytvis19_r50", "ytvis21_r50", "ovis_r50", "ytvis19_r50_mask_supervised",
            "ytvis19_r101")
@@ -56,14 +58,7 @@ def test_configs_load_with_overrides(monkeypatch, name):
 
 
 def test_config_differences():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  def load(name):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
+  load = load_config
   assert load("ovis_r50").model.num_classes == 25
   assert load("ytvis19_r101").model.backbone.block_counts != load("ytvis19_r50").model.backbone.block_counts
   upper = load("ytvis19_r50_mask_supervised")
@@ -86,6 +81,17 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
                      "--config.train.stepz=3", timeout=300)
   assert result.returncode != 0
   assert "stepz" in result.stderr and 'Did you mean "steps"' in result.stderr, result.stderr[-2000:]
+
+
+def test_bad_distributed_environment_is_a_clear_error(tmp_path):
+  env = dict(os.environ, JAX_COORDINATOR_ADDRESS="localhost:1", JAX_NUM_PROCESSES="two",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  result = subprocess.run([sys.executable, str(REPO / "main.py"), "--config",
+                           "configs/synthetic.py", "--workdir", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert "JAX_NUM_PROCESSES must be an integer, got 'two'" in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
 
 
 def test_missing_dataset_path_is_named(tmp_path):

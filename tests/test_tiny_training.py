@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from conftest import load_config
 from maskfreevis_jax import criterion
 from maskfreevis_jax import models
 from maskfreevis_jax.data import input_pipeline
@@ -54,13 +55,7 @@ def test_tiny_box_supervised_loss_goes_down(tmp_path):
 
 
 def _synthetic_recipe(tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic.py"
-  spec = importlib.util.spec_from_file_location("synthetic_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config("synthetic")
   config.train.batch_size = 2
   config.data.synthetic.cache_dir = str(tmp_path / "synthetic")
   config.data.synthetic.num_train_videos = 12
