@@ -41,6 +41,10 @@ class MaskFreeLossConfig:
     temporal_weight: factor on the summed TK-Loss of all frame pairs.
     warmup_steps: TK-Loss ramps linearly from 0 to full weight over this many steps (0: none).
     frame_pairing: 'all_pairs' (the release) or 'cyclic' (the paper: t -> t+1, last -> first).
+    lab_reverse_channels: reverse the channel order before the Lab conversion. The release
+      reads RGB frames (`INPUT.FORMAT RGB`) but indexes them `[2, 1, 0]` before `rgb2lab`, so its
+      affinities are those of the BGR image; True reproduces that (the published recipes), False
+      (default) converts the RGB frames as given.
     box_window_fractions: the pairwise and TK costs are zero outside each instance's boxes (plus
       the neighbourhood radius), so when every instance of the batch fits a window of this
       fraction of the mask's height and width, they are computed on such per-instance windows
@@ -59,6 +63,7 @@ class MaskFreeLossConfig:
   temporal_weight: float = 0.1
   warmup_steps: int = 2000
   frame_pairing: str = "all_pairs"
+  lab_reverse_channels: bool = False
   box_window_fractions: Tuple[float, ...] = (0.5,)
 
   def __post_init__(self):
@@ -92,7 +97,8 @@ def compute_color_affinities(frames: jnp.ndarray,
                              ) -> affinity_lib.ColorAffinities:
   """Lab colour affinities of a batch of clips, computed once and shared by all instances/layers.
 
-  Frames are pooled to mask stride (truncated to whole numbers), converted to CIE-Lab, then the
+  Frames are pooled to mask stride (truncated to whole numbers), converted to CIE-Lab (after a
+  channel reversal when `config.lab_reverse_channels`, the release's quirk), then the
   spatial neighbour similarities and the top-k temporal patch similarities of every frame pair are
   computed and thresholded. No gradient flows through the result.
 
@@ -114,6 +120,8 @@ def compute_color_affinities(frames: jnp.ndarray,
                      f"stride {config.stride}")
   pairs = affinity_lib.frame_pairs(frames.shape[1], config.frame_pairing)
   frames = jax.lax.stop_gradient(frames)
+  if config.lab_reverse_channels:
+    frames = frames[..., ::-1]  # The release's `ds_image[[2, 1, 0]]` before `rgb2lab`.
   lab = color.rgb_to_lab(color.downsample_frames(frames, config.stride))  # [B, T, h, w, 3]
   spatial = affinity_lib.spatial_color_similarity(lab, config.pairwise_size,
                                                   config.pairwise_dilation)
