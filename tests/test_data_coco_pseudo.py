@@ -39,12 +39,39 @@ def coco_folder(tmp_path_factory):
   return str(path), str(root)
 
 
-def test_category_mapping_by_name():
-  coco = {1: "person", 3: "car", 34: "frisbee", 70: "toaster", 35: "skis"}
-  ytvis19 = ["person", "sedan", "snowboard"]
-  assert coco_pseudo.category_mapping(coco, ytvis19) == {1: 0, 3: 1, 35: 2}
-  ytvis21 = ["car", "flying_disc", "person"]
-  assert coco_pseudo.category_mapping(coco, ytvis21) == {1: 2, 3: 0, 34: 1}
+# The release's YouTube-VIS 2019 categories the tests need (id -> name), and 40 names in all.
+_YTVIS19 = {1: "person", 6: "sedan", 33: "snowboard", 36: "mouse"}
+
+
+def _ytvis19_names():
+  """40 YouTube-VIS 2019 class names in id order: the release's where the table points."""
+  names = [f"class{i}" for i in range(1, 41)]
+  for coco_name, target_id, target_name in coco_pseudo.COCO_TO_YTVIS_2019.values():
+    names[target_id - 1] = target_name
+  for cid, name in _YTVIS19.items():
+    names[cid - 1] = name
+  return names
+
+
+def test_table_maps_coco_ids_not_names():
+  coco = {1: "person", 3: "car", 35: "skis", 74: "mouse", 70: "toaster"}
+  mapping = coco_pseudo.category_mapping(coco, _ytvis19_names(), "ytvis_2019")
+  # car -> sedan (id 6), skis -> snowboard (id 33); the computer mouse is not the animal.
+  assert mapping == {1: 0, 3: 5, 35: 32}
+  assert coco_pseudo.category_mapping(coco, _ytvis19_names(), "by_name")[74] == 35
+
+
+def test_by_name_needs_equal_names():
+  coco = {1: "person", 3: "car", 34: "frisbee"}
+  assert coco_pseudo.category_mapping(coco, ["Car", "flying_disc", "person"]) == {1: 2, 3: 0}
+
+
+def test_table_against_the_wrong_video_dataset_is_an_error():
+  names = _ytvis19_names()
+  names[5] = "car"  # YouTube-VIS 2021 names its category 'car', 2019 'sedan'.
+  with pytest.raises(ValueError, match=r"category_map='ytvis_2019' maps COCO 'car' to category "
+                     r"id 6 'sedan', but the video dataset's category 6 is 'car'"):
+    coco_pseudo.category_mapping({3: "car"}, names, "ytvis_2019")
 
 
 def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
@@ -82,25 +109,90 @@ def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
   assert moved  # crops drift across frames
 
 
-def test_joint_ytvis_and_coco(coco_folder, tmp_path):
-  path, root = coco_folder
-  videos = [testing.moving_rect_video(v, 100 * v) for v in (1, 2)]
-  json_path, image_root = testing.write_ytvis_folder(
-      str(tmp_path), videos, categories=("sedan", "flying_disc", "person"))
+def _joint_config(tmp_path, coco_json, coco_root, categories=("car", "frisbee", "person"),
+                  category_map="by_name"):
+  videos = [testing.moving_rect_video(v, 100 * v, num_frames=8) for v in (1, 2, 3)]
+  json_path, image_root = testing.write_ytvis_folder(str(tmp_path / "videos"), videos,
+                                                     categories=categories)
   cfg = ip.default_data_config()
   cfg.name = "ytvis+coco_pseudo"
   cfg.train_json, cfg.train_image_root = json_path, image_root
-  cfg.coco.update(json=path, image_root=root, fraction=0.5, min_size_train=(96,),
-                  max_size_train=256)
-  cfg.pad_size = (128, 256)
+  cfg.coco.update(json=coco_json, image_root=coco_root, min_size_train=(64,), max_size_train=128,
+                  num_frames=4, pad_size=(96, 128), supervision="mask", crop_prob=0.0,
+                  category_map=category_map)
+  cfg.pad_size = (64, 96)
   cfg.min_size_train = (64,)
-  cfg.batch_size = 8
+  cfg.batch_size = 2
   cfg.num_parallel_calls = 1
-  batch = next(ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
-  from_coco = batch["orig_size"][:, 1] == 300
-  assert from_coco.any() and (~from_coco).any()
-  # 'toaster' has no counterpart: only labels 0 (car->sedan) and 1 (frisbee->flying_disc).
-  assert set(batch["labels"][from_coco][batch["instance_valid"][from_coco]]) <= {0, 1}
+  cfg.prefetch = 1
+  return cfg
+
+
+def test_joint_batches_per_source(coco_folder, tmp_path):
+  """Video batches: 3 frames, boxes only. COCO batches: 4 frames with masks, labels by name."""
+  cfg = _joint_config(tmp_path, *coco_folder)
+  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  seen = set()
+  for _ in range(6):
+    batch = next(it)
+    seen.add(batch["source"])
+    if batch["source"] == "video":
+      assert batch["frames"].shape == (2, 3, 64, 96, 3) and "masks" not in batch
+    else:
+      assert batch["frames"].shape == (2, 4, 96, 128, 3)
+      assert batch["masks"].shape[:3] == (2, cfg.max_instances, 4)
+      valid = batch["instance_valid"]
+      assert batch["masks"][valid].any(axis=(-1, -2)).all()  # every kept instance has a mask
+      # 'toaster' has no counterpart: only labels 0 (car) and 1 (frisbee).
+      assert set(batch["labels"][valid]) <= {0, 1}
+  assert seen == {"video", "coco"}
+
+
+def test_joint_source_proportion_is_the_release_ratio(coco_folder, tmp_path):
+  """Official DATASET_RATIO [1.0, 0.75] for (COCO, video): COCO on 4/7 of the steps."""
+  cfg = _joint_config(tmp_path, *coco_folder)
+  it = ip.create_train_iterator(cfg, seed=3, process_index=0, process_count=1)
+  draws = [it.source_of_step(s) for s in range(7000)]
+  # 4 standard deviations of a binomial proportion over 7000 steps is 0.024.
+  assert abs(draws.count("coco") / len(draws) - 4 / 7) < 0.024
+  # The batches follow the draws, step by step.
+  assert [next(it)["source"] for _ in range(8)] == draws[:8]
+
+
+def test_joint_resume_mid_run_gives_the_same_batches(coco_folder, tmp_path):
+  cfg = _joint_config(tmp_path, *coco_folder)
+  make = lambda: ip.create_train_iterator(cfg, seed=5, process_index=0, process_count=1)
+  straight = [next(it) for it in [make()] for _ in range(7)]
+  first = make()
+  for _ in range(3):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))  # as the checkpoint stores it
+  resumed = make()
+  resumed.set_state(state)
+  again = [next(resumed) for _ in range(4)]
+  assert {b["source"] for b in straight[3:]} == {"video", "coco"}  # both sources resume
+  for want, got in zip(straight[3:], again):
+    assert want["source"] == got["source"]
+    assert set(want) == set(got)
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+
+
+def test_joint_labels_through_the_release_table(tmp_path):
+  """COCO 'car' (id 3) trains as YouTube-VIS 'sedan', 'mouse' (74) is an error, or skipped."""
+  coco_json, coco_root = testing.write_coco_folder(
+      str(tmp_path / "coco"), {3: "car", 74: "mouse"},
+      [[(3, (10, 10, 40, 30)), (74, (60, 40, 30, 30))]] * 2)
+  cfg = _joint_config(tmp_path, coco_json, coco_root, categories=_ytvis19_names(),
+                      category_map="ytvis_2019")
+  with pytest.raises(ValueError, match=r"instances\.json: annotation id 101: category_id 74 "
+                     r"\('mouse'\) is not in the release's 'ytvis_2019' table"):
+    ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  cfg.coco.skip_unmapped_categories = True
+  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  batch = next(it.coco)
+  labels = batch["labels"][batch["instance_valid"]]
+  assert labels.size == 2 and set(labels) == {5}  # sedan; the mouse annotations were dropped
 
 
 def test_coco_errors_name_file(tmp_path):

@@ -7,9 +7,18 @@ shortest-edge resize (``coco.min_size_train`` / ``coco.max_size_train``) and one
 flip decision. Boxes are carried through the crop and resize, clipped, and dropped per frame
 when empty. (The official mapper also rotates frames by up to 15 degrees; not done here.)
 
-COCO categories are mapped to the target video dataset by name (e.g. 'car' -> 'sedan' for
-YouTube-VIS 2019, 'frisbee' -> 'flying_disc' for 2021); annotations of unmapped categories
-are dropped, and images left without annotations are skipped.
+COCO categories reach the video dataset's labels through ``data.coco.category_map``:
+
+* ``'ytvis_2019'`` / ``'ytvis_2021'``: the release's fixed tables (``COCO_TO_YTVIS_2019`` and
+  ``COCO_TO_YTVIS_2021`` of ``mask2former_video/data_video/datasets/ytvis.py``), keyed by COCO
+  category id. Only the listed categories map (COCO "mouse", the computer mouse, does not become
+  the animal); an annotation of any other category is an error naming the file, unless
+  ``data.coco.skip_unmapped_categories`` drops it (the release trains on a COCO file already
+  filtered to the table, ``coco2ytvis2019_train.json``). The release has no COCO table for OVIS
+  (its mapper names ``COCO_TO_OVIS`` but never defines it).
+* ``'by_name'``: equal names (case and spaces ignored), for COCO-format files made for a video
+  dataset with the same class names (the synthetic still images); annotations of other
+  categories are dropped. Without a target dataset the file's own categories are the classes.
 """
 
 from __future__ import annotations
@@ -25,17 +34,31 @@ import numpy as np
 from maskfreevis_jax.data import transforms
 from maskfreevis_jax.data import ytvis_json
 
-# COCO name -> candidate names in the target dataset (first one present wins).
-COCO_TO_VIDEO_NAMES = {
-    "person": ("person",), "bicycle": ("motorbike",), "car": ("car", "sedan"),
-    "motorcycle": ("motorbike",), "airplane": ("airplane",), "train": ("train",),
-    "truck": ("truck",), "boat": ("boat",), "bird": ("bird",), "cat": ("cat",),
-    "dog": ("dog",), "horse": ("horse",), "cow": ("cow",), "elephant": ("elephant",),
-    "bear": ("bear",), "zebra": ("zebra",), "giraffe": ("giraffe",),
-    "frisbee": ("flying_disc",), "skis": ("snowboard",), "snowboard": ("snowboard",),
-    "skateboard": ("skateboard",), "surfboard": ("surfboard",),
-    "tennis racket": ("tennis_racket",),
+# The release's tables: COCO category id -> (COCO name, target category id, target name). The
+# names are not used for matching, only to check that both files use the ids the table assumes.
+COCO_TO_YTVIS_2019 = {
+    1: ("person", 1, "person"), 2: ("bicycle", 21, "motorbike"), 3: ("car", 6, "sedan"),
+    4: ("motorcycle", 21, "motorbike"), 5: ("airplane", 28, "airplane"),
+    7: ("train", 17, "train"), 8: ("truck", 29, "truck"), 9: ("boat", 34, "boat"),
+    17: ("cat", 14, "cat"), 18: ("dog", 8, "dog"), 19: ("horse", 18, "horse"),
+    21: ("cow", 15, "cow"), 22: ("elephant", 32, "elephant"), 23: ("bear", 20, "bear"),
+    24: ("zebra", 30, "zebra"), 25: ("giraffe", 22, "giraffe"), 35: ("skis", 33, "snowboard"),
+    36: ("snowboard", 33, "snowboard"), 41: ("skateboard", 5, "skateboard"),
+    42: ("surfboard", 27, "surfboard"), 43: ("tennis racket", 40, "tennis_racket"),
 }
+COCO_TO_YTVIS_2021 = {
+    1: ("person", 26, "person"), 2: ("bicycle", 23, "motorbike"), 3: ("car", 5, "car"),
+    4: ("motorcycle", 23, "motorbike"), 5: ("airplane", 1, "airplane"),
+    7: ("train", 36, "train"), 8: ("truck", 37, "truck"), 9: ("boat", 4, "boat"),
+    16: ("bird", 3, "bird"), 17: ("cat", 6, "cat"), 18: ("dog", 9, "dog"),
+    19: ("horse", 19, "horse"), 21: ("cow", 7, "cow"), 22: ("elephant", 12, "elephant"),
+    23: ("bear", 2, "bear"), 24: ("zebra", 40, "zebra"), 25: ("giraffe", 18, "giraffe"),
+    34: ("frisbee", 14, "flying_disc"), 35: ("skis", 31, "snowboard"),
+    36: ("snowboard", 31, "snowboard"), 41: ("skateboard", 29, "skateboard"),
+    42: ("surfboard", 33, "surfboard"), 43: ("tennis racket", 34, "tennis_racket"),
+}
+CATEGORY_TABLES = {"ytvis_2019": COCO_TO_YTVIS_2019, "ytvis_2021": COCO_TO_YTVIS_2021}
+CATEGORY_MAPS = ("by_name",) + tuple(CATEGORY_TABLES)
 
 
 def _norm(name: str) -> str:
@@ -43,18 +66,62 @@ def _norm(name: str) -> str:
 
 
 def category_mapping(coco_names: dict[int, str],
-                     target_class_names: Optional[Sequence[str]]) -> dict[int, int]:
-  """COCO category id -> target label (by name); identity-by-order without a target."""
+                     target_class_names: Optional[Sequence[str]],
+                     category_map: str = "by_name",
+                     target_category_ids: Optional[Sequence[int]] = None,
+                     path: str = "data.coco.json") -> dict[int, int]:
+  """COCO category id -> target label.
+
+  Args:
+    coco_names: the COCO file's categories, id -> name.
+    target_class_names: the video dataset's class names in label order (None: no target, the
+      COCO file's categories sorted by id are the classes; only with 'by_name').
+    category_map: 'by_name', 'ytvis_2019' or 'ytvis_2021' (see the module docstring).
+    target_category_ids: the video dataset's category id of each label (default: 1, 2, ...,
+      the YouTube-VIS numbering).
+    path: the COCO file, for error messages.
+
+  Returns:
+    The COCO ids that map, with their labels.
+
+  Raises:
+    ValueError: unknown `category_map`; a table used without a target dataset, or with a COCO
+      file or video dataset whose category ids are not the ones the table assumes.
+  """
+  if category_map not in CATEGORY_MAPS:
+    raise ValueError(f"data.coco.category_map must be one of {CATEGORY_MAPS}, got "
+                     f"{category_map!r}")
+  if category_map == "by_name":
+    if target_class_names is None:
+      return {cid: i for i, cid in enumerate(sorted(coco_names))}
+    target = {_norm(n): i for i, n in enumerate(target_class_names)}
+    return {cid: target[_norm(name)] for cid, name in coco_names.items()
+            if _norm(name) in target}
   if target_class_names is None:
-    return {cid: i for i, cid in enumerate(sorted(coco_names))}
-  target = {_norm(n): i for i, n in enumerate(target_class_names)}
+    raise ValueError(f"data.coco.category_map={category_map!r} needs the video dataset's "
+                     "categories: train jointly with a video dataset or set "
+                     "data.coco.target_categories to its JSON")
+  table = CATEGORY_TABLES[category_map]
+  ids = (list(target_category_ids) if target_category_ids is not None
+         else list(range(1, len(target_class_names) + 1)))
+  label_of_id = {int(cid): i for i, cid in enumerate(ids)}
   mapping = {}
-  for cid, name in coco_names.items():
-    candidates = COCO_TO_VIDEO_NAMES.get(name, ()) + (name,)
-    for cand in candidates:
-      if _norm(cand) in target:
-        mapping[cid] = target[_norm(cand)]
-        break
+  for coco_id, (coco_name, target_id, target_name) in table.items():
+    label = label_of_id.get(target_id)
+    if label is None or _norm(target_class_names[label]) != _norm(target_name):
+      found = "absent" if label is None else repr(target_class_names[label])
+      raise ValueError(
+          f"data.coco.category_map={category_map!r} maps COCO {coco_name!r} to category id "
+          f"{target_id} {target_name!r}, but the video dataset's category {target_id} is "
+          f"{found}: pick the table of the video dataset")
+    if coco_id not in coco_names:
+      continue
+    if _norm(coco_names[coco_id]) != _norm(coco_name):
+      raise ValueError(
+          f"{path}: categories: id {coco_id} is {coco_names[coco_id]!r} but COCO id {coco_id} is "
+          f"{coco_name!r} in the {category_map!r} table: the file does not use COCO category ids "
+          "(data.coco.category_map='by_name' matches by name)")
+    mapping[coco_id] = label
   return mapping
 
 
@@ -71,9 +138,17 @@ class CocoImage:
 
 
 def load_coco_instances(path: str, image_root: Optional[str] = None,
-                        target_class_names: Optional[Sequence[str]] = None
-                        ) -> tuple[list[CocoImage], list[str]]:
+                        target_class_names: Optional[Sequence[str]] = None,
+                        category_map: str = "by_name",
+                        target_category_ids: Optional[Sequence[int]] = None,
+                        skip_unmapped: bool = False) -> tuple[list[CocoImage], list[str]]:
   """Reads a COCO instances JSON (validated; errors name the file and image/annotation id).
+
+  Args:
+    path: the COCO instances JSON.
+    image_root: folder of the images (default: the JSON's folder).
+    target_class_names, category_map, target_category_ids: see `category_mapping`.
+    skip_unmapped: with a table, drop annotations of categories outside it instead of failing.
 
   Returns:
     Images with at least one usable box, and the class names labels refer to.
@@ -88,7 +163,7 @@ def load_coco_instances(path: str, image_root: Optional[str] = None,
   for i, cat in enumerate(req(data, "categories", list, path, "top level")):
     cats[req(cat, "id", int, path, f"categories[{i}]")] = req(cat, "name", str, path,
                                                                f"categories[{i}]")
-  mapping = category_mapping(cats, target_class_names)
+  mapping = category_mapping(cats, target_class_names, category_map, target_category_ids, path)
   class_names = (list(target_class_names) if target_class_names is not None
                  else [cats[c] for c in sorted(cats)])
   images = {}
@@ -109,7 +184,14 @@ def load_coco_instances(path: str, image_root: Optional[str] = None,
     cat_id = req(ann, "category_id", int, path, where)
     if cat_id not in cats:
       raise ValueError(f"{path}: {where}: category_id {cat_id} is not in 'categories'")
-    if ann.get("iscrowd", 0) or cat_id not in mapping:
+    if ann.get("iscrowd", 0):
+      continue
+    if cat_id not in mapping:
+      if category_map in CATEGORY_TABLES and not skip_unmapped:
+        raise ValueError(
+            f"{path}: {where}: category_id {cat_id} ({cats[cat_id]!r}) is not in the release's "
+            f"{category_map!r} table (data.coco.category_map); use a file filtered to the table "
+            "or set data.coco.skip_unmapped_categories=True")
       continue
     bbox = ytvis_json._parse_box(req(ann, "bbox", list, path, where), path, where)  # pylint: disable=protected-access
     im = images[image_id]
@@ -139,11 +221,15 @@ class CocoPseudoClipSource:
   """Random access to COCO images turned into pseudo clips."""
 
   def __init__(self, json_path: str, image_root: Optional[str] = None,
-               target_class_names: Optional[Sequence[str]] = None):
+               target_class_names: Optional[Sequence[str]] = None,
+               category_map: str = "by_name",
+               target_category_ids: Optional[Sequence[int]] = None,
+               skip_unmapped: bool = False):
     if not json_path:
       raise ValueError("data.coco.json is not set")
-    self.images, self.class_names = load_coco_instances(json_path, image_root,
-                                                        target_class_names)
+    self.images, self.class_names = load_coco_instances(
+        json_path, image_root, target_class_names, category_map, target_category_ids,
+        skip_unmapped)
 
   def __len__(self) -> int:
     return len(self.images)

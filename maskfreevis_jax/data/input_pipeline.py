@@ -53,7 +53,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     'ytvis': a YouTube-VIS 2019/2021 or OVIS folder (``train_json``/``train_image_root``,
       ``val_json``/``val_image_root``), or its TFDS build when ``source == 'tfds'``.
     'coco_pseudo': COCO instances turned into pseudo clips (``coco.*``).
-    'ytvis+coco_pseudo': both, a clip comes from COCO with probability ``coco.fraction``.
+    'ytvis+coco_pseudo' (or 'synthetic+coco_pseudo'): joint training, one source per step
+      (`MixedTrainIterator`): a step's whole batch is COCO with probability ``coco.fraction``
+      (official DATASET_RATIO [1.0, 0.75] for (COCO, video): 1 / 1.75), else video. The COCO
+      clips have their own length (``coco.num_frames``), canvas (``coco.pad_size``), instance
+      cap (``coco.max_instances``) and supervision (``coco.supervision``: 'mask' decodes their
+      masks for the mask-mode criterion, as the release; 'box' trains them mask-free).
   """
   c = ml_collections.ConfigDict()
   c.name = "synthetic"
@@ -84,7 +89,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       cache_dir="", seed=0, num_train_videos=300, num_val_videos=30, frame_size=(128, 128),
       frames_per_video=(6, 10), max_objects=4))
   c.coco = ml_collections.ConfigDict(dict(
-      json="", image_root="", fraction=0.5, num_frames=-1, target_categories="",
+      json="", image_root="", fraction=1.0 / 1.75, num_frames=-1, pad_size=(),
+      max_instances=-1, supervision="box", target_categories="",
+      category_map="by_name", skip_unmapped_categories=False,
       min_size_train=(288, 320, 352, 384, 416, 448, 480, 512), max_size_train=768,
       crop_prob=0.5, crop_pre_sizes=(400, 500, 600), crop_size=(384, 600),
       pseudo_length=(16, 48), frame_range=20))
@@ -318,37 +325,43 @@ def pad_clip(clip: Clip, cfg: ml_collections.ConfigDict,
 
 
 class _ClipMaker:
-  """Maps a global clip index to a padded example; pure function of (seed, index)."""
+  """Maps a global clip index to a padded example; pure function of (seed, index).
 
-  def __init__(self, cfg: ml_collections.ConfigDict, seed: int):
+  One source per maker: the video dataset ('synthetic' / 'ytvis') or COCO pseudo clips
+  ('coco_pseudo'). A joint run (`MixedTrainIterator`) has one maker per source.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, seed: int,
+               coco_target: Optional[tuple[Sequence[str], Optional[Sequence[int]]]] = None):
     self.cfg = cfg
     self.seed = int(seed)
     self.stats = _Stats()
-    self.video_source = None
-    self.coco_source = None
-    parts = cfg.name.split("+")
-    if parts[0] in ("synthetic", "ytvis"):
-      self.video_source = open_video_source(cfg, "train")
-      if cfg.skip_empty_videos and isinstance(self.video_source, JsonVideoSource):
-        dataset = ytvis_json.drop_unannotated_videos(self.video_source.dataset)
-        self.video_source = JsonVideoSource(dataset)
+    self.source = None
+    name = cfg.name
+    if name in ("synthetic", "ytvis"):
+      self.source = open_video_source(cfg, "train")
+      if cfg.skip_empty_videos and isinstance(self.source, JsonVideoSource):
+        self.source = JsonVideoSource(ytvis_json.drop_unannotated_videos(self.source.dataset))
       elif cfg.skip_empty_videos:
-        self.video_source.drop_unannotated_videos()
-      if len(self.video_source) == 0:
+        self.source.drop_unannotated_videos()
+      if len(self.source) == 0:
         raise ValueError("the training set has no videos")
-    if "coco_pseudo" in parts:
+      self.is_coco = False
+    elif name == "coco_pseudo":
       from maskfreevis_jax.data import coco_pseudo  # pylint: disable=g-import-not-at-top
-      target = None
-      if self.video_source is not None:
-        target = self.video_source.class_names
-      elif cfg.coco.target_categories:
-        target = ytvis_json.load_ytvis_json(cfg.coco.target_categories).class_names
-      self.coco_source = coco_pseudo.CocoPseudoClipSource(
-          cfg.coco.json, cfg.coco.image_root or None, target_class_names=target)
-    if self.video_source is None and self.coco_source is None:
+      target, target_ids = coco_target if coco_target is not None else (None, None)
+      if target is None and cfg.coco.target_categories:
+        dataset = ytvis_json.load_ytvis_json(cfg.coco.target_categories)
+        target, target_ids = dataset.class_names, [c.id for c in dataset.categories]
+      self.source = coco_pseudo.CocoPseudoClipSource(
+          cfg.coco.json, cfg.coco.image_root or None, target_class_names=target,
+          category_map=cfg.coco.get("category_map", "by_name"), target_category_ids=target_ids,
+          skip_unmapped=bool(cfg.coco.get("skip_unmapped_categories", False)))
+      self.is_coco = True
+    else:
       raise ValueError(f"unknown data.name {cfg.name!r}; expected 'synthetic', 'ytvis', "
-                       "'coco_pseudo' or 'ytvis+coco_pseudo'")
-    self.class_names = (self.video_source or self.coco_source).class_names
+                       "'coco_pseudo', 'synthetic+coco_pseudo' or 'ytvis+coco_pseudo'")
+    self.class_names = self.source.class_names
 
   @functools.lru_cache(maxsize=4)
   def _permutation(self, epoch: int, size: int) -> np.ndarray:
@@ -356,22 +369,12 @@ class _ClipMaker:
 
   def make(self, global_index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, 1, int(global_index)])
-    use_coco = self.coco_source is not None and (
-        self.video_source is None or rng.uniform() < self.cfg.coco.fraction)
-    if use_coco:
-      source = self.coco_source
-      index = int(rng.integers(len(source))) if self.video_source is not None else None
-      if index is None:
-        epoch, pos = divmod(int(global_index), len(source))
-        index = int(self._permutation(epoch, len(source))[pos])
+    source = self.source
+    epoch, pos = divmod(int(global_index), len(source))
+    index = int(self._permutation(epoch, len(source))[pos])
+    if self.is_coco:
       clip = source.training_clip(index, rng, self.cfg, self.stats)
       return pad_clip(clip, self.cfg, self.stats)
-    source = self.video_source
-    if self.coco_source is not None:
-      index = int(rng.integers(len(source)))
-    else:
-      epoch, pos = divmod(int(global_index), len(source))
-      index = int(self._permutation(epoch, len(source))[pos])
     for attempt in range(_MAX_CORRUPT_RETRIES):
       try:
         clip = video_training_clip(source, index, rng, self.cfg, self.stats)
@@ -388,9 +391,6 @@ class _ClipMaker:
 def _output_spec(cfg: ml_collections.ConfigDict):
   ph, pw = (int(v) for v in cfg.pad_size)
   t, n = int(cfg.num_frames), int(cfg.max_instances)
-  if "coco_pseudo" in cfg.name and cfg.coco.num_frames > 0 and cfg.coco.num_frames != t:
-    raise ValueError("data.coco.num_frames must equal data.num_frames (or be -1) so batches "
-                     "have one static shape")
   spec = {
       "frames": (np.uint8, (t, ph, pw, 3)), "image_valid": (bool, (ph, pw)),
       "boxes": (np.float32, (n, t, 4)), "box_valid": (bool, (n, t)),
@@ -413,8 +413,12 @@ class TrainIterator:
 
   def __init__(self, config: ml_collections.ConfigDict, seed: int,
                global_batch_size: Optional[int] = None,
-               process_index: Optional[int] = None, process_count: Optional[int] = None):
+               process_index: Optional[int] = None, process_count: Optional[int] = None,
+               coco_target: Optional[tuple[Sequence[str], Optional[Sequence[int]]]] = None):
     cfg = _data_cfg(config)
+    if is_joint(cfg):
+      raise ValueError(f"data.name={cfg.name!r} has two sources: use create_train_iterator "
+                       "(a MixedTrainIterator)")
     _check_config(cfg)
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
@@ -428,7 +432,7 @@ class TrainIterator:
     self.process_index, self.process_count = int(process_index), int(process_count)
     self.cfg = cfg
     self.seed = int(seed)
-    self._maker = _ClipMaker(cfg, seed)
+    self._maker = _ClipMaker(cfg, seed, coco_target)
     self.class_names = self._maker.class_names
     self._spec = _output_spec(cfg)
     self._errors: dict[int, BaseException] = {}
@@ -510,9 +514,124 @@ class TrainIterator:
     self._iterator = None
 
 
+VIDEO_SOURCE, COCO_SOURCE = "video", "coco"
+
+
+def is_joint(config: ml_collections.ConfigDict) -> bool:
+  """Whether the data config trains on a video dataset and COCO pseudo clips together."""
+  parts = _data_cfg(config).name.split("+")
+  return len(parts) == 2 and parts[1] == "coco_pseudo" and parts[0] in ("synthetic", "ytvis")
+
+
+def source_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """The data config of each source of a run: {'video': ...} and/or {'coco': ...}.
+
+  A joint config ('ytvis+coco_pseudo') splits into a video config and a COCO config whose
+  ``num_frames``, ``pad_size``, ``max_instances`` and ``with_masks`` come from ``coco.*``
+  (-1 / () / 'box' meaning "as the video clips"). A single-source config is returned as is.
+  """
+  cfg = _data_cfg(config)
+  if not is_joint(cfg):
+    return {COCO_SOURCE if cfg.name == "coco_pseudo" else VIDEO_SOURCE: cfg}
+  if cfg.coco.supervision not in ("box", "mask"):
+    raise ValueError(f"data.coco.supervision must be 'box' or 'mask', got {cfg.coco.supervision!r}")
+  if not 0.0 <= float(cfg.coco.fraction) <= 1.0:
+    raise ValueError(f"data.coco.fraction must lie in [0, 1], got {cfg.coco.fraction}")
+  video = ml_collections.ConfigDict(cfg.to_dict())
+  video.name = cfg.name.split("+")[0]
+  coco = ml_collections.ConfigDict(cfg.to_dict())
+  coco.name = "coco_pseudo"
+  if int(cfg.coco.num_frames) > 0:
+    coco.num_frames = int(cfg.coco.num_frames)
+  if cfg.coco.pad_size:
+    coco.pad_size = tuple(int(v) for v in cfg.coco.pad_size)
+  if int(cfg.coco.max_instances) > 0:
+    coco.max_instances = int(cfg.coco.max_instances)
+  coco.with_masks = cfg.coco.supervision == "mask"
+  return {VIDEO_SOURCE: video, COCO_SOURCE: coco}
+
+
+class MixedTrainIterator:
+  """Joint training: each step's batch comes whole from one source, drawn per step.
+
+  Step ``s`` takes COCO with probability ``coco.fraction``: the draw is
+  ``np.random.default_rng([seed, s, 0xC0C0]).uniform()``, a pure function of the seed and the
+  step, so every host draws the same source. Each source is a `TrainIterator` of its own
+  (own clip length and shapes), advanced only on its steps. ``next()`` returns the batch with a
+  host-only ``'source'`` entry ('video' or 'coco') that picks the compiled step.
+
+  ``get_state()`` holds the step count (the position of the source draws) and both sources'
+  positions, so a resumed run continues with exactly the batches of an uninterrupted one.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, seed: int,
+               global_batch_size: Optional[int] = None,
+               process_index: Optional[int] = None, process_count: Optional[int] = None):
+    cfg = _data_cfg(config)
+    configs = source_configs(cfg)
+    self.seed = int(seed)
+    self.coco_fraction = float(cfg.coco.fraction)
+    kwargs = dict(global_batch_size=global_batch_size, process_index=process_index,
+                  process_count=process_count)
+    self.video = TrainIterator(configs[VIDEO_SOURCE], seed, **kwargs)
+    dataset = getattr(self.video._maker.source, "dataset", None)  # pylint: disable=protected-access
+    target_ids = [c.id for c in dataset.categories] if dataset is not None else None
+    self.coco = TrainIterator(configs[COCO_SOURCE], seed,
+                              coco_target=(self.video.class_names, target_ids), **kwargs)
+    self.class_names = self.video.class_names
+    self.global_batch_size = self.video.global_batch_size
+    self._step = 0
+
+  def source_of_step(self, step: int) -> str:
+    """'coco' or 'video': the source of step ``step`` (0-based), the same on every host."""
+    draw = np.random.default_rng([self.seed, int(step), 0xC0C0]).uniform()
+    return COCO_SOURCE if draw < self.coco_fraction else VIDEO_SOURCE
+
+  @property
+  def stats(self) -> dict[str, dict[str, int]]:
+    return {VIDEO_SOURCE: self.video.stats, COCO_SOURCE: self.coco.stats}
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    source = self.source_of_step(self._step)
+    batch = dict(next(self.coco if source == COCO_SOURCE else self.video))
+    self._step += 1
+    batch["source"] = source
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """Steps drawn so far plus each source's `TrainIterator.get_state`, JSON-able."""
+    return {"step": self._step, "seed": self.seed, "coco_fraction": self.coco_fraction,
+            VIDEO_SOURCE: self.video.get_state(), COCO_SOURCE: self.coco.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Restores a position saved by `get_state` (same seed and source fraction)."""
+    for key in ("step", VIDEO_SOURCE, COCO_SOURCE):
+      if key not in state:
+        raise ValueError(f"joint iterator state lacks {key!r} (a checkpoint of a single-source "
+                         f"run cannot resume a joint one): {state}")
+    if "seed" in state and int(state["seed"]) != self.seed:
+      raise ValueError(f"iterator state has seed={state['seed']} but this iterator was built "
+                       f"with seed={self.seed}")
+    if "coco_fraction" in state and float(state["coco_fraction"]) != self.coco_fraction:
+      raise ValueError(f"iterator state has coco_fraction={state['coco_fraction']} but "
+                       f"data.coco.fraction={self.coco_fraction}")
+    self.video.set_state(state[VIDEO_SOURCE])
+    self.coco.set_state(state[COCO_SOURCE])
+    self._step = int(state["step"])
+
+
 def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
-                          global_batch_size: Optional[int] = None, **kwargs) -> TrainIterator:
-  """Training iterator (see `TrainIterator`); ``config`` is the full config or ``config.data``."""
+                          global_batch_size: Optional[int] = None, **kwargs):
+  """Training iterator; ``config`` is the full config or ``config.data``.
+
+  Returns:
+    A `MixedTrainIterator` for a joint config ('ytvis+coco_pseudo'), else a `TrainIterator`.
+  """
+  if is_joint(config):
+    return MixedTrainIterator(config, seed, global_batch_size, **kwargs)
   return TrainIterator(config, seed, global_batch_size, **kwargs)
 
 

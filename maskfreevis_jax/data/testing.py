@@ -109,3 +109,39 @@ def moving_rect_video(video_id: int, first_track_id: int, num_frames: int = 6,
   tracks = [{"id": first_track_id + k, "category_id": k % 3 + 1,
              "bboxes": [[float(v) for v in b] for b in rects[k]]} for k in range(num_tracks)]
   return {"id": video_id, "frames": frames, "tracks": tracks}
+
+
+def write_coco_folder(root: str, categories: dict[int, str],
+                      images: Sequence[Sequence[tuple[int, Sequence[float]]]],
+                      size: tuple[int, int] = (96, 128)) -> tuple[str, str]:
+  """Writes a small COCO instances folder: solid rectangles with polygon masks.
+
+  Args:
+    root: output directory.
+    categories: COCO category id -> name.
+    images: per image, its objects as ``(category_id, [x, y, w, h])``; object k is drawn in
+      colour k (`rect_frames`) and its mask is the rectangle.
+    size: (H, W) of every image.
+
+  Returns:
+    ``(json_path, image_root)``.
+  """
+  os.makedirs(root, exist_ok=True)
+  height, width = size
+  out_images, annotations = [], []
+  for i, objects in enumerate(images, start=1):
+    frame = rect_frames(height, width, 1, [[list(box)] for _, box in objects])[0]
+    file_name = f"{i:06d}.png"
+    Image.fromarray(frame).save(os.path.join(root, file_name))
+    out_images.append({"id": i, "file_name": file_name, "height": height, "width": width})
+    for k, (category_id, (x, y, w, h)) in enumerate(objects):
+      annotations.append({
+          "id": 100 * i + k, "image_id": i, "category_id": int(category_id), "iscrowd": 0,
+          "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
+          "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+  data = {"images": out_images, "annotations": annotations,
+          "categories": [{"id": int(k), "name": v} for k, v in sorted(categories.items())]}
+  json_path = os.path.join(root, "instances.json")
+  with open(json_path, "w") as f:
+    json.dump(data, f)
+  return json_path, root
