@@ -6,6 +6,7 @@ import ml_collections
 
 from maskfreevis_jax.models.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
 from maskfreevis_jax.models.presets import PRESETS, get_model_config, r50, r101, tiny, tiny_fpn
+from maskfreevis_jax.models.remat import REMAT_POLICIES, check_policy
 from maskfreevis_jax.models.resnet import ResNet
 from maskfreevis_jax.models.video_decoder import VideoMultiScaleMaskedTransformerDecoder
 from maskfreevis_jax.models.video_maskformer import NON_TRAINABLE_COLLECTIONS, VideoMaskFormer
@@ -22,6 +23,15 @@ def _field(config: Any, path: str):
   return node
 
 
+def _remat_policy(part_config: Any, part: str) -> str:
+  if "remat_encoder_layers" in part_config:
+    raise ValueError(f"model config {part}.remat_encoder_layers was replaced by {part}.remat "
+                     f"(one of {sorted(REMAT_POLICIES)})")
+  policy = part_config.get("remat", "none")
+  check_policy(policy, f"model config {part}.remat")
+  return policy
+
+
 def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
   """Builds the VideoMaskFormer described by a preset-shaped config (see presets.py)."""
   dtype_name = _field(model_config, "dtype")
@@ -34,7 +44,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
   backbone = ResNet(block_counts=tuple(bb.block_counts), stem_features=bb.stem_features,
                     bottleneck_features=bb.bottleneck_features,
                     stride_in_1x1=bb.stride_in_1x1, norm=bb.norm,
-                    num_groups=bb.get("num_groups", 32), dtype=dtype)
+                    num_groups=bb.get("num_groups", 32), dtype=dtype,
+                    remat=_remat_policy(bb, "backbone"))
   pd = _field(model_config, "pixel_decoder")
   if pd.name == "msdeformattn":
     pixel_decoder = MSDeformAttnPixelDecoder(
@@ -42,7 +53,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
         num_encoder_layers=pd.num_encoder_layers, num_heads=pd.num_heads,
         num_points=pd.num_points, ffn_dim=pd.ffn_dim, dtype=dtype,
         force_float32=pd.get("force_float32", True),
-        remat_encoder_layers=pd.get("remat_encoder_layers", False))
+        remat=_remat_policy(pd, "pixel_decoder"))
   elif pd.name == "fpn":
     pixel_decoder = FPNPixelDecoder(conv_dim=pd.conv_dim, mask_dim=pd.mask_dim,
                                     num_groups=pd.num_groups, dtype=dtype)
@@ -53,12 +64,13 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
       num_classes=_field(model_config, "num_classes"), hidden_dim=dec.hidden_dim,
       num_queries=dec.num_queries, num_heads=dec.num_heads, ffn_dim=dec.ffn_dim,
       num_layers=dec.num_layers, mask_dim=pd.mask_dim,
-      enforce_input_proj=dec.enforce_input_proj, dtype=dtype)
+      enforce_input_proj=dec.enforce_input_proj, dtype=dtype,
+      remat=_remat_policy(dec, "decoder"))
   return VideoMaskFormer(backbone=backbone, pixel_decoder=pixel_decoder, predictor=predictor,
                          pixel_mean=tuple(model_config.pixel_mean),
                          pixel_std=tuple(model_config.pixel_std),
                          size_divisibility=model_config.get("size_divisibility", 32))
 
 
-__all__ = ["build_model", "get_model_config", "PRESETS", "r50", "r101", "tiny", "tiny_fpn",
+__all__ = ["build_model", "get_model_config", "PRESETS", "REMAT_POLICIES", "r50", "r101", "tiny", "tiny_fpn",
            "VideoMaskFormer", "NON_TRAINABLE_COLLECTIONS"]

@@ -17,6 +17,7 @@ import numpy as np
 
 from maskfreevis_jax.models.deformable_attention import MSDeformAttn
 from maskfreevis_jax.models.position_encoding import sine_position_encoding_2d
+from maskfreevis_jax.models.remat import remat_module
 from maskfreevis_jax.models.resnet import Conv2dNorm
 
 Dtype = Any
@@ -84,8 +85,8 @@ class DeformableEncoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
   """Stack of DeformableEncoderLayer named layers_<i>.
 
-  With `remat`, each layer's activations are recomputed in the backward pass instead of being
-  stored (about 0.5 GB per layer for a 3 x 384x640 clip); parameters and results are unchanged.
+  `remat` is the rematerialisation policy of every layer ('none', 'full', 'dots'; see
+  `maskfreevis_jax.models.remat`); parameters and results do not depend on it.
   """
   num_layers: int = 6
   d_model: int = 256
@@ -93,14 +94,13 @@ class DeformableEncoder(nn.Module):
   num_levels: int = 3
   num_heads: int = 8
   num_points: int = 4
-  remat: bool = False
+  remat: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, src, pos, reference_points, spatial_shapes):
     # static_argnums counts `self` as 0: spatial_shapes is argument 4.
-    layer_cls = (nn.remat(DeformableEncoderLayer, static_argnums=(4,)) if self.remat
-                 else DeformableEncoderLayer)
+    layer_cls = remat_module(DeformableEncoderLayer, self.remat, static_argnums=(4,))
     for i in range(self.num_layers):
       layer = layer_cls(self.d_model, self.ffn_dim, self.num_levels, self.num_heads,
                         self.num_points, dtype=self.dtype, name=f"layers_{i}")
@@ -128,7 +128,7 @@ class DeformableTransformerEncoderOnly(nn.Module):
   num_levels: int = 3
   num_heads: int = 8
   num_points: int = 4
-  remat: bool = False
+  remat: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -173,8 +173,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
     common_stride: stride of the mask features.
     dtype: compute dtype. The official model runs this module in float32 under AMP; we do the
       same unless `force_float32` is False.
-    remat_encoder_layers: recompute encoder layer activations in the backward pass (saves
-      several GB at 384x640; same results).
+    remat: rematerialisation policy of the encoder layers ('none', 'full', 'dots'; see
+      `maskfreevis_jax.models.remat`; same results).
   """
   conv_dim: int = 256
   mask_dim: int = 256
@@ -189,7 +189,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
   common_stride: int = 4
   dtype: Dtype = jnp.float32
   force_float32: bool = True
-  remat_encoder_layers: bool = False
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array],
@@ -206,7 +206,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                                      name=f"input_proj_{idx}")(features[name].astype(dtype)))
     outputs = DeformableTransformerEncoderOnly(
         self.num_encoder_layers, self.conv_dim, self.ffn_dim, len(sources), self.num_heads,
-        self.num_points, remat=self.remat_encoder_layers, dtype=dtype, name="transformer")(sources)
+        self.num_points, remat=self.remat, dtype=dtype, name="transformer")(sources)
 
     stride_of = dict(zip(self.in_features, self.feature_strides))
     coarsest_fine = min(stride_of[f] for f in self.transformer_in_features)

@@ -4,12 +4,14 @@ Fields (all presets):
   name, num_classes, dtype ('float32' | 'bfloat16': compute dtype, parameters stay float32),
   pixel_mean, pixel_std, size_divisibility,
   backbone: name='resnet', block_counts, stem_features, bottleneck_features, stride_in_1x1,
-            norm ('frozen_bn' | 'bn' | 'gn'), num_groups (GroupNorm groups, used by 'gn')
+            norm ('frozen_bn' | 'bn' | 'gn'), num_groups (GroupNorm groups, used by 'gn'),
+            remat (per bottleneck block)
   pixel_decoder: name ('msdeformattn' | 'fpn'), conv_dim, mask_dim, num_groups,
                  num_encoder_layers, num_heads, num_points, ffn_dim, force_float32,
-                 remat_encoder_layers
+                 remat (per deformable encoder layer; 'msdeformattn' only)
   decoder: hidden_dim, num_queries, num_heads, ffn_dim, num_layers (predictions = +1),
-           enforce_input_proj
+           enforce_input_proj, remat (per attention / FFN layer)
+Every `remat` is a rematerialisation policy name: 'none', 'full' or 'dots' (see remat.py).
 """
 import ml_collections
 
@@ -27,12 +29,12 @@ def _resnet_mask2former(depth: int, num_classes: int) -> ml_collections.ConfigDi
       size_divisibility=32,
       backbone=dict(name="resnet", block_counts=RESNET_BLOCK_COUNTS[depth], stem_features=64,
                     bottleneck_features=64, stride_in_1x1=False, norm="frozen_bn",
-                    num_groups=32),
+                    num_groups=32, remat="none"),
       pixel_decoder=dict(name="msdeformattn", conv_dim=256, mask_dim=256, num_groups=32,
                          num_encoder_layers=6, num_heads=8, num_points=4, ffn_dim=1024,
-                         force_float32=True, remat_encoder_layers=False),
+                         force_float32=True, remat="none"),
       decoder=dict(hidden_dim=256, num_queries=100, num_heads=8, ffn_dim=2048, num_layers=9,
-                   enforce_input_proj=False),
+                   enforce_input_proj=False, remat="none"),
   ))
 
 

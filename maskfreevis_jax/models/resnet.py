@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskfreevis_jax.models.remat import remat_module
+
 Dtype = Any
 
 # Collections that hold non-trainable backbone state.
@@ -219,6 +221,8 @@ class ResNet(nn.Module):
     norm: 'frozen_bn' (default), 'bn' or 'gn'.
     num_groups: GroupNorm groups when norm == 'gn' (must divide every conv's channels).
     dtype: compute dtype.
+    remat: rematerialisation policy of every bottleneck block ('none', 'full', 'dots'; see
+      `maskfreevis_jax.models.remat`).
   """
   block_counts: Sequence[int] = (3, 4, 6, 3)
   stem_features: int = 64
@@ -228,19 +232,22 @@ class ResNet(nn.Module):
   norm: str = "frozen_bn"
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """x [N, H, W, 3] (normalised) -> {'res2': [N, H/4, W/4, C2], ..., 'res5': [N, H/32, W/32, C5]}."""
     x = BasicStem(self.stem_features, norm=self.norm, num_groups=self.num_groups,
                   dtype=self.dtype, name="stem")(x, train)
+    # `train` (argument 2, counting self) is static under remat.
+    block_cls = remat_module(BottleneckBlock, self.remat, static_argnums=(2,))
     features = {}
     bottleneck = self.bottleneck_features
     for stage_index, num_blocks in enumerate(self.block_counts):
       stage_name = f"res{stage_index + 2}"
       for block_index in range(num_blocks):
         stride = 2 if (block_index == 0 and stage_index > 0) else 1
-        x = BottleneckBlock(
+        x = block_cls(
             features=bottleneck * self.out_features_multiplier,
             bottleneck_features=bottleneck, stride=stride,
             stride_in_1x1=self.stride_in_1x1, norm=self.norm, num_groups=self.num_groups,

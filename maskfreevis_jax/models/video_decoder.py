@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from maskfreevis_jax.models.pixel_decoder import C2_XAVIER_FILL, resize_bilinear
 from maskfreevis_jax.models.position_encoding import sine_position_encoding_3d
+from maskfreevis_jax.models.remat import remat_module
 from maskfreevis_jax.models.resnet import Conv2dNorm
 
 Dtype = Any
@@ -181,6 +182,8 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
     num_feature_levels: scales used round robin (3).
     enforce_input_proj: add 1x1 input projections even if channels already equal D.
     dtype: compute dtype.
+    remat: rematerialisation policy of every cross-attention, self-attention and FFN layer
+      ('none', 'full', 'dots'; see `maskfreevis_jax.models.remat`; same results).
   """
   num_classes: int = 40
   hidden_dim: int = 256
@@ -192,6 +195,7 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
   num_feature_levels: int = 3
   enforce_input_proj: bool = False
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, multi_scale_features: Sequence[jax.Array], mask_features: jax.Array,
@@ -248,6 +252,10 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
                          preferred_element_type=jnp.float32)
       return logits, masks
 
+    # Wrapping each layer (not a layer group) keeps the official parameter paths.
+    cross_attention_cls = remat_module(CrossAttentionLayer, self.remat)
+    self_attention_cls = remat_module(SelfAttentionLayer, self.remat)
+    ffn_cls = remat_module(FFNLayer, self.remat)
     all_logits, all_masks = [], []
     logits, masks = predict(output)
     all_logits.append(logits)
@@ -255,13 +263,13 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
     for i in range(self.num_layers):
       level = i % self.num_feature_levels
       blocked = attention_mask_from_predictions(masks, *sizes[level])
-      output = CrossAttentionLayer(d, self.num_heads, dtype=self.dtype,
+      output = cross_attention_cls(d, self.num_heads, dtype=self.dtype,
                                    name=f"transformer_cross_attention_layers_{i}")(
                                        output, sources[level], positions[level], query_pos,
                                        blocked)
-      output = SelfAttentionLayer(d, self.num_heads, dtype=self.dtype,
+      output = self_attention_cls(d, self.num_heads, dtype=self.dtype,
                                   name=f"transformer_self_attention_layers_{i}")(output, query_pos)
-      output = FFNLayer(d, self.ffn_dim, dtype=self.dtype,
+      output = ffn_cls(d, self.ffn_dim, dtype=self.dtype,
                         name=f"transformer_ffn_layers_{i}")(output)
       logits, masks = predict(output)
       all_logits.append(logits)
