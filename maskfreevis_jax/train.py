@@ -189,6 +189,110 @@ def build_train_iterator(config: ml_collections.ConfigDict) -> CheckpointableIte
                                              global_batch_size=int(config.train.batch_size))
 
 
+def abstract_batch(host_batch: Mapping[str, Any],
+                   process_count: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global-batch shapes of one host's batch (leading dim x hosts); host-only keys dropped."""
+  process_count = jax.process_count() if process_count is None else process_count
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
+          for k, v in host_batch.items() if k not in _HOST_ONLY_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Everything one config trains with, built once by `build_trainer`.
+
+  Train, evaluation, tests and bench all use this, so they all run the real step.
+
+  Attributes:
+    model: the Flax module.
+    tx: the optimizer (parameter groups, clipping, schedule).
+    schedule: learning rate per step.
+    mesh: device mesh with ('data', 'model') axes.
+    param_labels: optimizer group label per parameter (same tree as params).
+    abstract_state: `TrainState` of `jax.ShapeDtypeStruct`s.
+    state_shardings: `TrainState` of `NamedSharding`s.
+    init_state: jitted `rng -> TrainState`, fresh and sharded (`initial_train_state` adds
+      `config.init_from`).
+    train_step: jitted `(state, batch) -> (state, metrics)`; the state is donated. A `jax.jit`
+      object, so `.lower(abstract_state, abstract_batch).compile()` gives cost/memory analyses.
+    predict: jitted `(params, model_state, frames, image_valid) -> outputs` in eval mode.
+  """
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  param_labels: Any
+  abstract_state: TrainState
+  state_shardings: TrainState
+  init_state: Callable[[jax.Array], TrainState]
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  predict: Callable[..., dict]
+
+
+def build_trainer(config: ml_collections.ConfigDict,
+                  batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
+                  model: nn.Module | None = None, loss_fn: LossFn | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> Trainer:
+  """Model, optimizer, shardings, state initialiser and step functions of a config.
+
+  Args:
+    config: the full config (`model`, `criterion`, `train`, `sharding`).
+    batch_spec: global batch shapes, e.g. `abstract_batch(next(iterator))`: frames
+      [B, T, H, W, 3] uint8, image_valid [B, H, W], boxes [B, N, T, 4], ...
+    model, loss_fn: override the config-built ones (tests use small stand-ins).
+    mesh: default: all devices, `config.sharding.model_axis_size` wide on 'model'.
+
+  Returns:
+    A `Trainer`. Nothing is compiled yet; `trainer.init_state(jax.random.key(seed))` makes the
+    state.
+  """
+  tcfg = config.train
+  sharding_config = config.get("sharding", {})
+  mesh = mesh or sharding_lib.create_mesh(int(sharding_config.get("model_axis_size", 1)))
+  sharding_lib.check_global_batch_size(int(batch_spec["frames"].shape[0]), mesh)
+  model = model if model is not None else build_model(config)
+  loss_fn = loss_fn if loss_fn is not None else build_loss_fn(config)
+  schedule = optimizer_lib.learning_rate_schedule(tcfg)
+
+  frames_spec, valid_spec = model_inputs(batch_spec)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+  abstract_params = jax.eval_shape(
+      lambda b: init_variables(model, b, jax.random.key(0))["params"], dict(batch_spec))
+  module_types = optimizer_lib.module_types_by_path(model, rngs, frames_spec,
+                                                    image_valid=valid_spec, train=False)
+  labels = optimizer_lib.param_labels(abstract_params, tcfg, module_types)
+  tx = optimizer_lib.create_optimizer(tcfg, labels)
+
+  # Init needs only shapes: zeros of the batch shapes, built inside jit (nothing on host).
+  def init_fn(rng):
+    dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+    return create_train_state(model, tx, dummy, rng)
+
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+  shardings = state_shardings(abstract_state, mesh,
+                              int(sharding_config.get("min_shard_size", 2**18)))
+  predict = jax.jit(lambda params, model_state, frames, image_valid: model.apply(
+      {"params": params, **model_state}, frames, image_valid=image_valid, train=False))
+  return Trainer(
+      model=model, tx=tx, schedule=schedule, mesh=mesh, param_labels=labels,
+      abstract_state=abstract_state, state_shardings=shardings,
+      init_state=jax.jit(init_fn, out_shardings=shardings),
+      train_step=jit_train_step(make_train_step(model, tx, loss_fn, schedule), shardings, mesh),
+      predict=predict)
+
+
+def initial_train_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainState:
+  """A fresh state from `config.train.seed`, with `config.init_from` weights when set."""
+  state = trainer.init_state(jax.random.key(int(config.train.seed)))
+  if config.get("init_from"):
+    params, model_state = load_pretrained(config.init_from, state.params, state.model_state,
+                                          config.get("model"))
+    state = jax.device_put(state.replace(params=params, model_state=model_state,
+                                         opt_state=trainer.tx.init(params)),
+                           trainer.state_shardings)
+  return state
+
+
 def load_pretrained(init_from: str, params: Any, model_state: Any,
                     model_config: ml_collections.ConfigDict | None = None) -> tuple[Any, Any]:
   """`config.init_from`: initialise from an official / detectron2 / exported checkpoint file.
@@ -334,12 +438,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   workdir.mkdir(parents=True, exist_ok=True)
   tcfg = config.train
   total_steps = int(tcfg.steps)
-  mesh = mesh or sharding_lib.create_mesh(int(config.get("sharding", {}).get("model_axis_size", 1)))
-  sharding_lib.check_global_batch_size(int(tcfg.batch_size), mesh)
-  min_shard_size = int(config.get("sharding", {}).get("min_shard_size", 2**18))
 
-  model = model if model is not None else build_model(config)
-  loss_fn = loss_fn if loss_fn is not None else build_loss_fn(config)
   iterator = train_iterator if train_iterator is not None else build_train_iterator(config)
 
   # The first batch gives the shapes for init; it is then used as the first step's batch (only
@@ -349,37 +448,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if local_batch * jax.process_count() != int(tcfg.batch_size):
     raise ValueError(f"the data pipeline yields {local_batch} clips per host but "
                      f"config.train.batch_size={tcfg.batch_size} over {jax.process_count()} hosts")
-  global_abstract_batch = {
-      k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
-      for k, v in first_batch.items()}
 
-  schedule = optimizer_lib.learning_rate_schedule(tcfg)
-  abstract_params = jax.eval_shape(
-      lambda b: init_variables(model, b, jax.random.key(0))["params"], global_abstract_batch)
-  module_types = optimizer_lib.module_types_by_path(
-      model, {"params": jax.random.key(0), "dropout": jax.random.key(0)},
-      *model_inputs(global_abstract_batch)[:1], image_valid=model_inputs(global_abstract_batch)[1],
-      train=False)
-  labels = optimizer_lib.param_labels(abstract_params, tcfg, module_types)
-  tx = optimizer_lib.create_optimizer(tcfg, labels)
+  trainer = build_trainer(config, abstract_batch(first_batch), model=model, loss_fn=loss_fn,
+                          mesh=mesh)
+  shardings, mesh = trainer.state_shardings, trainer.mesh
   if jax.process_index() == 0:
-    counts = optimizer_lib.label_counts(labels, abstract_params)
-    logging.info("parameter groups (scalars): %s", counts)
-
-  # Init needs only shapes: zeros of the global batch shapes, built inside jit (nothing on host).
-  def init_fn(rng):
-    dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in global_abstract_batch.items()}
-    return create_train_state(model, tx, dummy, rng)
-
-  abstract_state = jax.eval_shape(init_fn, jax.random.key(int(tcfg.seed)))
-  shardings = state_shardings(abstract_state, mesh, min_shard_size)
+    logging.info("parameter groups (scalars): %s",
+                 optimizer_lib.label_counts(trainer.param_labels, trainer.abstract_state.params))
 
   checkpointer = checkpointing.Checkpointer(
       workdir / "checkpoints", keep=int(tcfg.keep), save_every=int(tcfg.checkpoint_every),
       fingerprint=config_fingerprint(config), async_save=bool(tcfg.get("async_checkpoint", True)))
   try:
     restored = checkpointer.restore(jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings))
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_state,
+        shardings))
   except Exception:
     checkpointer.close()
     raise
@@ -393,18 +476,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if jax.process_index() == 0:
       print(f"Resuming from step {start_step} (checkpoint in {checkpointer.directory})", flush=True)
   else:
-    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(int(tcfg.seed)))
-    if config.get("init_from"):
-      params, model_state = load_pretrained(config.init_from, state.params, state.model_state,
-                                            config.get("model"))
-      state = jax.device_put(state.replace(params=params, model_state=model_state,
-                                           opt_state=tx.init(params)), shardings)
+    state = initial_train_state(trainer, config)
     start_step = 0
     pending_batch = first_batch
 
-  step_fn = jit_train_step(make_train_step(model, tx, loss_fn, schedule), shardings, mesh)
-  predict_fn = jax.jit(lambda params, model_state, frames, image_valid: model.apply(
-      {"params": params, **model_state}, frames, image_valid=image_valid, train=False))
+  step_fn, predict_fn = trainer.train_step, trainer.predict
 
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
@@ -530,7 +606,15 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.split = "valid"
   c.top_k = 10
-  c.window_size = 0  # 0: whole video at once (official); N: windows of N frames.
+  # Long videos (docs/evaluation.md): 0 runs the whole video as one clip (official); N runs a video
+  # longer than N frames in windows of N frames sharing window_overlap frames, whose queries are
+  # matched to the previous window's tracks when associate is True (Hungarian on cost weights x
+  # (query-embedding cosine distance, 1 - mask Dice on the shared frames)).
+  c.window_size = 0
+  c.window_overlap = 4
+  c.associate = True
+  c.association_embed_weight = 1.0
+  c.association_mask_weight = 1.0
   c.max_videos = 0  # 0: all.
   c.gt_json = ""  # default: the dataset's own annotation file.
   return c

@@ -69,22 +69,14 @@ def box_recipe_mask_saturation(config, steps: int) -> tuple[float, list[float], 
   """Trains `steps` steps of the config's recipe (model, criterion, optimizer, project train step)
   on fresh clips; returns the fraction of saturated (|logit| > 6) final-layer mask logits of the
   last batch, the projection losses and the total losses."""
-  from maskfreevis_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   iterator = input_pipeline.create_train_iterator(config, seed=0, global_batch_size=2)
-  batch = {k: v for k, v in next(iterator).items()}
-  model = train_lib.build_model(config)
-  loss_fn = train_lib.build_loss_fn(config)
-  schedule = optimizer_lib.learning_rate_schedule(config.train)
-  init_rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
-  abstract = jax.eval_shape(lambda: model.init(init_rngs, batch["frames"],
-                                               image_valid=batch["image_valid"]))["params"]
-  module_types = optimizer_lib.module_types_by_path(model, init_rngs, batch["frames"],
-                                                    image_valid=batch["image_valid"])
-  tx = optimizer_lib.create_optimizer(
-      config.train, optimizer_lib.param_labels(abstract, config.train, module_types))
-  state = train_lib.create_train_state(model, tx, batch, jax.random.key(int(config.train.seed)))
-  step_fn = jax.jit(train_lib.make_train_step(model, tx, loss_fn, schedule))
+  batch = dict(next(iterator))
+  trainer = train_lib.build_trainer(config, train_lib.abstract_batch(batch),
+                                    mesh=sharding_lib.create_mesh(1, jax.devices()[:1]))
+  state, step_fn = train_lib.initial_train_state(trainer, config), trainer.train_step
+  model = trainer.model
   projections, totals = [], []
   for _ in range(steps):
     state, metrics = step_fn(state, batch)

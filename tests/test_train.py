@@ -7,8 +7,6 @@ frames / image_valid / boxes / box_valid / labels / instance_valid and has get_s
 """
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -133,22 +131,12 @@ def make_config(**train_overrides) -> ml_collections.ConfigDict:
 
 
 def _setup(mesh, config, min_shard_size=2**18):
-  model = StandInModel()
-  batch = StandInIterator(config.train.batch_size)
-  first = next(batch)
-  labels = optimizer_lib.param_labels(
-      jax.eval_shape(lambda: train_lib.init_variables(model, first, jax.random.key(0)))["params"],
-      config.train,
-      optimizer_lib.module_types_by_path(model, {"params": jax.random.key(0)}, first["frames"]))
-  tx = optimizer_lib.create_optimizer(config.train, labels)
-  schedule = optimizer_lib.learning_rate_schedule(config.train)
-  init_fn = functools.partial(train_lib.create_train_state, model, tx, first)
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  shardings = train_lib.state_shardings(abstract, mesh, min_shard_size)
-  state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
-  step = train_lib.jit_train_step(train_lib.make_train_step(model, tx, stand_in_loss, schedule),
-                                  shardings, mesh)
-  return state, step, labels
+  """The real trainer (`train.build_trainer`) around the stand-in model and loss."""
+  config.sharding.min_shard_size = min_shard_size
+  spec = train_lib.abstract_batch(next(StandInIterator(config.train.batch_size)))
+  trainer = train_lib.build_trainer(config, spec, model=StandInModel(), loss_fn=stand_in_loss,
+                                    mesh=mesh)
+  return train_lib.initial_train_state(trainer, config), trainer.train_step, trainer.param_labels
 
 
 def test_sharding_equivalence_one_vs_eight_devices():
