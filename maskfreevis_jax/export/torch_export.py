@@ -136,7 +136,8 @@ def export_state_dict(variables: Mapping[str, Any], model_config: Any = None, *,
   for entry in entries:
     if entry.collection is None:
       state_dict[entry.official_key] = official_names.constant_value(
-          entry.official_key, num_classes, eos_coef=eos_coef, iteration=iteration)
+          entry.official_key, num_classes, eos_coef=eos_coef, iteration=iteration,
+          shape=entry.official_shape)
       continue
     value = _get(variables, entry.collection, entry.flax_path)
     if _is_abstract(value):

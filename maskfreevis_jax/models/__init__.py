@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from maskfreevis_jax.models.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
-from maskfreevis_jax.models.presets import PRESETS, get_model_config, r50, r101, tiny, tiny_fpn
+from maskfreevis_jax.models.presets import (PRESETS, get_model_config, r50, r101, swinb, swinl,
+                                            swint, tiny, tiny_fpn, tiny_swin)
 from maskfreevis_jax.models.remat import REMAT_POLICIES, check_policy
 from maskfreevis_jax.models.resnet import ResNet
+from maskfreevis_jax.models.swin import SwinTransformer
 from maskfreevis_jax.models.video_decoder import VideoMultiScaleMaskedTransformerDecoder
 from maskfreevis_jax.models.video_maskformer import NON_TRAINABLE_COLLECTIONS, VideoMaskFormer
 
@@ -39,13 +41,20 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
     raise ValueError(f"model config dtype {dtype_name!r} not in {sorted(_DTYPES)}")
   dtype = _DTYPES[dtype_name]
   bb = _field(model_config, "backbone")
-  if bb.name != "resnet":
-    raise ValueError(f"model config backbone.name {bb.name!r} unsupported (only 'resnet')")
-  backbone = ResNet(block_counts=tuple(bb.block_counts), stem_features=bb.stem_features,
-                    bottleneck_features=bb.bottleneck_features,
-                    stride_in_1x1=bb.stride_in_1x1, norm=bb.norm,
-                    num_groups=bb.get("num_groups", 32), dtype=dtype,
-                    remat=_remat_policy(bb, "backbone"))
+  if bb.name == "resnet":
+    backbone = ResNet(block_counts=tuple(bb.block_counts), stem_features=bb.stem_features,
+                      bottleneck_features=bb.bottleneck_features,
+                      stride_in_1x1=bb.stride_in_1x1, norm=bb.norm,
+                      num_groups=bb.get("num_groups", 32), dtype=dtype,
+                      remat=_remat_policy(bb, "backbone"))
+  elif bb.name == "swin":
+    backbone = SwinTransformer(
+        embed_dim=bb.embed_dim, depths=tuple(bb.depths), num_heads=tuple(bb.num_heads),
+        window_size=bb.window_size, patch_size=bb.patch_size, mlp_ratio=bb.mlp_ratio,
+        qkv_bias=bb.qkv_bias, drop_path_rate=bb.drop_path_rate, patch_norm=bb.patch_norm,
+        dtype=dtype, remat=_remat_policy(bb, "backbone"))
+  else:
+    raise ValueError(f"model config backbone.name {bb.name!r} not in 'resnet', 'swin'")
   pd = _field(model_config, "pixel_decoder")
   if pd.name == "msdeformattn":
     pixel_decoder = MSDeformAttnPixelDecoder(
@@ -73,4 +82,5 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
 
 
 __all__ = ["build_model", "get_model_config", "PRESETS", "REMAT_POLICIES", "r50", "r101", "tiny", "tiny_fpn",
-           "VideoMaskFormer", "NON_TRAINABLE_COLLECTIONS"]
+           "swint", "swinb", "swinl", "tiny_swin", "SwinTransformer", "VideoMaskFormer",
+           "NON_TRAINABLE_COLLECTIONS"]
