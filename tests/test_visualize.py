@@ -20,7 +20,7 @@ def test_overlay_tints_masked_pixels_only():
   frames, masks = _scene()
   colors = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
   out = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.8], ['cat', 'dog'], alpha=0.5,
-                                 colors=colors, draw_text=False)
+                                 colors=colors, draw_text=False, min_size=0)
   assert out.shape == frames.shape and out.dtype == np.uint8
   inside = masks[0]
   # Under track 0: red up, blue down, relative to the input.
@@ -35,21 +35,79 @@ def test_overlay_tints_masked_pixels_only():
 
 def test_overlay_writes_labels_and_respects_threshold():
   frames, masks = _scene()
-  with_text = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.2], ['cat', 'dog'])
+  with_text = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.2], ['cat', 'dog'],
+                                       min_size=0)
   no_text = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.2], ['cat', 'dog'],
-                                     draw_text=False)
+                                     draw_text=False, min_size=0)
   assert (with_text != no_text).any()  # text drawn
   thresholded = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.2], ['cat', 'dog'],
-                                         score_threshold=0.5, draw_text=False)
+                                         score_threshold=0.5, draw_text=False, min_size=0)
   np.testing.assert_array_equal(thresholded[:, 2:14, 40:60], frames[:, 2:14, 40:60])
   assert (thresholded[masks[0]] != frames[masks[0]]).any()
+
+
+def test_small_frames_are_upscaled_with_exact_masks():
+  frames, masks = _scene(height=48, width=64)
+  colors = np.array([[255, 0, 0], [0, 0, 255]], np.uint8)
+  out = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.8], colors=colors,
+                                 draw_text=False, min_size=128)
+  factor = visualize.upscale_factor(48, 64, 128)
+  assert factor == 3 and out.shape == (4, 144, 192, 3)
+  big = np.repeat(np.repeat(masks[0], 3, axis=-2), 3, axis=-1)
+  # Red tint exactly on the repeated mask of track 0, nowhere else in frame 1 (track 1 absent).
+  red = out[1][..., 0].astype(int) - out[1][..., 2].astype(int) > 60
+  np.testing.assert_array_equal(red, big[1])
+
+
+def test_labels_of_stacked_objects_do_not_overlap():
+  """Four objects with the same top-left corner on a 128x128 frame: each label shows (its
+  exact track colour fills a rectangle), no two labels overlap, and all labels together cover
+  a small part of the frame."""
+  rng = np.random.default_rng(1)
+  frames = rng.integers(90, 110, size=(1, 128, 128, 3)).astype(np.uint8)
+  masks = np.zeros((4, 1, 128, 128), bool)
+  for k in range(4):
+    masks[k, 0, 64:100 + 4 * k, 40:70 + 10 * k] = True
+  colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
+  names = ['ellipse', 'ring', 'star', 'crescent']
+  out = visualize.overlay_frames(frames, masks, [0, 1, 2, 3], [0.9, 0.8, 0.7, 0.6], names,
+                                 colors=colors, alpha=0.3)
+  no_text = visualize.overlay_frames(frames, masks, [0, 1, 2, 3], [0.9, 0.8, 0.7, 0.6], names,
+                                     colors=colors, alpha=0.3, draw_text=False)
+  assert out.shape == (1, 384, 384, 3)
+  rects = []
+  for color in colors:
+    ys, xs = np.nonzero(np.all(out[0] == color, axis=-1) & np.all(no_text[0] != color, axis=-1))
+    assert ys.size > 0, color
+    rects.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+  for i in range(4):
+    for j in range(i + 1, 4):
+      assert not visualize._intersects(rects[i], rects[j]), (rects[i], rects[j])
+  changed = np.any(out[0] != no_text[0], axis=-1).mean()
+  assert changed < 0.1, changed
+
+
+@pytest.mark.parametrize(
+    "taken, expected",
+    [((), (10, 30, 50, 40)),                      # free: just above the object
+     (((0, 30, 60, 40),), (10, 40, 50, 50)),      # above taken: inside the top edge
+     (((0, 30, 60, 50),), (10, 80, 50, 90))],     # both taken: below the object
+    ids=["above", "inside_top", "below"])
+def test_place_label_prefers_spots_near_the_object(taken, expected):
+  assert visualize.place_label((10, 40, 30, 80), (40, 10), (100, 100), taken) == expected
+
+
+def test_place_label_gives_up_when_the_frame_is_full():
+  assert visualize.place_label((0, 0, 5, 5), (40, 10), (20, 100), [(0, 0, 100, 20)]) is None
 
 
 def test_gif_is_readable_with_frames_and_tint(tmp_path):
   frames, masks = _scene(num_frames=5)
   colors = np.array([[255, 0, 0], [0, 255, 0]], np.uint8)
   out = visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.8], ['cat', 'dog'],
-                                 colors=colors, alpha=0.6)
+                                 colors=colors, alpha=0.6, min_size=0)
+  text = np.any(out != visualize.overlay_frames(frames, masks, [0, 1], [0.9, 0.8], colors=colors,
+                                                alpha=0.6, min_size=0, draw_text=False), axis=-1)
   path = visualize.save_animation(tmp_path / 'overlay.gif', out, fps=5)
   read = iio.imread(path, index=None)
   assert read.shape[:3] == (5, 48, 64)
@@ -58,7 +116,7 @@ def test_gif_is_readable_with_frames_and_tint(tmp_path):
     interior = masks[0, t].copy()
     interior[:, :] &= np.roll(masks[0, t], 2, 0) & np.roll(masks[0, t], -2, 0)
     interior &= np.roll(masks[0, t], 2, 1) & np.roll(masks[0, t], -2, 1)
-    interior[20:32] = False  # keep away from the label text
+    interior &= ~text[t]  # keep away from the label text
     red = read[t][interior]
     assert red[:, 0].mean() > 170 and red[:, 1].mean() < 80, t
     background = read[t][~(masks[0, t] | masks[1, t])]

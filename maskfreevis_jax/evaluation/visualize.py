@@ -3,6 +3,11 @@
   overlay = overlay_frames(frames, prediction.masks, prediction.labels, prediction.scores,
                            class_names, score_threshold=0.3)
   save_animation('video.gif', overlay, fps=6)   # GIF always; '.mp4' needs imageio-ffmpeg or av
+
+Frames whose shorter side is below `min_size` (384) are upscaled by an integer factor before
+drawing, so a 128x128 synthetic video becomes 384x384 with small labels; labels sit just above
+their object and never overlap each other (`place_label`). Works on one frame at a time too
+(T = 1), e.g. for streaming output.
 """
 from __future__ import annotations
 
@@ -29,11 +34,73 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
   return mask & ~interior
 
 
+def upscale_factor(height: int, width: int, min_size: int) -> int:
+  """Integer factor that brings the shorter side of a frame to at least `min_size` (>= 1)."""
+  shorter = min(int(height), int(width))
+  if min_size <= 0 or shorter >= min_size:
+    return 1
+  return -(-int(min_size) // shorter)
+
+
+def _upscale(frames: np.ndarray, masks: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+  """Frames bilinearly and masks by pixel repetition, both `factor` times larger."""
+  if factor == 1:
+    return frames, masks
+  height, width = frames.shape[1] * factor, frames.shape[2] * factor
+  frames = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR))
+                     for f in frames])
+  masks = np.repeat(np.repeat(masks, factor, axis=-2), factor, axis=-1)
+  return frames, masks
+
+
+def _font(size: int):
+  try:
+    return ImageFont.load_default(size=size)
+  except TypeError:  # Pillow without FreeType: the fixed bitmap font
+    return ImageFont.load_default()
+
+
+def _intersects(a: Sequence[int], b: Sequence[int]) -> bool:
+  return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_label(anchor_box: Sequence[int], size: Sequence[int], frame_size: Sequence[int],
+                taken: Sequence[Sequence[int]]) -> Optional[tuple[int, int, int, int]]:
+  """Where to put a label of `size` (w, h) for an object with box `anchor_box` (x0, y0, x1, y1).
+
+  Tries just above the object, inside its top edge, just below it, then slides down the
+  frame; the first spot inside the frame that overlaps no `taken` rectangle wins.
+
+  Returns:
+    The label rectangle (x0, y0, x1, y1), or None when no free spot exists.
+  """
+  frame_h, frame_w = (int(v) for v in frame_size)
+  w, h = (int(v) for v in size)
+  if w > frame_w or h > frame_h:
+    return None
+  x = min(max(int(anchor_box[0]), 0), frame_w - w)
+  preferred = [(x, int(anchor_box[1]) - h), (x, int(anchor_box[1])), (x, int(anchor_box[3]))]
+  scan = [(xx, yy) for yy in range(0, frame_h - h + 1, max(h // 2, 1))
+          for xx in range(0, frame_w - w + 1, max(w // 2, 1))]
+  for xx, yy in preferred + scan:
+    rect = (xx, yy, xx + w, yy + h)
+    if 0 <= yy <= frame_h - h and not any(_intersects(rect, t) for t in taken):
+      return rect
+  return None
+
+
 def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
                    scores: Sequence[float], class_names: Optional[Sequence[str]] = None, *,
                    alpha: float = 0.5, score_threshold: float = 0.0,
-                   colors: Optional[np.ndarray] = None, draw_text: bool = True) -> np.ndarray:
-  """Tints each predicted track on the frames and writes its class name and score.
+                   colors: Optional[np.ndarray] = None, draw_text: bool = True,
+                   min_size: int = 384, show_scores: bool = True,
+                   title: Optional[str] = None) -> np.ndarray:
+  """Tints each track on the frames, outlines it and writes its class name (and score).
+
+  Small frames are first upscaled by an integer factor so that the shorter side is at least
+  `min_size` (masks by pixel repetition, so their shape is exact); labels are small, sit just
+  above their object where there is room, and never overlap each other or the title (a label
+  with no free spot is left out of that frame).
 
   Args:
     frames: uint8 [T, H, W, 3] RGB frames.
@@ -44,10 +111,14 @@ def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
     alpha: tint strength in [0, 1].
     score_threshold: tracks scoring below it are not drawn.
     colors: optional uint8 [K, 3] colours (default `track_colors(K)`).
-    draw_text: write "name score" at the top-left of each mask.
+    draw_text: write the labels (and title).
+    min_size: upscale frames whose shorter side is below this (0: never).
+    show_scores: append the score to the class name.
+    title: optional caption at the frame's bottom-left corner.
 
   Returns:
-    uint8 [T, H, W, 3] annotated frames (the input is not modified).
+    uint8 [T, f * H, f * W, 3] annotated frames, f = `upscale_factor(H, W, min_size)` (the
+    input is not modified).
   """
   frames = np.asarray(frames)
   masks = np.asarray(masks, bool)
@@ -64,6 +135,7 @@ def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
   if not 0. <= alpha <= 1.:
     raise ValueError(f'alpha must be in [0, 1], got {alpha}')
   colors = track_colors(num_tracks) if colors is None else np.asarray(colors, np.uint8)
+  frames, masks = _upscale(frames, masks, upscale_factor(*frames.shape[1:3], min_size))
   out = frames.astype(np.float32)
   # Low scores first so that confident tracks are drawn on top.
   order = [k for k in np.argsort(scores, kind='stable') if scores[k] >= score_threshold]
@@ -76,25 +148,40 @@ def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
       out[t][m] = (1 - alpha) * out[t][m] + alpha * color
       out[t][_boundary(m)] = color
   out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-  if not draw_text or not order:
+  if not draw_text or (not order and not title):
     return out
-  font = ImageFont.load_default()
+  frame_h, frame_w = out.shape[1:3]
+  font = _font(max(10, min(frame_h, frame_w) // 28))
   for t in range(frames.shape[0]):
     image = Image.fromarray(out[t])
     draw = ImageDraw.Draw(image)
-    for k in order:
+    taken = []
+    if title:
+      left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
+      rect = (0, frame_h - (bottom - top) - 4, right - left + 4, frame_h)
+      draw.rectangle(rect, fill=(0, 0, 0))
+      draw.text((rect[0] + 2 - left, rect[1] + 2 - top), title, fill=(255, 255, 255), font=font)
+      taken.append(rect)
+    # Confident tracks get the best spots.
+    for k in order[::-1]:
       ys, xs = np.nonzero(masks[k, t])
       if ys.size == 0:
         continue
       label = int(labels[k])
       name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else (
           str(label))
-      text = f'{name} {scores[k]:.2f}'
-      x0, y0 = int(xs.min()), int(ys.min())
-      left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
-      draw.rectangle((left - 1, top - 1, right + 1, bottom + 1),
-                     fill=tuple(int(c) for c in colors[k]))
-      draw.text((x0, y0), text, fill=(0, 0, 0), font=font)
+      text = f'{name} {scores[k]:.2f}' if show_scores else name
+      left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+      rect = place_label((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1),
+                         (right - left + 4, bottom - top + 4), (frame_h, frame_w), taken)
+      if rect is None:
+        continue
+      taken.append(rect)
+      color = tuple(int(c) for c in colors[k])
+      draw.rectangle(rect, fill=color)
+      luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+      draw.text((rect[0] + 2 - left, rect[1] + 2 - top), text,
+                fill=(0, 0, 0) if luminance > 128 else (255, 255, 255), font=font)
     out[t] = np.asarray(image)
   return out
 
