@@ -104,8 +104,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     raise ValueError(f"the evaluation dataset {gt_path} has {len(category_ids)} categories but "
                      f"config.model.num_classes is {num_classes}")
 
-  predictor = evaluation.VideoPredictor(
-      model.apply, window_size=ecfg.get("window_size") or None, top_k=int(ecfg.top_k))
+  predictor = evaluation.VideoPredictor.from_config(model.apply, ecfg)
   max_videos = int(ecfg.get("max_videos", 0))
   videos = dataset if not max_videos else (v for i, v in zip(range(max_videos), dataset))
   start = time.perf_counter()

@@ -21,12 +21,13 @@ Everything is a pure function of the seed (one numpy Generator per video).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -348,6 +349,208 @@ def ensure_dataset(out_dir: str, seed: int = 0, num_train_videos: int = 300,
     if not is_complete(out_dir, **params):
       raise
   return out_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class LongVideoObject:
+  """One ground-truth instance of a long synthetic video (a visit or a resident)."""
+  label: int
+  start: int  # first frame the instance may be visible (inclusive)
+  end: int  # last frame + 1
+  params: dict
+
+
+class LongVideo:
+  """A long synthetic video rendered frame by frame (bounded memory at any length).
+
+  Two "resident" objects stay for the whole video on Lissajous paths around the centre, so they
+  cross and occlude each other again and again; "visitors" enter through a border, cross the
+  frame through its central region (occluding or occluded by the residents: random depth) and
+  leave through another border, one every ~`visit_every` frames. The ground truth is the visible
+  mask after occlusion; every instance is one track.
+
+  Example:
+    video = synthetic.LongVideo(1000, seed=0)
+    for t, (frame, visible) in enumerate(video.frames()):  # [H, W, 3], bool [K, H, W]
+      ...
+  """
+
+  def __init__(self, length: int, *, seed: int = 0, frame_size: Sequence[int] = (128, 128),
+               num_residents: int = 2, visit_every: int = 40,
+               visit_frames: Sequence[int] = (40, 120), renderer: Optional[_Renderer] = None):
+    """Draws the scenario.
+
+    Args:
+      length: number of frames (>= 1; hundreds to thousands are fine).
+      seed: the video is a pure function of all arguments.
+      frame_size: (height, width).
+      num_residents: objects present in every frame.
+      visit_every: mean gap in frames between two visitors entering.
+      visit_frames: inclusive (min, max) frames a visitor takes to cross the frame.
+      renderer: reuse the photographs of another video of this size.
+    """
+    if length < 1:
+      raise ValueError(f"length must be >= 1, got {length}")
+    if visit_every < 1 or not 1 <= visit_frames[0] <= visit_frames[1]:
+      raise ValueError(f"visit_every must be >= 1 and visit_frames (min, max) with 1 <= min <= "
+                       f"max, got {visit_every} and {visit_frames}")
+    height, width = int(frame_size[0]), int(frame_size[1])
+    self.length, self.height, self.width = int(length), height, width
+    self.renderer = renderer or _Renderer(height, width)
+    if (self.renderer.height, self.renderer.width) != (height, width):
+      raise ValueError(f"renderer is for {self.renderer.height}x{self.renderer.width} frames, "
+                       f"not {height}x{width}")
+    rng = np.random.default_rng([seed, 2])
+    size = min(height, width)
+    self.background = int(rng.integers(len(self.renderer.backgrounds)))
+    bg = self.renderer.backgrounds[self.background]
+    self.spare = np.array([bg.shape[0] - height, bg.shape[1] - width], np.float64)
+    self.pan_phase = rng.uniform(0, 2 * np.pi, size=2)
+    self.pan_period = rng.uniform(200, 400, size=2)
+    objects = []
+    for _ in range(num_residents):
+      objects.append(LongVideoObject(
+          label=int(rng.integers(len(SHAPE_CLASSES))), start=0, end=self.length,
+          params=self._appearance(rng, size) | dict(
+              kind="resident", amplitude=rng.uniform(0.2, 0.32, size=2) * (height, width),
+              period=rng.uniform(60, 140, size=2), phase=rng.uniform(0, 2 * np.pi, size=2))))
+    t = int(rng.integers(0, visit_every))
+    while t < self.length:
+      duration = int(rng.integers(visit_frames[0], visit_frames[1] + 1))
+      side = int(rng.integers(4))
+      radius = rng.uniform(0.12, 0.22) * size
+      outside = 1.3 * radius
+      # Enter on `side`, leave on the opposite one, passing the central region.
+      a, b = rng.uniform(0.2, 0.8, size=2)
+      points = [(-outside, a * width), (height + outside, b * width),
+                (a * height, -outside), (b * height, width + outside)]
+      enter, leave = points[side], points[side ^ 1]
+      objects.append(LongVideoObject(
+          label=int(rng.integers(len(SHAPE_CLASSES))), start=t, end=min(t + duration,
+                                                                        self.length),
+          params=self._appearance(rng, size, radius) | dict(
+              kind="visitor", enter=np.array(enter), leave=np.array(leave),
+              duration=duration)))
+      t += int(rng.integers(visit_every // 2, 3 * visit_every // 2 + 1))
+    self.objects = objects
+    # Random depth order (later = on top), residents included.
+    self.depth = rng.permutation(len(objects))
+
+  def _appearance(self, rng, size, radius=None) -> dict:
+    fill_texture = rng.uniform() < 0.5
+    return dict(radius=radius if radius is not None else rng.uniform(0.14, 0.24) * size,
+                angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-0.05, 0.05),
+                aspect=rng.uniform(0.45, 0.85),
+                color=rng.integers(0, 256, size=3).astype(np.uint8),
+                texture=(_other_index(rng, len(self.renderer.textures), self.background)
+                         if fill_texture else -1),
+                tex_offset=rng.integers(0, 10_000, size=2))
+
+  @property
+  def labels(self) -> list[int]:
+    """Contiguous class index of every instance."""
+    return [o.label for o in self.objects]
+
+  def _centre(self, obj: LongVideoObject, t: int) -> np.ndarray:
+    p = obj.params
+    if p["kind"] == "resident":
+      centre = np.array([self.height / 2, self.width / 2])
+      return centre + p["amplitude"] * np.sin(2 * np.pi * t / p["period"] + p["phase"])
+    fraction = (t - obj.start) / max(p["duration"] - 1, 1)
+    return p["enter"] + (p["leave"] - p["enter"]) * fraction
+
+  def frames(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (frame uint8 [H, W, 3], visible bool [K, H, W]) for t = 0 .. length - 1."""
+    renderer = self.renderer
+    bg = renderer.backgrounds[self.background]
+    for t in range(self.length):
+      offset = np.rint(self.spare * (0.5 + 0.5 * np.sin(
+          2 * np.pi * t / self.pan_period + self.pan_phase))).astype(int)
+      frame = bg[offset[0]:offset[0] + self.height, offset[1]:offset[1] + self.width].copy()
+      visible = np.zeros((len(self.objects), self.height, self.width), bool)
+      for k in self.depth:  # back to front: each drawn object hides what is below
+        obj = self.objects[k]
+        if not obj.start <= t < obj.end:
+          continue
+        p = obj.params
+        cy, cx = self._centre(obj, t)
+        angle = p["angle"] + p["spin"] * t
+        dy, dx = renderer.grid_y - cy, renderer.grid_x - cx
+        cos, sin = np.cos(angle), np.sin(angle)
+        u = (cos * dx + sin * dy) / p["radius"]
+        v = (-sin * dx + cos * dy) / p["radius"]
+        mask = _shape_mask(SHAPE_CLASSES[obj.label], u, v, p["aspect"])
+        if not mask.any():
+          continue
+        if p["texture"] >= 0:
+          tex = renderer.textures[p["texture"]]
+          ty = (np.rint(v * p["radius"]).astype(int) + p["tex_offset"][0]) % tex.shape[0]
+          tx = (np.rint(u * p["radius"]).astype(int) + p["tex_offset"][1]) % tex.shape[1]
+          frame[mask] = tex[ty[mask], tx[mask]]
+        else:
+          shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
+          frame[mask] = (p["color"][None].astype(np.float32) * shade[:, None]).astype(np.uint8)
+        visible[:, mask] = False
+        visible[k] = mask
+      yield frame, visible
+
+
+def write_long_video(out_dir: str, length: int, *, seed: int = 0,
+                     frame_size: Sequence[int] = (128, 128), jpeg_quality: int = 90,
+                     min_visible_pixels: int = 4, **kwargs) -> dict[str, Any]:
+  """Writes one `LongVideo` as a YouTube-VIS dataset, frame by frame (bounded memory).
+
+  Layout: ``out_dir/valid.json`` (one video, id 1, with RLE ground truth) and
+  ``out_dir/valid/JPEGImages/long_<length>/<frame>.jpg``.
+
+  Args:
+    out_dir: destination (created).
+    length: frames.
+    seed: scenario seed.
+    frame_size: (height, width).
+    jpeg_quality: JPEG quality.
+    min_visible_pixels: a frame where an instance shows fewer pixels counts as absent.
+    **kwargs: more `LongVideo` arguments.
+
+  Returns:
+    {'json': path, 'frames_dir': path, 'instances': int}.
+  """
+  video = LongVideo(length, seed=seed, frame_size=frame_size, **kwargs)
+  name = f"long_{length:05d}"
+  frames_dir = os.path.join(out_dir, "valid", "JPEGImages", name)
+  os.makedirs(frames_dir, exist_ok=True)
+  segmentations = [[] for _ in video.objects]
+  bboxes = [[] for _ in video.objects]
+  areas = [[] for _ in video.objects]
+  file_names = []
+  for t, (frame, visible) in enumerate(video.frames()):
+    Image.fromarray(frame).save(os.path.join(frames_dir, f"{t:05d}.jpg"), quality=jpeg_quality)
+    file_names.append(f"{name}/{t:05d}.jpg")
+    for k, mask in enumerate(visible):
+      present = mask.sum() >= min_visible_pixels
+      segmentations[k].append(ytvis_json.encode_mask(mask) if present else None)
+      bboxes[k].append(_box_from_mask(mask) if present else None)
+      areas[k].append(int(mask.sum()) if present else None)
+  annotations = []
+  for k, label in enumerate(video.labels):
+    if all(s is None for s in segmentations[k]):
+      continue
+    annotations.append({
+        "id": len(annotations) + 1, "video_id": 1, "category_id": label + 1, "iscrowd": 0,
+        "segmentations": segmentations[k], "bboxes": bboxes[k], "areas": areas[k],
+        "height": video.height, "width": video.width})
+  data = {"info": {"description": f"maskfreevis_jax long synthetic video, {length} frames, "
+                                   f"seed {seed}"},
+          "licenses": [],
+          "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
+                         for i, n in enumerate(SHAPE_CLASSES)],
+          "videos": [{"id": 1, "width": video.width, "height": video.height, "length": length,
+                      "file_names": file_names}],
+          "annotations": annotations}
+  json_path = os.path.join(out_dir, "valid.json")
+  with open(json_path, "w") as f:
+    json.dump(data, f)
+  return {"json": json_path, "frames_dir": frames_dir, "instances": len(annotations)}
 
 
 def default_cache_dir() -> str:

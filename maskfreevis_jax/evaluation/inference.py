@@ -14,18 +14,25 @@ and resize weights from `jax.image.resize` without antialiasing, which equals Py
 `align_corners=False`).
 
 Long videos: the official model runs the whole video as one clip. `VideoPredictor` does the same
-when `window_size` is None or >= the video length. Otherwise it runs the model on consecutive
-windows of `window_size` frames (the last window is shifted back to end at the last frame, so every
-window has the same static shape and no frame is padded), concatenates the mask logits of the same
-query index along time, and averages the per-window class probabilities weighted by the number of
-new frames each window contributes. Device memory then stays bounded by the window size.
-Limitation: queries are not matched across windows; the model has no explicit query-to-object
-binding, so query q may follow different objects in different windows (an identity switch within
-one predicted track), which lowers AP on long videos compared with whole-video inference. Use
-windows only when the whole video does not fit in memory.
+when `window_size` is None or >= the video length. Otherwise it runs the model on windows of
+`window_size` frames that overlap by `window_overlap` frames (the last window is shifted back to end
+at the last frame, so every window has the same static shape and no frame is padded). With
+`associate=True` the queries of each window are matched to the tracks of the previous window by
+Hungarian matching (`optax.assignment.hungarian_algorithm`) on a cost of query-embedding cosine
+distance plus mask disagreement (1 - soft Dice) on the shared frames (`associate_queries`), so a
+track keeps its object across windows. Per track, the mask logits of the new frames of each window
+are concatenated along time and the class probabilities are averaged over windows, weighted by the
+number of new frames each window adds. Device memory stays bounded by the window size. Without
+association (`associate=False`, the behaviour before) query q of every window feeds track q, and
+since nothing binds a query to one object, tracks switch identity at window boundaries.
+
+`StreamingVideoPredictor` does the same on frames that arrive one at a time (a long video file):
+it keeps the frames of one window and the previous window's outputs, and hands the masks of every
+new frame, at the original size, to a callback (for the results' RLEs and the overlay).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -33,6 +40,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from pycocotools import mask as mask_utils
 
 ApplyFn = Callable[..., Mapping[str, jax.Array]]
@@ -175,18 +183,181 @@ def valid_size(image_valid: np.ndarray) -> tuple[int, int]:
   return int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
-def window_starts(num_frames: int, window_size: Optional[int]) -> list[int]:
-  """Start frames of the windows covering a video (the last one ends at the last frame)."""
+def window_starts(num_frames: int, window_size: Optional[int], overlap: int = 0) -> list[int]:
+  """Start frames of the windows covering a video.
+
+  Consecutive windows share `overlap` frames; the last window is shifted back to end at the last
+  frame (it may then share more).
+
+  Args:
+    num_frames: video length T.
+    window_size: frames per window; None or >= T: one window [0].
+    overlap: frames shared by consecutive windows, in [0, window_size).
+
+  Returns:
+    The sorted window starts.
+  """
   if num_frames <= 0:
     raise ValueError(f'a video needs at least one frame, got {num_frames}')
   if window_size is None or window_size >= num_frames:
     return [0]
-  if window_size <= 0:
-    raise ValueError(f'window_size must be positive, got {window_size}')
-  starts = list(range(0, num_frames - window_size + 1, window_size))
+  _check_window(window_size, overlap)
+  starts = list(range(0, num_frames - window_size + 1, window_size - overlap))
   if starts[-1] + window_size < num_frames:
     starts.append(num_frames - window_size)
   return starts
+
+
+def _check_window(window_size: Optional[int], overlap: int) -> None:
+  if window_size is None:
+    return
+  if window_size <= 0:
+    raise ValueError(f'window_size must be positive, got {window_size}')
+  if not 0 <= overlap < window_size:
+    raise ValueError(f'window_overlap must be in [0, window_size={window_size}), got {overlap}')
+
+
+@jax.jit
+def association_cost(track_embeds: jax.Array, track_masks: jax.Array, query_embeds: jax.Array,
+                     query_masks: jax.Array, embed_weight: float = 1.0,
+                     mask_weight: float = 1.0) -> jax.Array:
+  """Cost of continuing each track with each query of the next window.
+
+  cost = embed_weight * (1 - cosine(track, query)) + mask_weight * (1 - soft Dice), the Dice of
+  the sigmoid masks over the frames both windows cover (no mask term when they share none).
+
+  Args:
+    track_embeds: [N, D] query embeddings of the tracks in the previous window.
+    track_masks: [N, O, h, w] their mask logits on the O shared frames.
+    query_embeds: [Q, D] query embeddings of the next window.
+    query_masks: [Q, O, h, w] its mask logits on the same frames.
+    embed_weight: weight of the embedding term.
+    mask_weight: weight of the mask term.
+
+  Returns:
+    float32 [N, Q].
+  """
+  def unit(x):
+    x = x.astype(jnp.float32)
+    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+
+  hi = jax.lax.Precision.HIGHEST
+  cost = embed_weight * (1.0 - jnp.matmul(unit(track_embeds), unit(query_embeds).T, precision=hi))
+  if track_masks.shape[1]:
+    a = jax.nn.sigmoid(track_masks.astype(jnp.float32)).reshape(track_masks.shape[0], -1)
+    b = jax.nn.sigmoid(query_masks.astype(jnp.float32)).reshape(query_masks.shape[0], -1)
+    dice = (2.0 * jnp.matmul(a, b.T, precision=hi) + 1.0) / (
+        a.sum(-1)[:, None] + b.sum(-1)[None, :] + 1.0)
+    cost = cost + mask_weight * (1.0 - dice)
+  return cost
+
+
+_hungarian = jax.jit(optax.assignment.hungarian_algorithm)
+
+
+def associate_queries(track_embeds: np.ndarray, track_masks: np.ndarray,
+                      query_embeds: np.ndarray, query_masks: np.ndarray, *,
+                      embed_weight: float = 1.0, mask_weight: float = 1.0) -> np.ndarray:
+  """Hungarian matching of the next window's queries to the current tracks.
+
+  Args:
+    track_embeds, track_masks, query_embeds, query_masks: as `association_cost` (N == Q).
+    embed_weight, mask_weight: cost weights.
+
+  Returns:
+    int32 [N]: the query of the next window that continues each track.
+  """
+  if track_embeds.shape != query_embeds.shape or track_masks.shape != query_masks.shape:
+    raise ValueError(f'tracks {track_embeds.shape} / {track_masks.shape} and queries '
+                     f'{query_embeds.shape} / {query_masks.shape} must have equal shapes')
+  cost = association_cost(track_embeds, track_masks, query_embeds, query_masks,
+                          embed_weight, mask_weight)
+  rows, cols = _hungarian(cost)
+  order = np.zeros(cost.shape[0], np.int32)
+  order[np.asarray(rows)] = np.asarray(cols)
+  return order
+
+
+class _TrackStitcher:
+  """Host-side state across windows: query-to-track order, summed class scores, last window."""
+
+  def __init__(self, associate: bool, embed_weight: float, mask_weight: float):
+    self.associate = associate
+    self.embed_weight, self.mask_weight = embed_weight, mask_weight
+    self.covered = 0  # frames emitted so far
+    self.num_windows = 0
+    self.score_sum = None
+    self.first_probabilities = None
+    self.previous = None  # (start, track-ordered mask logits, track-ordered embeddings)
+
+  def add(self, start: int, probabilities: np.ndarray, mask_logits: np.ndarray,
+          embeds: Optional[np.ndarray]) -> np.ndarray:
+    """Adds a window [start, start + W); returns the track-ordered logits of its new frames.
+
+    Args:
+      start: first frame of the window (<= the frames emitted so far).
+      probabilities: [Q, C] class probabilities of the window.
+      mask_logits: [Q, W, h, w].
+      embeds: [Q, D] query embeddings (needed when associating).
+
+    Returns:
+      [Q, start + W - covered, h, w], row i = track i.
+    """
+    num_queries, window = mask_logits.shape[:2]
+    order = np.arange(num_queries)
+    if self.associate and self.previous is not None:
+      if embeds is None:
+        raise ValueError("associating windows needs the model output 'pred_embeds' [B, Q, D]")
+      prev_start, prev_logits, prev_embeds = self.previous
+      shared = max(0, prev_start + prev_logits.shape[1] - start)
+      order = associate_queries(prev_embeds, prev_logits[:, start - prev_start:][:, :shared],
+                                embeds, mask_logits[:, :shared],
+                                embed_weight=self.embed_weight, mask_weight=self.mask_weight)
+    logits = mask_logits[order]
+    probabilities = np.asarray(probabilities, np.float32)[order]
+    if self.associate:
+      self.previous = (start, logits, None if embeds is None else np.asarray(embeds)[order])
+    new_frames = start + window - self.covered
+    if self.num_windows == 0:
+      self.first_probabilities = probabilities
+      self.score_sum = np.zeros_like(probabilities)
+    self.score_sum += probabilities * new_frames
+    self.num_windows += 1
+    emitted_before = self.covered
+    self.covered = start + window
+    return logits[:, emitted_before - start:]
+
+  @property
+  def scores(self) -> np.ndarray:
+    """[Q, C] per-track class probabilities, weighted by the frames each window adds."""
+    if self.num_windows == 1:
+      return self.first_probabilities  # one clip: exactly the official scores
+    return self.score_sum / self.covered
+
+
+def _make_forward(apply_fn: ApplyFn, with_embeds: bool):
+  def forward(variables, frames, image_valid):
+    outputs = apply_fn(variables, frames, image_valid=image_valid)
+    # Only the final prediction of the single clip leaves the device.
+    embeds = None
+    if with_embeds:
+      if 'pred_embeds' not in outputs:
+        raise ValueError("associate=True needs the model output 'pred_embeds' [B, Q, D] (have "
+                         f'{sorted(outputs)})')
+      embeds = outputs['pred_embeds'][0]
+    return (class_probabilities(outputs['pred_logits'][-1, 0]), outputs['pred_masks'][-1, 0],
+            embeds)
+  return jax.jit(forward)
+
+
+def _predictor_kwargs(eval_config) -> dict[str, Any]:
+  """Windowing/association arguments of the predictors from `config.eval`."""
+  return dict(window_size=int(eval_config.get('window_size', 0)) or None,
+              window_overlap=int(eval_config.get('window_overlap', 0)),
+              associate=bool(eval_config.get('associate', False)),
+              association_embed_weight=float(eval_config.get('association_embed_weight', 1.0)),
+              association_mask_weight=float(eval_config.get('association_mask_weight', 1.0)),
+              top_k=int(eval_config.get('top_k', 10)))
 
 
 class VideoPredictor:
@@ -202,29 +373,44 @@ class VideoPredictor:
                            output_size=video['orig_size'])
   """
 
-  def __init__(self, apply_fn: ApplyFn, *, window_size: Optional[int] = None, top_k: int = 10,
-               frame_chunk: int = 8):
+  def __init__(self, apply_fn: ApplyFn, *, window_size: Optional[int] = None,
+               window_overlap: int = 0, associate: bool = False,
+               association_embed_weight: float = 1.0, association_mask_weight: float = 1.0,
+               top_k: int = 10, frame_chunk: int = 8):
     """Initialises the predictor.
 
     Args:
       apply_fn: `model.apply`-like function `(variables, frames [B, T, H, W, 3], image_valid=...)`
-        returning `pred_logits` [L, B, Q, C + 1] and `pred_masks` [L, B, Q, T, H/4, W/4].
+        returning `pred_logits` [L, B, Q, C + 1] and `pred_masks` [L, B, Q, T, H/4, W/4] (and
+        `pred_embeds` [B, Q, D] when associating).
       window_size: frames per model call; None runs the whole video at once (official).
+      window_overlap: frames shared by consecutive windows, in [0, window_size).
+      associate: match each window's queries to the previous window's tracks (Hungarian on
+        `association_cost`); False keeps query q on track q.
+      association_embed_weight: weight of the query-embedding cosine distance.
+      association_mask_weight: weight of the mask disagreement on the shared frames.
       top_k: predictions kept per video (official 10).
       frame_chunk: frames resized to the original size per device call (bounds memory).
     """
     if frame_chunk <= 0:
       raise ValueError(f'frame_chunk must be positive, got {frame_chunk}')
+    _check_window(window_size, window_overlap)
     self.window_size = window_size
+    self.window_overlap = window_overlap
+    self.associate = associate
+    self.association_weights = (association_embed_weight, association_mask_weight)
     self.top_k = top_k
     self.frame_chunk = frame_chunk
+    self._forward = _make_forward(apply_fn, associate)
 
-    def forward(variables, frames, image_valid):
-      outputs = apply_fn(variables, frames, image_valid=image_valid)
-      # Only the final prediction of the single clip leaves the device.
-      return class_probabilities(outputs['pred_logits'][-1, 0]), outputs['pred_masks'][-1, 0]
+  @classmethod
+  def from_config(cls, apply_fn: ApplyFn, eval_config, **kwargs) -> 'VideoPredictor':
+    """A predictor with `config.eval`'s window_size (0: whole video), window_overlap, associate,
+    association weights and top_k; `kwargs` override them."""
+    return cls(apply_fn, **{**_predictor_kwargs(eval_config), **kwargs})
 
-    self._forward = jax.jit(forward)
+  def _stitcher(self) -> _TrackStitcher:
+    return _TrackStitcher(self.associate, *self.association_weights)
 
   def __call__(self, variables: Any, frames: np.ndarray, *,
                image_valid: Optional[np.ndarray] = None,
@@ -241,7 +427,8 @@ class VideoPredictor:
       output_size: (H0, W0) original video size; default image_size.
 
     Returns:
-      The top-k predictions with masks at the original size.
+      The top-k predictions with masks at the original size; `query_indices` are track indices
+      (= query indices of the first window).
     """
     frames = np.asarray(frames)
     if frames.ndim == 5 and frames.shape[0] == 1:
@@ -249,38 +436,22 @@ class VideoPredictor:
     if frames.ndim != 4 or frames.shape[-1] != 3:
       raise ValueError(f'frames must be [T, H, W, 3], got shape {frames.shape}')
     num_frames, padded_h, padded_w = frames.shape[:3]
-    if image_valid is not None:
-      image_valid = np.asarray(image_valid, bool)
-      if image_valid.ndim == 3 and image_valid.shape[0] == 1:
-        image_valid = image_valid[0]
-      if image_valid.shape != (padded_h, padded_w):
-        raise ValueError(f'image_valid shape {image_valid.shape} does not match the frames '
-                         f'{(padded_h, padded_w)}')
-    if image_size is None:
-      image_size = valid_size(image_valid) if image_valid is not None else (padded_h, padded_w)
-    image_size = _check_size(image_size, (padded_h, padded_w))
-    output_size = _as_size(output_size if output_size is not None else image_size)
+    image_valid, image_size, output_size = _check_geometry(
+        (padded_h, padded_w), image_valid, image_size, output_size)
 
     model_valid = None if image_valid is None else image_valid[None]
-    covered = 0
-    window_probabilities, window_weights, mask_pieces = [], [], []
-    for start in window_starts(num_frames, self.window_size):
-      end = start + min(self.window_size or num_frames, num_frames)
-      probabilities, mask_logits = self._forward(variables, frames[None, start:end], model_valid)
-      window_probabilities.append(np.asarray(probabilities, np.float32))
-      window_weights.append(end - covered)  # frames this window adds
-      mask_pieces.append(np.asarray(mask_logits[:, covered - start:]))
-      covered = end
-    if len(window_probabilities) == 1:
-      probabilities = window_probabilities[0]  # whole video: exactly the official scores
-    else:
-      probabilities = sum(p * w for p, w in zip(window_probabilities, window_weights)) / num_frames
+    stitcher = self._stitcher()
+    mask_pieces = []
+    window = min(self.window_size or num_frames, num_frames)
+    for start in window_starts(num_frames, self.window_size, self.window_overlap):
+      probabilities, mask_logits, embeds = self._forward(
+          variables, frames[None, start:start + window], model_valid)
+      mask_pieces.append(stitcher.add(
+          start, np.asarray(probabilities), np.asarray(mask_logits),
+          None if embeds is None else np.asarray(embeds)))
     mask_logits = np.concatenate(mask_pieces, axis=1)  # [Q, T, h, w]
-    padded_size = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])
-    if padded_size != (padded_h, padded_w):
-      raise ValueError(f'model masks {mask_logits.shape[-2:]} are not 1/4 of the input '
-                       f'{(padded_h, padded_w)}')
-    scores, labels, queries = select_top_predictions(jnp.asarray(probabilities), self.top_k)
+    padded_size = _model_padded_size(mask_logits, (padded_h, padded_w))
+    scores, labels, queries = select_top_predictions(jnp.asarray(stitcher.scores), self.top_k)
     queries = np.asarray(queries)
     selected = mask_logits[queries]  # [K, T, h, w]
     masks = np.zeros((len(queries), num_frames, *output_size), bool)
@@ -295,6 +466,151 @@ class VideoPredictor:
     return VideoPrediction(scores=np.asarray(scores, np.float32),
                            labels=np.asarray(labels, np.int32), masks=masks,
                            query_indices=queries.astype(np.int32))
+
+
+def _check_geometry(padded_size, image_valid, image_size, output_size):
+  """Validated (image_valid [Hp, Wp] or None, image_size, output_size)."""
+  if image_valid is not None:
+    image_valid = np.asarray(image_valid, bool)
+    if image_valid.ndim == 3 and image_valid.shape[0] == 1:
+      image_valid = image_valid[0]
+    if image_valid.shape != tuple(padded_size):
+      raise ValueError(f'image_valid shape {image_valid.shape} does not match the frames '
+                       f'{tuple(padded_size)}')
+  if image_size is None:
+    image_size = valid_size(image_valid) if image_valid is not None else tuple(padded_size)
+  image_size = _check_size(image_size, tuple(padded_size))
+  output_size = _as_size(output_size if output_size is not None else image_size)
+  return image_valid, image_size, output_size
+
+
+def _model_padded_size(mask_logits: np.ndarray, padded_size: tuple[int, int]) -> tuple[int, int]:
+  model_size = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])
+  if model_size != tuple(padded_size):
+    raise ValueError(f'model masks {mask_logits.shape[-2:]} are not 1/4 of the input '
+                     f'{tuple(padded_size)}')
+  return model_size
+
+
+@dataclasses.dataclass
+class StreamedPrediction:
+  """Predictions of a streamed video: per-frame compressed RLEs instead of dense masks.
+
+  Attributes:
+    scores: float32 [K] class probabilities, decreasing.
+    labels: int32 [K] contiguous class indices in [0, C).
+    track_indices: int32 [K] the track each prediction comes from.
+    segmentations: K lists of T compressed RLEs ({'size': [H0, W0], 'counts': str}).
+    track_scores: float32 [Q, C] class probabilities of every track.
+    num_frames: T.
+  """
+  scores: np.ndarray
+  labels: np.ndarray
+  track_indices: np.ndarray
+  segmentations: list[list[dict]]
+  track_scores: np.ndarray
+  num_frames: int
+
+
+# Called with (first frame index, bool [Q, n, H0, W0] masks of every track on n new frames,
+# float32 [Q, C] track class probabilities so far).
+FramesCallback = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+class StreamingVideoPredictor(VideoPredictor):
+  """`VideoPredictor` for frames that arrive one by one (videos too long to hold in memory).
+
+  Keeps the frames of one window, the previous window's outputs (for association) and, per track
+  and frame, the compressed RLE of its mask at the original size; nothing else grows with the
+  video length. The results equal `VideoPredictor`'s with the same settings.
+
+  Example:
+    predictor = StreamingVideoPredictor(model.apply, window_size=36, window_overlap=4,
+                                        associate=True)
+    prediction = predictor(variables, padded_frame_iterator, image_valid=valid,
+                           image_size=(h, w), output_size=(h0, w0), on_frames=draw)
+  """
+
+  def __call__(self, variables: Any, frames: Iterable[np.ndarray], *,
+               image_valid: Optional[np.ndarray] = None,
+               image_size: Optional[Sequence[int]] = None,
+               output_size: Optional[Sequence[int]] = None,
+               on_frames: Optional[FramesCallback] = None) -> StreamedPrediction:
+    """Predicts a video given as an iterable of padded frames.
+
+    Args:
+      variables: model variables.
+      frames: iterable of uint8 [Hp, Wp, 3] frames, all of one size (read lazily).
+      image_valid: optional bool [Hp, Wp] padding mask.
+      image_size: (H, W) resized frame before padding; default from image_valid, else (Hp, Wp).
+      output_size: (H0, W0) original video size; default image_size.
+      on_frames: optional callback, called in frame order once each frame's masks are final.
+
+    Returns:
+      The top-k predictions (track, class) with per-frame RLEs.
+    """
+    # The latest frames: a full window, or the whole video when window_size is None.
+    buffer = collections.deque(maxlen=self.window_size)
+    next_start = 0  # start of the next full window
+    stride = None if self.window_size is None else self.window_size - self.window_overlap
+    stitcher = self._stitcher()
+    rles = None  # per track: list of RLE counts (bytes), one per frame
+    geometry = None
+    num_frames = 0
+
+    def run_window(start, window_frames):
+      nonlocal rles
+      model_valid = None if geometry[0] is None else geometry[0][None]
+      probabilities, mask_logits, embeds = self._forward(
+          variables, window_frames[None], model_valid)
+      mask_logits = np.asarray(mask_logits)
+      new_logits = stitcher.add(start, np.asarray(probabilities), mask_logits,
+                                None if embeds is None else np.asarray(embeds))
+      padded_size = _model_padded_size(mask_logits, window_frames.shape[1:3])
+      if rles is None:
+        rles = [[] for _ in range(new_logits.shape[0])]
+      first = stitcher.covered - new_logits.shape[1]
+      for offset in range(0, new_logits.shape[1], self.frame_chunk):
+        chunk = new_logits[:, offset:offset + self.frame_chunk]
+        size = chunk.shape[1]
+        if size < self.frame_chunk:  # static chunk shape: no recompilation
+          chunk = np.pad(chunk, ((0, 0), (0, self.frame_chunk - size), (0, 0), (0, 0)))
+        masks = np.asarray(masks_to_original_size(chunk, padded_size, geometry[1],
+                                                  geometry[2]))[:, :size]
+        for track, track_masks in enumerate(masks):
+          encoded = mask_utils.encode(np.asfortranarray(track_masks.transpose(1, 2, 0),
+                                                        dtype=np.uint8))
+          rles[track].extend(r['counts'] for r in encoded)
+        if on_frames is not None:
+          on_frames(first + offset, masks, stitcher.scores)
+
+    for frame in frames:
+      frame = np.asarray(frame)
+      if geometry is None:
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+          raise ValueError(f'frame 0 must be [H, W, 3], got shape {frame.shape}')
+        geometry = _check_geometry(frame.shape[:2], image_valid, image_size, output_size)
+      elif frame.shape != buffer_shape:
+        raise ValueError(f'frame {num_frames} has shape {frame.shape}, frame 0 {buffer_shape}')
+      buffer_shape = frame.shape
+      buffer.append(frame)
+      num_frames += 1
+      if stride is not None and num_frames == next_start + self.window_size:
+        run_window(next_start, np.stack(buffer))
+        next_start += stride
+    if num_frames == 0:
+      raise ValueError('the video has no frames')
+    if stitcher.covered < num_frames:  # the last window ends at the last frame
+      run_window(num_frames - len(buffer), np.stack(buffer))
+    scores, labels, tracks = (np.asarray(x) for x in select_top_predictions(
+        jnp.asarray(stitcher.scores), self.top_k))
+    size = [int(s) for s in geometry[2]]
+    segmentations = [[{'size': size, 'counts': c.decode('utf-8')} for c in rles[t]]
+                     for t in tracks]
+    return StreamedPrediction(scores=scores.astype(np.float32), labels=labels.astype(np.int32),
+                              track_indices=tracks.astype(np.int32),
+                              segmentations=segmentations, track_scores=stitcher.scores,
+                              num_frames=num_frames)
 
 
 def predict_video(apply_fn: ApplyFn, variables: Any, frames: np.ndarray,
@@ -320,21 +636,25 @@ def encode_rle(masks: np.ndarray) -> list[dict]:
   return rles
 
 
-def prediction_to_results(video_id: int, prediction: VideoPrediction,
+def prediction_to_results(video_id: int, prediction: VideoPrediction | StreamedPrediction,
                           category_ids: Optional[Sequence[int]] = None) -> list[dict]:
   """YouTube-VIS submission entries of one video.
 
   Args:
     video_id: dataset video id.
-    prediction: from `VideoPredictor`.
+    prediction: from `VideoPredictor` or `StreamingVideoPredictor`.
     category_ids: dataset category id of each contiguous label (default: label + 1, the
       YouTube-VIS convention of ids 1..C).
 
   Returns:
     list of {video_id, score, category_id, segmentations} (one RLE per frame).
   """
+  if isinstance(prediction, StreamedPrediction):
+    segmentations = prediction.segmentations
+  else:
+    segmentations = (encode_rle(masks) for masks in prediction.masks)
   results = []
-  for score, label, masks in zip(prediction.scores, prediction.labels, prediction.masks):
+  for score, label, segmentation in zip(prediction.scores, prediction.labels, segmentations):
     label = int(label)
     if category_ids is not None and not 0 <= label < len(category_ids):
       raise ValueError(f'label {label} has no category id ({len(category_ids)} categories)')
@@ -342,7 +662,7 @@ def prediction_to_results(video_id: int, prediction: VideoPrediction,
         'video_id': int(video_id),
         'score': float(score),
         'category_id': int(category_ids[label]) if category_ids is not None else label + 1,
-        'segmentations': encode_rle(masks),
+        'segmentations': segmentation,
     })
   return results
 

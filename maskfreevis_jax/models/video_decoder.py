@@ -208,7 +208,8 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
       num_frames: T.
 
     Returns:
-      pred_logits float32 [L, B, Q, C + 1] and pred_masks float32 [L, B, Q, T, H/4, W/4].
+      pred_logits float32 [L, B, Q, C + 1], pred_masks float32 [L, B, Q, T, H/4, W/4] and
+      pred_embeds float32 [B, Q, D] (the final prediction's normalised query embeddings).
     """
     if len(multi_scale_features) != self.num_feature_levels:
       raise ValueError(f"expected {self.num_feature_levels} feature levels, got "
@@ -274,4 +275,7 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
       logits, masks = predict(output)
       all_logits.append(logits)
       all_masks.append(masks)
-    return {"pred_logits": jnp.stack(all_logits), "pred_masks": jnp.stack(all_masks)}
+    # The final normalised query embeddings identify objects across windows (MinVIS-style
+    # association at inference); unused in training, so XLA drops them there.
+    return {"pred_logits": jnp.stack(all_logits), "pred_masks": jnp.stack(all_masks),
+            "pred_embeds": decoder_norm(output).astype(jnp.float32)}

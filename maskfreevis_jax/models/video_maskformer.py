@@ -46,7 +46,8 @@ class VideoMaskFormer(nn.Module):
 
     Returns:
       dict with pred_logits float32 [L, B, Q, C + 1] and pred_masks float32
-      [L, B, Q, T, H/4, W/4]; index -1 is the final prediction.
+      [L, B, Q, T, H/4, W/4] (index -1 is the final prediction), and pred_embeds float32
+      [B, Q, D], the final query embeddings (used to associate queries across windows).
     """
     if frames.ndim != 5 or frames.shape[-1] != 3:
       raise ValueError(f"frames must be [B, T, H, W, 3], got shape {frames.shape}")
