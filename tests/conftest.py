@@ -1,4 +1,4 @@
-"""Test set-up: several forced CPU devices (to exercise sharding) and paths to shared material."""
+"""Test set-up: several forced CPU devices (to exercise sharding) and the fixture folder."""
 import os
 import pathlib
 
@@ -9,7 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DIR = pathlib.Path(os.environ.get("MASKFREEVIS_SHARED", REPO_ROOT.parent / "shared"))
+# Fixtures the official code produced (tools/official_parity; tests/fixtures/README.md).
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 
 
 def load_config(name: str):
@@ -22,21 +23,19 @@ def load_config(name: str):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> pathlib.Path:
-  if not SHARED_DIR.is_dir():
-    raise FileNotFoundError(
-        f"shared material not found at {SHARED_DIR}; set MASKFREEVIS_SHARED to its path")
-  return SHARED_DIR
+def fixtures_dir() -> pathlib.Path:
+  return FIXTURES_DIR
 
 
 @pytest.fixture(scope="session")
-def golden_dir(shared_dir) -> pathlib.Path:
-  return shared_dir / "golden"
+def official_r50_reference() -> dict:
+  """The official R50 model's state_dict shapes, parameter count and optimizer groups."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(FIXTURES_DIR / "official_r50_ytvis19_state_dict.json") as f:
+    return json.load(f)
 
 
 @pytest.fixture(scope="session")
-def reference_state_dict(shared_dir) -> dict:
+def reference_state_dict(official_r50_reference) -> dict:
   """Official R50 state_dict names -> shapes (PyTorch layouts)."""
-  import json
-  with open(shared_dir / "reference" / "official_r50_ytvis19_state_dict.json") as f:
-    return json.load(f)["state_dict"]
+  return official_r50_reference["state_dict"]

@@ -1,6 +1,5 @@
 """Flax variables -> official PyTorch state_dict: key set, layouts, files, errors."""
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -33,7 +32,8 @@ def tiny_variables(tiny_config):
 
 
 def test_r50_export_has_exactly_the_reference_keys_and_shapes(r50_variables, r50_config,
-                                                              reference_state_dict, shared_dir):
+                                                              reference_state_dict,
+                                                              official_r50_reference):
   state_dict, summary = export.export_state_dict(r50_variables, r50_config,
                                                  expected_shapes=reference_state_dict)
   assert set(state_dict) == set(reference_state_dict)
@@ -41,8 +41,7 @@ def test_r50_export_has_exactly_the_reference_keys_and_shapes(r50_variables, r50
   for key, shape in reference_state_dict.items():
     assert list(state_dict[key].shape) == list(shape), key
     assert state_dict[key].flags["C_CONTIGUOUS"], key
-  with open(shared_dir / "reference" / "official_r50_ytvis19_state_dict.json") as f:
-    assert summary.num_parameters == json.load(f)["num_parameters"]
+  assert summary.num_parameters == official_r50_reference["num_parameters"]
   assert summary.dtypes == {"float32": 559}
   assert summary.num_elements == sum(int(np.prod(s)) for s in reference_state_dict.values())
 

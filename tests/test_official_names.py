@@ -44,10 +44,8 @@ def test_r50_every_flax_variable_used_once(r50_entries):
       assert tuple(flat[(entry.collection,) + entry.flax_path].shape) == entry.flax_shape
 
 
-def test_r50_official_parameter_count(r50_entries, shared_dir):
-  import json
-  with open(shared_dir / "reference" / "official_r50_ytvis19_state_dict.json") as f:
-    expected = json.load(f)["num_parameters"]
+def test_r50_official_parameter_count(r50_entries, official_r50_reference):
+  expected = official_r50_reference["num_parameters"]
   assert on.num_official_parameters(r50_entries) == expected == 43_959_977
   frozen = [e for e in r50_entries if e.collection in ("frozen_params", "batch_stats")]
   assert frozen and all(e.official_key.startswith("backbone.") and ".norm." in e.official_key

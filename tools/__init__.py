@@ -1,0 +1,1 @@
+"""Developer tools of maskfreevis_jax (not installed with the package)."""
