@@ -104,18 +104,71 @@ def resized_shape(height: int, width: int, short_side: int, max_size: int,
   return max(out_h, 1), max(out_w, 1)
 
 
+def rotation_matrix(angle: float, center_xy: Sequence[float]) -> np.ndarray:
+  """float64 [2, 3] affine map of a counter-clockwise rotation by ``angle`` degrees about
+  ``center_xy`` (x, y), as ``cv2.getRotationMatrix2D`` (which takes the centre in float32)."""
+  cx, cy = (float(np.float32(v)) for v in center_xy)
+  cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+  return np.array([[cos, sin, (1 - cos) * cx - sin * cy],
+                   [-sin, cos, sin * cx + (1 - cos) * cy]], np.float64)
+
+
+def rotate_image(image: np.ndarray, angle: float, center_xy: Sequence[float],
+                 nearest: bool = False) -> np.ndarray:
+  """Rotates ``[H, W, ...]`` uint8 by ``angle`` degrees (counter-clockwise) about ``center_xy``.
+
+  The output keeps the input size; pixels from outside the image are 0. This is detectron2's
+  ``RotationTransform(expand=False)``: ``cv2.warpAffine`` (bilinear, or nearest for masks) with
+  the centre shifted by half a pixel, here in numpy (agrees with OpenCV to one grey level).
+  """
+  height, width = image.shape[:2]
+  forward = np.vstack([rotation_matrix(angle, (center_xy[0] - 0.5, center_xy[1] - 0.5)),
+                       [0.0, 0.0, 1.0]])
+  inverse = np.linalg.inv(forward)[:2]
+  y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+  src_x = inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2]
+  src_y = inverse[1, 0] * x + inverse[1, 1] * y + inverse[1, 2]
+  pixels = image.reshape(height, width, -1)
+
+  def gather(xi, yi):
+    inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    values = pixels[np.clip(yi, 0, height - 1), np.clip(xi, 0, width - 1)]
+    return np.where(inside[..., None], values, 0)
+
+  if nearest:
+    out = gather(np.rint(src_x).astype(np.int64), np.rint(src_y).astype(np.int64))
+  else:
+    x0, y0 = np.floor(src_x), np.floor(src_y)
+    fx, fy = (src_x - x0)[..., None], (src_y - y0)[..., None]
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    out = ((1 - fy) * ((1 - fx) * gather(x0, y0) + fx * gather(x0 + 1, y0)) +
+           fy * ((1 - fx) * gather(x0, y0 + 1) + fx * gather(x0 + 1, y0 + 1)))
+    out = np.clip(np.rint(out), 0, 255)
+  return out.astype(image.dtype).reshape(image.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipTransform:
-  """Resize from ``in_hw`` to ``out_hw`` then optionally flip horizontally.
+  """Resize from ``in_hw`` to ``out_hw``, optionally flip horizontally, then rotate.
 
   An optional crop (``crop_yx``, ``crop_hw``, in input pixels) is applied before the resize;
-  per-frame crops (COCO pseudo clips) use one ClipTransform per frame.
+  per-frame crops (COCO pseudo clips) use one ClipTransform per frame. ``angle`` (degrees,
+  counter-clockwise) rotates the resized frame about ``center_xy`` (output pixels; default the
+  frame centre) keeping its size, as the release's ``RandomRotationClip`` for COCO pseudo clips.
   """
   in_hw: tuple[int, int]
   out_hw: tuple[int, int]
   flip: bool = False
   crop_yx: tuple[int, int] = (0, 0)
   crop_hw: Optional[tuple[int, int]] = None
+  angle: float = 0.0
+  center_xy: Optional[tuple[float, float]] = None
+
+  @property
+  def _center_xy(self) -> tuple[float, float]:
+    if self.center_xy is not None:
+      return self.center_xy
+    return self.out_hw[1] / 2, self.out_hw[0] / 2
 
   @property
   def _src_hw(self) -> tuple[int, int]:
@@ -137,6 +190,8 @@ class ClipTransform:
       image = np.asarray(Image.fromarray(image).resize(self.out_hw[::-1], Image.BILINEAR))
     if self.flip:
       image = image[:, ::-1]
+    if self.angle % 360:
+      image = rotate_image(image, self.angle, self._center_xy)
     return np.ascontiguousarray(image)
 
   def apply_mask(self, mask: np.ndarray) -> np.ndarray:
@@ -148,10 +203,16 @@ class ClipTransform:
       mask = np.asarray(Image.fromarray(mask).resize(self.out_hw[::-1], Image.NEAREST))
     if self.flip:
       mask = mask[:, ::-1]
+    if self.angle % 360:
+      mask = rotate_image(mask, self.angle, self._center_xy, nearest=True)
     return np.ascontiguousarray(mask)
 
   def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
-    """Float ``[..., 4]`` x1, y1, x2, y2 input pixels -> output pixels, clipped to the image."""
+    """Float ``[..., 4]`` x1, y1, x2, y2 input pixels -> output pixels, clipped to the image.
+
+    A rotated box becomes the box around its rotated corners; clipping comes last, as
+    detectron2's ``transform_instance_annotations`` does.
+    """
     boxes = np.asarray(boxes, np.float32).copy()
     boxes[..., 0::2] -= self.crop_yx[1]
     boxes[..., 1::2] -= self.crop_yx[0]
@@ -159,12 +220,17 @@ class ClipTransform:
     boxes[..., 0::2] *= sx
     boxes[..., 1::2] *= sy
     out_h, out_w = self.out_hw
-    boxes[..., 0::2] = np.clip(boxes[..., 0::2], 0, out_w)
-    boxes[..., 1::2] = np.clip(boxes[..., 1::2], 0, out_h)
     if self.flip:
       x1 = out_w - boxes[..., 2]
       x2 = out_w - boxes[..., 0]
       boxes[..., 0], boxes[..., 2] = x1, x2
+    if self.angle % 360:
+      corners = boxes[..., [[0, 1], [2, 1], [0, 3], [2, 3]]].astype(np.float64)  # [..., 4, 2]
+      matrix = rotation_matrix(self.angle, self._center_xy)
+      turned = corners @ matrix[:, :2].T + matrix[:, 2]
+      boxes = np.concatenate([turned.min(-2), turned.max(-2)], -1).astype(np.float32)
+    boxes[..., 0::2] = np.clip(boxes[..., 0::2], 0, out_w)
+    boxes[..., 1::2] = np.clip(boxes[..., 1::2], 0, out_h)
     return boxes
 
 
