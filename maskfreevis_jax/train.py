@@ -33,8 +33,8 @@ from maskfreevis_jax import sharding as sharding_lib
 LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
 
-# Batch keys that are model/criterion inputs (anything else from the pipeline stays on the host).
-_HOST_ONLY_KEYS = ("file_names",)
+# Batch keys that stay on the host ('source': which compiled step a joint run's batch takes).
+_HOST_ONLY_KEYS = ("file_names", "source")
 # Variable collections the model may update in train mode (trainable BatchNorm statistics).
 _MUTABLE_COLLECTIONS = ("batch_stats",)
 
@@ -173,12 +173,22 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   return models.build_model(config.model)
 
 
-def build_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
-  """The set criterion of `maskfreevis_jax.criterion` bound to `config.criterion`."""
+def build_loss_fn(config: ml_collections.ConfigDict, source: str | None = None) -> LossFn:
+  """The set criterion of `maskfreevis_jax.criterion` bound to `config.criterion`.
+
+  For the COCO clips of a joint run (`source='coco'`), `config.data.coco.supervision` is the
+  criterion mode: the release supervises them with masks ('mask') and the video clips with boxes.
+  """
   from maskfreevis_jax import criterion  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  criterion_config = config.criterion
+  if (source == input_pipeline.COCO_SOURCE and "data" in config
+      and input_pipeline.is_joint(config)):
+    criterion_config = ml_collections.ConfigDict(config.criterion.to_dict())
+    criterion_config.mode = config.data.coco.supervision
 
   def loss_fn(outputs, batch, step):
-    return criterion.set_criterion(outputs, batch, step, config.criterion)
+    return criterion.set_criterion(outputs, batch, step, criterion_config)
 
   return loss_fn
 
@@ -216,6 +226,9 @@ class Trainer:
     train_step: jitted `(state, batch) -> (state, metrics)`; the state is donated. A `jax.jit`
       object, so `.lower(abstract_state, abstract_batch).compile()` gives cost/memory analyses.
     predict: jitted `(params, model_state, frames, image_valid) -> outputs` in eval mode.
+    train_steps: a joint run's step per source ({'video': ..., 'coco': ...}): each compiled for
+      its own batch shapes and loss, all on the same state and optimizer; `train_step` is the
+      first. Empty for a single-source run.
   """
   model: nn.Module
   tx: optax.GradientTransformation
@@ -227,19 +240,26 @@ class Trainer:
   init_state: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   predict: Callable[..., dict]
+  train_steps: Mapping[str, Callable[[TrainState, dict], tuple[TrainState, dict]]] = (
+      dataclasses.field(default_factory=dict))
 
 
 def build_trainer(config: ml_collections.ConfigDict,
-                  batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
-                  model: nn.Module | None = None, loss_fn: LossFn | None = None,
+                  batch_spec: Mapping[str, Any], *,
+                  model: nn.Module | None = None,
+                  loss_fn: LossFn | Mapping[str, LossFn] | None = None,
                   mesh: jax.sharding.Mesh | None = None) -> Trainer:
   """Model, optimizer, shardings, state initialiser and step functions of a config.
 
   Args:
     config: the full config (`model`, `criterion`, `train`, `sharding`).
     batch_spec: global batch shapes, e.g. `abstract_batch(next(iterator))`: frames
-      [B, T, H, W, 3] uint8, image_valid [B, H, W], boxes [B, N, T, 4], ...
-    model, loss_fn: override the config-built ones (tests use small stand-ins).
+      [B, T, H, W, 3] uint8, image_valid [B, H, W], boxes [B, N, T, 4], ...; for a joint run a
+      dict of them per source ({'video': ..., 'coco': ...}, as `MixedTrainIterator.batch_specs`),
+      which gives one step per source in `Trainer.train_steps`. The first source's shapes
+      initialise the parameters (they do not depend on the clip shape).
+    model, loss_fn: override the config-built ones (tests use small stand-ins); `loss_fn` may be
+      a dict per source.
     mesh: default: all devices, `config.sharding.model_axis_size` wide on 'model'.
 
   Returns:
@@ -249,9 +269,14 @@ def build_trainer(config: ml_collections.ConfigDict,
   tcfg = config.train
   sharding_config = config.get("sharding", {})
   mesh = mesh or sharding_lib.create_mesh(int(sharding_config.get("model_axis_size", 1)))
-  sharding_lib.check_global_batch_size(int(batch_spec["frames"].shape[0]), mesh)
+  joint = all(isinstance(v, Mapping) for v in batch_spec.values())
+  source_specs = dict(batch_spec) if joint else {"": batch_spec}
+  for spec in source_specs.values():
+    sharding_lib.check_global_batch_size(int(spec["frames"].shape[0]), mesh)
+  batch_spec = next(iter(source_specs.values()))
   model = model if model is not None else build_model(config)
-  loss_fn = loss_fn if loss_fn is not None else build_loss_fn(config)
+  loss_fns = {source: (loss_fn.get(source) if isinstance(loss_fn, Mapping) else loss_fn)
+              or build_loss_fn(config, source or None) for source in source_specs}
   schedule = optimizer_lib.learning_rate_schedule(tcfg)
 
   frames_spec, valid_spec = model_inputs(batch_spec)
@@ -273,24 +298,48 @@ def build_trainer(config: ml_collections.ConfigDict,
                               int(sharding_config.get("min_shard_size", 2**18)))
   predict = jax.jit(lambda params, model_state, frames, image_valid: model.apply(
       {"params": params, **model_state}, frames, image_valid=image_valid, train=False))
+  steps = {source: jit_train_step(make_train_step(model, tx, fn, schedule), shardings, mesh)
+           for source, fn in loss_fns.items()}
   return Trainer(
       model=model, tx=tx, schedule=schedule, mesh=mesh, param_labels=labels,
       abstract_state=abstract_state, state_shardings=shardings,
       init_state=jax.jit(init_fn, out_shardings=shardings),
-      train_step=jit_train_step(make_train_step(model, tx, loss_fn, schedule), shardings, mesh),
-      predict=predict)
+      train_step=next(iter(steps.values())), predict=predict,
+      train_steps=steps if joint else {})
 
 
 def initial_train_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainState:
   """A fresh state from `config.train.seed`, with `config.init_from` weights when set."""
   state = trainer.init_state(jax.random.key(int(config.train.seed)))
-  if config.get("init_from"):
-    params, model_state = load_pretrained(config.init_from, state.params, state.model_state,
+  init_from = init_from_path(config)
+  if init_from:
+    params, model_state = load_pretrained(init_from, state.params, state.model_state,
                                           config.get("model"))
     state = jax.device_put(state.replace(params=params, model_state=model_state,
                                          opt_state=trainer.tx.init(params)),
                            trainer.state_shardings)
   return state
+
+
+def init_from_path(config: ml_collections.ConfigDict) -> str | None:
+  """`config.init_from` as a path, or None to start from the random initialisation.
+
+  'none' (any case) starts from scratch on purpose. Recipes that start from pretrained weights
+  name the file in `config.init_from_required`; leaving `init_from` empty with them is an error.
+
+  Raises:
+    ValueError: `init_from` is empty but `init_from_required` names weights.
+  """
+  value = str(config.get("init_from") or "").strip()
+  if value.lower() == "none":
+    return None
+  required = config.get("init_from_required")
+  if not value and required:
+    raise ValueError(
+        f"config.init_from is not set, but this recipe starts from pretrained weights "
+        f"({required}, config.init_from_required): pass --config.init_from=PATH to that file, "
+        "or --config.init_from=none to train from scratch")
+  return value or None
 
 
 def load_pretrained(init_from: str, params: Any, model_state: Any,
@@ -386,6 +435,17 @@ def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in batch.items() if k not in _HOST_ONLY_KEYS}
 
 
+def _mean_metrics(fetched: list[Mapping[str, Any]],
+                  sources: list[str | None]) -> dict[str, float]:
+  """Per-key means over the steps that report the key (a joint run's sources report different
+  loss terms), plus each source's share of the steps ('steps_<source>')."""
+  keys = dict.fromkeys(k for m in fetched for k in m)
+  out = {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
+  for source in dict.fromkeys(s for s in sources if s is not None):
+    out[f"steps_{source}"] = sources.count(source) / len(sources)
+  return out
+
+
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -438,19 +498,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   workdir.mkdir(parents=True, exist_ok=True)
   tcfg = config.train
   total_steps = int(tcfg.steps)
+  init_from_path(config)  # A missing required init_from fails before any data is read.
 
   iterator = train_iterator if train_iterator is not None else build_train_iterator(config)
 
   # The first batch gives the shapes for init; it is then used as the first step's batch (only
-  # when not resuming: a restored iterator position replaces it).
-  first_batch = _host_batch(next(iterator))
+  # when not resuming: a restored iterator position replaces it). A joint iterator also gives
+  # every source's shapes, one compiled step each.
+  first_raw = next(iterator)
+  first_batch = _host_batch(first_raw)
   local_batch = first_batch["frames"].shape[0]
   if local_batch * jax.process_count() != int(tcfg.batch_size):
     raise ValueError(f"the data pipeline yields {local_batch} clips per host but "
                      f"config.train.batch_size={tcfg.batch_size} over {jax.process_count()} hosts")
+  if first_raw.get("source") is not None:
+    batch_spec = {source: abstract_batch(spec) for source, spec in iterator.batch_specs().items()}
+  else:
+    batch_spec = abstract_batch(first_batch)
 
-  trainer = build_trainer(config, abstract_batch(first_batch), model=model, loss_fn=loss_fn,
-                          mesh=mesh)
+  trainer = build_trainer(config, batch_spec, model=model, loss_fn=loss_fn, mesh=mesh)
   shardings, mesh = trainer.state_shardings, trainer.mesh
   if jax.process_index() == 0:
     logging.info("parameter groups (scalars): %s",
@@ -478,9 +544,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   else:
     state = initial_train_state(trainer, config)
     start_step = 0
-    pending_batch = first_batch
+    pending_batch = first_raw
 
-  step_fn, predict_fn = trainer.train_step, trainer.predict
+  predict_fn = trainer.predict
 
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
@@ -499,6 +565,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   max_bad = int(tcfg.max_consecutive_nonfinite)
   log_every, image_every = int(tcfg.log_every), int(tcfg.get("image_every", 0))
   pending_metrics: list[dict] = []
+  pending_sources: list[str | None] = []
   last_metrics: dict[str, float] = {}
   previous_bad_counter = None
   preempted = False
@@ -506,13 +573,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   step = start_step
   try:
     while step < total_steps:
-      host_batch = pending_batch if pending_batch is not None else _host_batch(next(iterator))
+      raw_batch = pending_batch if pending_batch is not None else next(iterator)
       pending_batch = None
+      source = raw_batch.get("source")
+      host_batch = _host_batch(raw_batch)
       batch = sharding_lib.shard_batch(host_batch, mesh)
+      step_fn = trainer.train_steps[source] if source is not None else trainer.train_step
       state, metrics = step_fn(state, batch)
       step += 1
       interval_steps += 1
       pending_metrics.append(metrics)
+      pending_sources.append(source)
       for hook in hooks:
         hook(step)
 
@@ -525,9 +596,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       previous_bad_counter = metrics["nonfinite_consecutive"]
 
       if step % log_every == 0 or step == total_steps:
-        fetched = jax.device_get(pending_metrics)
-        last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-        pending_metrics = []
+        last_metrics = _mean_metrics(jax.device_get(pending_metrics), pending_sources)
+        pending_metrics, pending_sources = [], []
         elapsed = time.perf_counter() - interval_start
         clips_per_sec = interval_steps * int(tcfg.batch_size) / max(elapsed, 1e-9)
         step_time = elapsed / max(interval_steps, 1)

@@ -444,6 +444,12 @@ class TrainIterator:
     """Counts of dropped boxes, truncated instances and skipped corrupt videos so far."""
     return dict(self._maker.stats.counts)
 
+  def batch_spec(self) -> dict[str, Any]:
+    """This host's batch shapes and dtypes (`jax.ShapeDtypeStruct` per key), without reading."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return {k: jax.ShapeDtypeStruct((self.local_batch_size,) + shape, np.dtype(dtype))
+            for k, (dtype, shape) in self._spec.items()}
+
   def global_clip_index(self, batch: int, row: int) -> int:
     """Global clip index of row ``row`` of this host's batch number ``batch``."""
     return (batch * self.global_batch_size + self.process_index * self.local_batch_size + row)
@@ -590,6 +596,10 @@ class MixedTrainIterator:
   @property
   def stats(self) -> dict[str, dict[str, int]]:
     return {VIDEO_SOURCE: self.video.stats, COCO_SOURCE: self.coco.stats}
+
+  def batch_specs(self) -> dict[str, dict[str, Any]]:
+    """Each source's host batch shapes (`TrainIterator.batch_spec`), video first."""
+    return {VIDEO_SOURCE: self.video.batch_spec(), COCO_SOURCE: self.coco.batch_spec()}
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return self
