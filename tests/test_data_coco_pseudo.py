@@ -109,6 +109,31 @@ def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
   assert moved  # crops drift across frames
 
 
+def test_pseudo_clips_rotate_each_frame_boxes_enclose_objects(coco_folder):
+  path, root = coco_folder
+  cfg = ip.default_data_config()
+  cfg.name = "coco_pseudo"
+  cfg.coco.update(json=path, image_root=root, crop_prob=0.0, min_size_train=(128,),
+                  max_size_train=256, rotation_degrees=15.0)
+  cfg.coco.target_categories = ""
+  cfg.pad_size = (128, 256)
+  cfg.batch_size = 2
+  cfg.num_parallel_calls = 1
+  batch = next(ip.create_train_iterator(cfg, seed=3, process_index=0, process_count=1))
+  for b in range(2):
+    frames = batch["frames"][b]
+    assert not np.array_equal(frames[0], frames[1])  # one angle per frame
+    for k in np.flatnonzero(batch["instance_valid"][b]):
+      colour = COLOURS[batch["labels"][b, k] + 1]
+      for t in np.flatnonzero(batch["box_valid"][b, k]):
+        hit = np.all(np.abs(frames[t].astype(int) - colour) < 30, axis=-1)
+        ys, xs = np.nonzero(hit)
+        x1, y1, x2, y2 = batch["boxes"][b, k, t]
+        # The box around the rotated box holds the rotated object, and is larger than it.
+        assert xs.min() >= x1 - 1 and xs.max() < x2 + 1 and ys.min() >= y1 - 1 and ys.max() < y2 + 1
+        assert (x2 - x1) * (y2 - y1) > hit.sum()
+
+
 def _joint_config(tmp_path, coco_json, coco_root, categories=("car", "frisbee", "person"),
                   category_map="by_name"):
   videos = [testing.moving_rect_video(v, 100 * v, num_frames=8) for v in (1, 2, 3)]

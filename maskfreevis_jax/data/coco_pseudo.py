@@ -5,7 +5,9 @@ one size drifts from one random position to another across the (sorted) frames, 
 imitates camera motion; otherwise every frame shows the whole image. Then the clip gets one
 shortest-edge resize (``coco.min_size_train`` / ``coco.max_size_train``) and one horizontal
 flip decision. Boxes are carried through the crop and resize, clipped, and dropped per frame
-when empty. (The official mapper also rotates frames by up to 15 degrees; not done here.)
+when empty. With ``coco.rotation_degrees`` > 0 (the release: 15) every frame is then rotated
+by its own angle, as the release's ``RandomRotationClip`` (boxes become the boxes around the
+rotated boxes).
 
 COCO categories reach the video dataset's labels through ``data.coco.category_map``:
 
@@ -270,9 +272,20 @@ class CocoPseudoClipSource:
     flip = bool(cfg.random_flip) and bool(rng.uniform() < 0.5)
     out_hw = transforms.resized_shape(src_hw[0], src_hw[1], short, coco.max_size_train,
                                       canvas=tuple(cfg.pad_size))
+    # The release's RandomRotationClip: sorted angles in [-deg, deg] (reversed half the time),
+    # one per frame, about a centre drawn per clip within 40-60% of the frame.
+    angles, center_xy = np.zeros(num_t), None
+    rotation_degrees = float(coco.get("rotation_degrees", 0.0))
+    if rotation_degrees > 0:
+      angles = np.sort(rng.uniform(-rotation_degrees, rotation_degrees, size=num_t))
+      if rng.uniform() < 0.5:
+        angles = angles[::-1]
+      center_xy = (out_hw[1] * rng.uniform(0.4, 0.6), out_hw[0] * rng.uniform(0.4, 0.6))
     frame_transforms = [
-        transforms.ClipTransform((h, w), out_hw, flip, crop_yx=crop_windows[t], crop_hw=src_hw)
-        if crop_windows else transforms.ClipTransform((h, w), out_hw, flip)
+        transforms.ClipTransform((h, w), out_hw, flip,
+                                 crop_yx=crop_windows[t] if crop_windows else (0, 0),
+                                 crop_hw=src_hw if crop_windows else None,
+                                 angle=float(angles[t]), center_xy=center_xy)
         for t in range(num_t)]
     pixels = transforms.read_rgb(image.path)
     if pixels.shape[:2] != (h, w):
