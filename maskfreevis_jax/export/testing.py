@@ -1,4 +1,5 @@
 """Helpers for export / import tests: random model variables without running `model.init`."""
+import hashlib
 import math
 from typing import Any
 
@@ -56,3 +57,20 @@ def _to_dict(tree: Any) -> Any:
   if hasattr(tree, "items"):
     return {k: _to_dict(v) for k, v in tree.items()}
   return tree
+
+
+def state_dict_sha256(state_dict: Any, prefix: str = "") -> str:
+  """sha256 over the sorted keys starting with `prefix`, with each array's dtype, shape and bytes.
+
+  Parity fixtures store it, so a test that regenerates the variables from the seed knows it
+  has the weights the official code ran with.
+  """
+  digest = hashlib.sha256()
+  for key in sorted(k for k in state_dict if k.startswith(prefix)):
+    array = np.ascontiguousarray(state_dict[key])
+    digest.update(key.encode())
+    digest.update(str(array.dtype).encode())
+    digest.update(np.asarray(array.shape, np.int64).tobytes())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
