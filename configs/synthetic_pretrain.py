@@ -1,0 +1,73 @@
+"""Stage 1 of the embedded default: mask-supervised pretraining on synthetic still images.
+
+The synthetic counterpart of the COCO Mask2Former weights the official release starts from:
+the tiny model learns masks with mask supervision on still images
+(`maskfreevis_jax.data.synthetic_images`, other photographs than the videos) turned into
+pseudo clips (`coco_pseudo`). `maskfreevis_jax.two_stage` fills `data.coco.json` with the
+generated set, trains, and exports the weights that stage 2 (`configs/synthetic.py`) loads
+through `init_from`:
+
+  python -m maskfreevis_jax.two_stage --stage1_only --workdir workdir/stage1
+"""
+import ml_collections
+
+from maskfreevis_jax import criterion
+from maskfreevis_jax import models
+from maskfreevis_jax import train
+from maskfreevis_jax.data import input_pipeline
+from maskfreevis_jax.data import synthetic
+
+NUM_CLASSES = len(synthetic.SHAPE_CLASSES)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.mode = "train"
+  config.init_from = ""
+
+  # Same model as stage 2 (configs/synthetic.py), so every tensor carries over.
+  config.model = models.get_model_config("tiny", num_classes=NUM_CLASSES)
+  config.model.backbone.norm = "gn"
+  config.model.backbone.num_groups = 8
+  config.criterion = criterion.default_criterion_config()
+  config.criterion.num_classes = config.model.get_ref("num_classes")
+  config.criterion.mode = "mask"
+
+  config.train = train.default_train_config()
+  config.train.steps = 1200
+  config.train.batch_size = 8
+  config.train.lr = 6e-4
+  config.train.lr_decay_steps = (1000,)
+  # From scratch: the backbone learns at the full rate.
+  config.train.backbone_lr_multiplier = 1.0
+  config.train.clip_grad_norm = 0.1
+  config.train.seed = 0
+  config.train.checkpoint_every = 500
+  config.train.keep = 1
+  config.train.log_every = 50
+  config.train.image_every = 0
+
+  config.data = input_pipeline.default_data_config()
+  config.data.name = "coco_pseudo"
+  config.data.batch_size = config.train.get_ref("batch_size")
+  config.data.with_masks = True
+  # Still images: one frame per clip, as the official COCO image pretraining.
+  config.data.num_frames = 1
+  config.data.min_size_train = (64, 80, 96)
+  config.data.pad_size = (96, 96)
+  # Generated still-image set (maskfreevis_jax.data.synthetic_images); `coco.json` is set by
+  # maskfreevis_jax.two_stage to the generated instances.json.
+  config.data.stills = ml_collections.ConfigDict(dict(num_images=4000, size=(96, 96), seed=0,
+                                                      max_objects=4))
+  config.data.coco.json = ""
+  config.data.coco.min_size_train = (64, 80, 96)
+  config.data.coco.max_size_train = 96
+  config.data.coco.crop_prob = 0.5
+  config.data.coco.crop_pre_sizes = (96, 120, 144)
+  config.data.coco.crop_size = (72, 96)
+  config.data.coco.pseudo_length = (6, 10)
+  config.data.coco.frame_range = 5
+
+  config.eval = train.default_eval_config()
+  config.sharding = train.default_sharding_config()
+  return config

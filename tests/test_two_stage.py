@@ -1,0 +1,145 @@
+"""Tests of the embedded two-stage default: still images, stage-1 cache, init of stage 2."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config
+from maskfreevis_jax import export
+from maskfreevis_jax import sharding
+from maskfreevis_jax import train
+from maskfreevis_jax import two_stage
+from maskfreevis_jax.data import coco_pseudo
+from maskfreevis_jax.data import synthetic
+from maskfreevis_jax.data import synthetic_images
+from maskfreevis_jax.data import ytvis_json
+
+
+def _one_device_mesh():
+  return sharding.create_mesh(1, jax.devices()[:1])
+
+
+def _small_stage2_config(tmp_path):
+  config = load_config("synthetic")
+  config.init_from = ""
+  config.train.batch_size = 2
+  config.data.synthetic.cache_dir = str(tmp_path / "videos")
+  config.data.synthetic.num_train_videos = 2
+  config.data.synthetic.num_val_videos = 1
+  config.data.synthetic.frame_size = (32, 32)
+  config.data.pad_size = (32, 32)
+  config.data.min_size_train = (32,)
+  return config
+
+
+def _small_stage1_config():
+  config = load_config("synthetic_pretrain")
+  config.train.steps = 3
+  config.train.batch_size = 2
+  config.data.stills.num_images = 4
+  config.data.stills.size = (32, 32)
+  config.data.pad_size = (32, 32)
+  config.data.min_size_train = (32,)
+  config.data.coco.min_size_train = (32,)
+  config.data.coco.max_size_train = 32
+  return config
+
+
+def test_still_images_are_coco_instances_with_masks(tmp_path):
+  path = synthetic_images.write_coco_instances(str(tmp_path / "a"), num_images=6, size=(48, 64),
+                                               seed=3)
+  images, class_names = coco_pseudo.load_coco_instances(
+      path, target_class_names=synthetic.SHAPE_CLASSES)
+  assert class_names == list(synthetic.SHAPE_CLASSES) and len(images) == 6
+  data = json.loads(open(path).read())
+  assert {c["name"] for c in data["categories"]} == set(synthetic.SHAPE_CLASSES)
+  for ann in data["annotations"]:
+    mask = ytvis_json.decode_segmentation(ann["segmentation"], 48, 64).astype(bool)
+    ys, xs = np.nonzero(mask)
+    x, y, w, h = ann["bbox"]
+    assert (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) == (x, y, w, h)
+    assert ann["area"] == mask.sum() >= 16
+  # Deterministic, and another seed draws other images.
+  again = synthetic_images.write_coco_instances(str(tmp_path / "b"), num_images=6, size=(48, 64),
+                                                seed=3)
+  other = synthetic_images.write_coco_instances(str(tmp_path / "c"), num_images=6, size=(48, 64),
+                                                seed=4)
+  assert json.loads(open(again).read())["annotations"] == data["annotations"]
+  assert json.loads(open(other).read())["annotations"] != data["annotations"]
+
+
+def test_still_images_use_other_photographs_than_the_videos():
+  assert not set(synthetic_images.STILL_PHOTOS) & set(synthetic.BACKGROUND_PHOTOS)
+
+
+def test_stage2_starts_from_the_stage1_weights(tmp_path):
+  """Stage 2's train() starts from every tensor of the stage-1 file (random values here, so a
+  tensor left at its own initialisation shows)."""
+  config = _small_stage2_config(tmp_path)
+  iterator = train.build_train_iterator(config)
+  trainer = train.build_trainer(config, train.abstract_batch(next(iterator)),
+                                mesh=_one_device_mesh())
+  rng = np.random.default_rng(0)
+  stage1 = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
+                        {"params": trainer.abstract_state.params,
+                         **dict(trainer.abstract_state.model_state)})
+  weights = tmp_path / "stage1.safetensors"
+  export.export_checkpoint(stage1, config.model, weights, fmt="safetensors")
+
+  config.init_from = str(weights)
+  config.train.steps = 0  # train() initialises, saves step 0 and returns: no step compiled.
+  result = train.train(config, tmp_path / "stage2", mesh=_one_device_mesh())
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params),
+               stage1["params"])
+
+
+def test_stage1_cache_is_reused(tmp_path, monkeypatch):
+  """ensure_stage1 trains and exports once; a rerun with the same config reuses the file, a
+  changed config trains again."""
+  config = _small_stage1_config()
+  calls = []
+
+  def fake_train(cfg, workdir, **kwargs):
+    del workdir, kwargs
+    calls.append(cfg.data.coco.json)
+    state = train.TrainState(step=0, params={"w": np.full(2, len(calls))}, opt_state=None,
+                             model_state={}, rng=None, nonfinite_consecutive=0,
+                             nonfinite_total=0)
+    return train.TrainResult(state=state, step=int(cfg.train.steps), last_metrics={},
+                             preempted=False)
+
+  def fake_export(variables, model_config, out_path, **kwargs):
+    del model_config, kwargs
+    pathlib.Path(out_path).write_bytes(np.asarray(variables["params"]["w"]).tobytes())
+
+  monkeypatch.setattr(train, "train", fake_train)
+  monkeypatch.setattr(export, "export_checkpoint", fake_export)
+  first = two_stage.ensure_stage1(config, tmp_path / "stage1")
+  first_bytes = first.read_bytes()
+  assert len(calls) == 1 and calls[0].endswith("instances.json")
+  assert two_stage.stage1_is_cached(tmp_path / "stage1", config)
+
+  config.train.log_every = 1  # bookkeeping only: still the same weights
+  again = two_stage.ensure_stage1(config, tmp_path / "stage1")
+  assert len(calls) == 1 and again == first and again.read_bytes() == first_bytes
+
+  config.train.steps = 4
+  assert not two_stage.stage1_is_cached(tmp_path / "stage1", config)
+  two_stage.ensure_stage1(config, tmp_path / "stage1")
+  assert len(calls) == 2 and first.read_bytes() != first_bytes
+
+
+@pytest.mark.slow
+def test_stage1_trains_and_exports(tmp_path):
+  """The real stage 1 (3 steps, mask-supervised on 4 stills) exports weights stage 2 loads."""
+  config = _small_stage1_config()
+  weights = two_stage.ensure_stage1(config, tmp_path / "stage1")
+  stage2 = _small_stage2_config(tmp_path)
+  iterator = train.build_train_iterator(stage2)
+  trainer = train.build_trainer(stage2, train.abstract_batch(next(iterator)),
+                                mesh=_one_device_mesh())
+  stage2.init_from = str(weights)
+  state = train.initial_train_state(trainer, stage2)
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
