@@ -53,8 +53,9 @@ def default_optimizer_fields(config: ml_collections.ConfigDict) -> None:
   # Regexes on the '/'-joined parameter path (e.g. 'backbone/res2_0/conv1/kernel').
   config.backbone_regex = r"(^|/)backbone(/|$)"
   # Extra no-decay parameters on top of the ones found by module type (norm layers, nn.Embed).
-  # The decoder's learnable query / level embeddings are nn.Embedding in the official code.
-  config.no_decay_regex = r"(^|/)(query_feat|query_embed|decoder_level_embed)(/|$)|(^|/)predictor/level_embed(/|$)"
+  # The decoder's learnable query / level embeddings are nn.Embedding in the official code; Swin's
+  # relative position bias tables get none by name in the official build_optimizer.
+  config.no_decay_regex = r"(^|/)(query_feat|query_embed|decoder_level_embed)(/|$)|(^|/)predictor/level_embed(/|$)|(^|/)relative_position_bias_table$"
   config.frozen_regex = ""
 
 

@@ -10,12 +10,15 @@ import json
 import pickle
 import re
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from maskfreevis_jax import export
+from maskfreevis_jax import optimizer as optimizer_lib
 from maskfreevis_jax.export import testing
 from maskfreevis_jax.models import build_model, get_model_config
 from maskfreevis_jax.models import official_names
@@ -49,6 +52,41 @@ def _seeded_variables(meta, prefix):
   assert testing.state_dict_sha256(state_dict, prefix) == meta["sha256"], (
       "regenerated variables differ from the fixture's weights; rerun tools/official_parity/swin.py")
   return config, variables
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_variables(preset, **backbone):
+  config = get_model_config(preset)
+  config.backbone.update(backbone)
+  return config, testing.abstract_variables(config)
+
+
+def _random_variables(preset, seed, **backbone):
+  """(config, random variables) of a preset with backbone overrides; shapes traced once."""
+  config, shapes = _abstract_variables(preset, **backbone)
+  return config, testing.random_variables(shapes, seed)
+
+
+def test_swinl_optimizer_groups_match_official(fixtures_dir):
+  """Backbone lr x0.1 and no weight decay on norms and relative position bias tables."""
+  with open(fixtures_dir / "official_swinl_ytvis19_state_dict.json") as f:
+    reference = json.load(f)["optimizer"]
+  config, shapes = _abstract_variables("swinl")
+  train_config = ml_collections.ConfigDict()
+  optimizer_lib.default_optimizer_fields(train_config)
+  model = build_model(config)
+  frames = jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8)
+  module_types = optimizer_lib.module_types_by_path(model, jax.random.PRNGKey(0), frames)
+  labels = optimizer_lib.param_labels(shapes["params"], train_config, module_types)
+  groups = {optimizer_lib.DEFAULT: (1.0, 0.05), optimizer_lib.NO_DECAY: (1.0, 0.0),
+            optimizer_lib.BACKBONE: (0.1, 0.05), optimizer_lib.BACKBONE_NO_DECAY: (0.1, 0.0)}
+  ours = {}
+  for path, label in traverse_util.flatten_dict(labels).items():
+    key = official_names.flax_to_official_key("params", path)
+    ours[key] = [reference["base_lr"] * groups[label][0], groups[label][1]]
+  assert set(ours) == set(reference["groups"])
+  wrong = {k: (ours[k], v) for k, v in reference["groups"].items() if not np.allclose(ours[k], v)}
+  assert not wrong, list(wrong.items())[:5]
 
 
 def test_relative_position_index_by_hand():
@@ -100,8 +138,8 @@ def test_swinl_model_matches_official(fixtures_dir):
 def test_swinl_state_dict_and_parameter_count(fixtures_dir):
   with open(fixtures_dir / "official_swinl_ytvis19_state_dict.json") as f:
     reference = json.load(f)
-  config = get_model_config("swinl")
-  entries = official_names.official_name_map(config)
+  config, shapes = _abstract_variables("swinl")
+  entries = official_names.official_name_map(shapes)
   assert {e.official_key: list(e.official_shape) for e in entries} == reference["state_dict"]
   assert official_names.num_official_parameters(entries) == reference["num_parameters"]
   assert config.decoder.num_queries == reference["state_dict"][
@@ -110,19 +148,6 @@ def test_swinl_state_dict_and_parameter_count(fixtures_dir):
       official_names.RELATIVE_POSITION_INDEX_SUFFIX)]
   assert sorted(index_keys) == sorted(k for k, d in reference["non_float32"].items()
                                       if d == "int64")
-
-
-@functools.lru_cache(maxsize=None)
-def _abstract_variables(preset, **backbone):
-  config = get_model_config(preset)
-  config.backbone.update(backbone)
-  return config, testing.abstract_variables(config)
-
-
-def _random_variables(preset, seed, **backbone):
-  """(config, random variables) of a preset with backbone overrides; shapes traced once."""
-  config, shapes = _abstract_variables(preset, **backbone)
-  return config, testing.random_variables(shapes, seed)
 
 
 def _tiny_swin_checkpoint(layout):
