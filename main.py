@@ -49,19 +49,23 @@ def run(config, workdir: str, mode: str, input_path=None, output=None) -> int:
         return 0
       if mode == "train_and_evaluate":
         from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
-        evaluate.evaluate(config, workdir, step=result.step)
+        # Outputs are named by the checkpoint evaluated: the newest readable one, which is this
+        # run's last step unless its final save failed.
+        evaluate.evaluate(config, workdir)
     elif mode == "evaluate":
       from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.evaluate(config, workdir)
     elif mode == "predict":
       if not input_path:
         raise ValueError("--mode predict needs --input (a folder of frames or a video file)")
+      from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
       from maskfreevis_jax import predict  # pylint: disable=g-import-not-at-top
-      predict.predict(config, workdir, input_path, output)
+      variables, _ = evaluate.restore_variables(workdir, config.eval.get("step"))
+      predict.predict(config, workdir, input_path, output, variables=variables)
     elif mode == "export":
       from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
       from maskfreevis_jax import export  # pylint: disable=g-import-not-at-top
-      variables, step = evaluate.restore_variables(workdir)
+      variables, step = evaluate.restore_variables(workdir, config.eval.get("step"))
       out_path = pathlib.Path(output or workdir_path / "export" / f"model_{step:07d}.pth")
       out_path.parent.mkdir(parents=True, exist_ok=True)
       fmt = "safetensors" if out_path.suffix == ".safetensors" else "pth"
@@ -69,8 +73,8 @@ def run(config, workdir: str, mode: str, input_path=None, output=None) -> int:
                                          fmt=fmt, iteration=step)
       print(f"Exported step {step} to {summary.path} ({fmt}, official PyTorch key layout)",
             flush=True)
-  except (train.NonFiniteLossError, checkpointing.CheckpointMismatchError, FileNotFoundError,
-          ValueError, NotImplementedError) as e:
+  except (train.NonFiniteLossError, checkpointing.CheckpointMismatchError,
+          checkpointing.CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     logging.error("%s: %s", type(e).__name__, e)
     return 1

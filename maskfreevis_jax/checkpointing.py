@@ -4,15 +4,30 @@ Layout: `<workdir>/checkpoints/<step>/{state, data_iterator, config}`.
   * state: the TrainState pytree (saved sharded, restored straight into the target shardings);
   * data_iterator: every host's iterator state (JSON), so a resumed run reads the same stream;
   * config: the model/param fingerprint used to explain a mismatching checkpoint clearly.
-Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it), so a
-process killed mid-save leaves the previous checkpoint intact.
+Saves are asynchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it
+when complete), so a process killed mid-save leaves the previous checkpoints intact; the partial
+directory is removed by the next run.
+
+Faults (see the README's "Reliability" section):
+  * A checkpoint counts as readable only when it is restored completely (its Orbax commit record
+    `_CHECKPOINT_METADATA`, every item and every array). Resuming takes the newest readable one;
+    newer damaged ones are renamed `<step>.corrupt` (never deleted) and named in the log. When no
+    checkpoint can be read nothing is renamed and the run stops (`NoReadableCheckpointError`).
+  * A save that fails (full disk, unwritable directory) is logged and training goes on; after
+    `max_consecutive_failed_saves` failures in a row it stops (`CheckpointSaveError`). Old
+    checkpoints are pruned (keep-last-N) only after a newer one has committed.
 """
 from __future__ import annotations
 
 import base64
 import json
+import logging as std_logging
+import os
 import pathlib
+import re
+import shutil
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -24,14 +39,121 @@ import orbax.checkpoint as ocp
 _STATE = "state"
 _ITERATOR = "data_iterator"
 _CONFIG = "config"
+_ITEMS = (_STATE, _ITERATOR, _CONFIG)
+# Orbax (0.12) writes this file into a step directory before renaming it into place (the commit):
+# a step directory without it was not written by a completed save.
+_COMMIT_RECORD = "_CHECKPOINT_METADATA"
+# Name marker of Orbax's temporary (uncommitted) step directories: `<step>.orbax-checkpoint-tmp-*`.
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+QUARANTINE_SUFFIX = ".corrupt"
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in the workdir does not fit the model/optimizer of the current config."""
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint problem that needs the user (main.py prints it as one line)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """The checkpoint asked for by step cannot be read completely."""
+
+
+class NoReadableCheckpointError(CheckpointError):
+  """The checkpoint directory has checkpoints but none of them can be read."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """Too many checkpoint saves in a row failed (full disk, unwritable directory)."""
+
+
+class _Damage(Exception):
+  """Internal: why one step cannot be read; `item` names the first unreadable part."""
+
+  def __init__(self, item: str, detail: str):
+    super().__init__(f"{item}: {detail}")
+    self.item, self.detail = item, detail
+
+
 def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def describe_error(error: BaseException, root: pathlib.Path | None = None) -> str:
+  """One short line from an Orbax/TensorStore/OS error (no spec dumps, paths under `root` short)."""
+  text = str(error).strip() or type(error).__name__
+  text = re.split(r" \[(?:tensorstore_spec|source locations)=", text)[0].splitlines()[0]
+  files = re.findall(r'local file "([^"]+)"', text)
+  reason = text.rsplit(": ", 1)[-1] if files else text
+  if files:
+    file = files[-1]
+    if root is not None and file.startswith(str(root) + "/"):
+      file = file[len(str(root)) + 1:]
+    reason = f"file {file}: {reason}"
+  return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def _unreadable_array(error: BaseException) -> str | None:
+  """The array a TensorStore read error names (`params.x.kernel`), or None."""
+  found = re.search(r'Error reading "([^"]+?)/(?:\.zarray|[^"/]*)" in OCDBT', str(error))
+  return found.group(1) if found else None
+
+
+class _OrbaxOSErrorTracebacks(std_logging.Filter):
+  """Keeps the message but drops the traceback of Orbax log records about an OSError.
+
+  A save that fails on a full disk or an unwritable directory makes Orbax log the same OSError
+  with a full traceback from three background threads (~150 lines); `Checkpointer` reports it in
+  one line, and the messages stay.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if (record.exc_info and isinstance(record.exc_info[1], OSError)
+        and f"{os.sep}orbax{os.sep}" in record.pathname):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _ignore_late_read_callbacks(unraisable) -> None:
+  """`sys.unraisablehook` that drops "Event loop is closed" from abandoned TensorStore reads.
+
+  When one array of a checkpoint cannot be read, Orbax closes its event loop while TensorStore
+  still completes the other reads of that restore; each completion then fails to call back into
+  the closed loop and Python prints a traceback for it (the ~100 lines after a damaged checkpoint).
+  """
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _quiet_orbax_failures() -> None:
+  """Installs the two filters above once per process."""
+  if sys.unraisablehook is not _ignore_late_read_callbacks:
+    global _previous_unraisablehook
+    _previous_unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _ignore_late_read_callbacks
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _OrbaxOSErrorTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxOSErrorTracebacks())
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only when `ok` holds on every process (identity on a single host)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))))
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def _encode_iterator_state(state: Any) -> dict:
@@ -97,59 +219,199 @@ class PreemptionFlag:
 
 
 class Checkpointer:
-  """Periodic, keep-last-N checkpoints of (train state, data iterator state, config fingerprint)."""
+  """Periodic, keep-last-N checkpoints of (train state, data iterator state, config fingerprint).
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int, save_every: int,
-               fingerprint: dict | None = None, async_save: bool = True):
+  Restores take the newest checkpoint that can be read completely; saves that fail are counted
+  and training goes on until `max_consecutive_failed_saves` fail in a row (module docstring).
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, save_every: int = 1,
+               fingerprint: dict | None = None, async_save: bool = True,
+               max_consecutive_failed_saves: int = 3, read_only: bool = False):
+    """Opens (and, unless read-only, creates) the checkpoint directory.
+
+    Args:
+      directory: the checkpoint directory (`<workdir>/checkpoints`).
+      keep: committed checkpoints kept (older ones are deleted after a newer one commits);
+        <= 0 keeps all.
+      save_every: `save` writes at multiples of this step.
+      fingerprint: flat config values saved with each checkpoint (for clear mismatch errors).
+      async_save: write in a background thread (the train loop goes on meanwhile).
+      max_consecutive_failed_saves: stop (`CheckpointSaveError`) after this many failed saves
+        in a row; earlier failures are logged and training goes on.
+      read_only: evaluation/export: nothing is created, cleaned, renamed or deleted.
+    """
     self.directory = pathlib.Path(directory).absolute()
+    self.keep = int(keep)
     self.save_every = max(int(save_every), 1)
     self.fingerprint = fingerprint or {}
+    self.async_save = bool(async_save)
+    self.max_consecutive_failed_saves = max(int(max_consecutive_failed_saves), 1)
+    self.read_only = bool(read_only)
+    self.failed_saves_in_a_row = 0
+    self._pending_step: int | None = None
+    _quiet_orbax_failures()
+    if not read_only and jax.process_index() == 0:
+      self._remove_uncommitted()
+    # Retention is ours (max_to_keep=None): Orbax would prune when a save is launched, before we
+    # know that the new checkpoint commits. The step directory is created in `save` itself: created
+    # in the background, a failure leaves Orbax's writer threads waiting for it (20 minutes).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=None, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=self.async_save, cleanup_tmp_directories=False,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                        _ITERATOR: ocp.JsonCheckpointHandler(),
                        _CONFIG: ocp.JsonCheckpointHandler()})
 
+  # -------------------------------------------------------------------------------------------
+  # Directory housekeeping
+  # -------------------------------------------------------------------------------------------
+
+  def _remove_uncommitted(self, step: int | None = None) -> None:
+    """Deletes Orbax temporary directories (of `step`, or all): saves that never committed."""
+    if not self.directory.is_dir():
+      return
+    prefix = "" if step is None else f"{step}{_TMP_MARKER}"
+    for path in sorted(self.directory.iterdir()):
+      if _TMP_MARKER in path.name and path.name.startswith(prefix):
+        logging.warning("removing %s: a checkpoint save that never completed", path)
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists() and not path.is_dir():
+          path.unlink(missing_ok=True)
+
+  def quarantined(self) -> list[pathlib.Path]:
+    """Checkpoints moved aside as damaged (`<step>.corrupt*`)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(p for p in self.directory.iterdir() if QUARANTINE_SUFFIX in p.name)
+
+  def _quarantine(self, step: int) -> pathlib.Path:
+    """Renames a damaged step directory to `<step>.corrupt` (or `.corrupt.N`); never deletes."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}{QUARANTINE_SUFFIX}"
+    n = 1
+    while target.exists():
+      target = self.directory / f"{step}{QUARANTINE_SUFFIX}.{n}"
+      n += 1
+    if jax.process_index() == 0:
+      source.rename(target)
+    _sync_processes(f"checkpoint_quarantine_{step}")
+    return target
+
+  def _prune(self) -> None:
+    """Deletes the oldest committed checkpoints beyond `keep` (renamed first: atomic)."""
+    steps = sorted(self.manager.all_steps())
+    if self.keep <= 0 or len(steps) <= self.keep:
+      return
+    for step in steps[:-self.keep]:
+      if jax.process_index() == 0:
+        doomed = self.directory / f"{step}{_TMP_MARKER}-deleting"
+        (self.directory / str(step)).rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+      _sync_processes(f"checkpoint_prune_{step}")
+    self.manager.reload()
+
+  # -------------------------------------------------------------------------------------------
+  # Saving
+  # -------------------------------------------------------------------------------------------
+
   def latest_step(self) -> int | None:
+    """The newest committed step (not checked for readability; `restore` does that)."""
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Committed steps, oldest first."""
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state: Any, iterator_state: Any, *, force: bool = False) -> bool:
-    """Saves at multiples of `save_every` (or always with force). Returns whether it saved."""
+    """Saves at multiples of `save_every` (or always with force). Returns whether it started.
+
+    A save that fails (now, or in the background: noticed at the next save or `close`) is logged,
+    its partial directory removed, and training goes on.
+
+    Raises:
+      CheckpointSaveError: after `max_consecutive_failed_saves` failed saves in a row.
+    """
     if not force and step % self.save_every:
       return False
+    self._settle()
     if step in self.manager.all_steps():
       return False
     host_states = _gather_host_strings(json.dumps(_encode_iterator_state(iterator_state)))
-    saved = self.manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(state),
-            _ITERATOR: ocp.args.JsonSave({"per_process": [json.loads(s) for s in host_states]}),
-            _CONFIG: ocp.args.JsonSave(self.fingerprint),
-        }),
-        force=True)
+    try:
+      saved = self.manager.save(
+          step,
+          args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardSave(state),
+              _ITERATOR: ocp.args.JsonSave({"per_process": [json.loads(s) for s in host_states]}),
+              _CONFIG: ocp.args.JsonSave(self.fingerprint),
+          }),
+          force=True)
+    except Exception as error:  # pylint: disable=broad-except
+      self._save_failed(step, error)
+      return False
     if saved:
       logging.info("checkpoint for step %d being written to %s", step, self.directory)
+      self._pending_step = step
+      if not self.async_save:
+        self._settle()
     return saved
+
+  def _settle(self) -> None:
+    """Waits for the save in flight; counts it as committed (then prunes) or failed."""
+    step, self._pending_step = self._pending_step, None
+    error = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    if step is None:
+      if error is not None:
+        logging.error("checkpoint save in %s failed: %s", self.directory,
+                      describe_error(error, self.directory))
+      return
+    if error is None and (self.directory / str(step) / _COMMIT_RECORD).is_file():
+      self.failed_saves_in_a_row = 0
+      self._prune()
+      return
+    self._save_failed(step, error or FileNotFoundError(
+        f"{self.directory / str(step)} was not committed"))
+
+  def _save_failed(self, step: int, error: BaseException) -> None:
+    self.failed_saves_in_a_row += 1
+    if jax.process_index() == 0:
+      self._remove_uncommitted(step)
+    try:
+      self.manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass  # The directory itself may be unreadable; the next save reports that.
+    message = (f"the checkpoint of step {step} could not be written to {self.directory} "
+               f"({describe_error(error, self.directory)})")
+    committed = self.all_steps()
+    kept = f"newest kept checkpoint: step {committed[-1]}" if committed else "no checkpoint kept"
+    if self.failed_saves_in_a_row >= self.max_consecutive_failed_saves:
+      raise CheckpointSaveError(
+          f"{message}: {self.failed_saves_in_a_row} failed checkpoint saves in a row "
+          f"(config.train.max_consecutive_failed_saves={self.max_consecutive_failed_saves}), "
+          f"stopping; earlier checkpoints are untouched ({kept}). Free disk space or make the "
+          "directory writable, then rerun the same command to resume.")
+    logging.error("%s; training goes on (%d failed in a row, stops at %d; %s)", message,
+                  self.failed_saves_in_a_row, self.max_consecutive_failed_saves, kept)
 
   def reached_preemption(self, step: int) -> bool:
     return jax.process_count() > 1 and self.manager.reached_preemption(step)
 
-  def _check_compatible(self, step: int, abstract_state: Any) -> None:
+  # -------------------------------------------------------------------------------------------
+  # Restoring
+  # -------------------------------------------------------------------------------------------
+
+  def _check_compatible(self, step: int, metadata: Any, saved_fingerprint: dict,
+                        abstract_state: Any) -> None:
     """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
     step_dir = self.directory / str(step)
-    saved_fingerprint = {}
-    try:
-      saved_fingerprint = self.manager.restore(
-          step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG] or {}
-    except Exception:  # pylint: disable=broad-except
-      logging.warning("checkpoint %s has no readable config fingerprint", step_dir)
-    metadata = self.manager.item_metadata(step)[_STATE]
-    if metadata is None:
-      raise CheckpointMismatchError(f"checkpoint {step_dir} has no train state")
     saved = {_path_str(p): tuple(getattr(m, "shape", ()) or ())
              for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
     wanted = {_path_str(p): tuple(getattr(x, "shape", ()) or ())
@@ -177,35 +439,141 @@ class Checkpointer:
           f"checkpoint {step_dir} does not fit the current config: it has parameter '{extra[0]}' "
           f"(shape {saved[extra[0]]}) that the model lacks{hint}. Use a fresh --workdir.")
 
-  def restore(self, abstract_state: Any, step: int | None = None
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
+    """(state, this host's iterator state) of `step`, read completely, or raises _Damage.
+
+    Raises:
+      _Damage: naming the first unreadable item (commit record, item, array).
+      CheckpointMismatchError: the checkpoint is readable but of another model.
+    """
+    step_dir = self.directory / str(step)
+    try:
+      json.loads((step_dir / _COMMIT_RECORD).read_text())
+    except FileNotFoundError as e:
+      raise _Damage(_COMMIT_RECORD, "missing (the save did not complete)") from e
+    except (OSError, ValueError) as e:
+      raise _Damage(_COMMIT_RECORD, describe_error(e, step_dir)) from e
+    for item in _ITEMS:
+      if not (step_dir / item).is_dir():
+        raise _Damage(item, "not a directory" if (step_dir / item).exists() else "missing")
+
+    def damage(item, error):
+      array = _unreadable_array(error) if item == _STATE else None
+      return _Damage(f"{item}/{array}" if array else item, describe_error(error, step_dir))
+
+    def restore_item(item, args):
+      try:
+        return self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+      except Exception as e:  # pylint: disable=broad-except
+        raise damage(item, e) from e
+
+    iterator_states = (restore_item(_ITERATOR, ocp.args.JsonRestore()) or {}).get("per_process", [])
+    saved_fingerprint = restore_item(_CONFIG, ocp.args.JsonRestore()) or {}
+    try:
+      metadata = self.manager.item_metadata(step)[_STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      raise damage(_STATE, e) from e
+    if metadata is None:
+      raise _Damage(_STATE, "its tree metadata cannot be read")
+    if abstract_state is None:  # Evaluation: every array as saved, replicated on this host.
+      from maskfreevis_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+      replicated = sharding_lib.replicated(sharding_lib.create_mesh(1))
+      abstract_state = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), dict(metadata))
+    else:
+      self._check_compatible(step, metadata, saved_fingerprint, abstract_state)
+    state = restore_item(_STATE, ocp.args.StandardRestore(abstract_state))
+    if iterator_states and len(iterator_states) != jax.process_count():
+      raise CheckpointMismatchError(
+          f"checkpoint {step_dir} holds data iterator states of {len(iterator_states)} "
+          f"processes but this run has {jax.process_count()}")
+    iterator_state = (_decode_iterator_state(iterator_states[jax.process_index()])
+                      if iterator_states else None)
+    return state, iterator_state
+
+  def _try_read(self, step: int, abstract_state: Any) -> tuple[Any, _Damage | None]:
+    """((state, iterator state), None), or (None, damage) when any process cannot read it."""
+    result, damage = None, None
+    try:
+      result = self._read(step, abstract_state)
+    except _Damage as e:
+      damage = e
+    if not _all_processes_agree(damage is None) and damage is None:
+      damage = _Damage("(another process)", "a part stored for another process cannot be read")
+    return (None, damage) if damage is not None else (result, None)
+
+  def restore(self, abstract_state: Any = None, step: int | None = None
               ) -> tuple[Any, Any, int] | None:
-    """Restores (state, this host's iterator state, step) from `step` or the latest; None if none.
+    """Restores (state, this host's iterator state, step); None if there is no checkpoint.
+
+    Without `step` the newest checkpoint that reads completely is used. Newer damaged ones are
+    logged (one line each: step, directory, first unreadable item) and, unless read-only, renamed
+    to `<step>.corrupt` once an older one has been read.
 
     Args:
-      abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` (restore target layout).
-      step: a specific step, default the latest.
+      abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` (restore target layout);
+        None: the saved tree and dtypes, replicated (evaluation).
+      step: a specific step (its damage is an error), default the newest readable.
+
+    Raises:
+      DamagedCheckpointError: `step` was given and cannot be read.
+      FileNotFoundError: `step` was given and there is no such checkpoint.
+      NoReadableCheckpointError: there are checkpoints (or quarantined ones) but none reads.
+      CheckpointMismatchError: the newest readable checkpoint belongs to another model.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    self._check_compatible(step, abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(abstract_state),
-        _ITERATOR: ocp.args.JsonRestore(),
-    }))
-    per_process = (restored[_ITERATOR] or {}).get("per_process", [])
-    if per_process and len(per_process) != jax.process_count():
-      raise CheckpointMismatchError(
-          f"checkpoint {self.directory / str(step)} holds data iterator states of "
-          f"{len(per_process)} processes but this run has {jax.process_count()}")
-    iterator_state = (_decode_iterator_state(per_process[jax.process_index()])
-                      if per_process else None)
-    logging.info("restored checkpoint of step %d from %s", step, self.directory)
-    return restored[_STATE], iterator_state, step
+    self._settle()
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {self.directory} (committed steps: "
+            f"{', '.join(map(str, steps)) or 'none'})")
+      result, damage = self._try_read(step, abstract_state)
+      if damage is not None:
+        raise DamagedCheckpointError(
+            f"checkpoint {self.directory / str(step)} cannot be read: first unreadable item "
+            f"{damage}. Choose another step (committed: {', '.join(map(str, steps))}).")
+      logging.info("restored checkpoint of step %d from %s", step, self.directory)
+      return (*result, step)
+
+    damaged: list[tuple[int, _Damage]] = []
+    for candidate in reversed(steps):
+      result, damage = self._try_read(candidate, abstract_state)
+      if damage is not None:
+        damaged.append((candidate, damage))
+        continue
+      for bad_step, bad in damaged:
+        where = "left in place" if self.read_only else f"moved aside to {self._quarantine(bad_step)}"
+        logging.warning("checkpoint of step %d in %s cannot be read (first unreadable item %s); "
+                        "%s, using step %d", bad_step, self.directory, bad, where, candidate)
+      if damaged and not self.read_only:
+        self.manager.reload()
+      logging.info("restored checkpoint of step %d from %s", candidate, self.directory)
+      return (*result, candidate)
+
+    if damaged:
+      newest_step, newest_damage = damaged[0]
+      raise NoReadableCheckpointError(
+          f"none of the {len(damaged)} checkpoints in {self.directory} can be read (newest, step "
+          f"{newest_step}: first unreadable item {newest_damage}); nothing was moved or deleted. "
+          "Repair or remove them, or use a fresh --workdir to start from scratch.")
+    quarantined = self.quarantined()
+    if quarantined:
+      raise NoReadableCheckpointError(
+          f"{self.directory} holds only damaged checkpoints moved aside earlier "
+          f"({', '.join(p.name for p in quarantined)}); remove them, or use a fresh --workdir, "
+          "to start from scratch.")
+    return None
 
   def wait_until_finished(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is written (failures are counted as in `save`)."""
+    self._settle()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save; a failure of it is logged (the run is ending anyway)."""
+    try:
+      self._settle()
+    except CheckpointSaveError as e:
+      logging.error("%s", e)
+    finally:
+      self.manager.close()

@@ -1,10 +1,11 @@
 """Evaluation glue: model inference over the evaluation videos, results JSON, YouTube-VIS AP table.
 
-`evaluate(config, workdir)` restores the latest checkpoint of `workdir` (or takes `variables`),
-predicts every validation video with `maskfreevis_jax.evaluation.VideoPredictor` (the official
-`inference_video` post-processing), writes `workdir/eval/results_<step>.json` in the YouTube-VIS
-submission format, scores it with `evaluate_ytvis` when ground-truth masks exist, prints the AP
-table and writes the metrics to `workdir/eval/metrics_<step>.json` and TensorBoard.
+`evaluate(config, workdir)` restores the checkpoint of `config.eval.step` in `workdir` (default:
+the newest one that can be read) or takes `variables`, predicts every validation video with
+`maskfreevis_jax.evaluation.VideoPredictor` (the official `inference_video` post-processing),
+writes `workdir/eval/results_<step>.json` in the YouTube-VIS submission format, scores it with
+`evaluate_ytvis` when ground-truth masks exist, prints the AP table and writes the metrics to
+`workdir/eval/metrics_<step>.json` and TensorBoard.
 """
 from __future__ import annotations
 
@@ -18,44 +19,42 @@ from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from maskfreevis_jax import checkpointing
-from maskfreevis_jax import sharding as sharding_lib
 
 
 def restore_variables(workdir: str | pathlib.Path, step: int | None = None
                       ) -> tuple[dict, int]:
   """Model variables ({'params': ..., other collections}) of a training checkpoint, replicated.
 
-  Reads only the saved tree's metadata for the restore target, so the optimizer settings of the
-  current config do not matter.
+  Restores the saved tree as it is (every array is read, so a damaged checkpoint is noticed), so
+  the optimizer settings of the current config do not matter. Nothing in the directory changes.
+
+  Args:
+    workdir: the training run directory (checkpoints in `workdir/checkpoints`).
+    step: the checkpoint's step (`config.eval.step`); None, 0 or -1: the newest readable one,
+      with a one-line warning naming each newer damaged checkpoint.
 
   Raises:
-    FileNotFoundError: naming the directory, when it has no checkpoint.
+    FileNotFoundError: naming the directory when it has no checkpoint, or the step when there is
+      no checkpoint of that step.
+    checkpointing.DamagedCheckpointError: the checkpoint of `step` cannot be read.
+    checkpointing.NoReadableCheckpointError: no checkpoint in the directory can be read.
   """
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoints in {directory}: train first (--mode train) or pass "
                             "--workdir of a trained run")
-  manager = ocp.CheckpointManager(
-      directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data_iterator": ocp.JsonCheckpointHandler(),
-                     "config": ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  checkpointer = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    restored = checkpointer.restore(step=None if step is None or int(step) <= 0 else int(step))
+  finally:
+    checkpointer.close()
+  if restored is None:
     raise FileNotFoundError(f"no finished checkpoint in {directory}")
-  metadata = manager.item_metadata(step)["state"]
-  mesh = sharding_lib.create_mesh(1)
-  replicated = sharding_lib.replicated(mesh)
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                        dict(metadata))
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
-  state = state["state"]
+  state, _, restored_step = restored
   variables = {"params": state["params"], **dict(state.get("model_state") or {})}
-  return variables, int(step)
+  return variables, int(restored_step)
 
 
 def _gather_results(results: list[dict]) -> list[dict]:
@@ -74,7 +73,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   Args:
     config: full config (model, data, eval).
     workdir: run directory (checkpoints are read from it, eval outputs written to workdir/eval).
-    variables: model variables to evaluate (default: restore the latest checkpoint).
+    variables: model variables to evaluate (default: restore the checkpoint of
+      `config.eval.step`, or the newest readable one).
     step: the step number used in output names (default: the checkpoint's).
     model: override the model built from config.model.
     writer: optional metric writer (default: a TensorBoard writer on workdir).
@@ -89,7 +89,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   workdir = pathlib.Path(workdir)
   ecfg = config.eval
   if variables is None:
-    variables, restored_step = restore_variables(workdir)
+    variables, restored_step = restore_variables(workdir, ecfg.get("step"))
     step = restored_step if step is None else step
   step = 0 if step is None else int(step)
   model = model if model is not None else models.build_model(config.model)

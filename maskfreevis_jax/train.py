@@ -524,7 +524,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   checkpointer = checkpointing.Checkpointer(
       workdir / "checkpoints", keep=int(tcfg.keep), save_every=int(tcfg.checkpoint_every),
-      fingerprint=config_fingerprint(config), async_save=bool(tcfg.get("async_checkpoint", True)))
+      fingerprint=config_fingerprint(config), async_save=bool(tcfg.get("async_checkpoint", True)),
+      max_consecutive_failed_saves=int(tcfg.get("max_consecutive_failed_saves", 3)))
   try:
     restored = checkpointer.restore(jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_state,
@@ -668,6 +669,9 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.image_every = 500  # 0 disables the predicted-mask images in TensorBoard.
   c.profile_steps = 0  # > 0: capture a jax profiler trace of that many steps (after step 10).
   c.max_consecutive_nonfinite = 10
+  # A failed checkpoint save (full disk, unwritable workdir) is logged and training goes on; this
+  # many failures in a row stop it.
+  c.max_consecutive_failed_saves = 3
   return c
 
 
@@ -687,6 +691,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c.association_mask_weight = 1.0
   c.max_videos = 0  # 0: all.
   c.gt_json = ""  # default: the dataset's own annotation file.
+  # Checkpoint evaluated / predicted with / exported (also by --mode predict and export): 0 or -1
+  # take the newest one that can be read.
+  c.step = -1
   return c
 
 

@@ -1,7 +1,8 @@
 """Checkpoint/resume tests: SIGTERM (preemption) and SIGKILL mid-run, then resume, must end with the
 same parameters as an uninterrupted run; a checkpoint of another config gives a clear error.
 
-Run as a script, this file trains the stand-in model of test_train.py (used as the subprocess).
+Run as a script, this file trains the stand-in model of `maskfreevis_jax.testing` (used as the
+subprocess).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import time
 if __name__ == "__main__":  # Subprocess mode: 2 CPU devices, set before jax is imported.
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 
 from maskfreevis_jax import checkpointing  # noqa: E402
 from maskfreevis_jax import sharding as sharding_lib  # noqa: E402
+from maskfreevis_jax import testing  # noqa: E402
 from maskfreevis_jax import train as train_lib  # noqa: E402
-import test_train  # noqa: E402  (the stand-ins)
 
 STEPS = 12
 
@@ -36,12 +36,12 @@ def _flat_params(params) -> dict[str, np.ndarray]:
 
 
 def run_training(workdir, delay_s: float = 0.0, width: int = 8, devices=None, steps=STEPS):
-  config = test_train.make_config(steps=steps, checkpoint_every=2, keep=2, log_every=1)
+  config = testing.make_config(steps=steps, checkpoint_every=2, keep=2, log_every=1)
   config.model.width = width
   mesh = sharding_lib.create_mesh(1, devices)
-  return train_lib.train(config, workdir, model=test_train.StandInModel(width=width),
-                         loss_fn=test_train.stand_in_loss,
-                         train_iterator=test_train.StandInIterator(8, seed=1, delay_s=delay_s),
+  return train_lib.train(config, workdir, model=testing.StandInModel(width=width),
+                         loss_fn=testing.stand_in_loss,
+                         train_iterator=testing.StandInIterator(8, seed=1, delay_s=delay_s),
                          mesh=mesh)
 
 
@@ -74,10 +74,10 @@ def _wait_for_checkpoint(proc, workdir, min_step, timeout=120.0):
 def test_resume_in_process_matches_uninterrupted(tmp_path):
   devices = jax.devices()[:2]
   reference = run_training(tmp_path / "reference", devices=devices, steps=6)
-  config = test_train.make_config(steps=3, checkpoint_every=2, keep=2, log_every=1)
-  first = train_lib.train(config, tmp_path / "split", model=test_train.StandInModel(),
-                          loss_fn=test_train.stand_in_loss,
-                          train_iterator=test_train.StandInIterator(8, seed=1),
+  config = testing.make_config(steps=3, checkpoint_every=2, keep=2, log_every=1)
+  first = train_lib.train(config, tmp_path / "split", model=testing.StandInModel(),
+                          loss_fn=testing.stand_in_loss,
+                          train_iterator=testing.StandInIterator(8, seed=1),
                           mesh=sharding_lib.create_mesh(1, devices))
   assert first.step == 3 and _finished_steps(tmp_path / "split")[-1] == 3
   # A fresh iterator at position 0: the checkpoint must move it to batch 3.
@@ -129,13 +129,13 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
-  config = test_train.make_config(steps=2, checkpoint_every=2)
-  train_lib.train(config, tmp_path, model=test_train.StandInModel(width=8),
-                  loss_fn=test_train.stand_in_loss, train_iterator=test_train.StandInIterator(8))
+  config = testing.make_config(steps=2, checkpoint_every=2)
+  train_lib.train(config, tmp_path, model=testing.StandInModel(width=8),
+                  loss_fn=testing.stand_in_loss, train_iterator=testing.StandInIterator(8))
   config.model.width = 16
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-    train_lib.train(config, tmp_path, model=test_train.StandInModel(width=16),
-                    loss_fn=test_train.stand_in_loss, train_iterator=test_train.StandInIterator(8))
+    train_lib.train(config, tmp_path, model=testing.StandInModel(width=16),
+                    loss_fn=testing.stand_in_loss, train_iterator=testing.StandInIterator(8))
   message = str(info.value)
   found = re.search(r"parameter 'params/(\S+)' has shape \(([\d, ]*)\) in the checkpoint but "
                     r"\(([\d, ]*)\) in the model", message)
