@@ -202,7 +202,8 @@ def _format_seconds(seconds: float) -> str:
 def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: str | None = None,
             *, variables=None, model=None, score_threshold: float = 0.3,
             class_names: Sequence[str] | None = None, fps: float = 6.0,
-            gif_max_frames: int = 100, progress_every: float = 10.0) -> dict:
+            gif_max_frames: int = 100, overlay_min_size: int = 384,
+            progress_every: float = 10.0) -> dict:
   """Predicts one video, streaming it; returns the output paths and counts.
 
   Args:
@@ -216,6 +217,7 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
     class_names: label names for the overlay (default: the configured dataset's).
     fps: frame rate of the overlays.
     gif_max_frames: the GIF overlay holds at most this many frames (the MP4 has them all).
+    overlay_min_size: overlays of smaller frames are upscaled to this short side (0: never).
     progress_every: seconds between progress lines.
 
   Returns:
@@ -229,13 +231,14 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
   from maskfreevis_jax import evaluation  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
 
   reader = FrameReader(input_path)
   frames = iter(reader)
   first = next(frames)
   if variables is None:
+    # Imported here: it pulls in TensorFlow (the metric writers).
+    from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
     variables, _ = restore_variables(workdir)
   model = model if model is not None else models.build_model(config.model)
   if class_names is None:
@@ -281,7 +284,7 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
     drawn = drawn[np.argsort(-best[drawn], kind="stable")][:predictor.top_k]
     writer.write(evaluation.overlay_frames(
         chunk, masks[drawn], track_scores[drawn].argmax(axis=1), best[drawn], class_names,
-        score_threshold=score_threshold, colors=palette[drawn]))
+        score_threshold=score_threshold, colors=palette[drawn], min_size=overlay_min_size))
     done = first_index + count
     now = time.perf_counter()
     if now - last_print >= progress_every or (total is not None and done >= total):

@@ -1,0 +1,262 @@
+"""Long videos: query association across windows, streaming prediction, bad video inputs."""
+import json
+import pathlib
+import tracemalloc
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskfreevis_jax import predict
+from maskfreevis_jax.data import synthetic
+from maskfreevis_jax.evaluation import inference
+
+NUM_OBJECTS = 4
+NUM_QUERIES = 6  # two queries never find an object
+NUM_CLASSES = 3
+SIZE = 32  # frames are SIZE x SIZE, masks SIZE/4
+
+
+def _object_codes():
+  """Red level that paints object k (the stand-in model finds objects by it)."""
+  return 40.0 * (np.arange(NUM_QUERIES) + 1)
+
+
+def _scene(num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+  """Frames with NUM_OBJECTS 8x8 squares moving on a 4-pixel grid, and their masks.
+
+  Returns:
+    uint8 [T, SIZE, SIZE, 3] frames, bool [NUM_OBJECTS, T, SIZE, SIZE] masks.
+  """
+  frames = np.zeros((num_frames, SIZE, SIZE, 3), np.uint8)
+  masks = np.zeros((NUM_OBJECTS, num_frames, SIZE, SIZE), bool)
+  codes = _object_codes()
+  for t in range(num_frames):
+    frames[t, :, :, 1] = t % 256  # green: frame index (the model's per-window query shuffle)
+    for k in range(NUM_OBJECTS):
+      y = 4 * (2 * k % 7)
+      x = 4 * ((t // 2 + 2 * k) % 7)
+      masks[k, t, y:y + 8, x:x + 8] = True
+      frames[t, y:y + 8, x:x + 8, 0] = codes[k]
+  return frames, masks
+
+
+def _shuffling_model():
+  """A stand-in for the model whose query order changes in every window.
+
+  Query q of a window starting at frame s follows object permutation_s[q] (a random permutation
+  keyed by s, read from the first frame's green level): its mask logits are +8
+  where the red level is that object's code (-8 elsewhere), its embedding is that object's fixed
+  random vector, and its class is object % C. Without association a track switches object at
+  every window boundary.
+  """
+  codes = jnp.asarray(_object_codes(), jnp.float32)
+  object_embeds = jax.random.normal(jax.random.PRNGKey(0), (NUM_QUERIES, 16))
+  class_logits = 6.0 * jax.nn.one_hot(jnp.arange(NUM_QUERIES) % NUM_CLASSES, NUM_CLASSES + 1)
+  class_logits = class_logits.at[NUM_OBJECTS:].set(
+      6.0 * jax.nn.one_hot(NUM_CLASSES, NUM_CLASSES + 1))  # no-object queries
+
+  def apply_fn(variables, frames, image_valid=None):
+    del variables, image_valid
+    x = frames.astype(jnp.float32)
+    b, t, h, w, _ = x.shape
+    red = x[..., 0].reshape(b, t, h // 4, 4, w // 4, 4).mean((3, 5))  # [B, T, h, w]
+    start = jnp.round(x[0, 0, 0, 0, 1]).astype(jnp.int32)  # first frame index
+    objects = jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(1), start),
+                                     NUM_QUERIES)[None]  # [B, Q]
+    found = jnp.abs(red[:, None] - codes[objects][..., None, None, None]) < 1.0
+    masks = jnp.where(found, 8.0, -8.0)  # [B, Q, T, h, w]
+    return {'pred_logits': class_logits[objects][None], 'pred_masks': masks[None],
+            'pred_embeds': object_embeds[objects]}
+
+  return apply_fn
+
+
+def _track_objects(prediction_masks: np.ndarray, object_masks: np.ndarray) -> list[set[int]]:
+  """For each predicted track [K, T, H, W], the objects it covers over the video."""
+  covered = []
+  for track in prediction_masks:
+    objects = set()
+    for t in np.flatnonzero(track.any(axis=(1, 2))):
+      ious = [(track[t] & m[t]).sum() / (track[t] | m[t]).sum() for m in object_masks]
+      objects.add(int(np.argmax(ious)) if max(ious) > 0.7 else -1)  # -1: no object's mask
+    covered.append(objects)
+  return covered
+
+
+@pytest.mark.parametrize('embed_weight,mask_weight', [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)],
+                         ids=['embeddings', 'masks', 'both'])
+def test_association_recovers_a_permutation(embed_weight, mask_weight):
+  rng = np.random.default_rng(0)
+  num_queries = 12
+  embeds = rng.normal(size=(num_queries, 8)).astype(np.float32)
+  masks = np.where(rng.uniform(size=(num_queries, 2, 6, 6)) < 0.3, 6.0, -6.0).astype(np.float32)
+  permutation = rng.permutation(num_queries)  # next window's query i = track permutation[i]
+  noisy_embeds = embeds[permutation] + 0.05 * rng.normal(size=embeds.shape).astype(np.float32)
+  order = inference.associate_queries(embeds, masks, noisy_embeds, masks[permutation],
+                                      embed_weight=embed_weight, mask_weight=mask_weight)
+  # Track j must continue with the query that holds it: permutation[order[j]] == j.
+  np.testing.assert_array_equal(permutation[order], np.arange(num_queries))
+
+
+@pytest.mark.parametrize('associate', [True, False], ids=['associated', 'unassociated'])
+def test_windowed_tracks_keep_their_objects_only_with_association(associate):
+  frames, object_masks = _scene(30)
+  predictor = inference.VideoPredictor(_shuffling_model(), window_size=8, window_overlap=2,
+                                       associate=associate, top_k=NUM_OBJECTS)
+  prediction = predictor({}, frames)
+  covered = _track_objects(prediction.masks, object_masks)
+  one_object_each = all(len(c) == 1 and -1 not in c for c in covered)
+  # The shuffle is real: without association a track visits several objects.
+  assert one_object_each == associate, covered
+  if associate:
+    assert sorted(next(iter(c)) for c in covered) == list(range(NUM_OBJECTS))
+    # Class k % C of the followed object, with the full window-averaged probability.
+    for label, objects in zip(prediction.labels, covered):
+      assert label == next(iter(objects)) % NUM_CLASSES
+
+
+@pytest.mark.parametrize('window_size,overlap', [(None, 0), (30, 0), (8, 2), (7, 3)],
+                         ids=['whole', 'one-window', 'windows-8-2', 'windows-7-3'])
+def test_streaming_equals_in_memory_prediction(window_size, overlap):
+  frames, _ = _scene(30)
+  kwargs = dict(window_size=window_size, window_overlap=overlap, associate=True, top_k=5)
+  if window_size is None or window_size >= len(frames):
+    # One window covers the video: the official whole-video inference.
+    reference = inference.VideoPredictor(_shuffling_model(), top_k=5)({}, frames)
+  else:
+    reference = inference.VideoPredictor(_shuffling_model(), **kwargs)({}, frames)
+  seen = []
+  streamed = inference.StreamingVideoPredictor(_shuffling_model(), **kwargs)(
+      {}, iter(frames), on_frames=lambda first, masks, scores: seen.append((first,
+                                                                            masks.shape[1])))
+  chex.assert_trees_all_equal(inference.prediction_to_results(1, streamed),
+                              inference.prediction_to_results(1, reference))
+  # Every frame reaches the callback once, in order.
+  assert [f for f, n in seen for f in range(f, f + n)] == list(range(len(frames)))
+
+
+@pytest.mark.slow
+def test_real_model_exposes_query_embeddings():
+  from maskfreevis_jax import models
+  config = models.get_model_config('tiny', num_classes=NUM_CLASSES)
+  model = models.build_model(config)
+  frames = jnp.zeros((2, 2, 64, 64, 3), jnp.uint8)
+  shapes = jax.eval_shape(lambda f: model.init_with_output(jax.random.PRNGKey(0), f)[0], frames)
+  assert shapes['pred_embeds'].shape == (2, config.decoder.num_queries, config.decoder.hidden_dim)
+  assert shapes['pred_logits'].shape[1:3] == (2, config.decoder.num_queries)
+
+
+def _predict_config(window_size: int) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.data = ml_collections.ConfigDict(dict(min_size_test=SIZE, max_size_test=SIZE))
+  config.eval = ml_collections.ConfigDict(dict(
+      window_size=window_size, window_overlap=2, associate=True, association_embed_weight=1.0,
+      association_mask_weight=1.0, top_k=5))
+  return config
+
+
+def _write_folder(path: pathlib.Path, frames: np.ndarray) -> pathlib.Path:
+  path.mkdir(parents=True, exist_ok=True)
+  for t, frame in enumerate(frames):
+    Image.fromarray(frame).save(path / f'{t:05d}.png')
+  return path
+
+
+def test_streaming_predict_memory_is_bounded(tmp_path):
+  # A long folder of 96x96 frames: 20 distinct images, linked over and over.
+  size, window, stride = 96, 16, 14
+  num_frames = window + 42 * stride  # 604; the last window is a regular one
+  video = synthetic.LongVideo(20, seed=1, frame_size=(size, size))
+  images = tmp_path / 'images'
+  _write_folder(images, np.stack([frame for frame, _ in video.frames()]))
+  folder = tmp_path / 'frames'
+  folder.mkdir()
+  for t in range(num_frames):
+    (folder / f'{t:05d}.png').symlink_to(images / f'{t % 20:05d}.png')
+  config = _predict_config(window)
+  config.data.min_size_test = config.data.max_size_test = size
+  kwargs = dict(variables={}, model=types.SimpleNamespace(apply=_shuffling_model()),
+                class_names=['a', 'b', 'c'], gif_max_frames=2, overlay_min_size=0,
+                progress_every=1e9)
+  # Compile everything first (a video of two windows has the same shapes).
+  predict.predict(config, tmp_path, str(images), str(tmp_path / 'warm'), **kwargs)
+  tracemalloc.start()
+  try:
+    out = predict.predict(config, tmp_path, str(folder), str(tmp_path / 'out'), **kwargs)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  results = json.loads(pathlib.Path(out['results']).read_text())
+  assert out['num_frames'] == num_frames
+  assert results and all(len(r['segmentations']) == num_frames for r in results)
+  # One window of frames, an overlay chunk and the RLEs: far below the frames alone.
+  whole_video_bytes = num_frames * size * size * 3
+  assert peak < whole_video_bytes / 2, (peak, whole_video_bytes)
+
+
+def test_predict_streams_a_folder_like_the_in_memory_predictor(tmp_path):
+  frames, _ = _scene(20)
+  folder = _write_folder(tmp_path / 'frames', frames)
+  model = types.SimpleNamespace(apply=_shuffling_model())
+  out = predict.predict(_predict_config(8), tmp_path, str(folder), str(tmp_path / 'out'),
+                        variables={}, model=model, class_names=['a', 'b', 'c'])
+  expected = inference.prediction_to_results(0, inference.VideoPredictor(
+      _shuffling_model(), window_size=8, window_overlap=2, associate=True, top_k=5)({}, frames))
+  results = json.loads(pathlib.Path(out['results']).read_text())
+  for r in results:
+    assert r.pop('file_names') == [f'{t:05d}.png' for t in range(20)]
+  assert results == expected
+  assert pathlib.Path(out['overlay']).exists()
+
+
+def _bad_folder(tmp_path: pathlib.Path, kind: str) -> tuple[pathlib.Path, str]:
+  frames, _ = _scene(12)
+  folder = _write_folder(tmp_path / 'frames', frames)
+  if kind == 'other-size':
+    Image.fromarray(np.zeros((SIZE, SIZE + 8, 3), np.uint8)).save(folder / '00009.png')
+    return folder, r'frame 9 \(00009.png\) .* is 40x32, but frame 0 \(00000.png\) is 32x32'
+  (folder / '00009.png').write_bytes(b'not an image')
+  return folder, r'cannot read frame 9 \(.*00009.png\)'
+
+
+def _truncated_video(tmp_path: pathlib.Path) -> tuple[pathlib.Path, str]:
+  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'clip.mp4'
+  rng = np.random.default_rng(0)
+  writer = imageio_ffmpeg.write_frames(str(path), (64, 64), fps=10, macro_block_size=16,
+                                       output_params=['-movflags', '+faststart', '-g', '5'])
+  writer.send(None)
+  for _ in range(30):
+    writer.send(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes())
+  writer.close()
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  return path, r'clip.mp4 is truncated: frame \d+ cannot be decoded \(its header announces 30'
+
+
+@pytest.mark.parametrize('kind', ['other-size', 'unreadable-frame', 'truncated-video',
+                                  'not-a-video'])
+def test_bad_video_input_names_the_frame_and_writes_no_results(tmp_path, kind):
+  if kind == 'truncated-video':
+    path, message = _truncated_video(tmp_path)
+  elif kind == 'not-a-video':
+    path = tmp_path / 'clip.mp4'
+    path.write_bytes(b'\x00' * 500)
+    message = r'cannot read video file .*clip.mp4 \(frame 0\)'
+  else:
+    path, message = _bad_folder(tmp_path, kind)
+  model = types.SimpleNamespace(apply=_shuffling_model())
+  out_dir = tmp_path / 'out'
+  with pytest.raises(ValueError, match=message) as error:
+    predict.predict(_predict_config(4), tmp_path, str(path), str(out_dir), variables={},
+                    model=model, class_names=['a', 'b', 'c'])
+  assert not (out_dir / 'results.json').exists()
+  if kind in ('other-size', 'unreadable-frame', 'truncated-video'):
+    # Frames before the bad one were drawn: the message says where the partial overlay is.
+    assert 'no ' in str(error.value) and 'results.json written' in str(error.value)
