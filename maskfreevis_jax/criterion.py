@@ -69,6 +69,18 @@ def default_criterion_config() -> ml_collections.ConfigDict:
   # (lax.map with rematerialisation: one layer's loss intermediates alive at a time, for
   # large N x T x h x w on small-memory accelerators; the matchings are saved, not re-solved).
   config.layer_loop = 'vmap'
+  # Mask mode's loss_mask and loss_dice: 'dense' (every stride-4 cell against the 4x4-pooled
+  # target, the expectation of uniform points) or 'importance' (the release: per instance-frame
+  # `num_points` points, `importance_sample_ratio` of them the most uncertain (|logit| smallest)
+  # of `oversample_ratio` times as many uniform ones, the rest uniform; targets read bilinearly
+  # at full resolution). The points come from `seed`, the step and the layer.
+  config.mask_points = ml_collections.ConfigDict({
+      'sampling': 'dense',
+      'num_points': 20000,  # TRAIN_NUM_POINTS of the R50 recipe
+      'oversample_ratio': 3.0,
+      'importance_sample_ratio': 0.75,
+      'seed': 0,
+  })
   # Settings of the mask-free losses (fields of maskfreevis_jax.losses.MaskFreeLossConfig).
   config.mask_free = ml_collections.ConfigDict(
       dataclasses.asdict(mask_free.MaskFreeLossConfig()))
@@ -152,6 +164,98 @@ def mask_supervised_losses(
   }
 
 
+def point_sample(values: Array, coords: Array) -> Array:
+  """Bilinear reads of maps at points, as detectron2's `point_sample` (`grid_sample`).
+
+  Args:
+    values: float [..., H, W] maps.
+    coords: float [..., P, 2] points (x, y) in [0, 1] x [0, 1] of the whole map (pixel centres at
+      (i + 0.5) / size, `align_corners=False`); neighbours outside the map read 0.
+
+  Returns:
+    float32 [..., P].
+  """
+  height, width = values.shape[-2:]
+  flat = values.astype(jnp.float32).reshape(*values.shape[:-2], height * width)
+  x = coords[..., 0] * width - 0.5
+  y = coords[..., 1] * height - 0.5
+  x0, y0 = jnp.floor(x), jnp.floor(y)
+  fx, fy = x - x0, y - y0
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+
+  def read(xi, yi):
+    inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    index = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)
+    return jnp.where(inside, jnp.take_along_axis(flat, index, axis=-1), 0.0)
+
+  return ((1 - fy) * ((1 - fx) * read(x0, y0) + fx * read(x0 + 1, y0)) +
+          fy * ((1 - fx) * read(x0, y0 + 1) + fx * read(x0 + 1, y0 + 1)))
+
+
+def uncertain_point_coords(logits: Array, candidates: Array, random_points: Array,
+                           num_uncertain: int) -> Array:
+  """The release's importance sampling given its uniform draws (`get_uncertain_point_coords_with_randomness`).
+
+  Args:
+    logits: float [..., h, w] mask logits.
+    candidates: float [..., P * oversample_ratio, 2] uniform points (x, y) in [0, 1].
+    random_points: float [..., P - num_uncertain, 2] uniform points appended as they are.
+    num_uncertain: how many of the candidates to keep: those whose logit is nearest 0.
+
+  Returns:
+    float32 [..., P, 2] points, no gradient.
+  """
+  uncertainty = -jnp.abs(point_sample(jax.lax.stop_gradient(logits), candidates))
+  _, index = jax.lax.top_k(uncertainty, num_uncertain)
+  chosen = jnp.take_along_axis(candidates, index[..., None], axis=-2)
+  return jax.lax.stop_gradient(jnp.concatenate([chosen, random_points], axis=-2))
+
+
+def importance_point_coords(key: Array, logits: Array, num_points: int, oversample_ratio: float,
+                            importance_sample_ratio: float) -> Array:
+  """Random points of the release's mask loss: [..., h, w] logits -> [..., num_points, 2]."""
+  num_candidates = int(num_points * oversample_ratio)
+  num_uncertain = int(importance_sample_ratio * num_points)
+  lead = logits.shape[:-2]
+  candidate_key, random_key = jax.random.split(key)
+  candidates = jax.random.uniform(candidate_key, (*lead, num_candidates, 2))
+  random_points = jax.random.uniform(random_key, (*lead, num_points - num_uncertain, 2))
+  return uncertain_point_coords(logits, candidates, random_points, num_uncertain)
+
+
+def point_sampled_mask_losses(
+    mask_logits: Array,
+    target_masks: Array,
+    coords: Array,
+    matched: Array,
+    num_masks: Array,
+) -> Dict[str, Array]:
+  """Sigmoid BCE and dice of matched masks at given points (the release's mask-mode loss).
+
+  Args:
+    mask_logits: float [B, N, T, h, w] logits of the query matched to each target slot.
+    target_masks: [B, N, T, H, W] full-resolution targets in [0, 1] (any numeric dtype).
+    coords: float [B, N, T, P, 2] points (x, y) in [0, 1] (e.g. `importance_point_coords`).
+    matched: bool [B, N] slots that count.
+    num_masks: float scalar normaliser (number of real targets, >= 1).
+
+  Returns:
+    {'loss_mask', 'loss_dice'}: per instance-frame means over the P points (BCE) and dice with +1
+    smoothing over them, summed over the matched instances and frames, divided by `num_masks`.
+  """
+  logits = point_sample(mask_logits, coords)
+  targets = point_sample(target_masks, coords)
+  bce = (jax.nn.softplus(logits) - logits * targets).mean(axis=-1)  # [B, N, T]
+  probs = jax.nn.sigmoid(logits)
+  dice = 1.0 - (2.0 * jnp.sum(probs * targets, -1) + 1.0) / (
+      jnp.sum(probs, -1) + jnp.sum(targets, -1) + 1.0)
+  keep = matched[:, :, None]
+  return {
+      'loss_mask': jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks,
+      'loss_dice': jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks,
+  }
+
+
 def downsample_instance_masks(masks: Array, stride: int) -> Array:
   """Average-pools full-resolution instance masks by `stride` (fraction of covered pixels).
 
@@ -224,6 +328,10 @@ def criterion_layer_losses(
   num_masks = jnp.maximum(jnp.sum(target_valid).astype(jnp.float32), 1.0)
 
   mf_config = mask_free_config(config)
+  point_config = config.get('mask_points', {'sampling': 'dense'})
+  if point_config['sampling'] not in ('dense', 'importance'):
+    raise ValueError("criterion config mask_points.sampling must be 'dense' or 'importance', "
+                     f"got {point_config['sampling']!r}")
   if mode == 'box':
     box_valid = targets['box_valid'] & target_valid[:, :, None]
     boxes = jnp.where(box_valid[..., None], targets['boxes'].astype(jnp.float32), 0.0)
@@ -239,6 +347,11 @@ def criterion_layer_losses(
     target_masks = downsample_instance_masks(targets['masks'], full_height // height)
     target_masks = jnp.where(target_valid[:, :, None, None, None], target_masks, 0.0)
     affinities = None
+    if point_config['sampling'] == 'importance':
+      full_targets = jax.lax.stop_gradient(jnp.where(
+          target_valid[:, :, None, None, None], targets['masks'].astype(jnp.float32), 0.0))
+      points_key = jax.random.fold_in(jax.random.PRNGKey(point_config['seed']),
+                                      jnp.asarray(step, jnp.int32))
   if tuple(target_masks.shape[-2:]) != (height, width):
     raise ValueError(
         f'target masks at stride {mf_config.stride} have size {tuple(target_masks.shape[-2:])} '
@@ -247,7 +360,7 @@ def criterion_layer_losses(
 
   warmup_steps = layer_warmup_steps(step, num_layers, config.warmup_counts_layer_calls)
 
-  def one_layer(layer_logits, layer_masks, layer_step):
+  def one_layer(layer_logits, layer_masks, layer_step, layer_index):
     matching = matcher_lib.hungarian_match(
         layer_logits, layer_masks, labels, target_masks, target_valid,
         mode=mode, class_weight=config.matcher.class_weight,
@@ -263,16 +376,24 @@ def criterion_layer_losses(
     if mode == 'box':
       terms.update(mask_free.mask_free_losses(
           matched_masks, target_masks, matching.valid, affinities, layer_step, mf_config))
+    elif point_config['sampling'] == 'importance':
+      coords = importance_point_coords(
+          jax.random.fold_in(points_key, layer_index), matched_masks, point_config['num_points'],
+          point_config['oversample_ratio'], point_config['importance_sample_ratio'])
+      terms.update(point_sampled_mask_losses(matched_masks, full_targets, coords, matching.valid,
+                                             num_masks))
     else:
       terms.update(mask_supervised_losses(matched_masks, target_masks, matching.valid, num_masks))
     return terms, matching
 
+  layer_indices = jnp.arange(num_layers, dtype=jnp.int32)
   if config.layer_loop == 'vmap':
-    return jax.vmap(one_layer)(pred_logits, pred_masks, warmup_steps)
+    return jax.vmap(one_layer)(pred_logits, pred_masks, warmup_steps, layer_indices)
   if config.layer_loop == 'map':
     remat_layer = jax.checkpoint(
         one_layer, policy=jax.checkpoint_policies.save_only_these_names('matching'))
-    return jax.lax.map(lambda args: remat_layer(*args), (pred_logits, pred_masks, warmup_steps))
+    return jax.lax.map(lambda args: remat_layer(*args),
+                       (pred_logits, pred_masks, warmup_steps, layer_indices))
   raise ValueError(f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}")
 
 

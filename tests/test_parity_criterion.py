@@ -182,3 +182,49 @@ def test_matching_agrees_with_sampled_official_beyond_noise(mode):
                                     err_msg=f"layer {layer} clip {clip}")
   # Enough layers are decided for the check to mean something (13 box, 16 mask of 20 when made).
   assert decided >= costs.shape[0] * costs.shape[1] // 2
+
+
+def test_point_sampled_mask_losses_match_official():
+  """The release's mask-mode loss at given points (its importance sampler replaced by them)."""
+  arrays, meta, outputs, batch = _fixture("mask")
+  query = arrays["official_query_index"]  # [L, B, N]
+  matched = query >= 0
+  num_masks = np.maximum(matched[-1].sum(), 1).astype(np.float32)
+  gather = np.maximum(query, 0)[..., None, None, None]
+  matched_masks = np.take_along_axis(outputs["pred_masks"], gather, axis=2)  # [L, B, N, T, h, w]
+  per_layer = jax.vmap(criterion.point_sampled_mask_losses, in_axes=(0, None, None, 0, None))(
+      matched_masks, batch["masks"], arrays["points_coords"], matched, num_masks)
+  official = dict(zip(meta["loss_names"], arrays["points_losses"]))
+  weights = _config("mask").weights
+  num_layers = query.shape[0]
+  for name in ("loss_mask", "loss_dice"):
+    names = [f"{name}_{i}" for i in range(num_layers - 1)] + [name]
+    np.testing.assert_allclose(np.asarray(per_layer[name]) * weights[name],
+                               [official[n] for n in names], rtol=1e-5, err_msg=name)
+
+
+def test_importance_points_match_official():
+  """`uncertain_point_coords` picks the release's points from the same uniform draws."""
+  arrays, meta, _, _ = _fixture("mask")
+  settings = meta["importance"]
+  logits = arrays["importance_logits_q"].astype(np.float32) / meta["logit_scale"]
+  coords = criterion.uncertain_point_coords(
+      logits, arrays["importance_candidates"], arrays["importance_random"],
+      int(settings["importance_sample_ratio"] * settings["num_points"]))
+  np.testing.assert_array_equal(np.asarray(coords), arrays["importance_coords"])
+
+
+@pytest.mark.slow
+def test_importance_sampled_mask_losses_match_official_on_average():
+  """`mask_points.sampling='importance'` gives the release's random-point loss sizes (3 seeds)."""
+  arrays, meta, outputs, batch = _fixture("mask")
+  config = _config("mask")
+  config.mask_points.sampling = "importance"
+  criterion_fn = jax.jit(lambda step: criterion.set_criterion(outputs, batch, step, config)[1])
+  ours = [jax.device_get(criterion_fn(jnp.int32(step))) for step in range(3)]
+  official = arrays["sampled_losses"].mean(0)
+  for name in ("loss_mask", "loss_dice"):
+    names = [name] + [f"{name}_{i}" for i in range(9)]
+    ours_mean = np.mean([[terms[n] for n in names] for terms in ours], axis=0)
+    official_mean = [official[meta["loss_names"].index(n)] for n in names]
+    np.testing.assert_allclose(ours_mean, official_mean, rtol=0.05, err_msg=name)

@@ -44,6 +44,9 @@ LOGIT_SCALE = 16.0
 # The third starts 10 layer calls short of the 2000-call warm-up, so it crosses the cap.
 WARMUP_START_ITERS = (0, 10, 1990)
 BOX_SEED, MASK_SEED = 1601, 1602
+# Mask mode's point-sampled loss with given points, and its importance sampling on given draws.
+LOSS_POINTS = 256
+IMPORTANCE_ROWS, IMPORTANCE_POINTS, OVERSAMPLE, IMPORTANCE_RATIO = 4, 64, 3.0, 0.75
 
 
 def _quantize(x: np.ndarray) -> np.ndarray:
@@ -212,6 +215,20 @@ def make_mask_inputs(workdir: pathlib.Path) -> None:
   arrays = dict(frames=frames, masks_packed=np.packbits(masks, axis=-1), boxes=boxes,
                 box_valid=box_valid, labels=labels, instance_valid=instance_valid)
   arrays.update(_outputs(rng, boxes, box_valid & real[..., None], labels, real, num_frames))
+  # Given points for the release's point-sampled mask loss, and uniform draws for its importance
+  # sampling (a separate generator, so the arrays above do not depend on these).
+  points_rng = np.random.default_rng(MASK_SEED + 1)
+  # Multiples of 1/1024 (plus half a step): exact in float32 and small once compressed.
+  arrays["points_coords"] = ((points_rng.integers(0, 1024, (batch, slots, num_frames,
+                                                            LOSS_POINTS, 2)) + 0.5)
+                             / 1024).astype(np.float32)
+  rows = arrays["pred_masks_q"][-1, 0, :IMPORTANCE_ROWS, 0]  # [R, h, w] final layer, clip 0
+  arrays["importance_logits_q"] = rows
+  num_uncertain = int(IMPORTANCE_RATIO * IMPORTANCE_POINTS)
+  arrays["importance_candidates"] = points_rng.uniform(
+      size=(IMPORTANCE_ROWS, int(IMPORTANCE_POINTS * OVERSAMPLE), 2)).astype(np.float32)
+  arrays["importance_random"] = points_rng.uniform(
+      size=(IMPORTANCE_ROWS, IMPORTANCE_POINTS - num_uncertain, 2)).astype(np.float32)
   np.savez_compressed(workdir / "criterion_mask_inputs.npz", **arrays)
 
 
@@ -308,12 +325,14 @@ def _batched_inputs(frames: np.ndarray, masks: np.ndarray, labels: np.ndarray,
 
 
 @contextlib.contextmanager
-def _recording(model: Any, grid_points: bool):
+def _recording(model: Any, grid_points: bool, loss_coords: np.ndarray | None = None,
+               kept_slots: list | None = None):
   """Records the matcher's cost matrices and indices; optionally samples cell-centre points.
 
   With `grid_points`, the matcher's `torch.rand` points and the mask loss's uncertainty-sampled
   points are replaced by the centres of the h x w mask cells, which makes the official costs and
-  losses the dense ones at stride 4.
+  losses the dense ones at stride 4. With `loss_coords` ([B, N, T, P, 2] per target slot) the
+  mask loss reads those points instead, in the row order of its matched instance-frames.
   """
   import torch  # pylint: disable=g-import-not-at-top
   from mask2former_video.modeling import criterion as criterion_module  # pylint: disable=g-import-not-at-top
@@ -349,7 +368,14 @@ def _recording(model: Any, grid_points: bool):
 
   def uncertain_points(coarse_logits, *args):
     del args
-    return grid.expand(coarse_logits.shape[0], -1, -1).clone()
+    if loss_coords is None:
+      return grid.expand(coarse_logits.shape[0], -1, -1).clone()
+    # Rows: clips in order, each clip's matched (query, target) pairs by query, then frames.
+    rows = [loss_coords[b, kept_slots[b][j], t]
+            for b, (_, targets) in enumerate(record["indices"][-1]) for j in targets
+            for t in range(loss_coords.shape[2])]
+    assert len(rows) == coarse_logits.shape[0], (len(rows), coarse_logits.shape)
+    return torch.from_numpy(np.stack(rows))
 
   def get_loss(loss, *args):
     out = original_get_loss(loss, *args)
@@ -362,6 +388,7 @@ def _recording(model: Any, grid_points: bool):
   model.criterion.get_loss = get_loss
   if grid_points:
     matcher.num_points = h * w
+  if grid_points or loss_coords is not None:
     criterion_module.get_uncertain_point_coords_with_randomness = uncertain_points
   try:
     yield record
@@ -396,7 +423,8 @@ def _matching_arrays(record: dict, kept_slots: list, num_slots: int) -> tuple[np
 
 
 def _run(model: Any, inputs: dict, masks: np.ndarray, *, grid_points: bool,
-         reverse_channels: bool, start_iter: int = 0, seed: int = 0) -> dict[str, Any]:
+         reverse_channels: bool, start_iter: int = 0, seed: int = 0,
+         loss_coords: np.ndarray | None = None) -> dict[str, Any]:
   """One official training forward: weighted loss dict, matchings and warm-up counters."""
   import torch  # pylint: disable=g-import-not-at-top
   common.seed_everything(seed)
@@ -405,7 +433,7 @@ def _run(model: Any, inputs: dict, masks: np.ndarray, *, grid_points: bool,
   model.sem_seg_head.outputs = official_outputs(dequantize(inputs["pred_logits_q"]),
                                                 dequantize(inputs["pred_masks_q"]))
   model.criterion._iter.fill_(start_iter)  # pylint: disable=protected-access
-  with _recording(model, grid_points) as record, torch.no_grad():
+  with _recording(model, grid_points, loss_coords, kept_slots) as record, torch.no_grad():
     losses = model(batched)
   query, cost = _matching_arrays(record, kept_slots, inputs["labels"].shape[1])
   return {"losses": {k: float(v) for k, v in losses.items()}, "query_index": query,
@@ -468,18 +496,44 @@ def run_official_mask(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   grid = _run(model, inputs, masks, grid_points=True, reverse_channels=False)
   sampled = [_run(model, inputs, masks, grid_points=False, reverse_channels=False, seed=s)
              for s in range(3)]
+  given = _run(model, inputs, masks, grid_points=True, reverse_channels=False,
+               loss_coords=inputs["points_coords"])
   names, table = _loss_table([grid])
   _, sampled_table = _loss_table(sampled)
+  _, given_table = _loss_table([given])
+  importance_coords = _official_importance_coords(inputs)
   cost_noise = np.nanmax(np.abs(sampled[0]["costs"] - grid["costs"]))
   arrays = dict(inputs)
   arrays.update(
       official_losses=table, official_query_index=grid["query_index"],
       official_costs=grid["costs"], sampled_query_index=sampled[0]["query_index"],
-      sampled_costs=sampled[0]["costs"], sampled_losses=sampled_table)
+      sampled_costs=sampled[0]["costs"], sampled_losses=sampled_table,
+      points_losses=given_table[0], importance_coords=importance_coords)
   meta = dict(common.official_provenance(), loss_names=names, logit_scale=LOGIT_SCALE,
-              sampled_cost_max_abs_diff=float(cost_noise))
+              sampled_cost_max_abs_diff=float(cost_noise),
+              importance=dict(num_points=IMPORTANCE_POINTS, oversample_ratio=OVERSAMPLE,
+                              importance_sample_ratio=IMPORTANCE_RATIO))
   common.save_fixture(out_dir / "parity_criterion_mask.npz", arrays, meta)
   _report("mask", names, table[0], sampled_table, cost_noise, grid, sampled[0])
+
+
+def _official_importance_coords(inputs: dict) -> np.ndarray:
+  """`get_uncertain_point_coords_with_randomness` on given logits, its `torch.rand` draws given."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from detectron2.projects.point_rend import point_features  # pylint: disable=g-import-not-at-top
+  from mask2former_video.modeling import criterion as criterion_module  # pylint: disable=g-import-not-at-top
+  draws = [torch.from_numpy(inputs["importance_candidates"]),
+           torch.from_numpy(inputs["importance_random"])]
+  original_rand = torch.rand
+  torch.rand = lambda *shape, **kw: draws.pop(0)
+  try:
+    coords = point_features.get_uncertain_point_coords_with_randomness(
+        torch.from_numpy(dequantize(inputs["importance_logits_q"]))[:, None],
+        criterion_module.calculate_uncertainty, IMPORTANCE_POINTS, OVERSAMPLE, IMPORTANCE_RATIO)
+  finally:
+    torch.rand = original_rand
+  assert not draws
+  return coords.numpy()
 
 
 def _report(mode: str, names: list, dense: np.ndarray, sampled: np.ndarray, cost_noise: float,
