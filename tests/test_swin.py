@@ -279,3 +279,19 @@ def test_bfloat16_compute_close_to_float32():
   for key in reference:
     assert ours[key].dtype == jnp.bfloat16
     assert _relative_error(ours[key], reference[key]) < 0.05, key
+
+
+def test_pickled_torch_tensors_become_numpy(tmp_path):
+  """Views (offset, strides), int64 and bfloat16 tensors of a plain pickle, without torch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 7
+  tensors = {"transposed": base.t(), "sliced": base[1:3, 2:5], "int64": torch.arange(5) * 3,
+             "bfloat16": base[0].to(torch.bfloat16)}
+  path = tmp_path / "tensors.pkl"
+  with open(path, "wb") as f:
+    pickle.dump({"model": tensors, "__author__": "third_party"}, f)
+  arrays = export.read_checkpoint(path)
+  for name, tensor in tensors.items():
+    expected = tensor.float().numpy() if name == "bfloat16" else tensor.numpy()
+    assert arrays[name].dtype == expected.dtype, name
+    np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
