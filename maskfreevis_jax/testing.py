@@ -7,8 +7,9 @@ labels / instance_valid and has get_state/set_state (its state is the number of 
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -134,3 +135,24 @@ def make_config(**train_overrides) -> ml_collections.ConfigDict:
   config.sharding = ml_collections.ConfigDict({"model_axis_size": 1, "min_shard_size": 2**18})
   config.init_from = ""
   return config
+
+
+def delayed_finalize(step: int, seconds: float, announce: str = "") -> Callable[..., object]:
+  """A replacement for Orbax's `AtomicRenameTemporaryPath.finalize` that commits `step` late.
+
+  The commit (renaming `<step>.orbax-checkpoint-tmp` into place) of step `step` waits `seconds`
+  (first printing `announce` and the directory, when given); by then every file of the save is
+  written, so a kill in that window leaves a complete but uncommitted directory. Install it with
+  `monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", ...)`.
+  """
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize(self):
+    if self.get_final().name == str(step):
+      if announce:
+        print(f"{announce} {self.get()}", flush=True)
+      await asyncio.sleep(seconds)
+    return await real_finalize(self)
+
+  return finalize

@@ -3,9 +3,8 @@
 Every fault must end with the run going on from the right checkpoint with that checkpoint's data
 position, or stopping with a clear message. The stand-ins of `maskfreevis_jax.testing` train on one
 CPU device; a module fixture trains once (checkpoints 2, 4 and 6) and each test damages a copy.
-
-Run as a script (`python test_checkpoint_faults.py WORKDIR STEPS HELD_STEP`), this file trains the
-stand-in with the commit of HELD_STEP's checkpoint held back (the subprocess of the SIGKILL test).
+Each `train()` call compiles the step again, so most faults are checked on `Checkpointer.restore`
+(what `train()` resumes from) and one of each kind runs the train loop end to end.
 """
 from __future__ import annotations
 
@@ -20,36 +19,55 @@ import subprocess
 import sys
 import time
 
-if __name__ == "__main__":  # Subprocess mode: one CPU device, set before jax is imported.
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import chex
+import jax
+import numpy as np
+from orbax.checkpoint._src.path import async_path
+from orbax.checkpoint._src.path import atomicity
+import pytest
 
-import chex  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from orbax.checkpoint._src.path import async_path  # noqa: E402
-from orbax.checkpoint._src.path import atomicity  # noqa: E402
-import pytest  # noqa: E402
+from maskfreevis_jax import checkpointing
+from maskfreevis_jax import evaluate
+from maskfreevis_jax import sharding as sharding_lib
+from maskfreevis_jax import testing
+from maskfreevis_jax import train as train_lib
 
-from maskfreevis_jax import checkpointing  # noqa: E402
-from maskfreevis_jax import evaluate  # noqa: E402
-from maskfreevis_jax import sharding as sharding_lib  # noqa: E402
-from maskfreevis_jax import testing  # noqa: E402
-from maskfreevis_jax import train as train_lib  # noqa: E402
-
+REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH, WIDTH = 2, 4
-HOLDING_MARKER = "holding the commit of"
+TMP_MARKER = checkpointing._TMP_MARKER  # pylint: disable=protected-access
+HOLDING = "holding the commit of"
+# The subprocess of the SIGKILL test: writes checkpoint `step` (checkpoint 6's state, the data
+# position of `step`) asynchronously, as training does, with its commit held back.
+_SAVE_AND_HOLD = f"""
+import sys
+from orbax.checkpoint._src.path import atomicity
+from maskfreevis_jax import checkpointing, testing
+directory, step = sys.argv[1], int(sys.argv[2])
+atomicity.AtomicRenameTemporaryPath.finalize = testing.delayed_finalize(step, 600.0, "{HOLDING}")
+checkpointer = checkpointing.Checkpointer(directory, keep=3, save_every=2)
+state, _, _ = checkpointer.restore()
+checkpointer.save(step, state, {{"index": step}})
+checkpointer.wait_until_finished()
+"""
+
+
+def _config(steps: int, **train_overrides):
+  config = testing.make_config(steps=steps, batch_size=BATCH, checkpoint_every=2, keep=3,
+                               log_every=100, **train_overrides)
+  config.model.width = WIDTH
+  return config
+
+
+def _mesh():
+  return sharding_lib.create_mesh(1, jax.devices()[:1])
 
 
 def _train(workdir, steps: int, iterator=None, **train_overrides):
   """Trains (or resumes) the stand-in to `steps`; returns (TrainResult, the iterator)."""
-  config = testing.make_config(steps=steps, batch_size=BATCH, checkpoint_every=2, keep=3,
-                               log_every=100, **train_overrides)
-  config.model.width = WIDTH
   iterator = iterator if iterator is not None else testing.StandInIterator(BATCH, seed=1)
-  result = train_lib.train(config, workdir, model=testing.StandInModel(width=WIDTH),
-                           loss_fn=testing.stand_in_loss, train_iterator=iterator,
-                           mesh=sharding_lib.create_mesh(1, jax.devices()[:1]))
+  result = train_lib.train(_config(steps, **train_overrides), workdir,
+                           model=testing.StandInModel(width=WIDTH), loss_fn=testing.stand_in_loss,
+                           train_iterator=iterator, mesh=_mesh())
   return result, iterator
 
 
@@ -60,6 +78,16 @@ def trained(tmp_path_factory):
   result, _ = _train(workdir, steps=6)
   assert _committed(workdir / "checkpoints") == [2, 4, 6]
   return workdir, jax.device_get(result.state.params)
+
+
+@pytest.fixture(scope="module")
+def restore_target():
+  """The sharded TrainState shapes `train()` restores into."""
+  spec = train_lib.abstract_batch(next(testing.StandInIterator(BATCH)))
+  trainer = train_lib.build_trainer(_config(6), spec, model=testing.StandInModel(width=WIDTH),
+                                    loss_fn=testing.stand_in_loss, mesh=_mesh())
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      trainer.abstract_state, trainer.state_shardings)
 
 
 def _copy(trained, tmp_path) -> pathlib.Path:
@@ -73,10 +101,14 @@ def _committed(directory) -> list[int]:
 
 
 def _digest(directory) -> dict[str, str]:
-  """Relative path -> sha1 of every file (directory entries included as names)."""
+  """Relative path -> sha1 of every file ('' for directories)."""
   root = pathlib.Path(directory)
   return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else ""
           for p in sorted(root.rglob("*"))}
+
+
+def _messages(caplog, text: str) -> list[str]:
+  return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 def _truncate_array_files(step_dir: pathlib.Path) -> None:
@@ -101,34 +133,46 @@ DAMAGES = [(_truncate_array_files, "first unreadable item state/"),
 DAMAGE_IDS = ["truncated-array-files", "missing-checkpoint-metadata", "item-is-a-file"]
 
 
-def _messages(caplog, text: str) -> list[str]:
-  return [r.getMessage() for r in caplog.records if text in r.getMessage()]
-
-
 @pytest.mark.parametrize("damage, unreadable", DAMAGES, ids=DAMAGE_IDS)
-def test_damaged_newest_checkpoint_resumes_from_the_previous_one(trained, tmp_path, caplog, capfd,
-                                                                  damage, unreadable):
-  workdir = _copy(trained, tmp_path)
-  checkpoints = workdir / "checkpoints"
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, restore_target, tmp_path,
+                                                                  caplog, damage, unreadable):
+  checkpoints = _copy(trained, tmp_path) / "checkpoints"
   damage(checkpoints / "6")
   damaged_files = _digest(checkpoints / "6")
+  checkpointer = checkpointing.Checkpointer(checkpoints, keep=3, save_every=2)
   with caplog.at_level(logging.WARNING):
-    result, iterator = _train(workdir, steps=6)
-  # Batch 0 only gave the shapes; then checkpoint 4's data position: batches 4 and 5.
-  assert iterator.served == [0, 4, 5]
-  assert result.step == 6
+    state, iterator_state, step = checkpointer.restore(restore_target)
+  # Checkpoint 4: its train state (own step counter) and its data position.
+  assert (step, int(state.step), iterator_state) == (4, 4, {"index": 4})
   lines = _messages(caplog, "cannot be read")
   assert len(lines) == 1, lines
   assert lines[0].startswith(f"checkpoint of step 6 in {checkpoints} cannot be read"), lines[0]
   assert unreadable in lines[0] and "moved aside" in lines[0] and "using step 4" in lines[0]
-  assert "\n" not in lines[0]
-  # Kept aside unchanged, never again taken for a checkpoint; the rerun wrote a new step 6.
+  # Moved aside unchanged, and never again taken for a checkpoint.
   assert _digest(checkpoints / "6.corrupt") == damaged_files
-  assert _committed(checkpoints) == [2, 4, 6]
+  assert _committed(checkpoints) == [2, 4] and checkpointer.latest_step() == 4
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    _, _, again = checkpointer.restore(restore_target)
+  checkpointer.close()
+  assert again == 4 and not _messages(caplog, "cannot be read")
+
+
+def test_truncated_checkpoint_run_resumes_from_the_previous_one(trained, tmp_path, caplog, capfd):
+  workdir = _copy(trained, tmp_path)
+  checkpoints = workdir / "checkpoints"
+  _truncate_array_files(checkpoints / "6")
+  with caplog.at_level(logging.WARNING):
+    result, iterator = _train(workdir, steps=6)
+  # Batch 0 only gave the shapes; then checkpoint 4's data position: batches 4 and 5.
+  assert iterator.served == [0, 4, 5] and result.step == 6
+  lines = _messages(caplog, "cannot be read")
+  assert len(lines) == 1 and "checkpoint of step 6" in lines[0] and "using step 4" in lines[0]
+  assert (checkpoints / "6.corrupt").is_dir() and _committed(checkpoints) == [2, 4, 6]
   reader = checkpointing.Checkpointer(checkpoints, read_only=True)
   _, iterator_state, step = reader.restore()
   reader.close()
-  assert (step, iterator_state) == (6, {"index": 6})
+  assert (step, iterator_state) == (6, {"index": 6})  # the rerun's own, readable step 6
   assert "Traceback" not in capfd.readouterr().err
 
 
@@ -153,51 +197,37 @@ def test_only_quarantined_checkpoints_do_not_start_from_scratch(trained, tmp_pat
   for step in (2, 4):
     shutil.rmtree(checkpoints / str(step))
   (checkpoints / "6").rename(checkpoints / "6.corrupt")
-  with pytest.raises(checkpointing.NoReadableCheckpointError, match=r"only damaged checkpoints.*"
-                     r"6\.corrupt"):
+  with pytest.raises(checkpointing.NoReadableCheckpointError,
+                     match=r"holds only damaged checkpoints moved aside earlier \(6\.corrupt\)"):
     _train(workdir, steps=8)
-  assert not (workdir / "checkpoints" / "2").exists()
-
-
-def _hold_commit(monkeypatch, step: int, seconds: float, announce: bool = False) -> None:
-  """Delays the rename that commits `step`'s checkpoint (its files are all written by then)."""
-  real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
-
-  async def finalize(self):
-    if self.get_final().name == str(step):
-      if announce:
-        print(f"{HOLDING_MARKER} {self.get()}", flush=True)
-      time.sleep(seconds)
-    return await real_finalize(self)
-
-  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["6.corrupt"]
 
 
 def test_sigkill_during_an_async_save_resumes_from_the_last_committed(trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
   checkpoints = workdir / "checkpoints"
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen([sys.executable, __file__, str(workdir), "10", "8"],
+  env = dict(os.environ, PYTHONUNBUFFERED="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen([sys.executable, "-c", _SAVE_AND_HOLD, str(checkpoints), "8"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+                          cwd=REPO)
   output, deadline = [], time.time() + 240
   try:
     for line in proc.stdout:
       output.append(line)
-      if HOLDING_MARKER in line or time.time() > deadline:
+      if HOLDING in line or time.time() > deadline:
         break
   finally:
     proc.kill()
     proc.wait(timeout=60)
-  assert any(HOLDING_MARKER in line for line in output), "".join(output[-30:])
+  assert any(HOLDING in line for line in output), "".join(output[-30:])
   assert proc.returncode == -signal.SIGKILL
-  partial = checkpoints / f"8{checkpointing._TMP_MARKER}"  # pylint: disable=protected-access
-  assert partial.is_dir() and _committed(checkpoints) == [2, 4, 6]
+  partial = checkpoints / f"8{TMP_MARKER}"
+  assert (partial / "state").is_dir() and _committed(checkpoints) == [2, 4, 6]
 
   with caplog.at_level(logging.WARNING):
     result, iterator = _train(workdir, steps=8)
-  assert iterator.served == [0, 6, 7]  # checkpoint 6 and its data position
-  assert result.step == 8
+  assert iterator.served == [0, 6, 7] and result.step == 8  # checkpoint 6, its data position
   assert _messages(caplog, f"removing {partial}: a checkpoint save that never completed")
   assert not partial.exists() and _committed(checkpoints) == [4, 6, 8]
 
@@ -205,16 +235,16 @@ def test_sigkill_during_an_async_save_resumes_from_the_last_committed(trained, t
 class _SigtermAt(testing.StandInIterator):
   """Sends this process SIGTERM when it hands out batch `at_index` (a preemption notice).
 
-  `save_in_flight` lists the checkpoint directory at that moment.
+  `seen` lists the checkpoint directory at that moment.
   """
 
   def __init__(self, batch_size: int, *, at_index: int, directory: pathlib.Path):
     super().__init__(batch_size, seed=1)
-    self.at_index, self.directory, self.save_in_flight = at_index, directory, None
+    self.at_index, self.directory, self.seen = at_index, directory, None
 
   def __next__(self):
     if self.index == self.at_index:
-      self.save_in_flight = sorted(p.name for p in self.directory.iterdir())
+      self.seen = sorted(p.name for p in self.directory.iterdir())
       os.kill(os.getpid(), signal.SIGTERM)
     return super().__next__()
 
@@ -222,11 +252,12 @@ class _SigtermAt(testing.StandInIterator):
 def test_sigterm_during_an_async_save_still_saves(trained, tmp_path, monkeypatch):
   workdir = _copy(trained, tmp_path)
   checkpoints = workdir / "checkpoints"
-  _hold_commit(monkeypatch, step=8, seconds=1.0)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize",
+                      testing.delayed_finalize(8, seconds=1.0))
   iterator = _SigtermAt(BATCH, at_index=8, directory=checkpoints)
   result, _ = _train(workdir, steps=12, iterator=iterator)
   # The signal came while step 8 was being written (batch 8 is step 9's).
-  assert f"8{checkpointing._TMP_MARKER}" in iterator.save_in_flight  # pylint: disable=protected-access
+  assert f"8{TMP_MARKER}" in iterator.seen and "8" not in iterator.seen
   assert result.preempted and result.step == 9
   assert _committed(checkpoints) == [6, 8, 9]
   reader = checkpointing.Checkpointer(checkpoints, read_only=True)
@@ -235,50 +266,73 @@ def test_sigterm_during_an_async_save_still_saves(trained, tmp_path, monkeypatch
   assert (step, iterator_state) == (9, {"index": 9})
 
 
-def _fail_in(directory: pathlib.Path, error_number: int):
-  """An async_path function replacement that raises OSError(error_number) inside `directory`."""
+def _failing_in(directory: pathlib.Path, error_number: int, real):
+  """`real` (an Orbax async_path function), raising OSError(error_number) inside `directory`."""
 
-  def wrap(real):
-    async def failing(path, *args, **kwargs):
-      if str(path).startswith(f"{directory}/"):
-        raise OSError(error_number, os.strerror(error_number), str(path))
-      return await real(path, *args, **kwargs)
-    return failing
+  async def failing(path, *args, **kwargs):
+    if str(path).startswith(f"{directory}/"):
+      raise OSError(error_number, os.strerror(error_number), str(path))
+    return await real(path, *args, **kwargs)
 
-  return wrap
+  return failing
 
 
-# As root, a read-only chmod does not stop writes, so the filesystem errors are raised inside
-# Orbax's own file operations: a read-only mount fails the first one (creating the step's
-# directory, in `save`); a full disk lets the arrays be written and fails a later metadata write
-# (in the background commit), leaving a partial directory behind.
-UNWRITABLE = [("mkdir", errno.EROFS, 10, "Read-only file system"),
-              ("write_text", errno.ENOSPC, 12, "No space left on device")]
+# As root a read-only chmod does not stop writes, so the errors are raised inside Orbax's own file
+# operations: a read-only mount fails the first one (creating the step directory, in `save`); a full
+# disk lets the arrays be written and fails a later metadata write in the background commit,
+# leaving a partial directory.
 
 
-@pytest.mark.parametrize("operation, error_number, stop_step, reason", UNWRITABLE,
-                         ids=["read-only-workdir", "disk-full-in-background"])
-def test_failed_saves_keep_training_then_stop(trained, tmp_path, monkeypatch, caplog, operation,
-                                              error_number, stop_step, reason):
+def test_read_only_workdir_keeps_training_then_stops(trained, tmp_path, monkeypatch, caplog):
   workdir = _copy(trained, tmp_path)
   checkpoints = workdir / "checkpoints"
   before = _digest(checkpoints)
-  monkeypatch.setattr(async_path, operation,
-                      _fail_in(checkpoints, error_number)(getattr(async_path, operation)))
+  monkeypatch.setattr(async_path, "mkdir", _failing_in(checkpoints, errno.EROFS, async_path.mkdir))
   iterator = testing.StandInIterator(BATCH, seed=1)
   with caplog.at_level(logging.WARNING):
     with pytest.raises(checkpointing.CheckpointSaveError) as info:
       _train(workdir, steps=14, iterator=iterator, max_consecutive_failed_saves=2)
-  # Resumed from 6; the save of step 8 failed and training went on until the second failure.
-  assert iterator.served == [0, *range(6, stop_step)]
+  # Resumed from 6; the save of step 8 failed, training went on and stopped at the second failure.
+  assert iterator.served == [0, 6, 7, 8, 9]
   logged = _messages(caplog, "the checkpoint of step 8 could not be written")
-  assert len(logged) == 1 and "training goes on" in logged[0] and reason in logged[0], logged
+  assert len(logged) == 1 and "training goes on" in logged[0], logged
+  assert "Read-only file system" in logged[0]
   message = str(info.value)
   assert message.startswith(f"the checkpoint of step 10 could not be written to {checkpoints}")
-  for part in (reason, "2 failed checkpoint saves in a row",
+  for part in ("Read-only file system", "2 failed checkpoint saves in a row",
                "config.train.max_consecutive_failed_saves=2", "newest kept checkpoint: step 6"):
     assert part in message, message
-  assert _digest(checkpoints) == before  # Earlier checkpoints untouched, no partial directory.
+  assert _digest(checkpoints) == before  # earlier checkpoints untouched
+
+
+def test_disk_full_during_background_saves_then_space_again(trained, tmp_path, monkeypatch, caplog):
+  checkpoints = _copy(trained, tmp_path) / "checkpoints"
+  before = _digest(checkpoints)
+  checkpointer = checkpointing.Checkpointer(checkpoints, keep=3, save_every=2,
+                                            max_consecutive_failed_saves=3)
+  state, _, _ = checkpointer.restore()
+  monkeypatch.setattr(async_path, "write_text",
+                      _failing_in(checkpoints, errno.ENOSPC, async_path.write_text))
+  with caplog.at_level(logging.WARNING):
+    assert checkpointer.save(8, state, {"index": 8})   # fails in the background ...
+    assert checkpointer.save(10, state, {"index": 10})  # ... noticed here: logged, no raise
+    assert checkpointer.failed_saves_in_a_row == 1
+    checkpointer.wait_until_finished()
+  for step in (8, 10):
+    logged = _messages(caplog, f"the checkpoint of step {step} could not be written")
+    assert len(logged) == 1 and "No space left on device" in logged[0], logged
+  assert checkpointer.failed_saves_in_a_row == 2
+  monkeypatch.undo()  # space again: the next save commits and resets the count
+  assert checkpointer.save(12, state, {"index": 12})
+  checkpointer.wait_until_finished()
+  assert checkpointer.failed_saves_in_a_row == 0
+  after = _digest(checkpoints)
+  assert {k: v for k, v in after.items() if not k.startswith("12")} == {
+      k: v for k, v in before.items() if not k.startswith("2")}  # 2 pruned only after 12 committed
+  assert not [p for p in checkpoints.iterdir() if TMP_MARKER in p.name]
+  _, iterator_state, step = checkpointer.restore()
+  checkpointer.close()
+  assert (step, iterator_state) == (12, {"index": 12})
 
 
 def test_evaluate_takes_the_newest_readable_checkpoint_and_warns(trained, tmp_path, caplog):
@@ -295,7 +349,7 @@ def test_evaluate_takes_the_newest_readable_checkpoint_and_warns(trained, tmp_pa
   assert set(variables) == {"params"}
 
 
-def test_evaluate_step_selects_the_checkpoint(trained, tmp_path):
+def test_evaluate_step_selects_the_checkpoint(trained):
   workdir, final_params = trained
   newest, newest_step = evaluate.restore_variables(workdir, step=-1)
   assert newest_step == 6
@@ -320,18 +374,3 @@ def test_evaluate_missing_step_names_the_committed_ones(trained):
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 in .*checkpoints "
                      r"\(committed steps: 2, 4, 6\)"):
     evaluate.restore_variables(trained[0], step=5)
-
-
-if __name__ == "__main__":
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-
-  class _MonkeyPatch:
-    """Just what `_hold_commit` uses of pytest's monkeypatch."""
-
-    @staticmethod
-    def setattr(target, name, value):
-      setattr(target, name, value)
-
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  _hold_commit(_MonkeyPatch(), step=int(sys.argv[3]), seconds=600.0, announce=True)
-  _train(pathlib.Path(sys.argv[1]), steps=int(sys.argv[2]))
