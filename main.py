@@ -1,8 +1,9 @@
 """MaskFreeVIS in JAX: train, evaluate, predict or export from one config file.
 
   python main.py --config configs/synthetic.py --workdir workdir/synthetic
-  python main.py --config configs/ytvis19_r50.py --workdir DIR --mode train \
-      --config.train.steps=100 --config.data.train_json=/data/ytvis19/train.json
+  python main.py --config configs/maskfreevis.py:nococo_r50_maskinit --workdir DIR --mode train \
+      --config.train.steps=100 --config.data.train_json=/data/ytvis19/train.json \
+      --config.init_from=/weights/model_final_3c8ec9.pkl
   python main.py --config configs/synthetic.py --workdir DIR --mode predict --input FOLDER_OR_VIDEO
 
 Modes: train | evaluate | predict | train_and_evaluate | export (default: config.mode).
@@ -19,7 +20,8 @@ from ml_collections import config_flags
 MODES = ("train", "evaluate", "predict", "train_and_evaluate", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/<name>.py); override fields with --config.a.b=value.",
+    "config", None, "Config file (configs/<name>.py, or configs/maskfreevis.py:<variant>); "
+    "override fields with --config.a.b=value.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard, outputs.")
 _MODE = flags.DEFINE_enum("mode", None, MODES, "What to do (default: the config's `mode`).")

@@ -1,8 +1,8 @@
 """Benchmarks the full train step (model + matcher + criterion + optimizer) on any jax backend.
 
-The step is the real one: `maskfreevis_jax.train.build_trainer` on the official recipe
-(`maskfreevis_jax.recipes.official_recipe`) with the chosen preset, clip shape, compute dtype and
-rematerialisation policies, fed a synthetic batch of that shape.
+The step is the real one: `maskfreevis_jax.train.build_trainer` on the release's main R50 recipe
+(`configs/maskfreevis.py:ytvis19_r50`, its video-clip step) with the chosen preset, clip shape,
+compute dtype and rematerialisation policies, fed a synthetic batch of that shape.
 
 Usage:
   .venv/bin/python bench/train_step.py                      # r50, 2 clips x 3 frames/device, 480x864
@@ -16,15 +16,19 @@ executable's memory analysis (arguments + outputs + temporaries - donated aliase
 backend reports it, the measured peak. --json appends the figures as one JSON line to a file.
 """
 import argparse
+import importlib.util
 import json
+import pathlib
 import statistics
 import time
 
 import jax
 import numpy as np
 
-from maskfreevis_jax import recipes
+from maskfreevis_jax import models
 from maskfreevis_jax import train
+
+RECIPES = pathlib.Path(__file__).resolve().parents[1] / "configs" / "maskfreevis.py"
 
 # Peak dense FLOP/s per chip (vendor figures). "float32" is what a float32 matmul runs at under
 # XLA's default precision: TPUs multiply float32 in bfloat16 passes (so the bfloat16 peak), NVIDIA
@@ -68,7 +72,12 @@ def parse_remat(spec: str) -> dict[str, str]:
 
 def bench_config(args: argparse.Namespace, num_devices: int):
   """The official recipe at the requested preset, shape, dtype, remat and loss-layer loop."""
-  config = recipes.official_recipe(num_classes=args.num_classes, backbone=args.preset)
+  spec = importlib.util.spec_from_file_location("maskfreevis_recipes", RECIPES)
+  recipes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipes)
+  config = recipes.get_config("ytvis19_r50")
+  config.model = models.get_model_config(args.preset, num_classes=args.num_classes)
+  config.criterion.num_classes = args.num_classes
   config.model.dtype = args.dtype
   for part, policy in parse_remat(args.remat).items():
     config.model[part].remat = policy

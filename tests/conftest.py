@@ -14,12 +14,15 @@ FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 
 
 def load_config(name: str):
-  """`configs/<name>.py`'s `get_config()`, loaded as main.py's --config flag loads it."""
+  """`configs/<name>.py`'s `get_config()` ('<file>:<variant>' passes the variant), loaded as
+  main.py's --config flag loads it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO_ROOT / "configs" / f"{name}.py")
+  file_name, _, arg = name.partition(":")
+  spec = importlib.util.spec_from_file_location(f"cfg_{file_name}",
+                                                REPO_ROOT / "configs" / f"{file_name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
 
 
 @pytest.fixture(scope="session")

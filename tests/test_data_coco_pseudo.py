@@ -226,3 +226,29 @@ def test_coco_errors_name_file(tmp_path):
                               "annotations": [], "categories": []}))
   with pytest.raises(ValueError, match=r"bad\.json: image id 1: missing field 'width'"):
     coco_pseudo.load_coco_instances(str(path))
+
+
+_IMAGE = {"id": 1, "file_name": "a.jpg", "height": 5, "width": 5}
+_MALFORMED = {
+    "syntax": ('{"images": [', r"bad\.json: malformed JSON at line 1 column 13"),
+    "no_annotations": (json.dumps({"images": [], "categories": []}),
+                       r"bad\.json: top level: missing field 'annotations'"),
+    "unknown_image": (json.dumps({"images": [_IMAGE], "categories": [{"id": 3, "name": "car"}],
+                                  "annotations": [{"id": 7, "image_id": 2, "category_id": 3,
+                                                   "bbox": [0, 0, 2, 2]}]}),
+                      r"bad\.json: annotation id 7: image_id 2 is not in 'images'"),
+    "not_coco_ids": (json.dumps({"images": [_IMAGE], "categories": [{"id": 3, "name": "sedan"}],
+                                 "annotations": []}),
+                     r"bad\.json: categories: id 3 is 'sedan' but COCO id 3 is 'car'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED), ids=sorted(_MALFORMED))
+def test_malformed_coco_json_is_a_one_line_error(tmp_path, case):
+  text, message = _MALFORMED[case]
+  path = tmp_path / "bad.json"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=message) as error:
+    coco_pseudo.load_coco_instances(str(path), target_class_names=_ytvis19_names(),
+                                    category_map="ytvis_2019")
+  assert "\n" not in str(error.value)

@@ -15,8 +15,9 @@ import pytest
 from conftest import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ("synthetic", "ytvis19_r50", "ytvis21_r50", "ovis_r50", "ytvis19_r50_mask_supervised",
-           "ytvis19_r101")
+RECIPES = ("ytvis19_r50", "ytvis19_r101", "nococo_r50_boxinit", "nococo_r50_maskinit",
+           "nococo_r101_maskinit", "ytvis21_r50", "ovis_r50", "ytvis19_r50_mask_supervised")
+CONFIGS = ("synthetic",) + tuple(f"maskfreevis:{v}" for v in RECIPES)
 
 
 def _run_main(*args, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -37,10 +38,12 @@ def _parse_config(monkeypatch, *argv):
   return flag_values.config
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CONFIGS, ids=CONFIGS)
 def test_configs_load_with_overrides(monkeypatch, name):
-  config = _parse_config(monkeypatch, "--config", str(REPO / "configs" / f"{name}.py"),
-                         "--config.train.steps=7", "--config.train.batch_size=32")
+  file_name, _, variant = name.partition(":")
+  path = str(REPO / "configs" / f"{file_name}.py") + (f":{variant}" if variant else "")
+  config = _parse_config(monkeypatch, "--config", path, "--config.train.steps=7",
+                         "--config.train.batch_size=32")
   assert config.train.steps == 7
   assert config.data.batch_size == 32, "data.batch_size must follow train.batch_size"
   assert config.criterion.num_classes == config.model.num_classes
@@ -49,22 +52,59 @@ def test_configs_load_with_overrides(monkeypatch, name):
               "max_consecutive_nonfinite", "seed", "lr_decay_steps", "warmup_steps"):
     assert key in config.train, key
   assert "init_from" in config and "eval" in config
-  if name != "synthetic":  # the official recipe
+  if name != "synthetic":  # Base-YouTubeVIS-VideoInstanceSegmentation*.yaml of the release
     t = config.train
     assert (t.lr, t.weight_decay, t.backbone_lr_multiplier, t.clip_grad_norm) == (
         1e-4, 0.05, 0.1, 0.01)
-    assert tuple(t.lr_decay_steps) == (4000,) and t.lr_decay_factor == 0.1
-    assert config.data.num_frames == 3 and config.data.min_size_train == (360, 480)
+    assert t.lr_decay_factor == 0.1 and t.seed == 29118357 and t.warmup_steps == 10
+    assert config.data.min_size_train == (360, 480) and config.data.frame_range in (5, 20)
+    assert config.data.shuffle_frames and config.criterion.mask_free.lab_reverse_channels
+    assert config.init_from_required.startswith("model_final_")
+
+
+# variant: backbone, data, video frames, COCO frames (0: none), steps, decay, TK pairs, weights.
+# Hand-copied from the release's yaml files and mask2former_video/config.py (not from the code
+# under test).
+RELEASE_ROWS = {
+    "ytvis19_r50": ("r50", "ytvis+coco_pseudo", 3, 4, 70000, 37500, "all_pairs",
+                    "model_final_3c8ec9.pkl"),
+    "ytvis19_r101": ("r101", "ytvis+coco_pseudo", 3, 4, 70000, 37500, "all_pairs",
+                     "model_final_eba159.pkl"),
+    "nococo_r50_boxinit": ("r50", "ytvis", 5, 0, 6000, 4000, "cyclic", "model_final_proj.pth"),
+    "nococo_r50_maskinit": ("r50", "ytvis", 5, 0, 6000, 4000, "cyclic", "model_final_3c8ec9.pkl"),
+    "nococo_r101_maskinit": ("r101", "ytvis", 5, 0, 6000, 4000, "cyclic",
+                             "model_final_eba159.pkl"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(RELEASE_ROWS), ids=sorted(RELEASE_ROWS))
+def test_recipes_follow_the_release(variant):
+  config = load_config(f"maskfreevis:{variant}")
+  backbone, data, frames, coco_frames, steps, decay, pairing, weights = RELEASE_ROWS[variant]
+  got = (config.model.name, config.data.name, config.data.num_frames,
+         config.data.coco.num_frames if coco_frames else 0, config.train.steps,
+         tuple(config.train.lr_decay_steps), config.criterion.mask_free.frame_pairing,
+         config.init_from_required)
+  assert got == (backbone, data, frames, coco_frames, steps, (decay,), pairing, weights)
+  if coco_frames:  # INPUT.PSEUDO.* and train_net_video.py's DATASET_RATIO [1.0, 0.75]
+    coco = config.data.coco
+    assert (coco.frame_range, tuple(coco.pseudo_length), coco.max_size_train) == (20, (16, 48), 768)
+    assert tuple(coco.min_size_train) == (288, 320, 352, 384, 416, 448, 480, 512)
+    assert (coco.supervision, coco.category_map, coco.rotation_degrees) == ("mask", "ytvis_2019",
+                                                                           15.0)
+    assert coco.fraction == pytest.approx(1.0 / 1.75)
 
 
 def test_config_differences():
   load = load_config
-  assert load("ovis_r50").model.num_classes == 25
-  assert load("ytvis19_r101").model.backbone.block_counts != load("ytvis19_r50").model.backbone.block_counts
-  upper = load("ytvis19_r50_mask_supervised")
+  assert load("maskfreevis:ovis_r50").model.num_classes == 25
+  assert load("maskfreevis:ytvis21_r50").data.coco.category_map == "ytvis_2021"
+  upper = load("maskfreevis:ytvis19_r50_mask_supervised")
   assert upper.criterion.mode == "mask" and upper.data.with_masks
   synthetic = load("synthetic")
   assert synthetic.model.name == "tiny" and synthetic.data.name == "synthetic"
+  with pytest.raises(ValueError, match="needs a variant, e.g. --config configs/maskfreevis.py:"):
+    load("maskfreevis")
 
 
 def test_help_lists_the_flags():
@@ -96,12 +136,24 @@ def test_bad_distributed_environment_is_a_clear_error(tmp_path):
 
 def test_missing_dataset_path_is_named(tmp_path):
   missing = tmp_path / "no_such_dir" / "train.json"
-  result = _run_main("--config", "configs/ytvis19_r50.py", "--workdir", str(tmp_path / "w"),
-                     "--mode", "train", f"--config.data.train_json={missing}",
-                     "--config.train.batch_size=1", timeout=300)
+  result = _run_main("--config", "configs/maskfreevis.py:nococo_r50_maskinit", "--workdir",
+                     str(tmp_path / "w"), "--mode", "train", f"--config.data.train_json={missing}",
+                     "--config.train.batch_size=1", "--config.init_from=none", timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
   assert str(missing) in result.stderr, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
+
+
+def test_missing_init_from_is_a_one_line_error(tmp_path):
+  from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
+  config = load_config("maskfreevis:ytvis19_r50")
+  with pytest.raises(ValueError, match=r"^config\.init_from is not set, but this recipe starts "
+                     r"from pretrained weights \(model_final_3c8ec9\.pkl, "
+                     r"config\.init_from_required\): .*--config\.init_from=none") as error:
+    train.train(config, tmp_path)
+  assert "\n" not in str(error.value)
+  config.init_from = "None"
+  assert train.init_from_path(config) is None  # from scratch on purpose
 
 
 def test_evaluate_without_checkpoint_names_the_directory(tmp_path):

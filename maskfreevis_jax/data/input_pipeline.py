@@ -93,7 +93,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       max_instances=-1, supervision="box", target_categories="",
       category_map="by_name", skip_unmapped_categories=False,
       min_size_train=(288, 320, 352, 384, 416, 448, 480, 512), max_size_train=768,
-      crop_prob=0.5, crop_pre_sizes=(400, 500, 600), crop_size=(384, 600),
+      crop_prob=0.5, crop_pre_sizes=(400, 500, 600), crop_size=(384, 600), rotation_degrees=0.0,
       pseudo_length=(16, 48), frame_range=20))
   return c
 
