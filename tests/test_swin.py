@@ -67,25 +67,33 @@ def _random_variables(preset, seed, **backbone):
   return config, testing.random_variables(shapes, seed)
 
 
-def test_swinl_optimizer_groups_match_official(fixtures_dir):
-  """Backbone lr x0.1 and no weight decay on norms and relative position bias tables."""
+def test_swin_optimizer_groups_match_official(fixtures_dir):
+  """Backbone lr x0.1 and no weight decay on norms and relative position bias tables.
+
+  The official Swin-L groups, by parameter name with the layer / block indices dropped, against
+  tiny_swin's (same module names, fewer blocks: one cheap trace instead of Swin-L's).
+  """
   with open(fixtures_dir / "official_swinl_ytvis19_state_dict.json") as f:
     reference = json.load(f)["optimizer"]
-  config, shapes = _abstract_variables("swinl")
+  official = {}
+  for key, group in reference["groups"].items():
+    official.setdefault(re.sub(r"\.\d+\.", ".#.", key), set()).add(tuple(group))
+  config, shapes = _abstract_variables("tiny_swin")
   train_config = ml_collections.ConfigDict()
   optimizer_lib.default_optimizer_fields(train_config)
-  model = build_model(config)
   frames = jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8)
-  module_types = optimizer_lib.module_types_by_path(model, jax.random.PRNGKey(0), frames)
+  module_types = optimizer_lib.module_types_by_path(build_model(config), jax.random.PRNGKey(0),
+                                                    frames)
   labels = optimizer_lib.param_labels(shapes["params"], train_config, module_types)
   groups = {optimizer_lib.DEFAULT: (1.0, 0.05), optimizer_lib.NO_DECAY: (1.0, 0.0),
             optimizer_lib.BACKBONE: (0.1, 0.05), optimizer_lib.BACKBONE_NO_DECAY: (0.1, 0.0)}
   ours = {}
   for path, label in traverse_util.flatten_dict(labels).items():
-    key = official_names.flax_to_official_key("params", path)
-    ours[key] = [reference["base_lr"] * groups[label][0], groups[label][1]]
-  assert set(ours) == set(reference["groups"])
-  wrong = {k: (ours[k], v) for k, v in reference["groups"].items() if not np.allclose(ours[k], v)}
+    key = re.sub(r"\.\d+\.", ".#.", official_names.flax_to_official_key("params", path))
+    ours.setdefault(key, set()).add((reference["base_lr"] * groups[label][0], groups[label][1]))
+  assert set(ours) == set(official)
+  wrong = {k: (sorted(ours[k]), sorted(official[k])) for k in ours
+           if not np.allclose(sorted(ours[k]), sorted(official[k]))}
   assert not wrong, list(wrong.items())[:5]
 
 
