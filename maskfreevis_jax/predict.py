@@ -202,7 +202,7 @@ def _format_seconds(seconds: float) -> str:
 def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: str | None = None,
             *, variables=None, model=None, score_threshold: float = 0.3,
             class_names: Sequence[str] | None = None, fps: float = 6.0,
-            gif_max_frames: int = 100, overlay_min_size: int = 384,
+            gif_max_frames: int = 100, overlay_min_size: int = 384, overlay: bool = True,
             progress_every: float = 10.0) -> dict:
   """Predicts one video, streaming it; returns the output paths and counts.
 
@@ -218,6 +218,7 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
     fps: frame rate of the overlays.
     gif_max_frames: the GIF overlay holds at most this many frames (the MP4 has them all).
     overlay_min_size: overlays of smaller frames are upscaled to this short side (0: never).
+    overlay: write the overlays (False: results only, e.g. for benchmarks).
     progress_every: seconds between progress lines.
 
   Returns:
@@ -279,12 +280,13 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
       palette = visualize.track_colors(num_queries)
     count = masks.shape[1]
     chunk = np.stack([pending.pop(first_index + t) for t in range(count)])
-    best = track_scores.max(axis=1)
-    drawn = np.flatnonzero(best >= score_threshold)
-    drawn = drawn[np.argsort(-best[drawn], kind="stable")][:predictor.top_k]
-    writer.write(evaluation.overlay_frames(
-        chunk, masks[drawn], track_scores[drawn].argmax(axis=1), best[drawn], class_names,
-        score_threshold=score_threshold, colors=palette[drawn], min_size=overlay_min_size))
+    if overlay:
+      best = track_scores.max(axis=1)
+      drawn = np.flatnonzero(best >= score_threshold)
+      drawn = drawn[np.argsort(-best[drawn], kind="stable")][:predictor.top_k]
+      writer.write(evaluation.overlay_frames(
+          chunk, masks[drawn], track_scores[drawn].argmax(axis=1), best[drawn], class_names,
+          score_threshold=score_threshold, colors=palette[drawn], min_size=overlay_min_size))
     done = first_index + count
     now = time.perf_counter()
     if now - last_print >= progress_every or (total is not None and done >= total):
