@@ -19,6 +19,7 @@ from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train as train_lib
 from maskfreevis_jax.data import input_pipeline
 from maskfreevis_jax.data import testing
+from maskfreevis_jax.data import transforms
 
 NUM_CLASSES, NUM_QUERIES = 3, 6
 
@@ -79,6 +80,18 @@ def joint_config(tmp_path_factory):
                            backbone_regex=r"(^|/)backbone_", async_checkpoint=False))
   config.sharding = ml_collections.ConfigDict({"model_axis_size": 1, "min_shard_size": 2**18})
   return config
+
+
+def test_frame_shuffle_as_the_release():
+  """SAMPLING_FRAME_SHUFFLE: the release sorts the sampled frames, then shuffles them."""
+  unsorted = 0
+  for seed in range(300):
+    plain = transforms.sample_clip_frame_indices(np.random.default_rng(seed), 30, 5, 5)
+    shuffled = transforms.sample_clip_frame_indices(np.random.default_rng(seed), 30, 5, 5,
+                                                    shuffle=True)
+    np.testing.assert_array_equal(np.sort(shuffled), plain)  # the same frames, reordered
+    unsorted += bool((np.diff(shuffled) < 0).any())
+  assert unsorted > 250  # a random order: sorted by chance about 1 time in 10 or less
 
 
 def _one_device():
