@@ -80,7 +80,7 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def describe_error(error: BaseException, root: pathlib.Path | None = None) -> str:
+def _describe_error(error: BaseException, root: pathlib.Path | None = None) -> str:
   """One short line from an Orbax/TensorStore/OS error (no spec dumps, paths under `root` short)."""
   text = str(error).strip() or type(error).__name__
   text = re.split(r" \[(?:tensorstore_spec|source locations)=", text)[0].splitlines()[0]
@@ -371,7 +371,7 @@ class Checkpointer:
     if step is None:
       if error is not None:
         logging.error("checkpoint save in %s failed: %s", self.directory,
-                      describe_error(error, self.directory))
+                      _describe_error(error, self.directory))
       return
     if error is None and (self.directory / str(step) / _COMMIT_RECORD).is_file():
       self.failed_saves_in_a_row = 0
@@ -389,7 +389,7 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       pass  # The directory itself may be unreadable; the next save reports that.
     message = (f"the checkpoint of step {step} could not be written to {self.directory} "
-               f"({describe_error(error, self.directory)})")
+               f"({_describe_error(error, self.directory)})")
     committed = self.all_steps()
     kept = f"newest kept checkpoint: step {committed[-1]}" if committed else "no checkpoint kept"
     if self.failed_saves_in_a_row >= self.max_consecutive_failed_saves:
@@ -452,14 +452,14 @@ class Checkpointer:
     except FileNotFoundError as e:
       raise _Damage(_COMMIT_RECORD, "missing (the save did not complete)") from e
     except (OSError, ValueError) as e:
-      raise _Damage(_COMMIT_RECORD, describe_error(e, step_dir)) from e
+      raise _Damage(_COMMIT_RECORD, _describe_error(e, step_dir)) from e
     for item in _ITEMS:
       if not (step_dir / item).is_dir():
         raise _Damage(item, "not a directory" if (step_dir / item).exists() else "missing")
 
     def damage(item, error):
       array = _unreadable_array(error) if item == _STATE else None
-      return _Damage(f"{item}/{array}" if array else item, describe_error(error, step_dir))
+      return _Damage(f"{item}/{array}" if array else item, _describe_error(error, step_dir))
 
     def restore_item(item, args):
       try:

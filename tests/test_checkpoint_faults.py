@@ -374,3 +374,44 @@ def test_evaluate_missing_step_names_the_committed_ones(trained):
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 in .*checkpoints "
                      r"\(committed steps: 2, 4, 6\)"):
     evaluate.restore_variables(trained[0], step=5)
+
+
+def _run_main(*args) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_main_with_a_truncated_checkpoint_evaluates_and_resumes_without_tracebacks(tmp_path):
+  """The issue's steps with the tiny model: train, truncate the newest checkpoint, evaluate, resume."""
+  workdir = tmp_path / "run"
+  common = ["--config", "configs/synthetic.py", "--workdir", str(workdir),
+            f"--config.data.synthetic.cache_dir={tmp_path / 'cache'}",
+            "--config.data.synthetic.num_train_videos=4", "--config.data.synthetic.num_val_videos=2",
+            "--config.train.batch_size=2", "--config.train.checkpoint_every=2",
+            "--config.train.steps=4", "--config.train.image_every=0"]
+  result = _run_main(*common, "--mode", "train")
+  assert result.returncode == 0, result.stderr[-3000:]
+  checkpoints = workdir / "checkpoints"
+  assert _committed(checkpoints) == [2, 4]
+  _truncate_array_files(checkpoints / "4")
+
+  result = _run_main(*common, "--mode", "evaluate", "--config.eval.step=4")
+  assert result.returncode == 1
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith(
+      f"error: checkpoint {checkpoints / '4'} cannot be read: first unreadable item state/"), errors
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+  result = _run_main(*common, "--mode", "evaluate")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "left in place, using step 2" in result.stderr and "Traceback" not in result.stderr
+  assert (workdir / "eval" / "metrics_2.json").is_file()
+
+  result = _run_main(*common, "--mode", "train")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resuming from step 2 (checkpoint in {checkpoints})" in result.stdout
+  assert "moved aside" in result.stderr and "Traceback" not in result.stderr
+  assert (checkpoints / "4.corrupt").is_dir() and _committed(checkpoints) == [2, 4]
