@@ -275,7 +275,7 @@ class CocoPseudoClipSource:
     # The release's RandomRotationClip: sorted angles in [-deg, deg] (reversed half the time),
     # one per frame, about a centre drawn per clip within 40-60% of the frame.
     angles, center_xy = np.zeros(num_t), None
-    rotation_degrees = float(coco.get("rotation_degrees", 0.0))
+    rotation_degrees = float(coco.rotation_degrees)
     if rotation_degrees > 0:
       angles = np.sort(rng.uniform(-rotation_degrees, rotation_degrees, size=num_t))
       if rng.uniform() < 0.5:
