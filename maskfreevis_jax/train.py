@@ -656,7 +656,8 @@ def _raise_nonfinite(bad_in_a_row: int, step: int, workdir: pathlib.Path) -> Non
 
 
 def default_train_config() -> ml_collections.ConfigDict:
-  """`config.train`: the official R50 recipe (8-epoch YouTube-VIS 2019 schedule)."""
+  """`config.train`: the release's optimizer and the mfvis_nococo schedule (6000 iterations,
+  decay at 4000); `configs/maskfreevis.py` sets each published row's schedule."""
   c = ml_collections.ConfigDict()
   c.steps = 6000
   c.batch_size = 16
