@@ -15,7 +15,8 @@ import pytest
 from maskfreevis_jax.data import transforms
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-CASES = ["resize_up", "resize_down_flip", "portrait_max_size", "rotate_flip", "rotate_portrait"]
+CASES = ["resize_up", "resize_down_flip", "portrait_max_size", "rotate_flip", "rotate_portrait",
+         "crop_rotate_flip"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,15 +29,20 @@ def _fixture():
 def _ours(name: str):
   """(official size row, ours ClipTransform, the case's input frame, mask and boxes)."""
   arrays, meta = _fixture()
-  short, max_size, flip, angle, center = meta["cases"][name]
+  short, max_size, flip, angle, center, crop = meta["cases"][name]
   height, width = (int(v) for v in arrays[f"{name}_size"][:2])
   frame, mask, boxes = arrays["frame"], arrays["mask"], arrays["boxes"]
   if (height, width) != frame.shape[:2]:  # portrait case: the landscape inputs transposed
     frame, mask, boxes = frame.transpose(1, 0, 2), mask.T, boxes[:, [1, 0, 3, 2]]
-  out_h, out_w = transforms.resized_shape(height, width, short, max_size)
+  crop_args, src_hw = {}, (height, width)
+  if crop is not None:  # the pseudo-clip crop: pre-resize (max 1333), then a window of it
+    pre_short, crop_yx, src_hw = crop
+    crop_args = dict(pre_hw=transforms.resized_shape(height, width, pre_short, 1333),
+                     crop_yx=tuple(crop_yx), crop_hw=tuple(src_hw))
+  out_h, out_w = transforms.resized_shape(*src_hw, short, max_size)
   center_xy = None if center is None else (out_w * center[0], out_h * center[1])
   transform = transforms.ClipTransform((height, width), (out_h, out_w), flip=flip, angle=angle,
-                                       center_xy=center_xy)
+                                       center_xy=center_xy, **crop_args)
   return transform, np.ascontiguousarray(frame), np.ascontiguousarray(mask), boxes
 
 

@@ -1,8 +1,9 @@
 """COCO instance images as box-only pseudo clips (the official joint-training source).
 
-Each COCO image becomes a clip of T frames: with probability ``crop_prob`` a crop window of
-one size drifts from one random position to another across the (sorted) frames, which
-imitates camera motion; otherwise every frame shows the whole image. Then the clip gets one
+Each COCO image becomes a clip of T frames: with probability ``crop_prob`` the image is resized
+to a short side from ``crop_pre_sizes`` and a crop window of one size drifts from one random
+position to another across the (sorted) frames, which imitates camera motion; otherwise every
+frame shows the whole image. Then the clip gets one
 shortest-edge resize (``coco.min_size_train`` / ``coco.max_size_train``) and one horizontal
 flip decision. Boxes are carried through the crop and resize, clipped, and dropped per frame
 when empty. With ``coco.rotation_degrees`` > 0 (the release: 15) every frame is then rotated
@@ -251,7 +252,6 @@ class CocoPseudoClipSource:
     if rng.uniform() < coco.crop_prob:
       pre_short = int(rng.choice(np.asarray(coco.crop_pre_sizes)))
       ph, pw = transforms.resized_shape(h, w, pre_short, 1333)
-      pre = ph / h
       lo, hi = int(coco.crop_size[0]), int(coco.crop_size[1])
       ch = int(rng.integers(min(ph, lo), min(ph, hi) + 1))
       cw = int(rng.integers(min(pw, lo), min(pw, hi) + 1))
@@ -260,14 +260,13 @@ class CocoPseudoClipSource:
       frac = np.sort(rng.uniform(size=num_t))
       if rng.uniform() < 0.5:
         frac = frac[::-1]
-      ys = np.rint(y0 * frac + y1 * (1 - frac)) / pre
-      xs = np.rint(x0 * frac + x1 * (1 - frac)) / pre
-      crop_hw = (max(1, min(h, int(round(ch / pre)))), max(1, min(w, int(round(cw / pre)))))
-      crop_windows = [(int(min(max(y, 0), h - crop_hw[0])), int(min(max(x, 0), w - crop_hw[1])))
-                      for y, x in zip(ys, xs)]
-      src_hw = crop_hw
+      # Windows in pixels of the pre-resized image, as the release crops it (then resizes).
+      ys = np.rint(y0 * frac + y1 * (1 - frac)).astype(int)
+      xs = np.rint(x0 * frac + x1 * (1 - frac)).astype(int)
+      crop_windows = [(int(y), int(x)) for y, x in zip(ys, xs)]
+      pre_hw, src_hw = (ph, pw), (ch, cw)
     else:
-      src_hw = (h, w)
+      pre_hw, src_hw = None, (h, w)
     short = int(rng.choice(np.asarray(coco.min_size_train)))
     flip = bool(cfg.random_flip) and bool(rng.uniform() < 0.5)
     out_hw = transforms.resized_shape(src_hw[0], src_hw[1], short, coco.max_size_train,
@@ -285,7 +284,7 @@ class CocoPseudoClipSource:
         transforms.ClipTransform((h, w), out_hw, flip,
                                  crop_yx=crop_windows[t] if crop_windows else (0, 0),
                                  crop_hw=src_hw if crop_windows else None,
-                                 angle=float(angles[t]), center_xy=center_xy)
+                                 angle=float(angles[t]), center_xy=center_xy, pre_hw=pre_hw)
         for t in range(num_t)]
     pixels = transforms.read_rgb(image.path)
     if pixels.shape[:2] != (h, w):

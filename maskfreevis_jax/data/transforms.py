@@ -151,8 +151,9 @@ def rotate_image(image: np.ndarray, angle: float, center_xy: Sequence[float],
 class ClipTransform:
   """Resize from ``in_hw`` to ``out_hw``, optionally flip horizontally, then rotate.
 
-  An optional crop (``crop_yx``, ``crop_hw``, in input pixels) is applied before the resize;
-  per-frame crops (COCO pseudo clips) use one ClipTransform per frame. ``angle`` (degrees,
+  An optional crop (``crop_yx``, ``crop_hw``, in input pixels, or in pixels of the input first
+  resized to ``pre_hw`` when given, as the release's pseudo-clip crop) is applied before the
+  resize; per-frame crops (COCO pseudo clips) use one ClipTransform per frame. ``angle`` (degrees,
   counter-clockwise) rotates the resized frame about ``center_xy`` (output pixels; default the
   frame centre) keeping its size, as the release's ``RandomRotationClip`` for COCO pseudo clips.
   """
@@ -163,6 +164,7 @@ class ClipTransform:
   crop_hw: Optional[tuple[int, int]] = None
   angle: float = 0.0
   center_xy: Optional[tuple[float, float]] = None
+  pre_hw: Optional[tuple[int, int]] = None
 
   @property
   def _center_xy(self) -> tuple[float, float]:
@@ -172,7 +174,14 @@ class ClipTransform:
 
   @property
   def _src_hw(self) -> tuple[int, int]:
-    return self.crop_hw if self.crop_hw is not None else self.in_hw
+    if self.crop_hw is not None:
+      return self.crop_hw
+    return self.pre_hw if self.pre_hw is not None else self.in_hw
+
+  def _pre_resize(self, image: np.ndarray, resample) -> np.ndarray:
+    if self.pre_hw is None or tuple(self.pre_hw) == tuple(image.shape[:2]):
+      return image
+    return np.asarray(Image.fromarray(image).resize(tuple(self.pre_hw)[::-1], resample))
 
   @property
   def scale_yx(self) -> tuple[float, float]:
@@ -183,6 +192,7 @@ class ClipTransform:
     """uint8 ``[H, W, 3]`` -> uint8 ``[out_h, out_w, 3]`` (bilinear)."""
     if tuple(image.shape[:2]) != tuple(self.in_hw):
       raise ValueError(f"frame of size {image.shape[:2]} given to a transform for {self.in_hw}")
+    image = self._pre_resize(image, Image.BILINEAR)
     if self.crop_hw is not None:
       y0, x0 = self.crop_yx
       image = image[y0:y0 + self.crop_hw[0], x0:x0 + self.crop_hw[1]]
@@ -196,6 +206,7 @@ class ClipTransform:
 
   def apply_mask(self, mask: np.ndarray) -> np.ndarray:
     """uint8 ``[H, W]`` -> uint8 ``[out_h, out_w]`` (nearest)."""
+    mask = self._pre_resize(mask, Image.NEAREST)
     if self.crop_hw is not None:
       y0, x0 = self.crop_yx
       mask = mask[y0:y0 + self.crop_hw[0], x0:x0 + self.crop_hw[1]]
@@ -214,6 +225,9 @@ class ClipTransform:
     detectron2's ``transform_instance_annotations`` does.
     """
     boxes = np.asarray(boxes, np.float32).copy()
+    if self.pre_hw is not None:
+      boxes[..., 0::2] *= self.pre_hw[1] / self.in_hw[1]
+      boxes[..., 1::2] *= self.pre_hw[0] / self.in_hw[0]
     boxes[..., 0::2] -= self.crop_yx[1]
     boxes[..., 1::2] -= self.crop_yx[0]
     sy, sx = self.scale_yx
