@@ -17,10 +17,9 @@ the points at the centres of the stride-4 mask cells, which makes its costs and 
 dense ones this project computes (a target sampled there is the bilinear 4x downsampling). The
 random-point results are stored too, to measure that design difference.
 
-Usage (tools/official_parity/make_fixtures.sh runs both stages):
+Usage, from the repository root (`bash tools/official_parity/make_fixtures.sh criterion` runs both):
   .venv/bin/python -m tools.official_parity.criterion --stage inputs --workdir /tmp/parity
-  cd /tmp/official/src/mfvis && /tmp/official/python -m tools.official_parity.criterion \
-      --stage official --workdir /tmp/parity   # with the repository on PYTHONPATH
+  /tmp/official/python -m tools.official_parity.criterion --stage official --workdir /tmp/parity
 """
 from __future__ import annotations
 
