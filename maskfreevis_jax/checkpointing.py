@@ -543,7 +543,8 @@ class Checkpointer:
         damaged.append((candidate, damage))
         continue
       for bad_step, bad in damaged:
-        where = "left in place" if self.read_only else f"moved aside to {self._quarantine(bad_step)}"
+        where = ("left in place" if self.read_only
+                 else f"moved aside to {self._quarantine(bad_step)}")
         logging.warning("checkpoint of step %d in %s cannot be read (first unreadable item %s); "
                         "%s, using step %d", bad_step, self.directory, bad, where, candidate)
       if damaged and not self.read_only:

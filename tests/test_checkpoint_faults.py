@@ -385,13 +385,14 @@ def _run_main(*args) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_main_with_a_truncated_checkpoint_evaluates_and_resumes_without_tracebacks(tmp_path):
-  """The issue's steps with the tiny model: train, truncate the newest checkpoint, evaluate, resume."""
+  """The issue's steps, tiny model: train, truncate the newest checkpoint, evaluate, resume."""
   workdir = tmp_path / "run"
   common = ["--config", "configs/synthetic.py", "--workdir", str(workdir),
             f"--config.data.synthetic.cache_dir={tmp_path / 'cache'}",
-            "--config.data.synthetic.num_train_videos=4", "--config.data.synthetic.num_val_videos=2",
-            "--config.train.batch_size=2", "--config.train.checkpoint_every=2",
-            "--config.train.steps=4", "--config.train.image_every=0"]
+            "--config.data.synthetic.num_train_videos=4",
+            "--config.data.synthetic.num_val_videos=2", "--config.train.batch_size=2",
+            "--config.train.checkpoint_every=2", "--config.train.steps=4",
+            "--config.train.image_every=0"]
   result = _run_main(*common, "--mode", "train")
   assert result.returncode == 0, result.stderr[-3000:]
   checkpoints = workdir / "checkpoints"
