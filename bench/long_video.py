@@ -50,6 +50,7 @@ def _config(args, mode: str):
 
 def run_one(args) -> None:
   """Child process: predicts one video in one mode, prints a JSON line of measurements."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import predict  # pylint: disable=g-import-not-at-top
@@ -59,8 +60,7 @@ def run_one(args) -> None:
     model = models.build_model(config.model)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 2, 128, 128, 3), np.uint8))
   else:
-    from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
-    variables, _ = restore_variables(args.workdir)
+    variables = serialization.msgpack_restore(pathlib.Path(args.variables).read_bytes())
   start = time.perf_counter()
   out = predict.predict(config, args.out, args.frames_dir, args.out, variables=variables,
                         class_names=synthetic.SHAPE_CLASSES, overlay=False, progress_every=60.0)
@@ -128,6 +128,7 @@ def main(argv=None) -> None:
   parser.add_argument("--mode", help=argparse.SUPPRESS)
   parser.add_argument("--frames_dir", help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
+  parser.add_argument("--variables", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     run_one(args)
@@ -141,6 +142,16 @@ def main(argv=None) -> None:
   print(f"model: tiny VideoMaskFormer, {model_name}; windows of {args.window} frames sharing "
         f"{args.overlap}; association weights embed {args.embed_weight}, mask "
         f"{args.mask_weight}", flush=True)
+  variables_path = pathlib.Path(args.data_dir) / "variables.msgpack"
+  if not args.random_init:
+    # Restored once here (Orbax is slow on a busy machine); the children read plain msgpack.
+    from flax import serialization  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
+    variables, step = restore_variables(args.workdir)
+    variables_path.parent.mkdir(parents=True, exist_ok=True)
+    variables_path.write_bytes(serialization.msgpack_serialize(jax.device_get(variables)))
+    print(f"restored step {step}", flush=True)
   header = (f"{'frames':>6} {'mode':>10} {'peak RSS MB':>11} {'device MB':>9} {'s/frame':>7} "
             f"{'ID sw/100f':>10} {'matched':>7} {'AP':>6}")
   rows = []
@@ -158,7 +169,7 @@ def main(argv=None) -> None:
                  str(frames_dir), "--out", str(out), "--window", str(args.window), "--overlap",
                  str(args.overlap), "--embed_weight", str(args.embed_weight), "--mask_weight",
                  str(args.mask_weight)]
-      command += ["--random_init"] if args.random_init else ["--workdir", args.workdir]
+      command += ["--random_init"] if args.random_init else ["--variables", str(variables_path)]
       proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -240,7 +240,7 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
   if variables is None:
     # Imported here: it pulls in TensorFlow (the metric writers).
     from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
-    variables, _ = restore_variables(workdir)
+    variables, _ = restore_variables(workdir, config.eval.get("step"))
   model = model if model is not None else models.build_model(config.model)
   if class_names is None:
     class_names = _class_names(config)
