@@ -82,6 +82,7 @@ def bench_config(args: argparse.Namespace, num_devices: int):
   for part, policy in parse_remat(args.remat).items():
     config.model[part].remat = policy
   config.model.pixel_decoder.force_float32 = not args.bf16_pixel_decoder
+  config.model.pixel_decoder.packed_gather = args.packed_gather
   config.criterion.layer_loop = args.layer_loop
   config.train.batch_size = args.clips * num_devices
   return config
@@ -150,6 +151,8 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--bf16_pixel_decoder", action="store_true",
                       help="run the pixel decoder in --dtype too (default float32, as official)")
+  parser.add_argument("--packed_gather", action="store_true",
+                      help="deformable attention gathers packed 4-corner rows (try on TPU)")
   parser.add_argument("--remat", default="none",
                       help="policy for every part ('none', 'full', 'dots') or per part, "
                       "e.g. 'backbone=full,pixel_decoder=full,decoder=dots'")
@@ -168,6 +171,7 @@ def main():
   print(f"preset={args.preset} dtype={args.dtype} pixel_decoder="
         f"{'float32' if config.model.pixel_decoder.force_float32 else args.dtype} "
         f"remat={parse_remat(args.remat)} layer_loop={args.layer_loop} "
+        f"packed_gather={args.packed_gather} "
         f"batch={args.clips} clips x {args.frames} frames x {args.height}x{args.width} per device, "
         f"{len(devices)} x {device_kind} ({jax.default_backend()})", flush=True)
 

@@ -62,6 +62,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
         num_encoder_layers=pd.num_encoder_layers, num_heads=pd.num_heads,
         num_points=pd.num_points, ffn_dim=pd.ffn_dim, dtype=dtype,
         force_float32=pd.get("force_float32", True),
+        packed_gather=pd.get("packed_gather", False),
         remat=_remat_policy(pd, "pixel_decoder"))
   elif pd.name == "fpn":
     pixel_decoder = FPNPixelDecoder(conv_dim=pd.conv_dim, mask_dim=pd.mask_dim,

@@ -68,8 +68,67 @@ def _attend_level(value: jax.Array, height: int, width: int, locations: jax.Arra
                   mode="clip", unique_indices=False, indices_are_sorted=False)
   rows = rows.reshape(n, m, lq, p * 4, d)
   total_weights = (corner_weights * weights[..., None]).reshape(n, m, lq, p * 4)
-  # Multiply + reduce over the 4P samples (a dot with such a tiny contraction is slower).
-  return jnp.sum(rows * total_weights.astype(value.dtype)[..., None], axis=3)
+  # Multiply + reduce over the 4P samples (a dot with such a tiny contraction is slower),
+  # accumulated in float32 also for bfloat16 values.
+  out = jnp.sum(rows.astype(jnp.float32) * total_weights[..., None], axis=3)
+  return out.astype(value.dtype)
+
+
+def pack_corners(value: jax.Array, height: int, width: int) -> jax.Array:
+  """Table whose row (y, x) holds the 4 bilinear corners of cell (y - 1, x - 1), zero padded.
+
+  Args:
+    value: [N, M, H*W, D] per-head values of one level.
+    height: H.
+    width: W.
+
+  Returns:
+    [N, M, (H+1)*(W+1), 4*D]: the corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1) of
+    top-left corner (y0, x0) = (y - 1, x - 1), zeros where a corner is outside the map.
+  """
+  n, m, _, d = value.shape
+  padded = jnp.pad(value.reshape(n, m, height, width, d), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+  corners = [padded[:, :, dy:dy + height + 1, dx:dx + width + 1] for dy in (0, 1) for dx in (0, 1)]
+  return jnp.concatenate(corners, -1).reshape(n, m, (height + 1) * (width + 1), 4 * d)
+
+
+def _attend_level_packed(table: jax.Array, height: int, width: int, locations: jax.Array,
+                         weights: jax.Array) -> jax.Array:
+  """`_attend_level` reading `pack_corners` rows: one gathered index per sample, not four.
+
+  Args:
+    table: [N, M, (H+1)*(W+1), 4*D] from `pack_corners`.
+    height: H.
+    width: W.
+    locations: [N, M, Lq, P, 2] normalised sampling points.
+    weights: [N, M, Lq, P] attention weights.
+
+  Returns:
+    [N, M, Lq, D].
+  """
+  n, m, rows_per_map, d4 = table.shape
+  lq, p = locations.shape[2:4]
+  x = locations[..., 0] * width - 0.5
+  y = locations[..., 1] * height - 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  fx = x - x0
+  fy = y - y0
+  x0 = x0.astype(jnp.int32)
+  y0 = y0.astype(jnp.int32)
+  corner_weights = jnp.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+  # A top-left corner in [-1, H-1] x [-1, W-1] has at least one corner on the map; the padding
+  # zeros the others. Beyond that every corner is outside: weight 0.
+  inside = (x0 >= -1) & (x0 < width) & (y0 >= -1) & (y0 < height)
+  index = (jnp.clip(y0 + 1, 0, height) * (width + 1) + jnp.clip(x0 + 1, 0, width))
+  offsets = (jnp.arange(n * m, dtype=jnp.int32) * rows_per_map).reshape(n, m, 1, 1)
+  rows = jnp.take(table.reshape(n * m * rows_per_map, d4), (index + offsets).reshape(-1), axis=0,
+                  mode="clip", unique_indices=False, indices_are_sorted=False)
+  rows = rows.reshape(n, m, lq, p * 4, d4 // 4)
+  total_weights = jnp.where(inside[..., None], corner_weights * weights[..., None], 0.0)
+  total_weights = total_weights.reshape(n, m, lq, p * 4)
+  out = jnp.sum(rows.astype(jnp.float32) * total_weights[..., None], axis=3)
+  return out.astype(table.dtype)
 
 
 # Gathered corner rows are the big intermediate ([N, M, Lq, 4P, D] floats per level and
@@ -80,12 +139,17 @@ _GATHERED_FLOATS_PER_CHUNK = 1 << 23
 
 
 def _attend_level_chunked(value: jax.Array, height: int, width: int, locations: jax.Array,
-                          weights: jax.Array) -> jax.Array:
-  """`_attend_level` over query chunks with per-chunk rematerialisation (same result)."""
+                          weights: jax.Array, packed: bool = False) -> jax.Array:
+  """`_attend_level` (or, if `packed`, `_attend_level_packed`) over query chunks with per-chunk
+  rematerialisation (same result)."""
   n, m, _, d = value.shape
   lq, p = locations.shape[2:4]
   chunk = max(1, _GATHERED_FLOATS_PER_CHUNK // (n * m * p * 4 * d))
-  attend = jax.checkpoint(_attend_level, static_argnums=(1, 2))
+  if packed:
+    # Built once per level (outside the chunks), so the backward pass does not rebuild it.
+    value = pack_corners(value, height, width)
+  attend = jax.checkpoint(_attend_level_packed if packed else _attend_level,
+                          static_argnums=(1, 2))
   if chunk >= lq:
     return attend(value, height, width, locations, weights)
   num_chunks = -(-lq // chunk)
@@ -101,8 +165,8 @@ def _attend_level_chunked(value: jax.Array, height: int, width: int, locations: 
 
 
 def ms_deform_attn_core(value: jax.Array, spatial_shapes: Sequence[tuple[int, int]],
-                        sampling_locations: jax.Array,
-                        attention_weights: jax.Array) -> jax.Array:
+                        sampling_locations: jax.Array, attention_weights: jax.Array,
+                        packed: bool = False) -> jax.Array:
   """Multi-scale deformable attention core.
 
   Args:
@@ -110,6 +174,8 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: Sequence[tuple[int, in
     spatial_shapes: static ((H_0, W_0), ..., (H_{L-1}, W_{L-1})) in the order of `value`.
     sampling_locations: [N, Lq, M, L, P, 2] normalised (x, y) sampling points.
     attention_weights: [N, Lq, M, L, P] weights (softmax-normalised over L * P by the caller).
+    packed: gather from a table holding the 4 bilinear corners of a cell in one row
+      (`pack_corners`): one index per sample instead of four, 4x wider rows. Same result.
 
   Returns:
     [N, Lq, M * D] attended values.
@@ -130,7 +196,7 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: Sequence[tuple[int, in
     level_value = value[:, :, start:start + height * width]
     start += height * width
     attended = _attend_level_chunked(level_value, height, width, locations[:, :, :, level],
-                                   weights[:, :, :, level])
+                                     weights[:, :, :, level], packed)
     output = attended if output is None else output + attended
   return jnp.transpose(output, (0, 2, 1, 3)).reshape(n, lq, m * d)
 
@@ -161,13 +227,15 @@ class MSDeformAttn(nn.Module):
     num_levels: feature levels L.
     num_heads: heads M (C must be divisible by M).
     num_points: sampling points P per head and level.
-    dtype: compute dtype.
+    dtype: compute dtype (the sampling locations and bilinear weights stay float32).
+    packed_gather: gather packed 4-corner rows (`ms_deform_attn_core(packed=True)`).
   """
   d_model: int = 256
   num_levels: int = 4
   num_heads: int = 8
   num_points: int = 4
   dtype: jnp.dtype = jnp.float32
+  packed_gather: bool = False
 
   @nn.compact
   def __call__(self, query: jax.Array, reference_points: jax.Array, input_flatten: jax.Array,
@@ -208,5 +276,6 @@ class MSDeformAttn(nn.Module):
     normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], jnp.float32)
     locations = (reference_points[:, :, None, :, None, :].astype(jnp.float32)
                  + offsets / normalizer[None, None, None, :, None, :])
-    output = ms_deform_attn_core(value, spatial_shapes, locations, weights.astype(value.dtype))
+    output = ms_deform_attn_core(value, spatial_shapes, locations, weights,
+                                 packed=self.packed_gather)
     return dense(self.d_model, "output_proj", xavier)(output)

@@ -65,6 +65,7 @@ class DeformableEncoderLayer(nn.Module):
   num_heads: int = 8
   num_points: int = 4
   dtype: Dtype = jnp.float32
+  packed_gather: bool = False
 
   @nn.compact
   def __call__(self, src: jax.Array, pos: jax.Array, reference_points: jax.Array,
@@ -73,7 +74,8 @@ class DeformableEncoderLayer(nn.Module):
     xavier = nn.initializers.xavier_uniform()
     reference_points = jnp.broadcast_to(reference_points, (src.shape[0],) + reference_points.shape[1:])
     attended = MSDeformAttn(self.d_model, self.num_levels, self.num_heads, self.num_points,
-                            dtype=self.dtype, name="self_attn")(
+                            dtype=self.dtype, packed_gather=self.packed_gather,
+                            name="self_attn")(
                                 src + pos, reference_points, src, spatial_shapes)
     src = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(src + attended)
     hidden = nn.relu(nn.Dense(self.ffn_dim, kernel_init=xavier, dtype=self.dtype,
@@ -96,6 +98,7 @@ class DeformableEncoder(nn.Module):
   num_points: int = 4
   remat: str = "none"
   dtype: Dtype = jnp.float32
+  packed_gather: bool = False
 
   @nn.compact
   def __call__(self, src, pos, reference_points, spatial_shapes):
@@ -103,7 +106,8 @@ class DeformableEncoder(nn.Module):
     layer_cls = remat_module(DeformableEncoderLayer, self.remat, static_argnums=(4,))
     for i in range(self.num_layers):
       layer = layer_cls(self.d_model, self.ffn_dim, self.num_levels, self.num_heads,
-                        self.num_points, dtype=self.dtype, name=f"layers_{i}")
+                        self.num_points, dtype=self.dtype, packed_gather=self.packed_gather,
+                        name=f"layers_{i}")
       src = layer(src, pos, reference_points, spatial_shapes)
     return src
 
@@ -130,6 +134,7 @@ class DeformableTransformerEncoderOnly(nn.Module):
   num_points: int = 4
   remat: str = "none"
   dtype: Dtype = jnp.float32
+  packed_gather: bool = False
 
   @nn.compact
   def __call__(self, sources: Sequence[jax.Array]) -> list[jax.Array]:
@@ -146,7 +151,8 @@ class DeformableTransformerEncoderOnly(nn.Module):
     reference_points = jnp.asarray(encoder_reference_points(spatial_shapes))
     memory = DeformableEncoder(self.num_layers, self.d_model, self.ffn_dim, self.num_levels,
                                self.num_heads, self.num_points, remat=self.remat,
-                               dtype=self.dtype, name="encoder")(
+                               dtype=self.dtype, packed_gather=self.packed_gather,
+                               name="encoder")(
                                    flat_src.astype(self.dtype), pos, reference_points,
                                    spatial_shapes)
     outputs, start = [], 0
@@ -175,6 +181,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
       same unless `force_float32` is False.
     remat: rematerialisation policy of the encoder layers ('none', 'full', 'dots'; see
       `maskfreevis_jax.models.remat`; same results).
+    packed_gather: deformable attention gathers packed 4-corner rows (see
+      `ms_deform_attn_core`); same results, off by default (slower on CPU, see docs/model.md).
   """
   conv_dim: int = 256
   mask_dim: int = 256
@@ -190,6 +198,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   force_float32: bool = True
   remat: str = "none"
+  packed_gather: bool = False
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array],
@@ -206,7 +215,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
                                      name=f"input_proj_{idx}")(features[name].astype(dtype)))
     outputs = DeformableTransformerEncoderOnly(
         self.num_encoder_layers, self.conv_dim, self.ffn_dim, len(sources), self.num_heads,
-        self.num_points, remat=self.remat, dtype=dtype, name="transformer")(sources)
+        self.num_points, remat=self.remat, dtype=dtype, packed_gather=self.packed_gather,
+        name="transformer")(sources)
 
     stride_of = dict(zip(self.in_features, self.feature_strides))
     coarsest_fine = min(stride_of[f] for f in self.transformer_in_features)

@@ -11,6 +11,7 @@ Fields (all presets):
             qkv_bias, drop_path_rate, patch_norm, pretrain_img_size, remat (per Swin block)
   pixel_decoder: name ('msdeformattn' | 'fpn'), conv_dim, mask_dim, num_groups,
                  num_encoder_layers, num_heads, num_points, ffn_dim, force_float32,
+                 packed_gather (deformable attention gathers packed 4-corner rows),
                  remat (per deformable encoder layer; 'msdeformattn' only)
   decoder: hidden_dim, num_queries, num_heads, ffn_dim, num_layers (predictions = +1),
            enforce_input_proj, remat (per attention / FFN layer)
@@ -35,7 +36,7 @@ def _resnet_mask2former(depth: int, num_classes: int) -> ml_collections.ConfigDi
                     num_groups=32, remat="none"),
       pixel_decoder=dict(name="msdeformattn", conv_dim=256, mask_dim=256, num_groups=32,
                          num_encoder_layers=6, num_heads=8, num_points=4, ffn_dim=1024,
-                         force_float32=True, remat="none"),
+                         force_float32=True, packed_gather=False, remat="none"),
       decoder=dict(hidden_dim=256, num_queries=100, num_heads=8, ffn_dim=2048, num_layers=9,
                    enforce_input_proj=False, remat="none"),
   ))
