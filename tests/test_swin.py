@@ -24,6 +24,8 @@ from maskfreevis_jax.models import build_model, get_model_config
 from maskfreevis_jax.models import official_names
 from maskfreevis_jax.models import swin
 
+from conftest import load_config
+
 PIXEL_MEAN = np.asarray((123.675, 116.28, 103.53), np.float32)
 PIXEL_STD = np.asarray((58.395, 57.12, 57.375), np.float32)
 
@@ -303,3 +305,20 @@ def test_pickled_torch_tensors_become_numpy(tmp_path):
     expected = tensor.float().numpy() if name == "bfloat16" else tensor.numpy()
     assert arrays[name].dtype == expected.dtype, name
     np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
+
+
+def test_swinl_recipe_follows_the_release():
+  # Hand-copied from the release's swin/video_maskformer2_swin_large_IN21k_384_bs16_8ep.yaml and
+  # its bases (video_maskformer2_R50_bs16_8ep_swin.yaml, Base-...-VideoInstanceSegmentation_long).
+  config = load_config("maskfreevis:ytvis19_swinl")
+  t = config.train
+  assert (config.model.name, config.model.decoder.num_queries) == ("swinl", 200)
+  assert (config.model.backbone.embed_dim, tuple(config.model.backbone.depths),
+          tuple(config.model.backbone.num_heads), config.model.backbone.window_size,
+          config.model.backbone.drop_path_rate) == (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 0.3)
+  assert (t.batch_size, t.lr, t.steps, tuple(t.lr_decay_steps)) == (8, 5e-5, 140000, (75000,))
+  assert (t.weight_decay, t.backbone_lr_multiplier, t.clip_grad_norm, t.seed) == (
+      0.05, 0.1, 0.01, 29118357)
+  assert (config.data.name, config.data.min_size_test, tuple(config.data.min_size_train)) == (
+      "ytvis+coco_pseudo", 480, (360, 480))
+  assert config.init_from_required == "model_final_e5f453.pkl"
