@@ -27,6 +27,54 @@ R50_YTVIS19_CONFIG = "configs/youtubevis_2019/video_maskformer2_R50_bs16_8ep.yam
 R50_VARIABLES_SEED = 16
 
 
+# The R50 parity batch (`r50_parity_batch`): 2 clips of 3 frames (the official training forward
+# splits a batch of 6 or 3 frames into clips of INPUT.SAMPLING_FRAME_NUM = 3), 64x96 pixels; the
+# second clip's frames are 50x70, padded to 64x96 as the official ImageList pads them.
+R50_BATCH_SHAPE = (2, 3, 64, 96)
+R50_VALID_SIZES = ((64, 96), (50, 70))
+R50_BATCH_SEED = 1616
+
+
+def r50_parity_batch(seed: int = R50_BATCH_SEED) -> dict[str, np.ndarray]:
+  """A batch in the project's format: smooth random colour fields with noise per frame.
+
+  Returns:
+    frames uint8 [B, T, H, W, 3] (random garbage outside each clip's valid size) and
+    image_valid bool [B, H, W].
+  """
+  rng = np.random.default_rng(seed)
+  b, t, h, w = R50_BATCH_SHAPE
+  coarse = rng.integers(0, 256, size=(b, 1, h // 16, w // 16, 3))
+  frames = np.repeat(np.repeat(np.repeat(coarse, t, 1), 16, 2), 16, 3)
+  frames = np.clip(frames + rng.integers(-20, 21, size=frames.shape), 0, 255).astype(np.uint8)
+  image_valid = np.zeros((b, h, w), bool)
+  for i, (valid_h, valid_w) in enumerate(R50_VALID_SIZES):
+    image_valid[i, :valid_h, :valid_w] = True
+  garbage = rng.integers(0, 256, size=frames.shape, dtype=np.uint8)
+  frames = np.where(image_valid[:, None, :, :, None], frames, garbage)
+  return {"frames": frames, "image_valid": image_valid}
+
+
+def write_r50_inputs(workdir: pathlib.Path) -> None:
+  """Project side: random R50 variables exported to `workdir/r50.pth`, and `workdir/inputs.npz`.
+
+  inputs.npz holds the batch of `r50_parity_batch` and `state_dict_sha256`, the exported weights'
+  fingerprint (`maskfreevis_jax.export.testing.state_dict_sha256`), which tests check after
+  regenerating the variables from R50_VARIABLES_SEED.
+  """
+  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax import export
+  from maskfreevis_jax.export import testing
+  from maskfreevis_jax.models import get_model_config
+  # pylint: enable=g-import-not-at-top
+  config = get_model_config("r50")
+  variables = testing.random_variables(config, seed=R50_VARIABLES_SEED)
+  state_dict, _ = export.export_state_dict(variables, config)
+  export.save_state_dict(state_dict, workdir / "r50.pth")
+  np.savez(workdir / "inputs.npz", **r50_parity_batch(),
+           state_dict_sha256=testing.state_dict_sha256(state_dict))
+
+
 def seed_everything(seed: int) -> None:
   """Seeds python, numpy and (when importable) torch."""
   random.seed(seed)

@@ -8,7 +8,7 @@
 # (scratch folder, default a new temporary one), FIXTURES_OUT (default tests/fixtures).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-ALL_CASES=(losses state_dict inference criterion transforms swin)
+ALL_CASES=(losses state_dict model_forward train_step inference criterion transforms swin)
 if [ $# -gt 0 ]; then cases=("$@"); else cases=("${ALL_CASES[@]}"); fi
 project_python=${PROJECT_PYTHON:-.venv/bin/python}
 official_python=${OFFICIAL_PYTHON:-/tmp/official/python}
