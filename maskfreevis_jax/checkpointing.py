@@ -258,6 +258,7 @@ class Checkpointer:
     # in the background, a failure leaves Orbax's writer threads waiting for it (20 minutes).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None, create=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=self.async_save, cleanup_tmp_directories=False,
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self.manager = ocp.CheckpointManager(
