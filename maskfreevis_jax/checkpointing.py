@@ -273,15 +273,21 @@ class Checkpointer:
 
   def _remove_uncommitted(self, step: int | None = None) -> None:
     """Deletes Orbax temporary directories (of `step`, or all): saves that never committed."""
-    if not self.directory.is_dir():
-      return
     prefix = "" if step is None else f"{step}{_TMP_MARKER}"
-    for path in sorted(self.directory.iterdir()):
-      if _TMP_MARKER in path.name and path.name.startswith(prefix):
-        logging.warning("removing %s: a checkpoint save that never completed", path)
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists() and not path.is_dir():
-          path.unlink(missing_ok=True)
+    try:
+      partial = sorted(p for p in self.directory.iterdir()
+                       if _TMP_MARKER in p.name and p.name.startswith(prefix))
+    except OSError:
+      return  # No directory yet, or unreadable: the manager reports the latter.
+    for path in partial:
+      logging.warning("removing %s: a checkpoint save that never completed", path)
+      try:
+        if path.is_dir():
+          shutil.rmtree(path)
+        else:
+          path.unlink()
+      except OSError as e:
+        logging.warning("could not remove %s (%s); it is ignored", path, e)
 
   def quarantined(self) -> list[pathlib.Path]:
     """Checkpoints moved aside as damaged (`<step>.corrupt*`)."""
@@ -289,18 +295,26 @@ class Checkpointer:
       return []
     return sorted(p for p in self.directory.iterdir() if QUARANTINE_SUFFIX in p.name)
 
-  def _quarantine(self, step: int) -> pathlib.Path:
-    """Renames a damaged step directory to `<step>.corrupt` (or `.corrupt.N`); never deletes."""
+  def _quarantine(self, step: int) -> str:
+    """Renames a damaged step directory to `<step>.corrupt` (or `.corrupt.N`); never deletes.
+
+    Returns:
+      What happened, for the log line.
+    """
     source = self.directory / str(step)
     target = self.directory / f"{step}{QUARANTINE_SUFFIX}"
     n = 1
     while target.exists():
       target = self.directory / f"{step}{QUARANTINE_SUFFIX}.{n}"
       n += 1
+    outcome = f"moved aside to {target}"
     if jax.process_index() == 0:
-      source.rename(target)
+      try:
+        source.rename(target)
+      except OSError as e:
+        outcome = f"could not be moved aside ({e}), left in place"
     _sync_processes(f"checkpoint_quarantine_{step}")
-    return target
+    return outcome
 
   def _prune(self) -> None:
     """Deletes the oldest committed checkpoints beyond `keep` (renamed first: atomic)."""
@@ -310,8 +324,12 @@ class Checkpointer:
     for step in steps[:-self.keep]:
       if jax.process_index() == 0:
         doomed = self.directory / f"{step}{_TMP_MARKER}-deleting"
-        (self.directory / str(step)).rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        try:
+          (self.directory / str(step)).rename(doomed)
+          shutil.rmtree(doomed)
+        except OSError as e:  # Kept, or removed by the next run; training goes on either way.
+          logging.warning("could not delete the old checkpoint of step %d in %s: %s", step,
+                          self.directory, e)
       _sync_processes(f"checkpoint_prune_{step}")
     self.manager.reload()
 
@@ -544,8 +562,7 @@ class Checkpointer:
         damaged.append((candidate, damage))
         continue
       for bad_step, bad in damaged:
-        where = ("left in place" if self.read_only
-                 else f"moved aside to {self._quarantine(bad_step)}")
+        where = "left in place" if self.read_only else self._quarantine(bad_step)
         logging.warning("checkpoint of step %d in %s cannot be read (first unreadable item %s); "
                         "%s, using step %d", bad_step, self.directory, bad, where, candidate)
       if damaged and not self.read_only:
