@@ -336,6 +336,14 @@ class _TrackStitcher:
 
 
 def _make_forward(apply_fn: ApplyFn, with_embeds: bool):
+  """The jitted forward pass; shared by the predictors of one apply_fn (no recompilation)."""
+  try:
+    return _cached_forward(apply_fn, with_embeds)
+  except TypeError:  # an unhashable apply_fn
+    return _build_forward(apply_fn, with_embeds)
+
+
+def _build_forward(apply_fn: ApplyFn, with_embeds: bool):
   def forward(variables, frames, image_valid):
     outputs = apply_fn(variables, frames, image_valid=image_valid)
     # Only the final prediction of the single clip leaves the device.
@@ -348,6 +356,9 @@ def _make_forward(apply_fn: ApplyFn, with_embeds: bool):
     return (class_probabilities(outputs['pred_logits'][-1, 0]), outputs['pred_masks'][-1, 0],
             embeds)
   return jax.jit(forward)
+
+
+_cached_forward = functools.lru_cache(maxsize=8)(_build_forward)
 
 
 def _predictor_kwargs(eval_config) -> dict[str, Any]:
