@@ -77,8 +77,12 @@ def test_unknown_remat_policy_is_a_clear_error():
     models.build_model(config)
 
 
-# bfloat16 vs float32 training: per-step relative difference of the total loss allowed.
-BF16_LOSS_RTOL = 0.05
+# bfloat16 vs float32 training, relative difference of the total loss allowed per step: tight
+# over the first steps (measured: < 0.1%), looser over all 20, where the two runs' parameters
+# have drifted apart (measured: 4.3% at most).
+BF16_EARLY_STEPS = 5
+BF16_EARLY_RTOL = 0.01
+BF16_LOSS_RTOL = 0.1
 
 
 def _synthetic_run(tmp_path, dtype: str, steps: int, num_batches: int):
@@ -121,4 +125,6 @@ def test_bfloat16_training_follows_float32(tmp_path):
     assert metrics["skipped_nonfinite"] == 0
   losses32 = np.asarray([m["loss"] for m in history32])
   losses16 = np.asarray([m["loss"] for m in history16])
+  early = slice(0, BF16_EARLY_STEPS)
+  np.testing.assert_allclose(losses16[early], losses32[early], rtol=BF16_EARLY_RTOL)
   np.testing.assert_allclose(losses16, losses32, rtol=BF16_LOSS_RTOL)
