@@ -263,7 +263,14 @@ def test_export_writes_regenerated_index_buffers():
 
 def _small_swin(**kwargs):
   return swin.SwinTransformer(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3,
-                              **kwargs)
+                              drop_path_rate=0.5, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def small_swin_inputs():
+  """(x [4, 20, 22, 3], variables) of `_small_swin()`, shared so each program compiles once."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 20, 22, 3))
+  return x, jax.jit(_small_swin().init)(jax.random.PRNGKey(1), x)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "train"))
@@ -271,19 +278,17 @@ def _apply(model, variables, x, seed=0, train=False):
   return model.apply(variables, x, train=train, rngs={"dropout": jax.random.PRNGKey(seed)})
 
 
-def test_drop_path_only_in_training():
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 20, 22, 3))
-  model = _small_swin(drop_path_rate=0.5)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+def test_drop_path_only_in_training(small_swin_inputs):
+  x, variables = small_swin_inputs
+  model = _small_swin()
   evaluated = _apply(model, variables, x, seed=1)
   _assert_trees_equal(evaluated, _apply(model, variables, x, seed=2))
   trained = _apply(model, variables, x, seed=1, train=True)
   assert not np.allclose(trained["res3"], evaluated["res3"], atol=1e-3)
 
 
-def test_bfloat16_compute_close_to_float32():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 20, 22, 3))
-  variables = jax.jit(_small_swin().init)(jax.random.PRNGKey(1), x)
+def test_bfloat16_compute_close_to_float32(small_swin_inputs):
+  x, variables = small_swin_inputs
   ours = _apply(_small_swin(dtype=jnp.bfloat16), variables, x)
   reference = _apply(_small_swin(), variables, x)
   for key in reference:
