@@ -194,7 +194,7 @@ _OVERLAY_VIDEOS = flags.DEFINE_integer("overlay_videos", 3, "Validation videos i
 
 
 def run(config: ml_collections.ConfigDict, pretrain_config: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path, stage1: str = "auto", overlay_videos: int = 3) -> dict:
+        workdir: str | pathlib.Path, stage1: str = "auto", num_overlay_videos: int = 3) -> dict:
   """Both stages, evaluation and overlays; returns the metrics (percent) and output paths."""
   from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
@@ -215,8 +215,8 @@ def run(config: ml_collections.ConfigDict, pretrain_config: ml_collections.Confi
     return {}
   metrics = evaluate.evaluate(config, workdir, step=result.step)
   variables, _ = evaluate.restore_variables(workdir)
-  paths = overlay_videos(config, variables, workdir / "overlays", num_videos=overlay_videos)
-  print(f"Overlays of {overlay_videos} validation videos (ground truth | prediction): "
+  paths = overlay_videos(config, variables, workdir / "overlays", num_videos=num_overlay_videos)
+  print(f"Overlays of {num_overlay_videos} validation videos (ground truth | prediction): "
         f"{', '.join(paths.values())}", flush=True)
   print(f"Done in {time.perf_counter() - start:.0f} s", flush=True)
   return {"metrics": metrics, "overlays": paths}
