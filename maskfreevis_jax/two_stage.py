@@ -25,7 +25,7 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from absl import app
 from absl import flags
