@@ -299,8 +299,8 @@ def _params(seed=0, num_train_videos=300, num_val_videos=30, frame_size=(128, 12
               min_visible_pixels=int(min_visible_pixels))
 
 
-def is_complete(out_dir: str, **params) -> bool:
-  """True when ``out_dir`` holds a finished dataset generated with these parameters."""
+def marker_matches(out_dir: str, expected: dict) -> bool:
+  """True when ``out_dir``'s completion marker records exactly the ``expected`` parameters."""
   marker = os.path.join(out_dir, MARKER_FILE)
   if not os.path.isfile(marker):
     return False
@@ -309,7 +309,12 @@ def is_complete(out_dir: str, **params) -> bool:
       stored = json.load(f)["params"]
   except (ValueError, KeyError, OSError):
     return False
-  return stored == _params(**params)
+  return stored == expected
+
+
+def is_complete(out_dir: str, **params) -> bool:
+  """True when ``out_dir`` holds a finished dataset generated with these parameters."""
+  return marker_matches(out_dir, _params(**params))
 
 
 def ensure_dataset(out_dir: str, seed: int = 0, num_train_videos: int = 300,

@@ -136,15 +136,7 @@ def _params(num_images: int, size: Sequence[int], seed: int, max_objects: int,
 
 def is_complete(out_dir: str, **params) -> bool:
   """True when ``out_dir`` holds a finished image set made with these `_params` arguments."""
-  marker = os.path.join(out_dir, MARKER_FILE)
-  if not os.path.isfile(marker):
-    return False
-  try:
-    with open(marker) as f:
-      stored = json.load(f)["params"]
-  except (ValueError, KeyError, OSError):
-    return False
-  return stored == _params(**params)
+  return synthetic.marker_matches(out_dir, _params(**params))
 
 
 def _generate(out_dir: str, params: dict[str, Any]) -> dict[str, Any]:
