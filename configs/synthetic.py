@@ -48,10 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.criterion.weights.loss_bound = 1.0
 
   config.train = train.default_train_config()
-  config.train.steps = 800
+  # 3200 steps: about 7 min of the 15-minute budget on 2 quiet cores (800 gave AP 2.50).
+  config.train.steps = 3200
   config.train.batch_size = 4
   config.train.lr = 2e-4
-  config.train.lr_decay_steps = (650,)
+  config.train.lr_decay_steps = (2600,)
   # The stage-1 backbone is tiny and young: it keeps learning at the full rate.
   config.train.backbone_lr_multiplier = 1.0
   config.train.clip_grad_norm = 0.1
