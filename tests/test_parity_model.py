@@ -25,6 +25,7 @@ from maskfreevis_jax.export import testing as export_testing
 from maskfreevis_jax.models import build_model
 from maskfreevis_jax.models import get_model_config
 from maskfreevis_jax.models import official_names
+from tools.official_parity import train_step as parity_train_step
 
 REGENERATE = "bash tools/official_parity/make_fixtures.sh model_forward train_step"
 CLIPS = ["unpadded", "padded"]
@@ -175,19 +176,8 @@ def test_train_step_loss_and_gradient_norm(train_step_result, train_fixture):
   assert data["grad_norm"] > 0.01  # the clipping is active in this step
 
 
-# The parameters whose gradient and update the fixture stores (train_step.TRACKED_PARAMETERS).
-TRACKED = [
-    "backbone.stem.conv1.weight",
-    "backbone.res2.0.conv1.weight",
-    "sem_seg_head.pixel_decoder.input_proj.0.1.weight",
-    "sem_seg_head.pixel_decoder.transformer.level_embed",
-    "sem_seg_head.predictor.level_embed.weight",
-    "sem_seg_head.predictor.query_feat.weight",
-    "sem_seg_head.predictor.transformer_self_attention_layers.0.norm.weight",
-    "sem_seg_head.predictor.transformer_self_attention_layers.0.self_attn.in_proj_bias",
-    "sem_seg_head.predictor.transformer_ffn_layers.8.linear1.bias",
-    "sem_seg_head.predictor.class_embed.weight",
-]
+# The parameters whose gradient and update the fixture stores, as the generator lists them.
+TRACKED = list(parity_train_step.TRACKED_PARAMETERS)
 TRACKED_IDS = [k.replace("sem_seg_head.", "") for k in TRACKED]
 
 

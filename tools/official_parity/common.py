@@ -134,6 +134,15 @@ def build_official_model(cfg: Any, checkpoint: Optional[str | os.PathLike] = Non
   return model.eval()
 
 
+def official_optimizer_groups(cfg: Any, model: Any) -> tuple[Any, dict[str, list[float]]]:
+  """The release's `build_optimizer` for `model`, and {parameter name: [lr, weight decay]}."""
+  import train_net_video  # pylint: disable=g-import-not-at-top
+  optimizer = train_net_video.Trainer.build_optimizer(cfg, model)
+  name_of = {id(p): n for n, p in model.named_parameters()}
+  return optimizer, {name_of[id(param)]: [group["lr"], group["weight_decay"]]
+                     for group in optimizer.param_groups for param in group["params"]}
+
+
 def save_fixture(path: str | os.PathLike, arrays: Mapping[str, Any],
                  meta: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
   """Writes a compressed `.npz`: the arrays plus `meta`, a JSON string (provenance, settings)."""

@@ -24,16 +24,10 @@ FIXTURE_NAME = "official_r50_ytvis19_state_dict.json"
 
 def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   del workdir  # nothing from the project: the official model alone
-  import train_net_video  # pylint: disable=g-import-not-at-top
   common.seed_everything(0)
   cfg = common.official_cfg()
   model = common.build_official_model(cfg)
-  optimizer = train_net_video.Trainer.build_optimizer(cfg, model)
-  name_of = {id(p): n for n, p in model.named_parameters()}
-  groups = {}
-  for group in optimizer.param_groups:
-    for param in group["params"]:
-      groups[name_of[id(param)]] = [group["lr"], group["weight_decay"]]
+  optimizer, groups = common.official_optimizer_groups(cfg, model)
   state_dict = {k: list(v.shape) for k, v in model.state_dict().items()}
   out = {
       "config": common.R50_YTVIS19_CONFIG,

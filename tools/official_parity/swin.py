@@ -90,16 +90,10 @@ def _normalised(frames: np.ndarray, cfg: Any) -> Any:
 
 def _write_state_dict_listing(out_dir: pathlib.Path) -> None:
   import torch  # pylint: disable=g-import-not-at-top
-  import train_net_video  # pylint: disable=g-import-not-at-top
   common.seed_everything(0)
   cfg = common.official_cfg(SWINL_YTVIS19_CONFIG)
   model = common.build_official_model(cfg)
-  optimizer = train_net_video.Trainer.build_optimizer(cfg, model)
-  name_of = {id(p): n for n, p in model.named_parameters()}
-  groups = {}
-  for group in optimizer.param_groups:
-    for param in group["params"]:
-      groups[name_of[id(param)]] = [group["lr"], group["weight_decay"]]
+  _, groups = common.official_optimizer_groups(cfg, model)
   state = model.state_dict()
   out = {
       "config": SWINL_YTVIS19_CONFIG,
