@@ -14,6 +14,12 @@ step; --steps 0 only compiles); FLOPs per step and device (XLA cost analysis); M
 device's peak FLOP/s (PEAK_FLOPS; "not meaningful" on CPU); device memory from the compiled
 executable's memory analysis (arguments + outputs + temporaries - donated aliases) and, where the
 backend reports it, the measured peak. --json appends the figures as one JSON line to a file.
+
+Ahead-of-time TPU compile (no TPU needed): with libtpu importable (installed aside, see
+requirements-tpu-aot.txt), --aot_topology compiles the same step for a TPU topology on this host
+and prints its compile-time FLOPs and memory (nothing runs, so no step time):
+  JAX_PLATFORMS=cpu PYTHONPATH=/tmp/libtpu .venv/bin/python bench/train_step.py \
+      --aot_topology v5p:2x2x1 --frames 5 --dtype bfloat16 --remat full
 """
 import argparse
 import importlib.util
@@ -26,6 +32,7 @@ import jax
 import numpy as np
 
 from maskfreevis_jax import models
+from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train
 
 RECIPES = pathlib.Path(__file__).resolve().parents[1] / "configs" / "maskfreevis.py"
@@ -68,6 +75,36 @@ def parse_remat(spec: str) -> dict[str, str]:
       raise ValueError(f"--remat part {part!r} not in {_REMAT_PARTS}")
     policies[part] = policy
   return policies
+
+
+def topology_options(topology: str) -> dict[str, list[int]]:
+  """Extra `get_topology_desc` options for a TPU topology name such as 'v5p:2x2x1' or 'v5e:1x1'.
+
+  libtpu assumes hosts of 2x2x1 chips; a smaller slice must name its own host bounds.
+  """
+  generation, _, layout = topology.partition(":")
+  try:
+    dims = [int(d) for d in layout.split("x")]
+  except ValueError:
+    dims = []
+  if not generation or not 2 <= len(dims) <= 3 or min(dims) < 1:
+    raise ValueError(f"--aot_topology must look like 'v5p:2x2x1' or 'v5e:2x2', got {topology!r}")
+  if np.prod(dims) >= 4:
+    return {}
+  return {"chips_per_host_bounds": dims + [1] * (3 - len(dims))}
+
+
+def aot_devices(topology: str) -> list:
+  """Compile-only TPU devices of `topology` (needs libtpu importable, no TPU attached)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  options = topology_options(topology)
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                             **options).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"--aot_topology {topology!r}: no TPU compiler ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0]}); install libtpu aside, see "
+                     "requirements-tpu-aot.txt") from None
 
 
 def bench_config(args: argparse.Namespace, num_devices: int):
@@ -160,20 +197,30 @@ def main():
                       help="criterion.layer_loop: 'map' rematerialises the loss layer by layer")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (0: compile only)")
   parser.add_argument("--json", default="", help="append the figures as a JSON line here")
+  parser.add_argument("--aot_topology", default="",
+                      help="compile only, for this TPU topology (e.g. 'v5p:2x2x1', 'v5e:1x1'); "
+                      "needs libtpu importable, see requirements-tpu-aot.txt")
   args = parser.parse_args()
 
-  devices = jax.devices()
+  if args.aot_topology:
+    devices = aot_devices(args.aot_topology)
+    backend = f"tpu, compile only for {args.aot_topology}"
+    args.steps = 0
+  else:
+    devices = jax.devices()
+    backend = jax.default_backend()
   device_kind = devices[0].device_kind
   config = bench_config(args, len(devices))
+  mesh = sharding_lib.create_mesh(int(config.sharding.model_axis_size), devices)
   batch = synthetic_batch(args.clips * len(devices), args.frames, args.height, args.width,
                           args.max_instances, args.instances)
-  trainer = train.build_trainer(config, train.abstract_batch(batch, process_count=1))
+  trainer = train.build_trainer(config, train.abstract_batch(batch, process_count=1), mesh=mesh)
   print(f"preset={args.preset} dtype={args.dtype} pixel_decoder="
         f"{'float32' if config.model.pixel_decoder.force_float32 else args.dtype} "
         f"remat={parse_remat(args.remat)} layer_loop={args.layer_loop} "
         f"packed_gather={args.packed_gather} "
         f"batch={args.clips} clips x {args.frames} frames x {args.height}x{args.width} per device, "
-        f"{len(devices)} x {device_kind} ({jax.default_backend()})", flush=True)
+        f"{len(devices)} x {device_kind} ({backend})", flush=True)
 
   start = time.perf_counter()
   abstract = train.abstract_batch(batch, process_count=1)
@@ -191,7 +238,7 @@ def main():
           f"- donated {memory['aliased_gib']:.2f}", flush=True)
 
   results = dict(vars(args), device_kind=device_kind, num_devices=len(devices),
-                 backend=jax.default_backend(), compile_s=compile_s, flops=flops, **memory)
+                 backend=backend, compile_s=compile_s, flops=flops, **memory)
   if args.steps > 0:
     state = trainer.init_state(jax.random.key(0))
     state, metrics = compiled(state, batch)  # warm-up
