@@ -4,18 +4,21 @@ Usage:
   .venv/bin/python bench/long_video.py --workdir WORKDIR          # a trained run's checkpoint
   .venv/bin/python bench/long_video.py --random_init --lengths 100  # smoke check, no checkpoint
 
-For every length (default 100, 300, 1000 frames) a long synthetic video is written once
-(`synthetic.write_long_video`: residents crossing and occluding each other, visitors entering and
-leaving) and predicted by `--mode predict`'s streaming path (`predict.predict`, overlays off) in
-three modes, each in a fresh process so that its peak RSS is its own:
+For every length (default 100, 300, 1000 frames) `--videos` long synthetic videos (seeds
+`--seed`, `--seed` + 1, ...) are written once (`synthetic.write_long_video`: residents crossing
+and occluding each other, visitors entering and leaving) and predicted by `--mode predict`'s
+streaming path (`predict.predict`, overlays off) in three modes, each in a fresh process so that
+its peak RSS is its own:
   whole       one clip (official; only up to --whole_max_frames frames);
   windows     windows of --window frames sharing --overlap, queries not associated;
   associated  the same windows, queries associated across windows (Hungarian).
-Printed per run: peak RSS and peak device memory (when the backend reports it), seconds per frame
-(compilation included), identity switches per 100 frames against the ground-truth tracks
-(per frame, tracks matched to ground truth by Hungarian matching on mask IoU >= 0.5; a switch is a
-ground-truth track matched to another predicted track than the last time), the fraction of
-ground-truth masks matched, and the YouTube-VIS mask AP.
+Printed per length and mode, over its videos: peak RSS and peak device memory (when the backend
+reports it), seconds per frame (compilation included), identity switches per 100 frames against
+the ground-truth tracks (`evaluation.tracking`: the CLEAR MOT rule, matches at mask IoU >= 0.5)
+and those among them at a window boundary (a window's first new frame), the fraction of
+ground-truth masks matched, and the YouTube-VIS mask AP of all its videos together.
+`--shuffle_queries` permutes the query slots of every window (a stress test of association on the
+real model's embeddings and masks: the trained model keeps each slot on its object by itself).
 """
 from __future__ import annotations
 
@@ -56,57 +59,64 @@ def run_one(args) -> None:
   from maskfreevis_jax import predict  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   config = _config(args, args.mode)
+  model = models.build_model(config.model)
   if args.random_init:
-    model = models.build_model(config.model)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 2, 128, 128, 3), np.uint8))
   else:
     variables = serialization.msgpack_restore(pathlib.Path(args.variables).read_bytes())
+  if args.shuffle_queries and args.mode != "whole":
+    model = _QueryShufflingModel(model)
   start = time.perf_counter()
-  out = predict.predict(config, args.out, args.frames_dir, args.out, variables=variables,
-                        class_names=synthetic.SHAPE_CLASSES, overlay=False, progress_every=60.0)
+  results = []
+  for frames_dir, out_dir in zip(args.frames_dir, args.out):
+    out = predict.predict(config, out_dir, frames_dir, out_dir, variables=variables, model=model,
+                          class_names=synthetic.SHAPE_CLASSES, overlay=False,
+                          progress_every=60.0)
+    results.append(out["results"])
   seconds = time.perf_counter() - start
   stats = jax.local_devices()[0].memory_stats() or {}
   print("RESULT " + json.dumps({
-      "seconds": seconds, "num_frames": out["num_frames"], "results": out["results"],
+      "seconds": seconds, "results": results,
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "device_peak_mb": (stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats
                          else None)}), flush=True)
 
 
-def identity_switches(gt: dict, results: list[dict], iou_threshold: float = 0.5
-                      ) -> tuple[int, float]:
-  """(identity switches, fraction of ground-truth masks matched) of one video's tracks."""
-  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
-  from scipy import optimize  # pylint: disable=g-import-not-at-top
-  # A query kept with two classes is one track.
-  tracks, seen = [], set()
-  for r in sorted(results, key=lambda r: -r["score"]):
-    key = json.dumps(r["segmentations"])
-    if key not in seen:
-      seen.add(key)
-      tracks.append(r["segmentations"])
-  truths = [a["segmentations"] for a in gt["annotations"]]
-  num_frames = gt["videos"][0]["length"]
-  last = {}
-  switches = matched = present = 0
-  for t in range(num_frames):
-    gt_ids = [g for g, s in enumerate(truths) if s[t] is not None]
-    present += len(gt_ids)
-    pred_ids = [p for p, s in enumerate(tracks) if mask_utils.area(s[t]) > 0]
-    if not gt_ids or not pred_ids:
-      continue
-    ious = mask_utils.iou([tracks[p][t] for p in pred_ids], [truths[g][t] for g in gt_ids],
-                          [0] * len(gt_ids))
-    rows, cols = optimize.linear_sum_assignment(-ious)
-    for r, c in zip(rows, cols):
-      if ious[r, c] < iou_threshold:
-        continue
-      matched += 1
-      g, p = gt_ids[c], pred_ids[r]
-      if g in last and last[g] != p:
-        switches += 1
-      last[g] = p
-  return switches, matched / max(present, 1)
+class _QueryShufflingModel:
+  """The model with its query slots permuted differently in every window (a stress test).
+
+  The trained model keeps each query slot on the same object from window to window, so windows
+  without association switch nothing there. This wrapper permutes the queries of each window
+  (permutation keyed by the window's first frame), as a model whose slots are not bound to
+  objects would: association must then recover the tracks from the real embeddings and masks.
+  """
+
+  def __init__(self, model):
+    self.model = model
+
+  def apply(self, variables, frames, **kwargs):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    outputs = dict(self.model.apply(variables, frames, **kwargs))
+    key = jax.random.fold_in(jax.random.PRNGKey(0), jnp.sum(frames[0, 0], dtype=jnp.int32))
+    order = jax.random.permutation(key, outputs["pred_logits"].shape[2])
+    outputs["pred_logits"] = outputs["pred_logits"][:, :, order]
+    outputs["pred_masks"] = outputs["pred_masks"][:, :, order]
+    if "pred_embeds" in outputs:
+      outputs["pred_embeds"] = outputs["pred_embeds"][:, order]
+    return outputs
+
+
+def _merged_ground_truth(gts: list[dict]) -> dict:
+  """One YouTube-VIS ground truth of several one-video files (video i gets id i + 1)."""
+  merged = {**gts[0], "videos": [], "annotations": []}
+  for index, gt in enumerate(gts):
+    video = {**gt["videos"][0], "id": index + 1}
+    merged["videos"].append(video)
+    for annotation in gt["annotations"]:
+      merged["annotations"].append({**annotation, "id": len(merged["annotations"]) + 1,
+                                    "video_id": video["id"]})
+  return merged
 
 
 def main(argv=None) -> None:
@@ -122,12 +132,15 @@ def main(argv=None) -> None:
   parser.add_argument("--mask_weight", type=float, default=1.0)
   parser.add_argument("--whole_max_frames", type=int, default=300)
   parser.add_argument("--data_dir", default="/tmp/maskfreevis_long_video")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="seed of the first video")
+  parser.add_argument("--videos", type=int, default=3, help="videos per length")
+  parser.add_argument("--shuffle_queries", action="store_true",
+                      help="stress test: permute the query slots of every window")
   # Internal: one measurement in a child process.
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--mode", help=argparse.SUPPRESS)
-  parser.add_argument("--frames_dir", help=argparse.SUPPRESS)
-  parser.add_argument("--out", help=argparse.SUPPRESS)
+  parser.add_argument("--frames_dir", nargs="+", help=argparse.SUPPRESS)
+  parser.add_argument("--out", nargs="+", help=argparse.SUPPRESS)
   parser.add_argument("--variables", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
@@ -137,11 +150,15 @@ def main(argv=None) -> None:
     parser.error("pass --workdir of a trained run, or --random_init for a smoke check")
 
   from maskfreevis_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax.evaluation import tracking  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.evaluation import ytvis_eval  # pylint: disable=g-import-not-at-top
   model_name = "random init (smoke check)" if args.random_init else f"checkpoint in {args.workdir}"
-  print(f"model: tiny VideoMaskFormer, {model_name}; windows of {args.window} frames sharing "
+  print(f"model: tiny VideoMaskFormer, {model_name}; {args.videos} videos per length; "
+        f"windows of {args.window} frames sharing "
         f"{args.overlap}; association weights embed {args.embed_weight}, mask "
-        f"{args.mask_weight}", flush=True)
+        f"{args.mask_weight}{'; query slots shuffled per window' if args.shuffle_queries else ''}",
+        flush=True)
   variables_path = pathlib.Path(args.data_dir) / "variables.msgpack"
   if not args.random_init:
     # Restored once here (Orbax is slow on a busy machine); the children read plain msgpack.
@@ -153,23 +170,27 @@ def main(argv=None) -> None:
     variables_path.write_bytes(serialization.msgpack_serialize(jax.device_get(variables)))
     print(f"restored step {step}", flush=True)
   header = (f"{'frames':>6} {'mode':>10} {'peak RSS MB':>11} {'device MB':>9} {'s/frame':>7} "
-            f"{'ID sw/100f':>10} {'matched':>7} {'AP':>6}")
+            f"{'ID sw/100f':>10} {'at bounds':>10} {'matched':>7} {'AP':>6}")
   rows = []
   for length in args.lengths:
-    data = pathlib.Path(args.data_dir) / f"seed{args.seed}_{length}"
-    if not (data / "valid.json").exists():
-      synthetic.write_long_video(str(data), length, seed=args.seed)
-    gt = json.loads((data / "valid.json").read_text())
-    frames_dir = data / "valid" / "JPEGImages" / f"long_{length:05d}"
+    datas = [pathlib.Path(args.data_dir) / f"seed{seed}_{length}"
+             for seed in range(args.seed, args.seed + args.videos)]
+    gts = []
+    for seed, data in zip(range(args.seed, args.seed + args.videos), datas):
+      if not (data / "valid.json").exists():
+        synthetic.write_long_video(str(data), length, seed=seed)
+      gts.append(json.loads((data / "valid.json").read_text()))
+    gt = _merged_ground_truth(gts)
     for mode in args.modes:
       if mode == "whole" and length > args.whole_max_frames:
         continue
-      out = data / f"out_{mode}"
-      command = [sys.executable, __file__, "--child", "--mode", mode, "--frames_dir",
-                 str(frames_dir), "--out", str(out), "--window", str(args.window), "--overlap",
-                 str(args.overlap), "--embed_weight", str(args.embed_weight), "--mask_weight",
-                 str(args.mask_weight)]
+      command = [sys.executable, __file__, "--child", "--mode", mode, "--window",
+                 str(args.window), "--overlap", str(args.overlap), "--embed_weight",
+                 str(args.embed_weight), "--mask_weight", str(args.mask_weight), "--frames_dir"]
+      command += [str(d / "valid" / "JPEGImages" / f"long_{length:05d}") for d in datas]
+      command += ["--out"] + [str(d / f"out_{mode}") for d in datas]
       command += ["--random_init"] if args.random_init else ["--variables", str(variables_path)]
+      command += ["--shuffle_queries"] if args.shuffle_queries else []
       proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -177,17 +198,32 @@ def main(argv=None) -> None:
         print(f"{length} frames, {mode}: failed\n{proc.stderr[-2000:]}", flush=True)
         continue
       measured = json.loads(lines[-1][len("RESULT "):])
-      results = json.loads(pathlib.Path(measured["results"]).read_text())
-      for r in results:
-        r["video_id"] = gt["videos"][0]["id"]
-        r.pop("file_names", None)
-      switches, matched = identity_switches(gt, results)
+      results, switches, boundary_switches, matched, present = [], 0, 0, 0, 0
+      starts = inference.window_starts(length, None if mode == "whole" else args.window,
+                                       args.overlap)
+      # A window's first new frame (the frames after the previous window's end).
+      boundaries = {previous + args.window for previous in starts[:-1]}
+      for video, path in zip(gt["videos"], measured["results"]):
+        video_results = json.loads(pathlib.Path(path).read_text())
+        for r in video_results:
+          r["video_id"] = video["id"]
+          r.pop("file_names", None)
+        results += video_results
+        truths = [a["segmentations"] for a in gt["annotations"] if a["video_id"] == video["id"]]
+        summary = tracking.identity_switches(truths, tracking.tracks_from_results(video_results))
+        switches += summary.switches
+        boundary_switches += sum(t in boundaries for t in summary.switch_frames)
+        matched += summary.matched
+        present += summary.present
       ap = ytvis_eval.evaluate_ytvis(gt, results)["AP"]
       device = measured["device_peak_mb"]
+      total_frames = length * len(datas)
       row = (f"{length:>6} {mode:>10} {measured['peak_rss_mb']:>11.0f} "
              f"{'n/a' if device is None else f'{device:.0f}':>9} "
-             f"{measured['seconds'] / length:>7.3f} {100 * switches / length:>10.2f} "
-             f"{matched:>7.2f} {ap:>6.2f}")
+             f"{measured['seconds'] / total_frames:>7.3f} "
+             f"{100 * switches / total_frames:>10.2f} "
+             f"{100 * boundary_switches / total_frames:>10.2f} {matched / max(present, 1):>7.2f} "
+             f"{ap:>6.2f}")
       rows.append(row)
       print(header + "\n" + row if len(rows) == 1 else row, flush=True)
   print("\n" + header + "\n" + "\n".join(rows), flush=True)
