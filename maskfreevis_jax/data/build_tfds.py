@@ -4,8 +4,9 @@
       --manual_dir=/data/ytvis_2019 --data_dir=/data/tfds
 """
 
-import logging
 from typing import Optional, Sequence
+
+from absl import logging
 
 from maskfreevis_jax.data import tfds_builders
 
@@ -21,7 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--file_format", default="array_record",
                       choices=["array_record", "tfrecord"])
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO)
+  logging.set_verbosity(logging.INFO)
   builder = tfds_builders.build_dataset(args.manual_dir, args.data_dir, args.config,
                           file_format=args.file_format)
   print(builder.info.splits)

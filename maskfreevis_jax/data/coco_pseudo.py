@@ -27,10 +27,10 @@ COCO categories reach the video dataset's labels through ``data.coco.category_ma
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any, Optional, Sequence
 
+from absl import logging
 import ml_collections
 import numpy as np
 

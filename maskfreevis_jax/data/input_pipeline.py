@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
+from absl import logging
 import ml_collections
 import numpy as np
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import time
 from typing import Any, Iterator, Optional, Sequence
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -579,7 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       metavar=("MIN", "MAX"))
   parser.add_argument("--max_objects", type=int, default=4)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO)
+  logging.set_verbosity(logging.INFO)
   summary = generate(args.out_dir, args.seed, args.num_train_videos, args.num_val_videos,
                      frame_size=args.frame_size, frames_per_video=args.frames_per_video,
                      max_objects=args.max_objects)

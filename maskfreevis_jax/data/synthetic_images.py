@@ -23,12 +23,12 @@ Everything is a pure function of the arguments (one numpy Generator per image).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
 from typing import Any, Optional, Sequence
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -240,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max_objects", type=int, default=4)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO)
+  logging.set_verbosity(logging.INFO)
   print(write_coco_instances(args.out_dir, args.num_images, args.size, args.seed,
                              max_objects=args.max_objects))
 

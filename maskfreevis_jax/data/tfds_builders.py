@@ -23,10 +23,10 @@ CLI imports it; it is not in requirements.txt).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Any, Optional, Sequence
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Optional
 
+from absl import logging
 import numpy as np
 from pycocotools import mask as mask_util
 

@@ -26,11 +26,11 @@ import argparse
 import collections
 import dataclasses
 import json
-import logging
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+from absl import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -59,8 +59,6 @@ SUMMARY_METRICS = collections.OrderedDict([
 
 PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
 PathOrList = Union[str, os.PathLike, Sequence[Mapping[str, Any]]]
-
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -424,8 +422,8 @@ def accumulate_ytvis(gt: Union[PathOrDict, GroundTruth], results: PathOrList) ->
   num_dropped = sum(1 for v in predictions.values() for d in v
                     if d.category_id not in category_index)
   if num_dropped:
-    _log.warning('%d predictions have a category id not in the ground truth; ignored as in the '
-                 'official evaluation', num_dropped)
+    logging.warning('%d predictions have a category id not in the ground truth; ignored as in '
+                    'the official evaluation', num_dropped)
 
   num_t, num_r = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
   num_k, num_a, num_m = len(category_ids), len(AREA_RANGES), len(MAX_DETECTIONS)
