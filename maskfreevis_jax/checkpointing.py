@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -218,6 +219,30 @@ class PreemptionFlag:
     self._previous = {}
 
 
+def _remove_tree(path: pathlib.Path, attempts: int = 5) -> None:
+  """`shutil.rmtree` that tolerates files vanishing or appearing underneath it.
+
+  After a failed asynchronous save, Orbax's background threads may still be deleting their lock
+  files (a plain rmtree then fails with FileNotFoundError) or finishing a write (the directory is
+  not empty yet when rmtree removes it).
+  """
+  def ignore_vanished(function, name, exc_info):
+    del function, name
+    if not isinstance(exc_info[1], FileNotFoundError):
+      raise exc_info[1]
+
+  for attempt in range(attempts):
+    try:
+      shutil.rmtree(path, onerror=ignore_vanished)
+    except OSError:
+      if attempt == attempts - 1:
+        raise
+    if not path.exists():
+      return
+    time.sleep(0.05 * (attempt + 1))
+  raise OSError(f"{path} is still there after {attempts} attempts to remove it")
+
+
 class Checkpointer:
   """Periodic, keep-last-N checkpoints of (train state, data iterator state, config fingerprint).
 
@@ -283,7 +308,7 @@ class Checkpointer:
       logging.warning("removing %s: a checkpoint save that never completed", path)
       try:
         if path.is_dir():
-          shutil.rmtree(path)
+          _remove_tree(path)
         else:
           path.unlink()
       except OSError as e:
@@ -326,7 +351,7 @@ class Checkpointer:
         doomed = self.directory / f"{step}{_TMP_MARKER}-deleting"
         try:
           (self.directory / str(step)).rename(doomed)
-          shutil.rmtree(doomed)
+          _remove_tree(doomed)
         except OSError as e:  # Kept, or removed by the next run; training goes on either way.
           logging.warning("could not delete the old checkpoint of step %d in %s: %s", step,
                           self.directory, e)
