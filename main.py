@@ -9,6 +9,7 @@
 Modes: train | evaluate | predict | train_and_evaluate | export (default: config.mode).
 A rerun with the same --workdir resumes from its latest checkpoint.
 """
+
 import pathlib
 import sys
 
@@ -20,16 +21,21 @@ from ml_collections import config_flags
 MODES = ("train", "evaluate", "predict", "train_and_evaluate", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/<name>.py, or configs/maskfreevis.py:<variant>); "
+    "config",
+    None,
+    "Config file (configs/<name>.py, or configs/maskfreevis.py:<variant>); "
     "override fields with --config.a.b=value.",
-    lock_config=True)
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard, outputs.")
 _MODE = flags.DEFINE_enum("mode", None, MODES, "What to do (default: the config's `mode`).")
 _INPUT = flags.DEFINE_string("input", None, "--mode predict: a folder of frames or a video file.")
-_OUTPUT = flags.DEFINE_string("output", None,
-                              "--mode predict/export: output directory/file (default in workdir).")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "--mode predict/export: output directory/file (default in workdir)."
+)
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host; also auto-detected).")
+    "distributed", False, "Call jax.distributed.initialize() (multi-host; also auto-detected)."
+)
 
 
 def run(config, workdir: str, mode: str, input_path=None, output=None) -> int:
@@ -42,8 +48,13 @@ def run(config, workdir: str, mode: str, input_path=None, output=None) -> int:
   workdir_path.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=1))
-  logging.info("mode %s, workdir %s, %d devices on %d hosts", mode, workdir, jax.device_count(),
-               jax.process_count())
+  logging.info(
+      "mode %s, workdir %s, %d devices on %d hosts",
+      mode,
+      workdir,
+      jax.device_count(),
+      jax.process_count(),
+  )
   try:
     if mode in ("train", "train_and_evaluate"):
       result = train.train(config, workdir)
@@ -56,27 +67,38 @@ def run(config, workdir: str, mode: str, input_path=None, output=None) -> int:
         evaluate.evaluate(config, workdir)
     elif mode == "evaluate":
       from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
+
       evaluate.evaluate(config, workdir)
     elif mode == "predict":
       if not input_path:
         raise ValueError("--mode predict needs --input (a folder of frames or a video file)")
       from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
       from maskfreevis_jax import predict  # pylint: disable=g-import-not-at-top
+
       variables, _ = evaluate.restore_variables(workdir, config.eval.get("step"))
       predict.predict(config, workdir, input_path, output, variables=variables)
     elif mode == "export":
       from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
       from maskfreevis_jax import export  # pylint: disable=g-import-not-at-top
+
       variables, step = evaluate.restore_variables(workdir, config.eval.get("step"))
       out_path = pathlib.Path(output or workdir_path / "export" / f"model_{step:07d}.pth")
       out_path.parent.mkdir(parents=True, exist_ok=True)
       fmt = "safetensors" if out_path.suffix == ".safetensors" else "pth"
-      summary = export.export_checkpoint(jax.device_get(variables), config.model, out_path,
-                                         fmt=fmt, iteration=step)
-      print(f"Exported step {step} to {summary.path} ({fmt}, official PyTorch key layout)",
-            flush=True)
-  except (train.NonFiniteLossError, checkpointing.CheckpointMismatchError,
-          checkpointing.CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
+      summary = export.export_checkpoint(
+          jax.device_get(variables), config.model, out_path, fmt=fmt, iteration=step
+      )
+      print(
+          f"Exported step {step} to {summary.path} ({fmt}, official PyTorch key layout)", flush=True
+      )
+  except (
+      train.NonFiniteLossError,
+      checkpointing.CheckpointMismatchError,
+      checkpointing.CheckpointError,
+      FileNotFoundError,
+      ValueError,
+      NotImplementedError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     logging.error("%s: %s", type(e).__name__, e)
     return 1
@@ -90,6 +112,7 @@ def main(argv):
     # Library INFO logs (Orbax in particular) drown the progress lines; -v 0 brings them back.
     logging.set_verbosity(logging.WARNING)
   from maskfreevis_jax import sharding  # pylint: disable=g-import-not-at-top
+
   try:
     sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
   except ValueError as e:

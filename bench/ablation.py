@@ -18,6 +18,7 @@ is printed and written as markdown:
   python bench/ablation.py --workdir workdir/ablation --arms boxinst --seeds 1   # one arm
   python bench/ablation.py --workdir workdir/ablation --print_commands            # commands only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,42 +36,69 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 ARMS = {
-    "proj": ("box projection only",
-             ["--config.criterion.weights.loss_bound=0",
-              "--config.criterion.weights.loss_bound_neighbor=0"]),
-    "boxinst": ("projection + pairwise (BoxInst)",
-                ["--config.criterion.weights.loss_bound_neighbor=0"]),
+    "proj": (
+        "box projection only",
+        [
+            "--config.criterion.weights.loss_bound=0",
+            "--config.criterion.weights.loss_bound_neighbor=0",
+        ],
+    ),
+    "boxinst": (
+        "projection + pairwise (BoxInst)",
+        ["--config.criterion.weights.loss_bound_neighbor=0"],
+    ),
     "maskfreevis": ("projection + pairwise + TK-Loss (MaskFreeVIS)", []),
-    "mask": ("mask-supervised (upper bound)",
-             ["--config.criterion.mode=mask", "--config.data.with_masks=True"]),
-    "tk_cyclic": ("MaskFreeVIS, cyclic TK frame pairs",
-                  ["--config.criterion.mask_free.frame_pairing=cyclic"]),
-    "tk_all": ("MaskFreeVIS, TK without top-K (K = 9)",
-               ["--config.criterion.mask_free.temporal_topk=9"]),
+    "mask": (
+        "mask-supervised (upper bound)",
+        ["--config.criterion.mode=mask", "--config.data.with_masks=True"],
+    ),
+    "tk_cyclic": (
+        "MaskFreeVIS, cyclic TK frame pairs",
+        ["--config.criterion.mask_free.frame_pairing=cyclic"],
+    ),
+    "tk_all": (
+        "MaskFreeVIS, TK without top-K (K = 9)",
+        ["--config.criterion.mask_free.temporal_topk=9"],
+    ),
 }
-METRICS = (("AP", "AP"), ("AP75", "AP75"), ("boundary_iou", "boundary IoU"),
-           ("mask_iou", "mask IoU"))
+METRICS = (
+    ("AP", "AP"),
+    ("AP75", "AP75"),
+    ("boundary_iou", "boundary IoU"),
+    ("mask_iou", "mask IoU"),
+)
 
 
 def run_command(arm: str, seed: int, workdir: pathlib.Path, extra: list[str]) -> list[str]:
   """The main.py command line of one (arm, seed) run."""
-  return [sys.executable, str(REPO / "main.py"), "--config", str(REPO / "configs/synthetic.py"),
-          "--workdir", str(workdir / arm / f"seed{seed}"), "--mode", "train_and_evaluate",
-          f"--config.train.seed={seed}", *ARMS[arm][1], *extra]
+  return [
+      sys.executable,
+      str(REPO / "main.py"),
+      "--config",
+      str(REPO / "configs/synthetic.py"),
+      "--workdir",
+      str(workdir / arm / f"seed{seed}"),
+      "--mode",
+      "train_and_evaluate",
+      f"--config.train.seed={seed}",
+      *ARMS[arm][1],
+      *extra,
+  ]
 
 
 def _latest_metrics(run_dir: pathlib.Path) -> tuple[int, dict] | None:
-  files = sorted((run_dir / "eval").glob("metrics_*.json"),
-                 key=lambda p: int(p.stem.split("_")[1]))
+  files = sorted((run_dir / "eval").glob("metrics_*.json"), key=lambda p: int(p.stem.split("_")[1]))
   if not files:
     return None
   return int(files[-1].stem.split("_")[1]), json.loads(files[-1].read_text())
 
 
-def run_one(arm: str, seed: int, workdir: pathlib.Path, extra: list[str], steps: int,
-            gt_json: str) -> dict:
+def run_one(
+    arm: str, seed: int, workdir: pathlib.Path, extra: list[str], steps: int, gt_json: str
+) -> dict:
   """Runs (or reuses) one arm/seed; returns its metrics including the boundary measures."""
   from maskfreevis_jax.evaluation import boundary  # pylint: disable=g-import-not-at-top
+
   run_dir = workdir / arm / f"seed{seed}"
   summary_path = run_dir / "ablation.json"
   if summary_path.exists():
@@ -80,8 +108,9 @@ def run_one(arm: str, seed: int, workdir: pathlib.Path, extra: list[str], steps:
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
-      code = subprocess.call(run_command(arm, seed, workdir, extra), cwd=REPO, stdout=log,
-                             stderr=subprocess.STDOUT)
+      code = subprocess.call(
+          run_command(arm, seed, workdir, extra), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+      )
     if code:
       raise RuntimeError(f"{arm} seed {seed} failed (exit {code}); see {run_dir / 'log.txt'}")
     seconds = time.perf_counter() - start
@@ -96,15 +125,20 @@ def run_one(arm: str, seed: int, workdir: pathlib.Path, extra: list[str], steps:
   metrics.update(boundary.matched_boundary_iou(gt_json, str(results)))
   metrics.update(arm=arm, seed=seed, step=step, seconds=seconds)
   summary_path.write_text(json.dumps(metrics, indent=1))
-  print(f"{arm} seed {seed}: AP {metrics['AP']:.2f} AP75 {metrics['AP75']:.2f} boundary IoU "
-        f"{metrics['boundary_iou']:.2f} ({seconds:.0f} s)", flush=True)
+  print(
+      f"{arm} seed {seed}: AP {metrics['AP']:.2f} AP75 {metrics['AP75']:.2f} boundary IoU "
+      f"{metrics['boundary_iou']:.2f} ({seconds:.0f} s)",
+      flush=True,
+  )
   return metrics
 
 
 def summary_table(rows: list[dict], arms: list[str]) -> str:
   """Markdown table: per arm, mean ± sample std over seeds of each metric."""
-  lines = ["| arm | seeds | " + " | ".join(name for _, name in METRICS) + " |",
-           "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+  lines = [
+      "| arm | seeds | " + " | ".join(name for _, name in METRICS) + " |",
+      "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
+  ]
   for arm in arms:
     runs = [r for r in rows if r["arm"] == arm]
     if not runs:
@@ -120,6 +154,7 @@ def summary_table(rows: list[dict], arms: list[str]) -> str:
 
 def ordering_checks(rows: list[dict]) -> list[str]:
   """The paper's claims on AP, stated as measured (no threshold is tuned here)."""
+
   def stats(arm):
     values = np.array([r["AP"] for r in rows if r["arm"] == arm], np.float64)
     if len(values) == 0:
@@ -131,30 +166,44 @@ def ordering_checks(rows: list[dict]) -> list[str]:
   if all(s.values()):
     order = [s[a][0] for a in ("proj", "boxinst", "maskfreevis", "mask")]
     holds = order[0] < order[1] < order[2] <= order[3]
-    out.append(f"- ordering proj < boxinst < maskfreevis <= mask: "
-               f"{' / '.join(f'{v:.2f}' for v in order)} -> {'holds' if holds else 'does not hold'}")
+    out.append(
+        f"- ordering proj < boxinst < maskfreevis <= mask: "
+        f"{' / '.join(f'{v:.2f}' for v in order)} -> {'holds' if holds else 'does not hold'}"
+    )
   if s["boxinst"] and s["maskfreevis"]:
     spread = float(np.hypot(s["boxinst"][1], s["maskfreevis"][1]))
     margin = s["maskfreevis"][0] - s["boxinst"][0]
-    out.append(f"- maskfreevis - boxinst = {margin:.2f} AP; std of that difference "
-               f"sqrt(std_b^2 + std_m^2) = {spread:.2f} -> {margin / spread:.2f} std "
-               f"(goal > 2)")
+    out.append(
+        f"- maskfreevis - boxinst = {margin:.2f} AP; std of that difference "
+        f"sqrt(std_b^2 + std_m^2) = {spread:.2f} -> {margin / spread:.2f} std "
+        f"(goal > 2)"
+    )
   if s["maskfreevis"] and s["mask"]:
-    out.append(f"- maskfreevis / mask = {100 * s['maskfreevis'][0] / s['mask'][0]:.0f}% of the "
-               "upper bound's AP (goal >= 85%)")
+    out.append(
+        f"- maskfreevis / mask = {100 * s['maskfreevis'][0] / s['mask'][0]:.0f}% of the "
+        "upper bound's AP (goal >= 85%)"
+    )
   return out
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="workdir/ablation")
-  parser.add_argument("--arms", nargs="+", default=["proj", "boxinst", "maskfreevis", "mask"],
-                      choices=sorted(ARMS))
+  parser.add_argument(
+      "--arms", nargs="+", default=["proj", "boxinst", "maskfreevis", "mask"], choices=sorted(ARMS)
+  )
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-  parser.add_argument("--steps", type=int, default=0,
-                      help="stage-2 steps per run (0: the config's); the lr decays at 80%%")
-  parser.add_argument("--init_from", default="",
-                      help="stage-1 weights for every arm (default: the config's committed file)")
+  parser.add_argument(
+      "--steps",
+      type=int,
+      default=0,
+      help="stage-2 steps per run (0: the config's); the lr decays at 80%%",
+  )
+  parser.add_argument(
+      "--init_from",
+      default="",
+      help="stage-1 weights for every arm (default: the config's committed file)",
+  )
   parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
   parser.add_argument("--markdown", default="", help="also write the table to this file")
   parser.add_argument("--print_commands", action="store_true")
@@ -163,6 +212,7 @@ def main(argv=None) -> None:
 
   sys.path.insert(0, str(REPO))
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("synthetic_config", REPO / "configs/synthetic.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -171,12 +221,16 @@ def main(argv=None) -> None:
   steps = int(config.train.steps)
   if args.steps:
     steps = args.steps
-    extra += [f"--config.train.steps={steps}",
-              f"--config.train.lr_decay_steps=({int(0.8 * steps)},)"]
+    extra += [
+        f"--config.train.steps={steps}",
+        f"--config.train.lr_decay_steps=({int(0.8 * steps)},)",
+    ]
   init_from = args.init_from or config.init_from
   if not pathlib.Path(init_from).is_file():
-    raise SystemExit(f"stage-1 weights {init_from} not found: run bash scripts/"
-                     "make_stage1_weights.sh or pass --init_from")
+    raise SystemExit(
+        f"stage-1 weights {init_from} not found: run bash scripts/"
+        "make_stage1_weights.sh or pass --init_from"
+    )
   extra.append(f"--config.init_from={os.path.abspath(init_from)}")
   workdir = pathlib.Path(args.workdir).absolute()
   jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
@@ -186,7 +240,9 @@ def main(argv=None) -> None:
     return
 
   from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
   gt_json = os.path.join(input_pipeline.ensure_synthetic(config), "valid.json")
+
   def attempt(job):
     try:
       return run_one(*job, workdir, extra, steps, gt_json)
@@ -198,8 +254,10 @@ def main(argv=None) -> None:
     rows = [r for r in pool.map(attempt, jobs) if r is not None]
   table = summary_table(rows, args.arms)
   checks = ordering_checks(rows)
-  text = (f"{table}\n\n" + "\n".join(checks) + f"\n\nStage-2 steps per run: {steps}; stage-1 "
-          f"weights: {init_from}; seeds: {args.seeds}.\n")
+  text = (
+      f"{table}\n\n" + "\n".join(checks) + f"\n\nStage-2 steps per run: {steps}; stage-1 "
+      f"weights: {init_from}; seeds: {args.seeds}.\n"
+  )
   print(text, flush=True)
   if args.markdown:
     pathlib.Path(args.markdown).write_text(text)

@@ -7,6 +7,7 @@ Usage:
 Per variant: the gather ops and gathered indices in the optimised HLO of forward+backward, then
 the median forward+backward time (runs interleaved, so machine load hits both alike).
 """
+
 import argparse
 import re
 import statistics
@@ -48,22 +49,27 @@ def main():
   lq = s = sum(h * w for h, w in shapes)
   rng = np.random.default_rng(0)
   value = jnp.asarray(rng.normal(size=(n, s, m, d)), args.dtype)
-  locations = jnp.asarray(rng.uniform(-0.05, 1.05, size=(n, lq, m, len(shapes), p, 2)),
-                          jnp.float32)
+  locations = jnp.asarray(rng.uniform(-0.05, 1.05, size=(n, lq, m, len(shapes), p, 2)), jnp.float32)
   weights = jnp.asarray(rng.uniform(size=(n, lq, m, len(shapes), p)), jnp.float32)
-  print(f"levels {shapes}, N={n}, Lq={lq}, M={m}, D={d}, P={p}, {args.dtype}, "
-        f"backend {jax.default_backend()}")
+  print(
+      f"levels {shapes}, N={n}, Lq={lq}, M={m}, D={d}, P={p}, {args.dtype}, "
+      f"backend {jax.default_backend()}"
+  )
 
   compiled = {}
   for packed in (False, True):
+
     def loss(value, locations, weights, packed=packed):
       out = ms_deform_attn_core(value, shapes, locations, weights, packed=packed)
       return jnp.sum(out.astype(jnp.float32) ** 2)
+
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     compiled[packed] = step.lower(value, locations, weights).compile()
     ops, indices = gather_counts(compiled[packed].as_text())
-    print(f"{'packed' if packed else 'rows  '}: {ops} gather ops, {indices:,} gathered indices "
-          "(forward+backward HLO)")
+    print(
+        f"{'packed' if packed else 'rows  '}: {ops} gather ops, {indices:,} gathered indices "
+        "(forward+backward HLO)"
+    )
 
   times = {False: [], True: []}
   for packed in (False, True):  # warm-up
@@ -74,8 +80,10 @@ def main():
       jax.block_until_ready(compiled[packed](value, locations, weights))
       times[packed].append(time.perf_counter() - start)
   rows, packed = statistics.median(times[False]), statistics.median(times[True])
-  print(f"forward+backward median of {args.runs}: rows {rows:.3f} s, packed {packed:.3f} s "
-        f"(packed / rows = {packed / rows:.2f})")
+  print(
+      f"forward+backward median of {args.runs}: rows {rows:.3f} s, packed {packed:.3f} s "
+      f"(packed / rows = {packed / rows:.2f})"
+  )
 
 
 if __name__ == "__main__":

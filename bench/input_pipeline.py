@@ -30,9 +30,13 @@ def main() -> None:
   args = parser.parse_args()
 
   cfg = ip.default_data_config()
-  cfg.synthetic.update(cache_dir=args.cache_dir, frame_size=(360, 640),
-                       num_train_videos=args.num_videos, num_val_videos=1,
-                       frames_per_video=(10, 20))
+  cfg.synthetic.update(
+      cache_dir=args.cache_dir,
+      frame_size=(360, 640),
+      num_train_videos=args.num_videos,
+      num_val_videos=1,
+      frames_per_video=(10, 20),
+  )
   cfg.batch_size = args.batch_size
   cfg.min_size_train = (360, 480)
   cfg.max_size_train = 1333
@@ -55,11 +59,15 @@ def main() -> None:
   rate = clips / elapsed
   batch_time = args.batch_size / rate
   print(f"frames {batch['frames'].shape} {batch['frames'].dtype}; cpus={os.cpu_count()}")
-  print(f"input pipeline: {rate:.1f} clips/s = {batch_time:.2f} s per {args.batch_size}-clip batch "
-        f"({elapsed:.1f}s for {args.steps} batches)")
-  print(f"model step, CPU (official r50 fwd+bwd 14.6 s/clip): "
-        f"{14.6 * args.batch_size:.0f} s per batch -> pipeline is "
-        f"{14.6 * rate:.0f}x faster than needed")
+  print(
+      f"input pipeline: {rate:.1f} clips/s = {batch_time:.2f} s per {args.batch_size}-clip batch "
+      f"({elapsed:.1f}s for {args.steps} batches)"
+  )
+  print(
+      f"model step, CPU (official r50 fwd+bwd 14.6 s/clip): "
+      f"{14.6 * args.batch_size:.0f} s per batch -> pipeline is "
+      f"{14.6 * rate:.0f}x faster than needed"
+  )
   for accel in (0.1, 0.3):
     verdict = "keeps up" if batch_time <= accel else f"is {batch_time / accel:.1f}x too slow"
     print(f"accelerator step {accel:.1f} s per batch: pipeline {verdict}")

@@ -20,6 +20,7 @@ ground-truth masks matched, and the YouTube-VIS mask AP of all its videos togeth
 `--shuffle_queries` permutes the query slots of every window (a stress test of association on the
 real model's embeddings and masks: the trained model keeps each slot on its object by itself).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ MODES = ("whole", "windows", "associated")
 
 def _config(args, mode: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("bench_config", REPO / "configs" / "synthetic.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -58,6 +60,7 @@ def run_one(args) -> None:
   from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import predict  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   config = _config(args, args.mode)
   model = models.build_model(config.model)
   if args.random_init:
@@ -69,17 +72,34 @@ def run_one(args) -> None:
   start = time.perf_counter()
   results = []
   for frames_dir, out_dir in zip(args.frames_dir, args.out):
-    out = predict.predict(config, out_dir, frames_dir, out_dir, variables=variables, model=model,
-                          class_names=synthetic.SHAPE_CLASSES, overlay=False,
-                          progress_every=60.0)
+    out = predict.predict(
+        config,
+        out_dir,
+        frames_dir,
+        out_dir,
+        variables=variables,
+        model=model,
+        class_names=synthetic.SHAPE_CLASSES,
+        overlay=False,
+        progress_every=60.0,
+    )
     results.append(out["results"])
   seconds = time.perf_counter() - start
   stats = jax.local_devices()[0].memory_stats() or {}
-  print("RESULT " + json.dumps({
-      "seconds": seconds, "results": results,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "device_peak_mb": (stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats
-                         else None)}), flush=True)
+  print(
+      "RESULT "
+      + json.dumps(
+          {
+              "seconds": seconds,
+              "results": results,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "device_peak_mb": (
+                  stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+              ),
+          }
+      ),
+      flush=True,
+  )
 
 
 class _QueryShufflingModel:
@@ -97,6 +117,7 @@ class _QueryShufflingModel:
   def apply(self, variables, frames, **kwargs):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     outputs = dict(self.model.apply(variables, frames, **kwargs))
     key = jax.random.fold_in(jax.random.PRNGKey(0), jnp.sum(frames[0, 0], dtype=jnp.int32))
     order = jax.random.permutation(key, outputs["pred_logits"].shape[2])
@@ -114,16 +135,20 @@ def _merged_ground_truth(gts: list[dict]) -> dict:
     video = {**gt["videos"][0], "id": index + 1}
     merged["videos"].append(video)
     for annotation in gt["annotations"]:
-      merged["annotations"].append({**annotation, "id": len(merged["annotations"]) + 1,
-                                    "video_id": video["id"]})
+      merged["annotations"].append(
+          {**annotation, "id": len(merged["annotations"]) + 1, "video_id": video["id"]}
+      )
   return merged
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="", help="training run whose latest checkpoint is used")
-  parser.add_argument("--random_init", action="store_true",
-                      help="randomly initialised tiny model (smoke check; figures meaningless)")
+  parser.add_argument(
+      "--random_init",
+      action="store_true",
+      help="randomly initialised tiny model (smoke check; figures meaningless)",
+  )
   parser.add_argument("--lengths", type=int, nargs="+", default=[100, 300, 1000])
   parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
   parser.add_argument("--window", type=int, default=12)
@@ -134,8 +159,11 @@ def main(argv=None) -> None:
   parser.add_argument("--data_dir", default="/tmp/maskfreevis_long_video")
   parser.add_argument("--seed", type=int, default=0, help="seed of the first video")
   parser.add_argument("--videos", type=int, default=3, help="videos per length")
-  parser.add_argument("--shuffle_queries", action="store_true",
-                      help="stress test: permute the query slots of every window")
+  parser.add_argument(
+      "--shuffle_queries",
+      action="store_true",
+      help="stress test: permute the query slots of every window",
+  )
   # Internal: one measurement in a child process.
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -153,28 +181,36 @@ def main(argv=None) -> None:
   from maskfreevis_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.evaluation import tracking  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.evaluation import ytvis_eval  # pylint: disable=g-import-not-at-top
+
   model_name = "random init (smoke check)" if args.random_init else f"checkpoint in {args.workdir}"
-  print(f"model: tiny VideoMaskFormer, {model_name}; {args.videos} videos per length; "
-        f"windows of {args.window} frames sharing "
-        f"{args.overlap}; association weights embed {args.embed_weight}, mask "
-        f"{args.mask_weight}{'; query slots shuffled per window' if args.shuffle_queries else ''}",
-        flush=True)
+  print(
+      f"model: tiny VideoMaskFormer, {model_name}; {args.videos} videos per length; "
+      f"windows of {args.window} frames sharing "
+      f"{args.overlap}; association weights embed {args.embed_weight}, mask "
+      f"{args.mask_weight}{'; query slots shuffled per window' if args.shuffle_queries else ''}",
+      flush=True,
+  )
   variables_path = pathlib.Path(args.data_dir) / "variables.msgpack"
   if not args.random_init:
     # Restored once here (Orbax is slow on a busy machine); the children read plain msgpack.
     from flax import serialization  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
+
     variables, step = restore_variables(args.workdir)
     variables_path.parent.mkdir(parents=True, exist_ok=True)
     variables_path.write_bytes(serialization.msgpack_serialize(jax.device_get(variables)))
     print(f"restored step {step}", flush=True)
-  header = (f"{'frames':>6} {'mode':>10} {'peak RSS MB':>11} {'device MB':>9} {'s/frame':>7} "
-            f"{'ID sw/100f':>10} {'at bounds':>10} {'matched':>7} {'AP':>6}")
+  header = (
+      f"{'frames':>6} {'mode':>10} {'peak RSS MB':>11} {'device MB':>9} {'s/frame':>7} "
+      f"{'ID sw/100f':>10} {'at bounds':>10} {'matched':>7} {'AP':>6}"
+  )
   rows = []
   for length in args.lengths:
-    datas = [pathlib.Path(args.data_dir) / f"seed{seed}_{length}"
-             for seed in range(args.seed, args.seed + args.videos)]
+    datas = [
+        pathlib.Path(args.data_dir) / f"seed{seed}_{length}"
+        for seed in range(args.seed, args.seed + args.videos)
+    ]
     gts = []
     for seed, data in zip(range(args.seed, args.seed + args.videos), datas):
       if not (data / "valid.json").exists():
@@ -184,23 +220,42 @@ def main(argv=None) -> None:
     for mode in args.modes:
       if mode == "whole" and length > args.whole_max_frames:
         continue
-      command = [sys.executable, __file__, "--child", "--mode", mode, "--window",
-                 str(args.window), "--overlap", str(args.overlap), "--embed_weight",
-                 str(args.embed_weight), "--mask_weight", str(args.mask_weight), "--frames_dir"]
+      command = [
+          sys.executable,
+          __file__,
+          "--child",
+          "--mode",
+          mode,
+          "--window",
+          str(args.window),
+          "--overlap",
+          str(args.overlap),
+          "--embed_weight",
+          str(args.embed_weight),
+          "--mask_weight",
+          str(args.mask_weight),
+          "--frames_dir",
+      ]
       command += [str(d / "valid" / "JPEGImages" / f"long_{length:05d}") for d in datas]
       command += ["--out"] + [str(d / f"out_{mode}") for d in datas]
       command += ["--random_init"] if args.random_init else ["--variables", str(variables_path)]
       command += ["--shuffle_queries"] if args.shuffle_queries else []
-      proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+      proc = subprocess.run(
+          command,
+          capture_output=True,
+          text=True,
+          cwd=REPO,
+          env={**os.environ, "PYTHONPATH": str(REPO)},
+      )
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if proc.returncode or not lines:
         print(f"{length} frames, {mode}: failed\n{proc.stderr[-2000:]}", flush=True)
         continue
-      measured = json.loads(lines[-1][len("RESULT "):])
+      measured = json.loads(lines[-1][len("RESULT ") :])
       results, switches, boundary_switches, matched, present = [], 0, 0, 0, 0
-      starts = inference.window_starts(length, None if mode == "whole" else args.window,
-                                       args.overlap)
+      starts = inference.window_starts(
+          length, None if mode == "whole" else args.window, args.overlap
+      )
       # A window's first new frame (the frames after the previous window's end).
       boundaries = {previous + args.window for previous in starts[:-1]}
       for video, path in zip(gt["videos"], measured["results"]):
@@ -218,12 +273,14 @@ def main(argv=None) -> None:
       ap = ytvis_eval.evaluate_ytvis(gt, results)["AP"]
       device = measured["device_peak_mb"]
       total_frames = length * len(datas)
-      row = (f"{length:>6} {mode:>10} {measured['peak_rss_mb']:>11.0f} "
-             f"{'n/a' if device is None else f'{device:.0f}':>9} "
-             f"{measured['seconds'] / total_frames:>7.3f} "
-             f"{100 * switches / total_frames:>10.2f} "
-             f"{100 * boundary_switches / total_frames:>10.2f} {matched / max(present, 1):>7.2f} "
-             f"{ap:>6.2f}")
+      row = (
+          f"{length:>6} {mode:>10} {measured['peak_rss_mb']:>11.0f} "
+          f"{'n/a' if device is None else f'{device:.0f}':>9} "
+          f"{measured['seconds'] / total_frames:>7.3f} "
+          f"{100 * switches / total_frames:>10.2f} "
+          f"{100 * boundary_switches / total_frames:>10.2f} {matched / max(present, 1):>7.2f} "
+          f"{ap:>6.2f}"
+      )
       rows.append(row)
       print(header + "\n" + row if len(rows) == 1 else row, flush=True)
   print("\n" + header + "\n" + "\n".join(rows), flush=True)

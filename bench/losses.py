@@ -31,11 +31,21 @@ def parse_args(argv=None):
   p.add_argument("--queries", type=int, default=100)
   p.add_argument("--layers", type=int, default=10)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--box_window_fractions", type=float, nargs="*", default=[0.5],
-                 help="MaskFreeLossConfig.box_window_fractions; none: whole frames always")
-  p.add_argument("--official_repo", default="",
-                 help="git dir of SysCV/MaskFreeVIS; also runs the official losses")
-  p.add_argument("--official_tool", default=str(REPO.parent / "shared/tools/official_loss_bench.py"))
+  p.add_argument(
+      "--box_window_fractions",
+      type=float,
+      nargs="*",
+      default=[0.5],
+      help="MaskFreeLossConfig.box_window_fractions; none: whole frames always",
+  )
+  p.add_argument(
+      "--official_repo",
+      default="",
+      help="git dir of SysCV/MaskFreeVIS; also runs the official losses",
+  )
+  p.add_argument(
+      "--official_tool", default=str(REPO.parent / "shared/tools/official_loss_bench.py")
+  )
   p.add_argument("--ours_only", action="store_true", help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -71,8 +81,9 @@ def run_ours(a):
       gathered = jnp.take_along_axis(logits, matched[:, :, None, None, None], axis=1)
 
       def one_layer(scale):
-        terms = losses.mask_free_losses(gathered * scale, box_masks, instance_valid, affinities,
-                                        step_index, cfg)
+        terms = losses.mask_free_losses(
+            gathered * scale, box_masks, instance_valid, affinities, step_index, cfg
+        )
         return sum(terms.values())
 
       return jnp.sum(jax.vmap(one_layer)(1.0 + 0.01 * jnp.arange(a.layers)))
@@ -89,28 +100,60 @@ def run_ours(a):
     jax.block_until_ready(compiled(frames, logits, 5000))
     times.append(time.perf_counter() - t0)
   times.sort()
-  return {"compile_s": compile_s, "min_s": times[0], "median_s": times[len(times) // 2],
-          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          "devices": str(jax.devices()[0].platform)}
+  return {
+      "compile_s": compile_s,
+      "min_s": times[0],
+      "median_s": times[len(times) // 2],
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "devices": str(jax.devices()[0].platform),
+  }
 
 
 def run_official(a):
   """Runs the shared official bench in a child process; returns its figures and its peak RSS."""
-  tool_args = ["--repo", a.official_repo, "--layers", str(a.layers), "--clips", str(a.clips),
-               "--frames", str(a.frames), "--height", str(a.height), "--width", str(a.width),
-               "--instances", str(a.instances), "--repeats", str(a.repeats)]
+  tool_args = [
+      "--repo",
+      a.official_repo,
+      "--layers",
+      str(a.layers),
+      "--clips",
+      str(a.clips),
+      "--frames",
+      str(a.frames),
+      "--height",
+      str(a.height),
+      "--width",
+      str(a.width),
+      "--instances",
+      str(a.instances),
+      "--repeats",
+      str(a.repeats),
+  ]
   # Run the tool inside a tiny wrapper that reports the child's own peak RSS.
-  wrapper = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__'); "
-             "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-  out = subprocess.run([sys.executable, "-c", wrapper, a.official_tool] + tool_args, check=True,
-                       capture_output=True, text=True).stdout.strip().splitlines()
+  wrapper = (
+      "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+      "runpy.run_path(sys.argv[0], run_name='__main__'); "
+      "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+  )
+  out = (
+      subprocess.run(
+          [sys.executable, "-c", wrapper, a.official_tool] + tool_args,
+          check=True,
+          capture_output=True,
+          text=True,
+      )
+      .stdout.strip()
+      .splitlines()
+  )
   rss_kb = float(out[-1].split()[1])
   line = out[-2]
   parts = line.split()
-  return {"min_s": float(parts[parts.index("min") + 1].rstrip("s")),
-          "median_s": float(parts[parts.index("median") + 1].rstrip("s")),
-          "peak_rss_mb": rss_kb / 1024, "line": line}
+  return {
+      "min_s": float(parts[parts.index("min") + 1].rstrip("s")),
+      "median_s": float(parts[parts.index("median") + 1].rstrip("s")),
+      "peak_rss_mb": rss_kb / 1024,
+      "line": line,
+  }
 
 
 def main(argv=None):
@@ -118,16 +161,30 @@ def main(argv=None):
   if a.ours_only:
     print(json.dumps(run_ours(a)))
     return
-  workload = (f"clips={a.clips} frames={a.frames} {a.height}x{a.width} instances={a.instances} "
-              f"queries={a.queries} layers={a.layers}, forward+backward from uint8 frames")
+  workload = (
+      f"clips={a.clips} frames={a.frames} {a.height}x{a.width} instances={a.instances} "
+      f"queries={a.queries} layers={a.layers}, forward+backward from uint8 frames"
+  )
   print(f"workload: {workload}")
 
   def ours_with(fractions):
-    args = [f"--{name}={getattr(a, name)}" for name in
-            ("clips", "frames", "height", "width", "instances", "queries", "layers", "repeats")]
+    args = [
+        f"--{name}={getattr(a, name)}"
+        for name in (
+            "clips",
+            "frames",
+            "height",
+            "width",
+            "instances",
+            "queries",
+            "layers",
+            "repeats",
+        )
+    ]
     args += ["--box_window_fractions"] + [str(f) for f in fractions]
-    out = subprocess.run([sys.executable, __file__, "--ours_only"] + args, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--ours_only"] + args, check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
   # The windowed path runs when every box of the batch fits the window (as in this workload); a
@@ -139,17 +196,23 @@ def main(argv=None):
   for label, fractions in variants:
     ours = ours_with(fractions)
     results.append(ours)
-    print(f"maskfreevis_jax ({ours['devices']}, {label}): compile {ours['compile_s']:.2f}s, "
-          f"step min {ours['min_s']:.3f}s median {ours['median_s']:.3f}s, "
-          f"peak RSS {ours['peak_rss_mb']:.0f} MB")
+    print(
+        f"maskfreevis_jax ({ours['devices']}, {label}): compile {ours['compile_s']:.2f}s, "
+        f"step min {ours['min_s']:.3f}s median {ours['median_s']:.3f}s, "
+        f"peak RSS {ours['peak_rss_mb']:.0f} MB"
+    )
   ours = results[0]
   if a.official_repo:
     official = run_official(a)
-    print(f"official (torch, CPU):  step min {official['min_s']:.3f}s "
-          f"median {official['median_s']:.3f}s, peak RSS {official['peak_rss_mb']:.0f} MB")
+    print(
+        f"official (torch, CPU):  step min {official['min_s']:.3f}s "
+        f"median {official['median_s']:.3f}s, peak RSS {official['peak_rss_mb']:.0f} MB"
+    )
     for (label, _), ours in zip(variants, results):
-      print(f"speed-up ({label}, median): {official['median_s'] / ours['median_s']:.1f}x; "
-            f"peak RSS ratio official/ours: {official['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
+      print(
+          f"speed-up ({label}, median): {official['median_s'] / ours['median_s']:.1f}x; "
+          f"peak RSS ratio official/ours: {official['peak_rss_mb'] / ours['peak_rss_mb']:.2f}"
+      )
 
 
 if __name__ == "__main__":

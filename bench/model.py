@@ -7,6 +7,7 @@ Usage:
 Prints compile times, median step times over --runs runs and the peak RSS of the process.
 Official reference on the 2-core dev CPU (torch 2.13): 3.85 s forward, 14.6 s fwd+bwd.
 """
+
 import argparse
 import resource
 import statistics
@@ -44,13 +45,16 @@ def main():
   config.dtype = args.dtype
   model = build_model(config)
   rng = np.random.default_rng(0)
-  frames = jnp.asarray(rng.integers(0, 256, (args.batch, args.frames, args.height, args.width, 3),
-                                    dtype=np.uint8))
+  frames = jnp.asarray(
+      rng.integers(0, 256, (args.batch, args.frames, args.height, args.width, 3), dtype=np.uint8)
+  )
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), frames)
   params = variables["params"]
   others = {k: v for k, v in variables.items() if k != "params"}
-  print(f"preset={args.preset} dtype={args.dtype} input={tuple(frames.shape)} "
-        f"backend={jax.default_backend()} devices={jax.local_device_count()}")
+  print(
+      f"preset={args.preset} dtype={args.dtype} input={tuple(frames.shape)} "
+      f"backend={jax.default_backend()} devices={jax.local_device_count()}"
+  )
 
   @jax.jit
   def forward(params, frames):
@@ -75,7 +79,7 @@ def main():
     jax.block_until_ready(compiled_grad(params, frames))
     both = _median_seconds(lambda: compiled_grad(params, frames), args.runs)
     print(f"forward+backward: {both:.3f} s (median of {args.runs})")
-  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"peak RSS: {peak_gib:.2f} GiB")
 
 

@@ -21,6 +21,7 @@ and prints its compile-time FLOPs and memory (nothing runs, so no step time):
   JAX_PLATFORMS=cpu PYTHONPATH=/tmp/libtpu .venv/bin/python bench/train_step.py \
       --aot_topology v5p:2x2x1 --frames 5 --dtype bfloat16 --remat full
 """
+
 import argparse
 import importlib.util
 import json
@@ -97,14 +98,18 @@ def topology_options(topology: str) -> dict[str, list[int]]:
 def aot_devices(topology: str) -> list:
   """Compile-only TPU devices of `topology` (needs libtpu importable, no TPU attached)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   options = topology_options(topology)
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
-                                             **options).devices)
+    return list(
+        topologies.get_topology_desc(topology_name=topology, platform="tpu", **options).devices
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise SystemExit(f"--aot_topology {topology!r}: no TPU compiler ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0]}); install libtpu aside, see "
-                     "requirements-tpu-aot.txt") from None
+    raise SystemExit(
+        f"--aot_topology {topology!r}: no TPU compiler ({type(e).__name__}: "
+        f"{str(e).splitlines()[0]}); install libtpu aside, see "
+        "requirements-tpu-aot.txt"
+    ) from None
 
 
 def bench_config(args: argparse.Namespace, num_devices: int):
@@ -125,8 +130,15 @@ def bench_config(args: argparse.Namespace, num_devices: int):
   return config
 
 
-def synthetic_batch(clips: int, frames: int, height: int, width: int, max_instances: int,
-                    instances: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(
+    clips: int,
+    frames: int,
+    height: int,
+    width: int,
+    max_instances: int,
+    instances: int,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
   """A training batch of the pipeline's layout: `instances` boxed objects per clip.
 
   Returns:
@@ -153,15 +165,19 @@ def memory_figures(compiled) -> dict[str, float]:
   analysis = compiled.memory_analysis()
   if analysis is None:
     return {}
-  gib = 2.0 ** 30
+  gib = 2.0**30
   figures = {
       "arguments_gib": analysis.argument_size_in_bytes / gib,
       "outputs_gib": analysis.output_size_in_bytes / gib,
       "temporaries_gib": analysis.temp_size_in_bytes / gib,
       "aliased_gib": analysis.alias_size_in_bytes / gib,
   }
-  figures["peak_estimate_gib"] = (figures["arguments_gib"] + figures["outputs_gib"]
-                                  + figures["temporaries_gib"] - figures["aliased_gib"])
+  figures["peak_estimate_gib"] = (
+      figures["arguments_gib"]
+      + figures["outputs_gib"]
+      + figures["temporaries_gib"]
+      - figures["aliased_gib"]
+  )
   return figures
 
 
@@ -186,20 +202,36 @@ def main():
   parser.add_argument("--max_instances", type=int, default=25, help="padded instance slots")
   parser.add_argument("--instances", type=int, default=5, help="real instances per clip")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--bf16_pixel_decoder", action="store_true",
-                      help="run the pixel decoder in --dtype too (default float32, as official)")
-  parser.add_argument("--packed_gather", action="store_true",
-                      help="deformable attention gathers packed 4-corner rows (try on TPU)")
-  parser.add_argument("--remat", default="none",
-                      help="policy for every part ('none', 'full', 'dots') or per part, "
-                      "e.g. 'backbone=full,pixel_decoder=full,decoder=dots'")
-  parser.add_argument("--layer_loop", default="vmap", choices=["vmap", "map"],
-                      help="criterion.layer_loop: 'map' rematerialises the loss layer by layer")
+  parser.add_argument(
+      "--bf16_pixel_decoder",
+      action="store_true",
+      help="run the pixel decoder in --dtype too (default float32, as official)",
+  )
+  parser.add_argument(
+      "--packed_gather",
+      action="store_true",
+      help="deformable attention gathers packed 4-corner rows (try on TPU)",
+  )
+  parser.add_argument(
+      "--remat",
+      default="none",
+      help="policy for every part ('none', 'full', 'dots') or per part, "
+      "e.g. 'backbone=full,pixel_decoder=full,decoder=dots'",
+  )
+  parser.add_argument(
+      "--layer_loop",
+      default="vmap",
+      choices=["vmap", "map"],
+      help="criterion.layer_loop: 'map' rematerialises the loss layer by layer",
+  )
   parser.add_argument("--steps", type=int, default=3, help="timed steps (0: compile only)")
   parser.add_argument("--json", default="", help="append the figures as a JSON line here")
-  parser.add_argument("--aot_topology", default="",
-                      help="compile only, for this TPU topology (e.g. 'v5p:2x2x1', 'v5e:1x1'); "
-                      "needs libtpu importable, see requirements-tpu-aot.txt")
+  parser.add_argument(
+      "--aot_topology",
+      default="",
+      help="compile only, for this TPU topology (e.g. 'v5p:2x2x1', 'v5e:1x1'); "
+      "needs libtpu importable, see requirements-tpu-aot.txt",
+  )
   args = parser.parse_args()
 
   if args.aot_topology:
@@ -212,15 +244,24 @@ def main():
   device_kind = devices[0].device_kind
   config = bench_config(args, len(devices))
   mesh = sharding_lib.create_mesh(int(config.sharding.model_axis_size), devices)
-  batch = synthetic_batch(args.clips * len(devices), args.frames, args.height, args.width,
-                          args.max_instances, args.instances)
+  batch = synthetic_batch(
+      args.clips * len(devices),
+      args.frames,
+      args.height,
+      args.width,
+      args.max_instances,
+      args.instances,
+  )
   trainer = train.build_trainer(config, train.abstract_batch(batch, process_count=1), mesh=mesh)
-  print(f"preset={args.preset} dtype={args.dtype} pixel_decoder="
-        f"{'float32' if config.model.pixel_decoder.force_float32 else args.dtype} "
-        f"remat={parse_remat(args.remat)} layer_loop={args.layer_loop} "
-        f"packed_gather={args.packed_gather} "
-        f"batch={args.clips} clips x {args.frames} frames x {args.height}x{args.width} per device, "
-        f"{len(devices)} x {device_kind} ({backend})", flush=True)
+  print(
+      f"preset={args.preset} dtype={args.dtype} pixel_decoder="
+      f"{'float32' if config.model.pixel_decoder.force_float32 else args.dtype} "
+      f"remat={parse_remat(args.remat)} layer_loop={args.layer_loop} "
+      f"packed_gather={args.packed_gather} "
+      f"batch={args.clips} clips x {args.frames} frames x {args.height}x{args.width} per device, "
+      f"{len(devices)} x {device_kind} ({backend})",
+      flush=True,
+  )
 
   start = time.perf_counter()
   abstract = train.abstract_batch(batch, process_count=1)
@@ -232,13 +273,23 @@ def main():
   if flops is not None:
     print(f"FLOPs per step and device (XLA cost analysis): {flops / 1e12:.3f} TFLOP")
   if memory:
-    print("memory per device (compiled memory analysis): "
-          f"{memory['peak_estimate_gib']:.2f} GiB = arguments {memory['arguments_gib']:.2f} "
-          f"+ outputs {memory['outputs_gib']:.2f} + temporaries {memory['temporaries_gib']:.2f} "
-          f"- donated {memory['aliased_gib']:.2f}", flush=True)
+    print(
+        "memory per device (compiled memory analysis): "
+        f"{memory['peak_estimate_gib']:.2f} GiB = arguments {memory['arguments_gib']:.2f} "
+        f"+ outputs {memory['outputs_gib']:.2f} + temporaries {memory['temporaries_gib']:.2f} "
+        f"- donated {memory['aliased_gib']:.2f}",
+        flush=True,
+    )
 
-  results = dict(vars(args), device_kind=device_kind, num_devices=len(devices),
-                 backend=backend, compile_s=compile_s, flops=flops, **memory)
+  results = dict(
+      vars(args),
+      device_kind=device_kind,
+      num_devices=len(devices),
+      backend=backend,
+      compile_s=compile_s,
+      flops=flops,
+      **memory,
+  )
   if args.steps > 0:
     state = trainer.init_state(jax.random.key(0))
     state, metrics = compiled(state, batch)  # warm-up
@@ -251,8 +302,10 @@ def main():
       times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     clips_per_s = args.clips * len(devices) / step_s
-    print(f"step: {step_s:.3f} s (median of {args.steps}), {clips_per_s:.2f} clips/s, "
-          f"loss {float(metrics['loss']):.4f}")
+    print(
+        f"step: {step_s:.3f} s (median of {args.steps}), {clips_per_s:.2f} clips/s, "
+        f"loss {float(metrics['loss']):.4f}"
+    )
     peak = peak_flops(device_kind, args.dtype)
     if jax.default_backend() == "cpu":
       print("MFU: not meaningful on CPU")
@@ -261,11 +314,13 @@ def main():
     else:
       mfu = flops / step_s / peak
       results["mfu"] = mfu
-      print(f"MFU: {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s ({args.dtype} peak, "
-            f"{device_kind})")
+      print(
+          f"MFU: {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s ({args.dtype} peak, "
+          f"{device_kind})"
+      )
     stats = devices[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
-      results["measured_peak_gib"] = stats["peak_bytes_in_use"] / 2 ** 30
+      results["measured_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
       print(f"measured peak device memory: {results['measured_peak_gib']:.2f} GiB")
     results.update(step_s=step_s, clips_per_s=clips_per_s)
   if args.json:

@@ -37,9 +37,10 @@ Every recipe starts from COCO weights, as the release does: `init_from_required`
 a run without `--config.init_from=PATH` stops with a message naming it, and
 `--config.init_from=none` trains from scratch on purpose.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 
@@ -258,9 +259,11 @@ VARIANTS = tuple(_VARIANTS)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The variant `arg` (`--config configs/maskfreevis.py:<variant>`)."""
   if arg not in _VARIANTS:
-    raise ValueError(f"configs/maskfreevis.py needs a variant, e.g. "
-                     f"--config configs/maskfreevis.py:ytvis19_r50; got {arg!r}, choose one of "
-                     f"{', '.join(VARIANTS)}")
+    raise ValueError(
+        f"configs/maskfreevis.py needs a variant, e.g. "
+        f"--config configs/maskfreevis.py:ytvis19_r50; got {arg!r}, choose one of "
+        f"{', '.join(VARIANTS)}"
+    )
   config = _VARIANTS[arg]()
   config.variant = arg
   return config

@@ -11,6 +11,7 @@ runs both stages (`maskfreevis_jax.two_stage`) and writes overlays; this config 
 
 `--config.init_from=none` trains from scratch instead (the old default).
 """
+
 import pathlib
 
 import ml_collections
@@ -22,8 +23,9 @@ from maskfreevis_jax.data import input_pipeline
 from maskfreevis_jax.data import synthetic
 
 NUM_CLASSES = len(synthetic.SHAPE_CLASSES)
-STAGE1_WEIGHTS = (pathlib.Path(__file__).resolve().parent.parent / "weights" /
-                  "synthetic_stage1.safetensors")
+STAGE1_WEIGHTS = (
+    pathlib.Path(__file__).resolve().parent.parent / "weights" / "synthetic_stage1.safetensors"
+)
 FRAME_SIZE = 96  # frames, canvas and test size: 96x96 trains ~1.8x faster than 128x128
 
 

@@ -9,6 +9,7 @@ through `init_from`:
 
   python -m maskfreevis_jax.two_stage --stage1_only --workdir workdir/stage1
 """
+
 import ml_collections
 
 from maskfreevis_jax import criterion
@@ -65,8 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.pad_size = (96, 96)
   # Generated still-image set (maskfreevis_jax.data.synthetic_images); `coco.json` is set by
   # maskfreevis_jax.two_stage to the generated instances.json.
-  config.data.stills = ml_collections.ConfigDict(dict(num_images=4000, size=(96, 96), seed=0,
-                                                      max_objects=4))
+  config.data.stills = ml_collections.ConfigDict(
+      dict(num_images=4000, size=(96, 96), seed=0, max_objects=4)
+  )
   config.data.coco.json = ""
   config.data.coco.min_size_train = (64, 80, 96)
   config.data.coco.max_size_train = 96

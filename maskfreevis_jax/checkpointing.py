@@ -17,6 +17,7 @@ Faults (see the README's "Reliability" section):
     `max_consecutive_failed_saves` failures in a row it stops (`CheckpointSaveError`). Old
     checkpoints are pruned (keep-last-N) only after a newer one has committed.
 """
+
 from __future__ import annotations
 
 import base64
@@ -90,7 +91,7 @@ def _describe_error(error: BaseException, root: pathlib.Path | None = None) -> s
   if files:
     file = files[-1]
     if root is not None and file.startswith(str(root) + "/"):
-      file = file[len(str(root)) + 1:]
+      file = file[len(str(root)) + 1 :]
     reason = f"file {file}: {reason}"
   return reason if len(reason) <= 300 else reason[:297] + "..."
 
@@ -110,8 +111,11 @@ class _OrbaxOSErrorTracebacks(std_logging.Filter):
   """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if (record.exc_info and isinstance(record.exc_info[1], OSError)
-        and f"{os.sep}orbax{os.sep}" in record.pathname):
+    if (
+        record.exc_info
+        and isinstance(record.exc_info[1], OSError)
+        and f"{os.sep}orbax{os.sep}" in record.pathname
+    ):
       record.exc_info, record.exc_text = None, None
     return True
 
@@ -148,12 +152,14 @@ def _all_processes_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return bool(np.min(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))))
 
 
 def _sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -182,13 +188,16 @@ def _gather_host_strings(text: str) -> list[str]:
   if jax.process_count() == 1:
     return [text]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
   lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
   padded = np.zeros([int(np.max(lengths))], np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   everything = multihost_utils.process_allgather(padded)
-  return [bytes(row[:int(n)]).decode("utf-8")
-          for row, n in zip(np.asarray(everything), np.asarray(lengths).reshape(-1))]
+  return [
+      bytes(row[: int(n)]).decode("utf-8")
+      for row, n in zip(np.asarray(everything), np.asarray(lengths).reshape(-1))
+  ]
 
 
 class PreemptionFlag:
@@ -226,6 +235,7 @@ def _remove_tree(path: pathlib.Path, attempts: int = 5) -> None:
   files (a plain rmtree then fails with FileNotFoundError) or finishing a write (the directory is
   not empty yet when rmtree removes it).
   """
+
   def ignore_vanished(function, name, exc_info):
     del function, name
     if not isinstance(exc_info[1], FileNotFoundError):
@@ -250,9 +260,17 @@ class Checkpointer:
   and training goes on until `max_consecutive_failed_saves` fail in a row (module docstring).
   """
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, save_every: int = 1,
-               fingerprint: dict | None = None, async_save: bool = True,
-               max_consecutive_failed_saves: int = 3, read_only: bool = False):
+  def __init__(
+      self,
+      directory: str | pathlib.Path,
+      *,
+      keep: int = 3,
+      save_every: int = 1,
+      fingerprint: dict | None = None,
+      async_save: bool = True,
+      max_consecutive_failed_saves: int = 3,
+      read_only: bool = False,
+  ):
     """Opens (and, unless read-only, creates) the checkpoint directory.
 
     Args:
@@ -282,15 +300,23 @@ class Checkpointer:
     # know that the new checkpoint commits. The step directory is created in `save` itself: created
     # in the background, a failure leaves Orbax's writer threads waiting for it (20 minutes).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=not read_only, read_only=read_only,
+        max_to_keep=None,
+        create=not read_only,
+        read_only=read_only,
         save_interval_steps=0 if read_only else 1,
-        enable_async_checkpointing=self.async_save, cleanup_tmp_directories=False,
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        enable_async_checkpointing=self.async_save,
+        cleanup_tmp_directories=False,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+    )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                       _ITERATOR: ocp.JsonCheckpointHandler(),
-                       _CONFIG: ocp.JsonCheckpointHandler()})
+        self.directory,
+        options=options,
+        item_handlers={
+            _STATE: ocp.StandardCheckpointHandler(),
+            _ITERATOR: ocp.JsonCheckpointHandler(),
+            _CONFIG: ocp.JsonCheckpointHandler(),
+        },
+    )
 
   # -------------------------------------------------------------------------------------------
   # Directory housekeeping
@@ -300,8 +326,9 @@ class Checkpointer:
     """Deletes Orbax temporary directories (of `step`, or all): saves that never committed."""
     prefix = "" if step is None else f"{step}{_TMP_MARKER}"
     try:
-      partial = sorted(p for p in self.directory.iterdir()
-                       if _TMP_MARKER in p.name and p.name.startswith(prefix))
+      partial = sorted(
+          p for p in self.directory.iterdir() if _TMP_MARKER in p.name and p.name.startswith(prefix)
+      )
     except OSError:
       return  # No directory yet, or unreadable: the manager reports the latter.
     for path in partial:
@@ -346,15 +373,16 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps())
     if self.keep <= 0 or len(steps) <= self.keep:
       return
-    for step in steps[:-self.keep]:
+    for step in steps[: -self.keep]:
       if jax.process_index() == 0:
         doomed = self.directory / f"{step}{_TMP_MARKER}-deleting"
         try:
           (self.directory / str(step)).rename(doomed)
           _remove_tree(doomed)
         except OSError as e:  # Kept, or removed by the next run; training goes on either way.
-          logging.warning("could not delete the old checkpoint of step %d in %s: %s", step,
-                          self.directory, e)
+          logging.warning(
+              "could not delete the old checkpoint of step %d in %s: %s", step, self.directory, e
+          )
       _sync_processes(f"checkpoint_prune_{step}")
     self.manager.reload()
 
@@ -388,12 +416,17 @@ class Checkpointer:
     try:
       saved = self.manager.save(
           step,
-          args=ocp.args.Composite(**{
-              _STATE: ocp.args.StandardSave(state),
-              _ITERATOR: ocp.args.JsonSave({"per_process": [json.loads(s) for s in host_states]}),
-              _CONFIG: ocp.args.JsonSave(self.fingerprint),
-          }),
-          force=True)
+          args=ocp.args.Composite(
+              **{
+                  _STATE: ocp.args.StandardSave(state),
+                  _ITERATOR: ocp.args.JsonSave(
+                      {"per_process": [json.loads(s) for s in host_states]}
+                  ),
+                  _CONFIG: ocp.args.JsonSave(self.fingerprint),
+              }
+          ),
+          force=True,
+      )
     except Exception as error:  # pylint: disable=broad-except
       self._save_failed(step, error)
       return False
@@ -414,15 +447,19 @@ class Checkpointer:
       error = e
     if step is None:
       if error is not None:
-        logging.error("checkpoint save in %s failed: %s", self.directory,
-                      _describe_error(error, self.directory))
+        logging.error(
+            "checkpoint save in %s failed: %s",
+            self.directory,
+            _describe_error(error, self.directory),
+        )
       return
     if error is None and (self.directory / str(step) / _COMMIT_RECORD).is_file():
       self.failed_saves_in_a_row = 0
       self._prune()
       return
-    self._save_failed(step, error or FileNotFoundError(
-        f"{self.directory / str(step)} was not committed"))
+    self._save_failed(
+        step, error or FileNotFoundError(f"{self.directory / str(step)} was not committed")
+    )
 
   def _save_failed(self, step: int, error: BaseException) -> None:
     self.failed_saves_in_a_row += 1
@@ -432,8 +469,10 @@ class Checkpointer:
       self.manager.reload()
     except Exception:  # pylint: disable=broad-except
       pass  # The directory itself may be unreadable; the next save reports that.
-    message = (f"the checkpoint of step {step} could not be written to {self.directory} "
-               f"({_describe_error(error, self.directory)})")
+    message = (
+        f"the checkpoint of step {step} could not be written to {self.directory} "
+        f"({_describe_error(error, self.directory)})"
+    )
     committed = self.all_steps()
     kept = f"newest kept checkpoint: step {committed[-1]}" if committed else "no checkpoint kept"
     if self.failed_saves_in_a_row >= self.max_consecutive_failed_saves:
@@ -441,9 +480,15 @@ class Checkpointer:
           f"{message}: {self.failed_saves_in_a_row} failed checkpoint saves in a row "
           f"(config.train.max_consecutive_failed_saves={self.max_consecutive_failed_saves}), "
           f"stopping; earlier checkpoints are untouched ({kept}). Free disk space or make the "
-          "directory writable, then rerun the same command to resume.")
-    logging.error("%s; training goes on (%d failed in a row, stops at %d; %s)", message,
-                  self.failed_saves_in_a_row, self.max_consecutive_failed_saves, kept)
+          "directory writable, then rerun the same command to resume."
+      )
+    logging.error(
+        "%s; training goes on (%d failed in a row, stops at %d; %s)",
+        message,
+        self.failed_saves_in_a_row,
+        self.max_consecutive_failed_saves,
+        kept,
+    )
 
   def reached_preemption(self, step: int) -> bool:
     return jax.process_count() > 1 and self.manager.reached_preemption(step)
@@ -452,36 +497,48 @@ class Checkpointer:
   # Restoring
   # -------------------------------------------------------------------------------------------
 
-  def _check_compatible(self, step: int, metadata: Any, saved_fingerprint: dict,
-                        abstract_state: Any) -> None:
+  def _check_compatible(
+      self, step: int, metadata: Any, saved_fingerprint: dict, abstract_state: Any
+  ) -> None:
     """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
     step_dir = self.directory / str(step)
-    saved = {_path_str(p): tuple(getattr(m, "shape", ()) or ())
-             for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
-    wanted = {_path_str(p): tuple(getattr(x, "shape", ()) or ())
-              for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    saved = {
+        _path_str(p): tuple(getattr(m, "shape", ()) or ())
+        for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]
+    }
+    wanted = {
+        _path_str(p): tuple(getattr(x, "shape", ()) or ())
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    }
     hint = ""
-    differing = {k: (saved_fingerprint.get(k), v) for k, v in self.fingerprint.items()
-                 if k in saved_fingerprint and saved_fingerprint[k] != v}
+    differing = {
+        k: (saved_fingerprint.get(k), v)
+        for k, v in self.fingerprint.items()
+        if k in saved_fingerprint and saved_fingerprint[k] != v
+    }
     if differing:
       hint = "; the checkpoint was written with a different config: " + ", ".join(
-          f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differing.items()))
+          f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(differing.items())
+      )
     # Parameters first: they are what a user recognises (optimizer slots mirror them).
     for name in sorted(wanted, key=lambda n: (not n.startswith("params/"), n)):
       if name not in saved:
         raise CheckpointMismatchError(
             f"checkpoint {step_dir} does not fit the current config: parameter '{name}' "
-            f"(shape {wanted[name]}) is missing from the checkpoint{hint}. Use a fresh --workdir.")
+            f"(shape {wanted[name]}) is missing from the checkpoint{hint}. Use a fresh --workdir."
+        )
       if saved[name] != wanted[name]:
         raise CheckpointMismatchError(
             f"checkpoint {step_dir} does not fit the current config: parameter '{name}' has shape "
             f"{saved[name]} in the checkpoint but {wanted[name]} in the model{hint}. "
-            "Use a fresh --workdir.")
+            "Use a fresh --workdir."
+        )
     extra = sorted(set(saved) - set(wanted))
     if extra:
       raise CheckpointMismatchError(
           f"checkpoint {step_dir} does not fit the current config: it has parameter '{extra[0]}' "
-          f"(shape {saved[extra[0]]}) that the model lacks{hint}. Use a fresh --workdir.")
+          f"(shape {saved[extra[0]]}) that the model lacks{hint}. Use a fresh --workdir."
+      )
 
   def _read(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """(state, this host's iterator state) of `step`, read completely, or raises _Damage.
@@ -521,18 +578,22 @@ class Checkpointer:
       raise _Damage(_STATE, "its tree metadata cannot be read")
     if abstract_state is None:  # Evaluation: every array as saved, replicated on this host.
       from maskfreevis_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
       replicated = sharding_lib.replicated(sharding_lib.create_mesh(1))
       abstract_state = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), dict(metadata))
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), dict(metadata)
+      )
     else:
       self._check_compatible(step, metadata, saved_fingerprint, abstract_state)
     state = restore_item(_STATE, ocp.args.StandardRestore(abstract_state))
     if iterator_states and len(iterator_states) != jax.process_count():
       raise CheckpointMismatchError(
           f"checkpoint {step_dir} holds data iterator states of {len(iterator_states)} "
-          f"processes but this run has {jax.process_count()}")
-    iterator_state = (_decode_iterator_state(iterator_states[jax.process_index()])
-                      if iterator_states else None)
+          f"processes but this run has {jax.process_count()}"
+      )
+    iterator_state = (
+        _decode_iterator_state(iterator_states[jax.process_index()]) if iterator_states else None
+    )
     return state, iterator_state
 
   def _try_read(self, step: int, abstract_state: Any) -> tuple[Any, _Damage | None]:
@@ -546,8 +607,9 @@ class Checkpointer:
       damage = _Damage("(another process)", "a part stored for another process cannot be read")
     return (None, damage) if damage is not None else (result, None)
 
-  def restore(self, abstract_state: Any = None, step: int | None = None
-              ) -> tuple[Any, Any, int] | None:
+  def restore(
+      self, abstract_state: Any = None, step: int | None = None
+  ) -> tuple[Any, Any, int] | None:
     """Restores (state, this host's iterator state, step); None if there is no checkpoint.
 
     Without `step` the newest checkpoint that reads completely is used. Newer damaged ones are
@@ -571,12 +633,14 @@ class Checkpointer:
       if step not in steps:
         raise FileNotFoundError(
             f"no checkpoint of step {step} in {self.directory} (committed steps: "
-            f"{', '.join(map(str, steps)) or 'none'})")
+            f"{', '.join(map(str, steps)) or 'none'})"
+        )
       result, damage = self._try_read(step, abstract_state)
       if damage is not None:
         raise DamagedCheckpointError(
             f"checkpoint {self.directory / str(step)} cannot be read: first unreadable item "
-            f"{damage}. Choose another step (committed: {', '.join(map(str, steps))}).")
+            f"{damage}. Choose another step (committed: {', '.join(map(str, steps))})."
+        )
       logging.info("restored checkpoint of step %d from %s", step, self.directory)
       return (*result, step)
 
@@ -588,8 +652,15 @@ class Checkpointer:
         continue
       for bad_step, bad in damaged:
         where = "left in place" if self.read_only else self._quarantine(bad_step)
-        logging.warning("checkpoint of step %d in %s cannot be read (first unreadable item %s); "
-                        "%s, using step %d", bad_step, self.directory, bad, where, candidate)
+        logging.warning(
+            "checkpoint of step %d in %s cannot be read (first unreadable item %s); "
+            "%s, using step %d",
+            bad_step,
+            self.directory,
+            bad,
+            where,
+            candidate,
+        )
       if damaged and not self.read_only:
         self.manager.reload()
       logging.info("restored checkpoint of step %d from %s", candidate, self.directory)
@@ -600,13 +671,15 @@ class Checkpointer:
       raise NoReadableCheckpointError(
           f"none of the {len(damaged)} checkpoints in {self.directory} can be read (newest, step "
           f"{newest_step}: first unreadable item {newest_damage}); nothing was moved or deleted. "
-          "Repair or remove them, or use a fresh --workdir to start from scratch.")
+          "Repair or remove them, or use a fresh --workdir to start from scratch."
+      )
     quarantined = self.quarantined()
     if quarantined:
       raise NoReadableCheckpointError(
           f"{self.directory} holds only damaged checkpoints moved aside earlier "
           f"({', '.join(p.name for p in quarantined)}); remove them, or use a fresh --workdir, "
-          "to start from scratch.")
+          "to start from scratch."
+      )
     return None
 
   def wait_until_finished(self) -> None:

@@ -18,7 +18,8 @@ the auxiliary ones get '_0' .. '_{L-2}' suffixes. Weights are the official ones
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 from jax import ad_checkpoint
@@ -30,8 +31,8 @@ from maskfreevis_jax import matcher as matcher_lib
 
 Array = jax.Array
 
-BOX_TERMS = ('loss_ce', 'loss_mask_proj', 'loss_bound', 'loss_bound_neighbor')
-MASK_TERMS = ('loss_ce', 'loss_mask', 'loss_dice')
+BOX_TERMS = ("loss_ce", "loss_mask_proj", "loss_bound", "loss_bound_neighbor")
+MASK_TERMS = ("loss_ce", "loss_mask", "loss_dice")
 
 
 def default_criterion_config() -> ml_collections.ConfigDict:
@@ -39,26 +40,30 @@ def default_criterion_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.num_classes = 40
   # 'box': mask-free training from boxes; 'mask': fully mask-supervised upper bound.
-  config.mode = 'box'
+  config.mode = "box"
   # Relative class weight of "no object" in the cross-entropy.
   config.eos_coef = 0.1
   # Loss weights (official weight_dict: CLASS_WEIGHT 2, MASK_WEIGHT 5 for loss_mask,
   # loss_mask_proj, loss_bound, loss_bound_neighbor; DICE_WEIGHT 5 for loss_dice).
-  config.weights = ml_collections.ConfigDict({
-      'loss_ce': 2.0,
-      'loss_mask_proj': 5.0,
-      'loss_bound': 5.0,
-      'loss_bound_neighbor': 5.0,
-      'loss_mask': 5.0,
-      'loss_dice': 5.0,
-  })
+  config.weights = ml_collections.ConfigDict(
+      {
+          "loss_ce": 2.0,
+          "loss_mask_proj": 5.0,
+          "loss_bound": 5.0,
+          "loss_bound_neighbor": 5.0,
+          "loss_mask": 5.0,
+          "loss_dice": 5.0,
+      }
+  )
   # Matching cost weights (official: cost_class=CLASS_WEIGHT, cost_mask=MASK_WEIGHT,
   # cost_dice=DICE_WEIGHT; the box branch uses only class and dice).
-  config.matcher = ml_collections.ConfigDict({
-      'class_weight': 2.0,
-      'mask_weight': 5.0,
-      'dice_weight': 5.0,
-  })
+  config.matcher = ml_collections.ConfigDict(
+      {
+          "class_weight": 2.0,
+          "mask_weight": 5.0,
+          "dice_weight": 5.0,
+      }
+  )
   # Supervise every stacked prediction (True) or only the final one.
   config.deep_supervision = True
   # The official criterion advances its TK-Loss warm-up counter once per loss call, i.e. once per
@@ -68,22 +73,23 @@ def default_criterion_config() -> ml_collections.ConfigDict:
   # How the L supervised layers are looped: 'vmap' (all layers at once, fastest) or 'map'
   # (lax.map with rematerialisation: one layer's loss intermediates alive at a time, for
   # large N x T x h x w on small-memory accelerators; the matchings are saved, not re-solved).
-  config.layer_loop = 'vmap'
+  config.layer_loop = "vmap"
   # Mask mode's loss_mask and loss_dice: 'dense' (every stride-4 cell against the 4x4-pooled
   # target, the expectation of uniform points) or 'importance' (the release: per instance-frame
   # `num_points` points, `importance_sample_ratio` of them the most uncertain (|logit| smallest)
   # of `oversample_ratio` times as many uniform ones, the rest uniform; targets read bilinearly
   # at full resolution). The points come from `seed`, the step and the layer.
-  config.mask_points = ml_collections.ConfigDict({
-      'sampling': 'dense',
-      'num_points': 20000,  # TRAIN_NUM_POINTS of the R50 recipe
-      'oversample_ratio': 3.0,
-      'importance_sample_ratio': 0.75,
-      'seed': 0,
-  })
+  config.mask_points = ml_collections.ConfigDict(
+      {
+          "sampling": "dense",
+          "num_points": 20000,  # TRAIN_NUM_POINTS of the R50 recipe
+          "oversample_ratio": 3.0,
+          "importance_sample_ratio": 0.75,
+          "seed": 0,
+      }
+  )
   # Settings of the mask-free losses (fields of maskfreevis_jax.losses.MaskFreeLossConfig).
-  config.mask_free = ml_collections.ConfigDict(
-      dataclasses.asdict(mask_free.MaskFreeLossConfig()))
+  config.mask_free = ml_collections.ConfigDict(dataclasses.asdict(mask_free.MaskFreeLossConfig()))
   return config
 
 
@@ -93,8 +99,10 @@ def mask_free_config(config: ml_collections.ConfigDict) -> Any:
   given = dict(config.mask_free)
   unknown = sorted(set(given) - known)
   if unknown:
-    raise ValueError(f'criterion config mask_free has unknown fields {unknown}; '
-                     f'MaskFreeLossConfig accepts {sorted(known)}')
+    raise ValueError(
+        f"criterion config mask_free has unknown fields {unknown}; "
+        f"MaskFreeLossConfig accepts {sorted(known)}"
+    )
   return mask_free.MaskFreeLossConfig(**given)
 
 
@@ -124,7 +132,8 @@ def class_loss(
   batch_index = jnp.broadcast_to(jnp.arange(batch)[:, None], scatter_index.shape)
   target_classes = jnp.full((batch, num_queries), no_object, jnp.int32)
   target_classes = target_classes.at[batch_index, scatter_index].set(
-      labels.astype(jnp.int32), mode='drop')
+      labels.astype(jnp.int32), mode="drop"
+  )
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
   class_weights = jnp.ones((num_classes_plus_one,), jnp.float32).at[no_object].set(eos_coef)
@@ -137,7 +146,7 @@ def mask_supervised_losses(
     target_masks: Array,
     matched: Array,
     num_masks: Array,
-) -> Dict[str, Array]:
+) -> dict[str, Array]:
   """Dense sigmoid BCE and dice of matched masks (fully supervised mode).
 
   Args:
@@ -159,8 +168,8 @@ def mask_supervised_losses(
   dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)  # [B, N, T]
   keep = matched[:, :, None]
   return {
-      'loss_mask': jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks,
-      'loss_dice': jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks,
+      "loss_mask": jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks,
+      "loss_dice": jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks,
   }
 
 
@@ -188,12 +197,14 @@ def point_sample(values: Array, coords: Array) -> Array:
     index = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)
     return jnp.where(inside, jnp.take_along_axis(flat, index, axis=-1), 0.0)
 
-  return ((1 - fy) * ((1 - fx) * read(x0, y0) + fx * read(x0 + 1, y0)) +
-          fy * ((1 - fx) * read(x0, y0 + 1) + fx * read(x0 + 1, y0 + 1)))
+  return (1 - fy) * ((1 - fx) * read(x0, y0) + fx * read(x0 + 1, y0)) + fy * (
+      (1 - fx) * read(x0, y0 + 1) + fx * read(x0 + 1, y0 + 1)
+  )
 
 
-def uncertain_point_coords(logits: Array, candidates: Array, random_points: Array,
-                           num_uncertain: int) -> Array:
+def uncertain_point_coords(
+    logits: Array, candidates: Array, random_points: Array, num_uncertain: int
+) -> Array:
   """The release's importance sampling given its uniform draws (`get_uncertain_point_coords_with_randomness`).
 
   Args:
@@ -211,8 +222,13 @@ def uncertain_point_coords(logits: Array, candidates: Array, random_points: Arra
   return jax.lax.stop_gradient(jnp.concatenate([chosen, random_points], axis=-2))
 
 
-def importance_point_coords(key: Array, logits: Array, num_points: int, oversample_ratio: float,
-                            importance_sample_ratio: float) -> Array:
+def importance_point_coords(
+    key: Array,
+    logits: Array,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+) -> Array:
   """Random points of the release's mask loss: [..., h, w] logits -> [..., num_points, 2]."""
   num_candidates = int(num_points * oversample_ratio)
   num_uncertain = int(importance_sample_ratio * num_points)
@@ -229,7 +245,7 @@ def point_sampled_mask_losses(
     coords: Array,
     matched: Array,
     num_masks: Array,
-) -> Dict[str, Array]:
+) -> dict[str, Array]:
   """Sigmoid BCE and dice of matched masks at given points (the release's mask-mode loss).
 
   Args:
@@ -248,11 +264,12 @@ def point_sampled_mask_losses(
   bce = (jax.nn.softplus(logits) - logits * targets).mean(axis=-1)  # [B, N, T]
   probs = jax.nn.sigmoid(logits)
   dice = 1.0 - (2.0 * jnp.sum(probs * targets, -1) + 1.0) / (
-      jnp.sum(probs, -1) + jnp.sum(targets, -1) + 1.0)
+      jnp.sum(probs, -1) + jnp.sum(targets, -1) + 1.0
+  )
   keep = matched[:, :, None]
   return {
-      'loss_mask': jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks,
-      'loss_dice': jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks,
+      "loss_mask": jnp.sum(jnp.where(keep, bce, 0.0)) / num_masks,
+      "loss_dice": jnp.sum(jnp.where(keep, dice, 0.0)) / num_masks,
   }
 
 
@@ -271,7 +288,8 @@ def downsample_instance_masks(masks: Array, stride: int) -> Array:
   """
   *lead, height, width = masks.shape
   pooled = masks.astype(jnp.float32).reshape(
-      *lead, height // stride, stride, width // stride, stride)
+      *lead, height // stride, stride, width // stride, stride
+  )
   return pooled.mean(axis=(-3, -1))
 
 
@@ -294,7 +312,7 @@ def criterion_layer_losses(
     batch: Mapping[str, Array],
     step: Array,
     config: ml_collections.ConfigDict,
-) -> Tuple[Dict[str, Array], matcher_lib.Matching]:
+) -> tuple[dict[str, Array], matcher_lib.Matching]:
   """Unweighted loss terms of every supervised layer and their matchings.
 
   Args:
@@ -310,11 +328,12 @@ def criterion_layer_losses(
   """
   pred_logits, pred_masks = _check_outputs(outputs, config)
   mode = config.mode
-  if mode not in ('box', 'mask'):
+  if mode not in ("box", "mask"):
     raise ValueError(f"criterion config mode must be 'box' or 'mask', got {mode!r}")
-  if config.layer_loop not in ('vmap', 'map'):
+  if config.layer_loop not in ("vmap", "map"):
     raise ValueError(
-        f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}")
+        f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}"
+    )
   if not config.deep_supervision:
     pred_logits, pred_masks = pred_logits[-1:], pred_masks[-1:]
   num_layers = pred_logits.shape[0]
@@ -323,78 +342,108 @@ def criterion_layer_losses(
 
   # Instances without a box in any frame of the clip are dropped, as the official
   # prepare_targets does; padded slots are zeroed so garbage in them cannot leak into any value.
-  target_valid = targets['instance_valid'] & jnp.any(targets['box_valid'], axis=-1)
-  labels = jnp.where(target_valid, targets['labels'], 0).astype(jnp.int32)
+  target_valid = targets["instance_valid"] & jnp.any(targets["box_valid"], axis=-1)
+  labels = jnp.where(target_valid, targets["labels"], 0).astype(jnp.int32)
   num_masks = jnp.maximum(jnp.sum(target_valid).astype(jnp.float32), 1.0)
 
   mf_config = mask_free_config(config)
-  point_config = config.get('mask_points', {'sampling': 'dense'})
-  if point_config['sampling'] not in ('dense', 'importance'):
-    raise ValueError("criterion config mask_points.sampling must be 'dense' or 'importance', "
-                     f"got {point_config['sampling']!r}")
-  if mode == 'box':
-    box_valid = targets['box_valid'] & target_valid[:, :, None]
-    boxes = jnp.where(box_valid[..., None], targets['boxes'].astype(jnp.float32), 0.0)
-    frame_size = tuple(targets['frames'].shape[2:4])
+  point_config = config.get("mask_points", {"sampling": "dense"})
+  if point_config["sampling"] not in ("dense", "importance"):
+    raise ValueError(
+        "criterion config mask_points.sampling must be 'dense' or 'importance', "
+        f"got {point_config['sampling']!r}"
+    )
+  if mode == "box":
+    box_valid = targets["box_valid"] & target_valid[:, :, None]
+    boxes = jnp.where(box_valid[..., None], targets["boxes"].astype(jnp.float32), 0.0)
+    frame_size = tuple(targets["frames"].shape[2:4])
     target_masks = mask_free.box_masks_at_stride(boxes, box_valid, frame_size, mf_config.stride)
-    affinities = mask_free.compute_color_affinities(targets['frames'], mf_config)
+    affinities = mask_free.compute_color_affinities(targets["frames"], mf_config)
   else:
-    full_height = targets['masks'].shape[-2]
-    if full_height % height or targets['masks'].shape[-1] != width * (full_height // height):
+    full_height = targets["masks"].shape[-2]
+    if full_height % height or targets["masks"].shape[-1] != width * (full_height // height):
       raise ValueError(
           f"batch['masks'] spatial size {targets['masks'].shape[-2:]} is not an integer multiple "
-          f'of the predicted mask size {(height, width)}')
-    target_masks = downsample_instance_masks(targets['masks'], full_height // height)
+          f"of the predicted mask size {(height, width)}"
+      )
+    target_masks = downsample_instance_masks(targets["masks"], full_height // height)
     target_masks = jnp.where(target_valid[:, :, None, None, None], target_masks, 0.0)
     affinities = None
-    if point_config['sampling'] == 'importance':
-      full_targets = jax.lax.stop_gradient(jnp.where(
-          target_valid[:, :, None, None, None], targets['masks'].astype(jnp.float32), 0.0))
-      points_key = jax.random.fold_in(jax.random.PRNGKey(point_config['seed']),
-                                      jnp.asarray(step, jnp.int32))
+    if point_config["sampling"] == "importance":
+      full_targets = jax.lax.stop_gradient(
+          jnp.where(target_valid[:, :, None, None, None], targets["masks"].astype(jnp.float32), 0.0)
+      )
+      points_key = jax.random.fold_in(
+          jax.random.PRNGKey(point_config["seed"]), jnp.asarray(step, jnp.int32)
+      )
   if tuple(target_masks.shape[-2:]) != (height, width):
     raise ValueError(
-        f'target masks at stride {mf_config.stride} have size {tuple(target_masks.shape[-2:])} '
-        f'but pred_masks are {(height, width)}; check mask_free.stride and the frame size')
+        f"target masks at stride {mf_config.stride} have size {tuple(target_masks.shape[-2:])} "
+        f"but pred_masks are {(height, width)}; check mask_free.stride and the frame size"
+    )
   target_masks = jax.lax.stop_gradient(target_masks)
 
   warmup_steps = layer_warmup_steps(step, num_layers, config.warmup_counts_layer_calls)
 
   def one_layer(layer_logits, layer_masks, layer_step, layer_index):
     matching = matcher_lib.hungarian_match(
-        layer_logits, layer_masks, labels, target_masks, target_valid,
-        mode=mode, class_weight=config.matcher.class_weight,
-        mask_weight=config.matcher.mask_weight, dice_weight=config.matcher.dice_weight)
+        layer_logits,
+        layer_masks,
+        labels,
+        target_masks,
+        target_valid,
+        mode=mode,
+        class_weight=config.matcher.class_weight,
+        mask_weight=config.matcher.mask_weight,
+        dice_weight=config.matcher.dice_weight,
+    )
     matching = matcher_lib.Matching(
-        query_index=ad_checkpoint.checkpoint_name(matching.query_index, 'matching'),
-        valid=matching.valid)
-    terms = {'loss_ce': class_loss(layer_logits, matching.query_index, matching.valid, labels,
-                                   config.eos_coef)}
+        query_index=ad_checkpoint.checkpoint_name(matching.query_index, "matching"),
+        valid=matching.valid,
+    )
+    terms = {
+        "loss_ce": class_loss(
+            layer_logits, matching.query_index, matching.valid, labels, config.eos_coef
+        )
+    }
     gather_index = matching.query_index[:, :, None, None, None]
     matched_masks = jnp.take_along_axis(
-        layer_masks.astype(jnp.float32), gather_index, axis=1)  # [B, N, T, h, w]
-    if mode == 'box':
-      terms.update(mask_free.mask_free_losses(
-          matched_masks, target_masks, matching.valid, affinities, layer_step, mf_config))
-    elif point_config['sampling'] == 'importance':
+        layer_masks.astype(jnp.float32), gather_index, axis=1
+    )  # [B, N, T, h, w]
+    if mode == "box":
+      terms.update(
+          mask_free.mask_free_losses(
+              matched_masks, target_masks, matching.valid, affinities, layer_step, mf_config
+          )
+      )
+    elif point_config["sampling"] == "importance":
       coords = importance_point_coords(
-          jax.random.fold_in(points_key, layer_index), matched_masks, point_config['num_points'],
-          point_config['oversample_ratio'], point_config['importance_sample_ratio'])
-      terms.update(point_sampled_mask_losses(matched_masks, full_targets, coords, matching.valid,
-                                             num_masks))
+          jax.random.fold_in(points_key, layer_index),
+          matched_masks,
+          point_config["num_points"],
+          point_config["oversample_ratio"],
+          point_config["importance_sample_ratio"],
+      )
+      terms.update(
+          point_sampled_mask_losses(matched_masks, full_targets, coords, matching.valid, num_masks)
+      )
     else:
       terms.update(mask_supervised_losses(matched_masks, target_masks, matching.valid, num_masks))
     return terms, matching
 
   layer_indices = jnp.arange(num_layers, dtype=jnp.int32)
-  if config.layer_loop == 'vmap':
+  if config.layer_loop == "vmap":
     return jax.vmap(one_layer)(pred_logits, pred_masks, warmup_steps, layer_indices)
-  if config.layer_loop == 'map':
+  if config.layer_loop == "map":
     remat_layer = jax.checkpoint(
-        one_layer, policy=jax.checkpoint_policies.save_only_these_names('matching'))
-    return jax.lax.map(lambda args: remat_layer(*args),
-                       (pred_logits, pred_masks, warmup_steps, layer_indices))
-  raise ValueError(f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}")
+        one_layer, policy=jax.checkpoint_policies.save_only_these_names("matching")
+    )
+    return jax.lax.map(
+        lambda args: remat_layer(*args), (pred_logits, pred_masks, warmup_steps, layer_indices)
+    )
+  raise ValueError(
+      f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}"
+  )
 
 
 def set_criterion(
@@ -402,7 +451,7 @@ def set_criterion(
     batch: Mapping[str, Array],
     step: Array,
     config: ml_collections.ConfigDict,
-) -> Tuple[Array, Dict[str, Array]]:
+) -> tuple[Array, dict[str, Array]]:
   """Total weighted loss and its named terms; usable directly inside a jitted `loss_fn`.
 
   Args:
@@ -417,67 +466,77 @@ def set_criterion(
     auxiliary predictions i = 0 .. L-2; total is their sum.
   """
   layer_terms, _ = criterion_layer_losses(outputs, batch, step, config)
-  names = BOX_TERMS if config.mode == 'box' else MASK_TERMS
-  num_layers = layer_terms['loss_ce'].shape[0]
+  names = BOX_TERMS if config.mode == "box" else MASK_TERMS
+  num_layers = layer_terms["loss_ce"].shape[0]
   terms = {}
   for name in names:
     weight = config.weights[name]
     values = layer_terms[name] * weight
     terms[name] = values[-1]
     for i in range(num_layers - 1):
-      terms[f'{name}_{i}'] = values[i]
+      terms[f"{name}_{i}"] = values[i]
   total = sum(jnp.sum(layer_terms[name]) * config.weights[name] for name in names)
   return total, terms
 
 
-def _check_outputs(outputs: Mapping[str, Array], config) -> Tuple[Array, Array]:
-  for key in ('pred_logits', 'pred_masks'):
+def _check_outputs(outputs: Mapping[str, Array], config) -> tuple[Array, Array]:
+  for key in ("pred_logits", "pred_masks"):
     if key not in outputs:
       raise ValueError(f"model outputs lack '{key}' (have {sorted(outputs)})")
-  pred_logits, pred_masks = outputs['pred_logits'], outputs['pred_masks']
+  pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
   if pred_logits.ndim != 4:
     raise ValueError(f"outputs['pred_logits'] must be [L, B, Q, C + 1], got {pred_logits.shape}")
   if pred_masks.ndim != 6 or pred_masks.shape[:3] != pred_logits.shape[:3]:
-    raise ValueError(f"outputs['pred_masks'] must be [L, B, Q, T, h, w] matching pred_logits "
-                     f'{pred_logits.shape[:3]}, got {pred_masks.shape}')
+    raise ValueError(
+        f"outputs['pred_masks'] must be [L, B, Q, T, h, w] matching pred_logits "
+        f"{pred_logits.shape[:3]}, got {pred_masks.shape}"
+    )
   if pred_logits.shape[-1] != config.num_classes + 1:
-    raise ValueError(f"outputs['pred_logits'] has {pred_logits.shape[-1]} classes but the criterion "
-                     f'config expects num_classes + 1 = {config.num_classes + 1}')
+    raise ValueError(
+        f"outputs['pred_logits'] has {pred_logits.shape[-1]} classes but the criterion "
+        f"config expects num_classes + 1 = {config.num_classes + 1}"
+    )
   return pred_logits, pred_masks
 
 
-def _check_batch(batch: Mapping[str, Array], mode: str, batch_size: int,
-                 num_frames: int) -> Dict[str, Array]:
+def _check_batch(
+    batch: Mapping[str, Array], mode: str, batch_size: int, num_frames: int
+) -> dict[str, Array]:
   """Returns the batch fields the criterion needs, after checking keys and shapes."""
-  needed = ['labels', 'instance_valid', 'box_valid']
-  needed += ['frames', 'boxes'] if mode == 'box' else ['masks']
+  needed = ["labels", "instance_valid", "box_valid"]
+  needed += ["frames", "boxes"] if mode == "box" else ["masks"]
   missing = [k for k in needed if k not in batch]
   if missing:
-    raise ValueError(f"batch lacks {missing} needed by the criterion in mode '{mode}' "
-                     f'(have {sorted(batch)})')
+    raise ValueError(
+        f"batch lacks {missing} needed by the criterion in mode '{mode}' " f"(have {sorted(batch)})"
+    )
   fields = {k: jnp.asarray(batch[k]) for k in needed}
-  labels = fields['labels']
+  labels = fields["labels"]
   if labels.ndim != 2 or labels.shape[0] != batch_size:
     raise ValueError(f"batch['labels'] must be [B={batch_size}, N], got {labels.shape}")
   num_instances = labels.shape[1]
   expected = {
-      'instance_valid': (batch_size, num_instances),
-      'box_valid': (batch_size, num_instances, num_frames),
-      'boxes': (batch_size, num_instances, num_frames, 4),
+      "instance_valid": (batch_size, num_instances),
+      "box_valid": (batch_size, num_instances, num_frames),
+      "boxes": (batch_size, num_instances, num_frames, 4),
   }
   for key, shape in expected.items():
     if key in fields and tuple(fields[key].shape) != shape:
       raise ValueError(f"batch['{key}'] must have shape {shape}, got {fields[key].shape}")
-  if 'frames' in fields:
-    frames = fields['frames']
+  if "frames" in fields:
+    frames = fields["frames"]
     if frames.ndim != 5 or frames.shape[:2] != (batch_size, num_frames) or frames.shape[-1] != 3:
-      raise ValueError(f"batch['frames'] must be [B={batch_size}, T={num_frames}, H, W, 3], "
-                       f'got {frames.shape}')
-  if 'masks' in fields:
-    masks = fields['masks']
+      raise ValueError(
+          f"batch['frames'] must be [B={batch_size}, T={num_frames}, H, W, 3], "
+          f"got {frames.shape}"
+      )
+  if "masks" in fields:
+    masks = fields["masks"]
     if masks.ndim != 5 or masks.shape[:3] != (batch_size, num_instances, num_frames):
-      raise ValueError(f"batch['masks'] must be [B={batch_size}, N={num_instances}, "
-                       f'T={num_frames}, H, W], got {masks.shape}')
-  fields['instance_valid'] = fields['instance_valid'].astype(bool)
-  fields['box_valid'] = fields['box_valid'].astype(bool)
+      raise ValueError(
+          f"batch['masks'] must be [B={batch_size}, N={num_instances}, "
+          f"T={num_frames}, H, W], got {masks.shape}"
+      )
+  fields["instance_valid"] = fields["instance_valid"].astype(bool)
+  fields["box_valid"] = fields["box_valid"].astype(bool)
   return fields

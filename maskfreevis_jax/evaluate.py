@@ -7,6 +7,7 @@ writes `workdir/eval/results_<step>.json` in the YouTube-VIS submission format, 
 `evaluate_ytvis` when ground-truth masks exist, prints the AP table and writes the metrics to
 `workdir/eval/metrics_<step>.json` and TensorBoard.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,7 @@ import numpy as np
 from maskfreevis_jax import checkpointing
 
 
-def restore_variables(workdir: str | pathlib.Path, step: int | None = None
-                      ) -> tuple[dict, int]:
+def restore_variables(workdir: str | pathlib.Path, step: int | None = None) -> tuple[dict, int]:
   """Model variables ({'params': ..., other collections}) of a training checkpoint, replicated.
 
   Restores the saved tree as it is (every array is read, so a damaged checkpoint is noticed), so
@@ -43,8 +43,10 @@ def restore_variables(workdir: str | pathlib.Path, step: int | None = None
   """
   directory = pathlib.Path(workdir) / "checkpoints"
   if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoints in {directory}: train first (--mode train) or pass "
-                            "--workdir of a trained run")
+    raise FileNotFoundError(
+        f"no checkpoints in {directory}: train first (--mode train) or pass "
+        "--workdir of a trained run"
+    )
   checkpointer = checkpointing.Checkpointer(directory, read_only=True)
   try:
     restored = checkpointer.restore(step=None if step is None or int(step) <= 0 else int(step))
@@ -65,9 +67,15 @@ def _gather_results(results: list[dict]) -> list[dict]:
   return [r for text in texts for r in json.loads(text)]
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-             variables: Any = None, step: int | None = None, model=None,
-             writer: metric_writers.MetricWriter | None = None) -> dict[str, float]:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    variables: Any = None,
+    step: int | None = None,
+    model=None,
+    writer: metric_writers.MetricWriter | None = None,
+) -> dict[str, float]:
   """Predicts the evaluation split, writes results JSON, prints and returns the AP metrics.
 
   Args:
@@ -101,8 +109,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     category_ids = [c.id for c in dataset.dataset.categories]
   num_classes = int(config.model.num_classes)
   if category_ids is not None and len(category_ids) != num_classes:
-    raise ValueError(f"the evaluation dataset {gt_path} has {len(category_ids)} categories but "
-                     f"config.model.num_classes is {num_classes}")
+    raise ValueError(
+        f"the evaluation dataset {gt_path} has {len(category_ids)} categories but "
+        f"config.model.num_classes is {num_classes}"
+    )
 
   predictor = evaluation.VideoPredictor.from_config(model.apply, ecfg)
   max_videos = int(ecfg.get("max_videos", 0))
@@ -123,24 +133,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   print(f"Wrote {len(results)} predictions for {num_videos} videos to {results_path}", flush=True)
 
   if not gt_path or not dataset.with_annotations:
-    print("The evaluation split has no ground-truth masks: no AP computed (submit the results "
-          "JSON to the benchmark server).", flush=True)
+    print(
+        "The evaluation split has no ground-truth masks: no AP computed (submit the results "
+        "JSON to the benchmark server).",
+        flush=True,
+    )
     return {}
   gt = gt_path
   if max_videos:
-    gt = _subset_ground_truth(gt_path, {r["video_id"] for r in results} |
-                              {int(v) for v in _video_ids(dataset, max_videos)})
+    gt = _subset_ground_truth(
+        gt_path,
+        {r["video_id"] for r in results} | {int(v) for v in _video_ids(dataset, max_videos)},
+    )
   metrics = evaluation.evaluate_ytvis(gt, results)
   table = evaluation.format_table(metrics)
-  print(f"YouTube-VIS mask AP at step {step} ({num_videos} videos, {gt_path}):\n{table}",
-        flush=True)
+  print(
+      f"YouTube-VIS mask AP at step {step} ({num_videos} videos, {gt_path}):\n{table}", flush=True
+  )
   if jax.process_index() == 0:
     with open(out_dir / f"metrics_{step}.json", "w") as f:
       json.dump(metrics, f, indent=1)
   writer = writer or metric_writers.create_default_writer(
-      str(workdir), just_logging=jax.process_index() > 0, collection="eval")
-  writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()
-                              if np.isfinite(v) and not k.startswith("AP-")})
+      str(workdir), just_logging=jax.process_index() > 0, collection="eval"
+  )
+  writer.write_scalars(
+      step,
+      {f"eval/{k}": v for k, v in metrics.items() if np.isfinite(v) and not k.startswith("AP-")},
+  )
   writer.flush()
   return metrics
 

@@ -37,6 +37,7 @@ class Matching(NamedTuple):
       `valid` is False).
     valid: bool [B, N] True where target n is a real instance and got a query.
   """
+
   query_index: jax.Array
   valid: jax.Array
 
@@ -80,7 +81,7 @@ def pairwise_dice_cost(pred: jax.Array, target: jax.Array) -> jax.Array:
   Returns:
     float32 [Q, N] cost `1 - (2 <p, t> + 1) / (sum p + sum t + 1)`.
   """
-  numerator = 2.0 * jnp.einsum('qp,np->qn', pred, target)
+  numerator = 2.0 * jnp.einsum("qp,np->qn", pred, target)
   denominator = pred.sum(-1)[:, None] + target.sum(-1)[None, :]
   return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
@@ -98,8 +99,9 @@ def pairwise_sigmoid_bce_cost(logits: jax.Array, target: jax.Array) -> jax.Array
   # BCE(x, t) = t * softplus(-x) + (1 - t) * softplus(x), so it is bilinear in (terms, t).
   loss_if_fg = jax.nn.softplus(-logits)
   loss_if_bg = jax.nn.softplus(logits)
-  cost = (jnp.einsum('qp,np->qn', loss_if_fg, target) +
-          jnp.einsum('qp,np->qn', loss_if_bg, 1.0 - target))
+  cost = jnp.einsum("qp,np->qn", loss_if_fg, target) + jnp.einsum(
+      "qp,np->qn", loss_if_bg, 1.0 - target
+  )
   return cost / logits.shape[-1]
 
 
@@ -110,7 +112,7 @@ def clip_cost_matrix(
     target_masks: jax.Array,
     target_valid: jax.Array,
     *,
-    mode: str = 'box',
+    mode: str = "box",
     class_weight: float = 2.0,
     mask_weight: float = 5.0,
     dice_weight: float = 5.0,
@@ -145,15 +147,16 @@ def clip_cost_matrix(
   num_targets = target_masks.shape[0]
   pred_masks = pred_masks.astype(jnp.float32)
   target_points = target_masks.astype(jnp.float32).reshape(num_targets, -1)
-  if mode == 'box':
+  if mode == "box":
     pred_boxes = filled_box_masks(pred_masks).reshape(num_queries, -1)
-    cost = (class_weight * cost_class +
-            dice_weight * pairwise_dice_cost(pred_boxes, target_points))
-  elif mode == 'mask':
+    cost = class_weight * cost_class + dice_weight * pairwise_dice_cost(pred_boxes, target_points)
+  elif mode == "mask":
     pred_points = pred_masks.reshape(num_queries, -1)
-    cost = (mask_weight * pairwise_sigmoid_bce_cost(pred_points, target_points) +
-            class_weight * cost_class +
-            dice_weight * pairwise_dice_cost(jax.nn.sigmoid(pred_points), target_points))
+    cost = (
+        mask_weight * pairwise_sigmoid_bce_cost(pred_points, target_points)
+        + class_weight * cost_class
+        + dice_weight * pairwise_dice_cost(jax.nn.sigmoid(pred_points), target_points)
+    )
   else:
     raise ValueError(f"matcher mode must be 'box' or 'mask', got {mode!r}")
 
@@ -175,8 +178,9 @@ def assign(cost: jax.Array, target_valid: jax.Array) -> Matching:
   num_targets, num_queries = cost.shape
   if num_targets > num_queries:
     raise ValueError(
-        f'cannot match {num_targets} target slots to {num_queries} queries; the maximum '
-        'number of instances N must not exceed the number of queries Q')
+        f"cannot match {num_targets} target slots to {num_queries} queries; the maximum "
+        "number of instances N must not exceed the number of queries Q"
+    )
   rows, cols = optax.assignment.hungarian_algorithm(cost)
   query_index = jnp.zeros((num_targets,), jnp.int32).at[rows].set(cols.astype(jnp.int32))
   return Matching(query_index=query_index, valid=target_valid)
@@ -192,8 +196,13 @@ def match_clip(
 ) -> Matching:
   """Matches the queries of one clip to its targets (shapes as `clip_cost_matrix`)."""
   cost = clip_cost_matrix(
-      jax.lax.stop_gradient(pred_logits), jax.lax.stop_gradient(pred_masks),
-      target_labels, jax.lax.stop_gradient(target_masks), target_valid, **cost_kwargs)
+      jax.lax.stop_gradient(pred_logits),
+      jax.lax.stop_gradient(pred_masks),
+      target_labels,
+      jax.lax.stop_gradient(target_masks),
+      target_valid,
+      **cost_kwargs,
+  )
   return assign(cost, target_valid)
 
 
@@ -204,7 +213,7 @@ def hungarian_match(
     target_masks: jax.Array,
     target_valid: jax.Array,
     *,
-    mode: str = 'box',
+    mode: str = "box",
     class_weight: float = 2.0,
     mask_weight: float = 5.0,
     dice_weight: float = 5.0,
@@ -226,34 +235,39 @@ def hungarian_match(
     `Matching` with query_index int32 [B, N] and valid bool [B, N].
   """
   _check_shapes(pred_logits, pred_masks, target_labels, target_masks, target_valid)
-  if mode not in ('box', 'mask'):
+  if mode not in ("box", "mask"):
     raise ValueError(f"matcher mode must be 'box' or 'mask', got {mode!r}")
   match_fn = lambda *args: match_clip(
-      *args, mode=mode, class_weight=class_weight, mask_weight=mask_weight,
-      dice_weight=dice_weight)
-  return jax.vmap(match_fn)(pred_logits, pred_masks, target_labels, target_masks,
-                            target_valid.astype(bool))
+      *args, mode=mode, class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight
+  )
+  return jax.vmap(match_fn)(
+      pred_logits, pred_masks, target_labels, target_masks, target_valid.astype(bool)
+  )
 
 
 def _check_shapes(pred_logits, pred_masks, target_labels, target_masks, target_valid):
   """Raises a ValueError naming the argument whose shape does not fit."""
   if pred_logits.ndim != 3:
-    raise ValueError(f'pred_logits must be [B, Q, C + 1], got shape {pred_logits.shape}')
+    raise ValueError(f"pred_logits must be [B, Q, C + 1], got shape {pred_logits.shape}")
   batch, num_queries, _ = pred_logits.shape
   if pred_masks.ndim != 5 or pred_masks.shape[:2] != (batch, num_queries):
     raise ValueError(
-        f'pred_masks must be [B={batch}, Q={num_queries}, T, h, w], got shape {pred_masks.shape}')
+        f"pred_masks must be [B={batch}, Q={num_queries}, T, h, w], got shape {pred_masks.shape}"
+    )
   if target_labels.ndim != 2 or target_labels.shape[0] != batch:
-    raise ValueError(f'target_labels must be [B={batch}, N], got shape {target_labels.shape}')
+    raise ValueError(f"target_labels must be [B={batch}, N], got shape {target_labels.shape}")
   num_targets = target_labels.shape[1]
   expected_masks = (batch, num_targets) + tuple(pred_masks.shape[2:])
   if tuple(target_masks.shape) != expected_masks:
     raise ValueError(
-        f'target_masks must be [B, N, T, h, w] = {expected_masks}, got shape {target_masks.shape}')
+        f"target_masks must be [B, N, T, h, w] = {expected_masks}, got shape {target_masks.shape}"
+    )
   if tuple(target_valid.shape) != (batch, num_targets):
     raise ValueError(
-        f'target_valid must be [B, N] = {(batch, num_targets)}, got shape {target_valid.shape}')
+        f"target_valid must be [B, N] = {(batch, num_targets)}, got shape {target_valid.shape}"
+    )
   if num_targets > num_queries:
     raise ValueError(
-        f'cannot match N={num_targets} target slots to Q={num_queries} queries; the maximum '
-        'number of instances must not exceed the number of queries')
+        f"cannot match N={num_targets} target slots to Q={num_queries} queries; the maximum "
+        "number of instances must not exceed the number of queries"
+    )

@@ -12,10 +12,12 @@ The official recipe (detectron2 `build_optimizer` in MaskFreeVIS `train_net_vide
 Frozen parameters (FrozenBatchNorm lives outside 'params' in our models; anything matched by
 `frozen_regex` besides) get neither gradient (they do not count in the clipping norm) nor update.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -64,8 +66,9 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Sch
   base_lr = float(train_config.lr)
   warmup_steps = int(train_config.warmup_steps)
   warmup_factor = float(train_config.warmup_factor)
-  decay_steps = jnp.asarray(sorted(int(s) for s in train_config.lr_decay_steps) or [2**31 - 1],
-                            dtype=jnp.int32)
+  decay_steps = jnp.asarray(
+      sorted(int(s) for s in train_config.lr_decay_steps) or [2**31 - 1], dtype=jnp.int32
+  )
   decay_factor = float(train_config.lr_decay_factor)
 
   def schedule(step):
@@ -109,7 +112,9 @@ def module_types_by_path(model: nn.Module, *init_args, **init_kwargs) -> dict[st
 
   def init(*array_leaves):
     it = iter(array_leaves)
-    args, kwargs = jax.tree.unflatten(treedef, [next(it) if a else x for x, a in zip(leaves, is_array)])
+    args, kwargs = jax.tree.unflatten(
+        treedef, [next(it) if a else x for x, a in zip(leaves, is_array)]
+    )
     with nn.intercept_methods(interceptor):
       return model.init(*args, **kwargs)
 
@@ -117,8 +122,11 @@ def module_types_by_path(model: nn.Module, *init_args, **init_kwargs) -> dict[st
   return types
 
 
-def param_labels(params: Any, train_config: ml_collections.ConfigDict,
-                 module_types: Mapping[str, type] | None = None) -> Any:
+def param_labels(
+    params: Any,
+    train_config: ml_collections.ConfigDict,
+    module_types: Mapping[str, type] | None = None,
+) -> Any:
   """Labels every parameter with its optimizer group (a pytree of strings shaped like params).
 
   Args:
@@ -137,7 +145,7 @@ def param_labels(params: Any, train_config: ml_collections.ConfigDict,
     if frozen_re is not None and frozen_re.search(name):
       return FROZEN
     owner = module_types.get(name.rsplit("/", 1)[0] if "/" in name else "")
-    no_decay = (owner is not None and issubclass(owner, NORM_MODULE_TYPES + EMBED_MODULE_TYPES))
+    no_decay = owner is not None and issubclass(owner, NORM_MODULE_TYPES + EMBED_MODULE_TYPES)
     if owner is not None and "Frozen" in owner.__name__:
       return FROZEN
     no_decay = no_decay or bool(no_decay_re is not None and no_decay_re.search(name))
@@ -149,8 +157,9 @@ def param_labels(params: Any, train_config: ml_collections.ConfigDict,
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def create_optimizer(train_config: ml_collections.ConfigDict, labels: Any
-                     ) -> optax.GradientTransformation:
+def create_optimizer(
+    train_config: ml_collections.ConfigDict, labels: Any
+) -> optax.GradientTransformation:
   """Builds the full gradient transformation (frozen masking, clipping, grouped AdamW, schedule).
 
   Args:
@@ -160,8 +169,11 @@ def create_optimizer(train_config: ml_collections.ConfigDict, labels: Any
   schedule = learning_rate_schedule(train_config)
 
   def adamw(lr_multiplier: float, weight_decay: float) -> optax.GradientTransformation:
-    parts = [optax.scale_by_adam(b1=train_config.adam_b1, b2=train_config.adam_b2,
-                                 eps=train_config.adam_eps)]
+    parts = [
+        optax.scale_by_adam(
+            b1=train_config.adam_b1, b2=train_config.adam_b2, eps=train_config.adam_eps
+        )
+    ]
     if weight_decay > 0:
       parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_learning_rate(lambda step: lr_multiplier * schedule(step)))
@@ -170,8 +182,10 @@ def create_optimizer(train_config: ml_collections.ConfigDict, labels: Any
   backbone_mult = float(train_config.backbone_lr_multiplier)
   no_decay_wd = float(train_config.weight_decay_norm)  # norms and embeddings share 0.0 officially.
   if float(train_config.weight_decay_embed) != no_decay_wd:
-    raise ValueError("config.train.weight_decay_embed must equal weight_decay_norm "
-                     f"(got {train_config.weight_decay_embed} and {train_config.weight_decay_norm})")
+    raise ValueError(
+        "config.train.weight_decay_embed must equal weight_decay_norm "
+        f"(got {train_config.weight_decay_embed} and {train_config.weight_decay_norm})"
+    )
   groups = {
       DEFAULT: adamw(1.0, float(train_config.weight_decay)),
       NO_DECAY: adamw(1.0, no_decay_wd),
@@ -196,7 +210,15 @@ def label_counts(labels: Any, params: Any) -> dict[str, int]:
 
 
 __all__ = [
-    "learning_rate_schedule", "param_labels", "create_optimizer", "module_types_by_path",
-    "default_optimizer_fields", "label_counts", "DEFAULT", "NO_DECAY", "BACKBONE",
-    "BACKBONE_NO_DECAY", "FROZEN",
+    "learning_rate_schedule",
+    "param_labels",
+    "create_optimizer",
+    "module_types_by_path",
+    "default_optimizer_fields",
+    "label_counts",
+    "DEFAULT",
+    "NO_DECAY",
+    "BACKBONE",
+    "BACKBONE_NO_DECAY",
+    "FROZEN",
 ]

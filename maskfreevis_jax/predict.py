@@ -15,6 +15,7 @@ track and frame, whatever the length. Outputs in `output_dir`:
   overlay.gif   the same for the first `gif_max_frames` frames.
 Video files (.mp4, .avi, .mov, ...) are decoded with imageio-ffmpeg, GIFs with Pillow.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,7 +24,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -57,8 +58,9 @@ class FrameReader:
     if self.path.is_dir():
       self._files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
       if not self._files:
-        raise ValueError(f"--input folder {self.path} has no image files "
-                         f"({', '.join(_IMAGE_SUFFIXES)})")
+        raise ValueError(
+            f"--input folder {self.path} has no image files " f"({', '.join(_IMAGE_SUFFIXES)})"
+        )
       self.num_frames = len(self._files)
     elif self.path.suffix.lower() == ".gif":
       self.num_frames = None
@@ -66,8 +68,9 @@ class FrameReader:
       generator, self._meta = self._open_video()
       generator.close()
       duration, fps = self._meta.get("duration"), self._meta.get("fps")
-      self.num_frames = (int(round(duration * fps)) if duration and fps and
-                         np.isfinite(duration * fps) else None)
+      self.num_frames = (
+          int(round(duration * fps)) if duration and fps and np.isfinite(duration * fps) else None
+      )
 
   def name(self, index: int) -> str:
     """How frame `index` is named in results and errors."""
@@ -77,16 +80,19 @@ class FrameReader:
 
   def _open_video(self):
     import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+
     try:
       generator = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
       meta = next(generator)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"cannot read video file {self.path} (frame 0): "
-                       f"{str(e).splitlines()[0]}") from e
+      raise ValueError(
+          f"cannot read video file {self.path} (frame 0): " f"{str(e).splitlines()[0]}"
+      ) from e
     return generator, meta
 
   def _raw_frames(self) -> Iterator[np.ndarray]:
     from PIL import Image, ImageSequence  # pylint: disable=g-import-not-at-top
+
     if self._files is not None:
       for index, f in enumerate(self._files):
         try:
@@ -111,13 +117,16 @@ class FrameReader:
         yield np.frombuffer(data, np.uint8).reshape(height, width, 3)
         index += 1
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"cannot decode frame {index} of {self.path}: "
-                       f"{str(e).splitlines()[0]}") from e
+      raise ValueError(
+          f"cannot decode frame {index} of {self.path}: " f"{str(e).splitlines()[0]}"
+      ) from e
     finally:
       generator.close()
     if self.num_frames is not None and index < self.num_frames - _FRAME_COUNT_TOLERANCE:
-      raise ValueError(f"video {self.path} is truncated: frame {index} cannot be decoded (its "
-                       f"header announces {self.num_frames} frames)")
+      raise ValueError(
+          f"video {self.path} is truncated: frame {index} cannot be decoded (its "
+          f"header announces {self.num_frames} frames)"
+      )
 
   def __iter__(self) -> Iterator[np.ndarray]:
     """uint8 [H, W, 3] RGB frames, all of the first frame's size."""
@@ -129,9 +138,11 @@ class FrameReader:
       if first_shape is None:
         first_shape = frame.shape
       elif frame.shape != first_shape:
-        raise ValueError(f"frame {index} ({self.name(index)}) of {self.path} is "
-                         f"{frame.shape[1]}x{frame.shape[0]}, but frame 0 ({self.name(0)}) is "
-                         f"{first_shape[1]}x{first_shape[0]}")
+        raise ValueError(
+            f"frame {index} ({self.name(index)}) of {self.path} is "
+            f"{frame.shape[1]}x{frame.shape[0]}, but frame 0 ({self.name(0)}) is "
+            f"{first_shape[1]}x{first_shape[0]}"
+        )
       yield frame
     if first_shape is None:
       raise ValueError(f"{self.path} has no frames")
@@ -170,9 +181,14 @@ class _OverlayWriter:
       if self._use_mp4:
         if self._mp4 is None:
           import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+
           self._mp4 = imageio_ffmpeg.write_frames(
-              str(self.partial_path), (frame.shape[1], frame.shape[0]), fps=self.fps,
-              macro_block_size=2, quality=7)
+              str(self.partial_path),
+              (frame.shape[1], frame.shape[0]),
+              fps=self.fps,
+              macro_block_size=2,
+              quality=7,
+          )
           self._mp4.send(None)
         self._mp4.send(np.ascontiguousarray(frame).tobytes())
       if len(self.gif_frames) < self.gif_max_frames:
@@ -182,6 +198,7 @@ class _OverlayWriter:
   def close(self, ok: bool) -> list[str]:
     """Finishes the files; on success renames the MP4 into place. Returns the paths written."""
     from maskfreevis_jax import evaluation  # pylint: disable=g-import-not-at-top
+
     written = []
     if self._mp4 is not None:
       self._mp4.close()
@@ -189,8 +206,9 @@ class _OverlayWriter:
         os.replace(self.partial_path, self.mp4_path)
         written.append(str(self.mp4_path))
     if ok and self.gif_frames:
-      written.insert(0, evaluation.save_animation(self.gif_path, np.stack(self.gif_frames),
-                                                  fps=self.fps))
+      written.insert(
+          0, evaluation.save_animation(self.gif_path, np.stack(self.gif_frames), fps=self.fps)
+      )
     return written
 
 
@@ -199,11 +217,22 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: str | None = None,
-            *, variables=None, model=None, score_threshold: float = 0.3,
-            class_names: Sequence[str] | None = None, fps: float = 6.0,
-            gif_max_frames: int = 100, overlay_min_size: int = 384, overlay: bool = True,
-            progress_every: float = 10.0) -> dict:
+def predict(
+    config,
+    workdir: str | pathlib.Path,
+    input_path: str,
+    output_dir: str | None = None,
+    *,
+    variables=None,
+    model=None,
+    score_threshold: float = 0.3,
+    class_names: Sequence[str] | None = None,
+    fps: float = 6.0,
+    gif_max_frames: int = 100,
+    overlay_min_size: int = 384,
+    overlay: bool = True,
+    progress_every: float = 10.0,
+) -> dict:
   """Predicts one video, streaming it; returns the output paths and counts.
 
   Args:
@@ -240,13 +269,15 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
   if variables is None:
     # Imported here: it pulls in TensorFlow (the metric writers).
     from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
+
     variables, _ = restore_variables(workdir, config.eval.get("step"))
   model = model if model is not None else models.build_model(config.model)
   if class_names is None:
     class_names = _class_names(config)
   height, width = first.shape[:2]
-  out_hw = transforms.resized_shape(height, width, int(config.data.min_size_test),
-                                    int(config.data.max_size_test))
+  out_hw = transforms.resized_shape(
+      height, width, int(config.data.min_size_test), int(config.data.max_size_test)
+  )
   transform = transforms.ClipTransform((height, width), out_hw, flip=False)
   padded_hw = (transforms.round_up(out_hw[0]), transforms.round_up(out_hw[1]))
   _, image_valid = transforms.pad_frames(np.zeros((1, *out_hw, 1), np.uint8), padded_hw)
@@ -254,9 +285,12 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
   window = predictor.window_size
   total = reader.num_frames
   if window is None and total is not None and total > 300:
-    print(f"{total} frames in one clip (config.eval.window_size=0, the official whole-video "
-          "inference): memory grows with the length; set --config.eval.window_size=N to bound "
-          "it", flush=True)
+    print(
+        f"{total} frames in one clip (config.eval.window_size=0, the official whole-video "
+        "inference): memory grows with the length; set --config.eval.window_size=N to bound "
+        "it",
+        flush=True,
+    )
 
   out = pathlib.Path(output_dir or pathlib.Path(workdir) / "predict")
   out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +304,7 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
     for index, frame in enumerate(itertools.chain([first], frames)):
       pending[index] = frame
       padded = np.zeros((*padded_hw, 3), np.uint8)
-      padded[:out_hw[0], :out_hw[1]] = transform.apply_image(frame)
+      padded[: out_hw[0], : out_hw[1]] = transform.apply_image(frame)
       yield padded
 
   def on_frames(first_index, masks, track_scores):
@@ -283,10 +317,19 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
     if overlay:
       best = track_scores.max(axis=1)
       drawn = np.flatnonzero(best >= score_threshold)
-      drawn = drawn[np.argsort(-best[drawn], kind="stable")][:predictor.top_k]
-      writer.write(evaluation.overlay_frames(
-          chunk, masks[drawn], track_scores[drawn].argmax(axis=1), best[drawn], class_names,
-          score_threshold=score_threshold, colors=palette[drawn], min_size=overlay_min_size))
+      drawn = drawn[np.argsort(-best[drawn], kind="stable")][: predictor.top_k]
+      writer.write(
+          evaluation.overlay_frames(
+              chunk,
+              masks[drawn],
+              track_scores[drawn].argmax(axis=1),
+              best[drawn],
+              class_names,
+              score_threshold=score_threshold,
+              colors=palette[drawn],
+              min_size=overlay_min_size,
+          )
+      )
     done = first_index + count
     now = time.perf_counter()
     if now - last_print >= progress_every or (total is not None and done >= total):
@@ -294,19 +337,31 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
       per_frame = (now - start_time) / done
       if total:
         eta = _format_seconds(per_frame * max(total - done, 0))
-        print(f"frame {done}/{total} ({100 * done / total:.0f}%), {per_frame:.3f} s/frame, "
-              f"ETA {eta}", flush=True)
+        print(
+            f"frame {done}/{total} ({100 * done / total:.0f}%), {per_frame:.3f} s/frame, "
+            f"ETA {eta}",
+            flush=True,
+        )
       else:
         print(f"frame {done}, {per_frame:.3f} s/frame", flush=True)
 
   results_path = out / "results.json"
   try:
-    prediction = predictor(variables, model_frames(), image_valid=image_valid, image_size=out_hw,
-                           output_size=(height, width), on_frames=on_frames)
+    prediction = predictor(
+        variables,
+        model_frames(),
+        image_valid=image_valid,
+        image_size=out_hw,
+        output_size=(height, width),
+        on_frames=on_frames,
+    )
   except (ValueError, OSError, RuntimeError) as e:
     writer.close(ok=False)
-    partial = (f"the overlay of the first {writer.num_frames} frames is in {writer.partial_path}"
-               if writer.num_frames and writer.partial_path.exists() else "no overlay written")
+    partial = (
+        f"the overlay of the first {writer.num_frames} frames is in {writer.partial_path}"
+        if writer.num_frames and writer.partial_path.exists()
+        else "no overlay written"
+    )
     raise ValueError(f"{e}; stopped: no {results_path} written, {partial}") from e
   results = evaluation.prediction_to_results(0, prediction)
   names = [reader.name(t) for t in range(prediction.num_frames)]
@@ -319,17 +374,26 @@ def predict(config, workdir: str | pathlib.Path, input_path: str, output_dir: st
   overlays = writer.close(ok=True)
   kept = int(np.sum(prediction.scores >= score_threshold))
   seconds = time.perf_counter() - start_time
-  print(f"{prediction.num_frames} frames in {seconds:.1f} s: {kept} predictions scoring >= "
-        f"{score_threshold} (top {len(results)} in {results_path}); overlay in "
-        f"{', '.join(overlays) or 'none'}", flush=True)
-  return {"results": str(results_path), "overlay": overlays[0] if overlays else None,
-          "overlays": overlays, "num_predictions": kept, "num_frames": prediction.num_frames}
+  print(
+      f"{prediction.num_frames} frames in {seconds:.1f} s: {kept} predictions scoring >= "
+      f"{score_threshold} (top {len(results)} in {results_path}); overlay in "
+      f"{', '.join(overlays) or 'none'}",
+      flush=True,
+  )
+  return {
+      "results": str(results_path),
+      "overlay": overlays[0] if overlays else None,
+      "overlays": overlays,
+      "num_predictions": kept,
+      "num_frames": prediction.num_frames,
+  }
 
 
-def _class_names(config) -> Optional[list[str]]:
+def _class_names(config) -> list[str] | None:
   """Category names of the configured evaluation dataset, if it can be opened."""
   try:
     from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
     return list(input_pipeline.open_video_source(config, "valid").class_names)
   except Exception:  # pylint: disable=broad-except
     return None

@@ -5,10 +5,12 @@ parameters with at least `min_shard_size` elements are split along their largest
 the 'model' axis divides (a cheap FSDP-like layout; XLA inserts the gathers).
 Each host feeds only its local part of the global batch (`jax.make_array_from_process_local_data`).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import logging
 import jax
@@ -28,29 +30,38 @@ def maybe_initialize_distributed(force: bool = False) -> None:
   process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
   """
   env = os.environ
-  wanted = (force or env.get("MASKFREEVIS_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in env
-            or int(env.get("SLURM_NTASKS", "1")) > 1
-            or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+  wanted = (
+      force
+      or env.get("MASKFREEVIS_DISTRIBUTED") == "1"
+      or "JAX_COORDINATOR_ADDRESS" in env
+      or int(env.get("SLURM_NTASKS", "1")) > 1
+      or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+  )
   if wanted:
     kwargs = {}
-    for name, variable in (("num_processes", "JAX_NUM_PROCESSES"),
-                           ("process_id", "JAX_PROCESS_ID")):
+    for name, variable in (
+        ("num_processes", "JAX_NUM_PROCESSES"),
+        ("process_id", "JAX_PROCESS_ID"),
+    ):
       if env.get(variable):
         try:
           kwargs[name] = int(env[variable])
         except ValueError:
           raise ValueError(f"{variable} must be an integer, got {env[variable]!r}") from None
     jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(),
-                 jax.process_count())
+    logging.info(
+        "jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count()
+    )
 
 
 def create_mesh(model_axis_size: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 2-D mesh ('data', 'model') over `devices` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)
   if model_axis_size < 1 or len(devices) % model_axis_size:
-    raise ValueError(f"config.sharding.model_axis_size={model_axis_size} must divide the number "
-                     f"of devices ({len(devices)})")
+    raise ValueError(
+        f"config.sharding.model_axis_size={model_axis_size} must divide the number "
+        f"of devices ({len(devices)})"
+    )
   grid = np.asarray(devices, dtype=object).reshape(len(devices) // model_axis_size, model_axis_size)
   return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
@@ -90,15 +101,20 @@ def tree_shardings(tree: Any, mesh: Mesh, min_shard_size: int = 2**18) -> Any:
 def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   data_size = mesh.shape[DATA_AXIS]
   if global_batch_size % data_size:
-    raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of the number "
-                     f"of data-parallel devices ({data_size})")
+    raise ValueError(
+        f"config.train.batch_size={global_batch_size} must be a multiple of the number "
+        f"of data-parallel devices ({data_size})"
+    )
   if global_batch_size % jax.process_count():
-    raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of the number "
-                     f"of processes ({jax.process_count()})")
+    raise ValueError(
+        f"config.train.batch_size={global_batch_size} must be a multiple of the number "
+        f"of processes ({jax.process_count()})"
+    )
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """Places this host's local batch (numpy dict) as global arrays split over 'data'."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }

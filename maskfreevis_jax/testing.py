@@ -5,11 +5,12 @@ the model maps frames [B, T, H, W, 3] to pred_logits [L, B, Q, C + 1] and pred_m
 [L, B, Q, T, H/4, W/4]; the iterator yields batches with frames / image_valid / boxes / box_valid /
 labels / instance_valid and has get_state/set_state (its state is the number of batches drawn).
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ T, H, W = 2, 32, 32
 
 class StandInModel(nn.Module):
   """A few convolutions and learnable queries; 2 prediction layers."""
+
   width: int = 8
 
   @nn.compact
@@ -40,8 +42,12 @@ class StandInModel(nn.Module):
     logits, masks = [], []
     for layer in range(2):
       queries = queries + nn.Dense(self.width, name=f"layer_{layer}")(nn.LayerNorm()(queries))
-      logits.append(jnp.broadcast_to(nn.Dense(NUM_CLASSES + 1, name=f"class_{layer}")(queries),
-                                     (b, NUM_QUERIES, NUM_CLASSES + 1)))
+      logits.append(
+          jnp.broadcast_to(
+              nn.Dense(NUM_CLASSES + 1, name=f"class_{layer}")(queries),
+              (b, NUM_QUERIES, NUM_CLASSES + 1),
+          )
+      )
       masks.append(jnp.einsum("qc,bthwc->bqthw", queries, features))
     return {"pred_logits": jnp.stack(logits), "pred_masks": jnp.stack(masks)}
 
@@ -57,9 +63,9 @@ def _box_masks(boxes, h, w, stride=4):
 def stand_in_loss(outputs, batch, step):
   """Query n <-> instance n; class CE + box-mask BCE on every layer. NaN where batch['poison']."""
   del step
-  logits = outputs["pred_logits"][:, :, :NUM_INSTANCES]          # [L, B, N, C+1]
-  masks = outputs["pred_masks"][:, :, :NUM_INSTANCES]            # [L, B, N, T, h, w]
-  valid = batch["instance_valid"].astype(jnp.float32)            # [B, N]
+  logits = outputs["pred_logits"][:, :, :NUM_INSTANCES]  # [L, B, N, C+1]
+  masks = outputs["pred_masks"][:, :, :NUM_INSTANCES]  # [L, B, N, T, h, w]
+  valid = batch["instance_valid"].astype(jnp.float32)  # [B, N]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"][None])
   loss_ce = jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1.0) / logits.shape[0]
   targets = _box_masks(batch["boxes"], masks.shape[-2], masks.shape[-1])  # [B, N, T, h, w]
@@ -79,8 +85,9 @@ class StandInIterator:
   read its data from.
   """
 
-  def __init__(self, batch_size: int, seed: int = 0, poison_steps: Iterable[int] = (),
-               delay_s: float = 0.0):
+  def __init__(
+      self, batch_size: int, seed: int = 0, poison_steps: Iterable[int] = (), delay_s: float = 0.0
+  ):
     self.batch_size, self.seed, self.index = batch_size, seed, 0
     self.poison_steps, self.delay_s = set(poison_steps), delay_s
     self.served: list[int] = []
@@ -127,10 +134,23 @@ def make_config(**train_overrides) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict({"name": "stand_in", "width": 8})
   config.train = ml_collections.ConfigDict()
   optimizer_lib.default_optimizer_fields(config.train)
-  config.train.update(dict(
-      steps=6, batch_size=8, lr=1e-2, seed=0, checkpoint_every=2, keep=3, log_every=2,
-      image_every=0, max_consecutive_nonfinite=3, warmup_steps=2, lr_decay_steps=(4,),
-      backbone_regex=r"(^|/)backbone_", clip_grad_norm=1.0))
+  config.train.update(
+      dict(
+          steps=6,
+          batch_size=8,
+          lr=1e-2,
+          seed=0,
+          checkpoint_every=2,
+          keep=3,
+          log_every=2,
+          image_every=0,
+          max_consecutive_nonfinite=3,
+          warmup_steps=2,
+          lr_decay_steps=(4,),
+          backbone_regex=r"(^|/)backbone_",
+          clip_grad_norm=1.0,
+      )
+  )
   config.train.update(train_overrides)
   config.sharding = ml_collections.ConfigDict({"model_axis_size": 1, "min_shard_size": 2**18})
   config.init_from = ""
@@ -146,6 +166,7 @@ def delayed_finalize(step: int, seconds: float, announce: str = "") -> Callable[
   `monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", ...)`.
   """
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
   real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def finalize(self):

@@ -6,13 +6,15 @@ discarded inside the jitted step (params and optimizer state keep their values v
 the step is counted as bad and training stops with an explanation after
 `config.train.max_consecutive_nonfinite` bad steps in a row.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable, Mapping
 
 from absl import logging
 from clu import metric_writers
@@ -30,8 +32,10 @@ from maskfreevis_jax import optimizer as optimizer_lib
 from maskfreevis_jax import sharding as sharding_lib
 
 # loss_fn(outputs, batch, step) -> (total loss scalar, {term name: scalar}).
-LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array],
-                  tuple[jax.Array, Mapping[str, jax.Array]]]
+LossFn = Callable[
+    [Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array],
+    tuple[jax.Array, Mapping[str, jax.Array]],
+]
 
 # Batch keys that stay on the host ('source': which compiled step a joint run's batch takes).
 _HOST_ONLY_KEYS = ("file_names", "source")
@@ -42,11 +46,14 @@ _MUTABLE_COLLECTIONS = ("batch_stats",)
 class CheckpointableIterator(Protocol):
   """What the trainer needs from a data iterator: batches and a saveable position."""
 
-  def __next__(self) -> dict[str, np.ndarray]: ...
+  def __next__(self) -> dict[str, np.ndarray]:
+    ...
 
-  def get_state(self) -> Any: ...
+  def get_state(self) -> Any:
+    ...
 
-  def set_state(self, state: Any) -> None: ...
+  def set_state(self, state: Any) -> None:
+    ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,13 +63,14 @@ class NonFiniteLossError(RuntimeError):
 @flax.struct.dataclass
 class TrainState:
   """Everything a training step reads and writes (the checkpointed pytree)."""
-  step: jax.Array                     # int32 [], number of steps run (good and skipped).
+
+  step: jax.Array  # int32 [], number of steps run (good and skipped).
   params: Any
   opt_state: Any
-  model_state: Any                    # non-trainable collections (e.g. frozen BN 'batch_stats').
-  rng: jax.Array                      # uint32 [2] raw key; per-step keys are folded from `step`.
-  nonfinite_consecutive: jax.Array    # int32 [], bad steps in a row ending at `step`.
-  nonfinite_total: jax.Array          # int32 [], bad steps since the start.
+  model_state: Any  # non-trainable collections (e.g. frozen BN 'batch_stats').
+  rng: jax.Array  # uint32 [2] raw key; per-step keys are folded from `step`.
+  nonfinite_consecutive: jax.Array  # int32 [], bad steps in a row ending at `step`.
+  nonfinite_total: jax.Array  # int32 [], bad steps since the start.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,30 +85,40 @@ def model_inputs(batch: Mapping[str, Any]) -> tuple[Any, Any]:
 def init_variables(model: nn.Module, batch: Mapping[str, Any], rng: jax.Array) -> dict:
   frames, image_valid = model_inputs(batch)
   params_rng, dropout_rng = jax.random.split(rng)
-  return model.init({"params": params_rng, "dropout": dropout_rng}, frames,
-                    image_valid=image_valid, train=False)
+  return model.init(
+      {"params": params_rng, "dropout": dropout_rng}, frames, image_valid=image_valid, train=False
+  )
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       batch: Mapping[str, Any], rng: jax.Array) -> TrainState:
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, batch: Mapping[str, Any], rng: jax.Array
+) -> TrainState:
   """Initialises params (from one batch's shapes) and the optimizer (not jitted: wrap as needed)."""
   init_rng, state_rng = jax.random.split(rng)
   variables = dict(init_variables(model, batch, init_rng))
   params = variables.pop("params")
   return TrainState(
-      step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-      model_state=variables, rng=jax.random.key_data(state_rng),
-      nonfinite_consecutive=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32))
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      model_state=variables,
+      rng=jax.random.key_data(state_rng),
+      nonfinite_consecutive=jnp.zeros([], jnp.int32),
+      nonfinite_total=jnp.zeros([], jnp.int32),
+  )
 
 
-def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
-                    min_shard_size: int) -> TrainState:
+def state_shardings(
+    abstract_state: TrainState, mesh: jax.sharding.Mesh, min_shard_size: int
+) -> TrainState:
   """Params/optimizer/model state: replicated or 'model'-split; counters and rng: replicated."""
   shardings = sharding_lib.tree_shardings(abstract_state, mesh, min_shard_size)
   return shardings.replace(
-      step=sharding_lib.replicated(mesh), rng=sharding_lib.replicated(mesh),
+      step=sharding_lib.replicated(mesh),
+      rng=sharding_lib.replicated(mesh),
       nonfinite_consecutive=sharding_lib.replicated(mesh),
-      nonfinite_total=sharding_lib.replicated(mesh))
+      nonfinite_total=sharding_lib.replicated(mesh),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +126,9 @@ def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
 # ---------------------------------------------------------------------------------------------
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
-                    schedule: optax.Schedule) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn, schedule: optax.Schedule
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns the (unjitted) train step function."""
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -120,14 +139,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
     mutable = [k for k in state.model_state if k in _MUTABLE_COLLECTIONS]
 
     def compute_loss(params):
-      outputs, updated = model.apply({"params": params, **state.model_state}, frames,
-                                     image_valid=image_valid, train=True, rngs={"dropout": rng},
-                                     mutable=mutable)
+      outputs, updated = model.apply(
+          {"params": params, **state.model_state},
+          frames,
+          image_valid=image_valid,
+          train=True,
+          rngs={"dropout": rng},
+          mutable=mutable,
+      )
       total, terms = loss_fn(outputs, batch, state.step)
       return total, (terms, updated)
 
-    (loss, (terms, updated_state)), grads = jax.value_and_grad(
-        compute_loss, has_aux=True)(state.params)
+    (loss, (terms, updated_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+        state.params
+    )
     new_model_state = {**state.model_state, **updated_state}
     grad_norm = optax.global_norm(grads)
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -143,9 +168,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
         opt_state=jax.tree.map(keep, new_opt_state, state.opt_state),
         model_state=jax.tree.map(keep, new_model_state, state.model_state),
         nonfinite_consecutive=consecutive.astype(jnp.int32),
-        nonfinite_total=(state.nonfinite_total + (~is_finite).astype(jnp.int32)))
+        nonfinite_total=(state.nonfinite_total + (~is_finite).astype(jnp.int32)),
+    )
     metrics = {
-        "loss": loss, **terms, "grad_norm": grad_norm,
+        "loss": loss,
+        **terms,
+        "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
         "skipped_nonfinite": (~is_finite).astype(jnp.float32),
         "nonfinite_consecutive": consecutive.astype(jnp.float32),
@@ -157,10 +185,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
 
 def jit_train_step(train_step, state_sharding: TrainState, mesh: jax.sharding.Mesh):
   """jit with explicit shardings: state as given, batch split over 'data', metrics replicated."""
-  return jax.jit(train_step,
-                 in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+      train_step,
+      in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+      donate_argnums=(0,),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +200,7 @@ def jit_train_step(train_step, state_sharding: TrainState, mesh: jax.sharding.Me
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
+
   return models.build_model(config.model)
 
 
@@ -181,9 +212,9 @@ def build_loss_fn(config: ml_collections.ConfigDict, source: str | None = None) 
   """
   from maskfreevis_jax import criterion  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
   criterion_config = config.criterion
-  if (source == input_pipeline.COCO_SOURCE and "data" in config
-      and input_pipeline.is_joint(config)):
+  if source == input_pipeline.COCO_SOURCE and "data" in config and input_pipeline.is_joint(config):
     criterion_config = ml_collections.ConfigDict(config.criterion.to_dict())
     criterion_config.mode = config.data.coco.supervision
 
@@ -195,16 +226,22 @@ def build_loss_fn(config: ml_collections.ConfigDict, source: str | None = None) 
 
 def build_train_iterator(config: ml_collections.ConfigDict) -> CheckpointableIterator:
   from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.create_train_iterator(config, seed=int(config.train.seed),
-                                             global_batch_size=int(config.train.batch_size))
+
+  return input_pipeline.create_train_iterator(
+      config, seed=int(config.train.seed), global_batch_size=int(config.train.batch_size)
+  )
 
 
-def abstract_batch(host_batch: Mapping[str, Any],
-                   process_count: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    host_batch: Mapping[str, Any], process_count: int | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
   """Global-batch shapes of one host's batch (leading dim x hosts); host-only keys dropped."""
   process_count = jax.process_count() if process_count is None else process_count
-  return {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
-          for k, v in host_batch.items() if k not in _HOST_ONLY_KEYS}
+  return {
+      k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
+      for k, v in host_batch.items()
+      if k not in _HOST_ONLY_KEYS
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +267,7 @@ class Trainer:
       its own batch shapes and loss, all on the same state and optimizer; `train_step` is the
       first. Empty for a single-source run.
   """
+
   model: nn.Module
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -241,14 +279,18 @@ class Trainer:
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   predict: Callable[..., dict]
   train_steps: Mapping[str, Callable[[TrainState, dict], tuple[TrainState, dict]]] = (
-      dataclasses.field(default_factory=dict))
+      dataclasses.field(default_factory=dict)
+  )
 
 
-def build_trainer(config: ml_collections.ConfigDict,
-                  batch_spec: Mapping[str, Any], *,
-                  model: nn.Module | None = None,
-                  loss_fn: LossFn | Mapping[str, LossFn] | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> Trainer:
+def build_trainer(
+    config: ml_collections.ConfigDict,
+    batch_spec: Mapping[str, Any],
+    *,
+    model: nn.Module | None = None,
+    loss_fn: LossFn | Mapping[str, LossFn] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Trainer:
   """Model, optimizer, shardings, state initialiser and step functions of a config.
 
   Args:
@@ -275,16 +317,21 @@ def build_trainer(config: ml_collections.ConfigDict,
     sharding_lib.check_global_batch_size(int(spec["frames"].shape[0]), mesh)
   batch_spec = next(iter(source_specs.values()))
   model = model if model is not None else build_model(config)
-  loss_fns = {source: (loss_fn.get(source) if isinstance(loss_fn, Mapping) else loss_fn)
-              or build_loss_fn(config, source or None) for source in source_specs}
+  loss_fns = {
+      source: (loss_fn.get(source) if isinstance(loss_fn, Mapping) else loss_fn)
+      or build_loss_fn(config, source or None)
+      for source in source_specs
+  }
   schedule = optimizer_lib.learning_rate_schedule(tcfg)
 
   frames_spec, valid_spec = model_inputs(batch_spec)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
   abstract_params = jax.eval_shape(
-      lambda b: init_variables(model, b, jax.random.key(0))["params"], dict(batch_spec))
-  module_types = optimizer_lib.module_types_by_path(model, rngs, frames_spec,
-                                                    image_valid=valid_spec, train=False)
+      lambda b: init_variables(model, b, jax.random.key(0))["params"], dict(batch_spec)
+  )
+  module_types = optimizer_lib.module_types_by_path(
+      model, rngs, frames_spec, image_valid=valid_spec, train=False
+  )
   labels = optimizer_lib.param_labels(abstract_params, tcfg, module_types)
   tx = optimizer_lib.create_optimizer(tcfg, labels)
 
@@ -294,18 +341,31 @@ def build_trainer(config: ml_collections.ConfigDict,
     return create_train_state(model, tx, dummy, rng)
 
   abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
-  shardings = state_shardings(abstract_state, mesh,
-                              int(sharding_config.get("min_shard_size", 2**18)))
-  predict = jax.jit(lambda params, model_state, frames, image_valid: model.apply(
-      {"params": params, **model_state}, frames, image_valid=image_valid, train=False))
-  steps = {source: jit_train_step(make_train_step(model, tx, fn, schedule), shardings, mesh)
-           for source, fn in loss_fns.items()}
+  shardings = state_shardings(
+      abstract_state, mesh, int(sharding_config.get("min_shard_size", 2**18))
+  )
+  predict = jax.jit(
+      lambda params, model_state, frames, image_valid: model.apply(
+          {"params": params, **model_state}, frames, image_valid=image_valid, train=False
+      )
+  )
+  steps = {
+      source: jit_train_step(make_train_step(model, tx, fn, schedule), shardings, mesh)
+      for source, fn in loss_fns.items()
+  }
   return Trainer(
-      model=model, tx=tx, schedule=schedule, mesh=mesh, param_labels=labels,
-      abstract_state=abstract_state, state_shardings=shardings,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      mesh=mesh,
+      param_labels=labels,
+      abstract_state=abstract_state,
+      state_shardings=shardings,
       init_state=jax.jit(init_fn, out_shardings=shardings),
-      train_step=next(iter(steps.values())), predict=predict,
-      train_steps=steps if joint else {})
+      train_step=next(iter(steps.values())),
+      predict=predict,
+      train_steps=steps if joint else {},
+  )
 
 
 def initial_train_state(trainer: Trainer, config: ml_collections.ConfigDict) -> TrainState:
@@ -313,11 +373,13 @@ def initial_train_state(trainer: Trainer, config: ml_collections.ConfigDict) -> 
   state = trainer.init_state(jax.random.key(int(config.train.seed)))
   init_from = init_from_path(config)
   if init_from:
-    params, model_state = load_pretrained(init_from, state.params, state.model_state,
-                                          config.get("model"))
-    state = jax.device_put(state.replace(params=params, model_state=model_state,
-                                         opt_state=trainer.tx.init(params)),
-                           trainer.state_shardings)
+    params, model_state = load_pretrained(
+        init_from, state.params, state.model_state, config.get("model")
+    )
+    state = jax.device_put(
+        state.replace(params=params, model_state=model_state, opt_state=trainer.tx.init(params)),
+        trainer.state_shardings,
+    )
   return state
 
 
@@ -338,12 +400,17 @@ def init_from_path(config: ml_collections.ConfigDict) -> str | None:
     raise ValueError(
         f"config.init_from is not set, but this recipe starts from pretrained weights "
         f"({required}, config.init_from_required): pass --config.init_from=PATH to that file, "
-        "or --config.init_from=none to train from scratch")
+        "or --config.init_from=none to train from scratch"
+    )
   return value or None
 
 
-def load_pretrained(init_from: str, params: Any, model_state: Any,
-                    model_config: ml_collections.ConfigDict | None = None) -> tuple[Any, Any]:
+def load_pretrained(
+    init_from: str,
+    params: Any,
+    model_state: Any,
+    model_config: ml_collections.ConfigDict | None = None,
+) -> tuple[Any, Any]:
   """`config.init_from`: initialise from an official / detectron2 / exported checkpoint file.
 
   Uses `maskfreevis_jax.export.load_pretrained` (.pkl, .pth, .safetensors); tensors whose shapes
@@ -354,14 +421,23 @@ def load_pretrained(init_from: str, params: Any, model_state: Any,
   if not path.exists():
     raise FileNotFoundError(f"config.init_from: file {init_from} does not exist")
   from maskfreevis_jax import export  # pylint: disable=g-import-not-at-top
+
   variables = {"params": params, **dict(model_state)}
   loaded, report = export.load_pretrained(str(path), jax.device_get(variables), model_config)
-  logging.info("init_from %s: %d tensors loaded, %d skipped, %d shape-mismatched, %d missing",
-               init_from, len(report.loaded), len(report.skipped), len(report.shape_mismatched),
-               len(report.missing))
-  print(f"Initialised from {init_from}: {len(report.loaded)} tensors loaded, "
-        f"{len(report.shape_mismatched)} kept at init (shape differs), {len(report.missing)} "
-        "missing from the file", flush=True)
+  logging.info(
+      "init_from %s: %d tensors loaded, %d skipped, %d shape-mismatched, %d missing",
+      init_from,
+      len(report.loaded),
+      len(report.skipped),
+      len(report.shape_mismatched),
+      len(report.missing),
+  )
+  print(
+      f"Initialised from {init_from}: {len(report.loaded)} tensors loaded, "
+      f"{len(report.shape_mismatched)} kept at init (shape differs), {len(report.missing)} "
+      "missing from the file",
+      flush=True,
+  )
   loaded = dict(loaded)
   return loaded.pop("params"), loaded
 
@@ -391,12 +467,28 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict:
 # Summaries
 # ---------------------------------------------------------------------------------------------
 
-_PALETTE = np.asarray([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                       [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]], np.float32)
+_PALETTE = np.asarray(
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+    ],
+    np.float32,
+)
 
 
-def mask_overlay_image(frames: np.ndarray, pred_logits: np.ndarray, pred_masks: np.ndarray,
-                       image_valid: np.ndarray | None = None, top_k: int = 4) -> np.ndarray:
+def mask_overlay_image(
+    frames: np.ndarray,
+    pred_logits: np.ndarray,
+    pred_masks: np.ndarray,
+    image_valid: np.ndarray | None = None,
+    top_k: int = 4,
+) -> np.ndarray:
   """One clip's frames side by side with the top-k queries' masks tinted over them.
 
   Args:
@@ -435,8 +527,7 @@ def _host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in batch.items() if k not in _HOST_ONLY_KEYS}
 
 
-def _mean_metrics(fetched: list[Mapping[str, Any]],
-                  sources: list[str | None]) -> dict[str, float]:
+def _mean_metrics(fetched: list[Mapping[str, Any]], sources: list[str | None]) -> dict[str, float]:
   """Per-key means over the steps that report the key (a joint run's sources report different
   loss terms), plus each source's share of the steps ('steps_<source>')."""
   keys = dict.fromkeys(k for m in fetched for k in m)
@@ -451,20 +542,34 @@ def _format_duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-_MAIN_TERMS = (("loss_ce", "ce"), ("loss_mask_proj", "proj"), ("loss_bound", "pair"),
-               ("loss_bound_neighbor", "temporal"), ("loss_mask", "bce"), ("loss_dice", "dice"))
+_MAIN_TERMS = (
+    ("loss_ce", "ce"),
+    ("loss_mask_proj", "proj"),
+    ("loss_bound", "pair"),
+    ("loss_bound_neighbor", "temporal"),
+    ("loss_mask", "bce"),
+    ("loss_dice", "dice"),
+)
 
 
-def progress_line(step: int, total_steps: int, metrics: Mapping[str, float], clips_per_sec: float,
-                  eta_seconds: float) -> str:
+def progress_line(
+    step: int,
+    total_steps: int,
+    metrics: Mapping[str, float],
+    clips_per_sec: float,
+    eta_seconds: float,
+) -> str:
   """E.g. 'step 120/3000 | loss 3.412 | ce 0.512 proj 0.201 ... | lr 1.0e-04 | 2.31 clips/s | ETA 0:21:03'."""
   terms = " ".join(f"{short} {metrics[name]:.4f}" for name, short in _MAIN_TERMS if name in metrics)
   parts = [f"step {step}/{total_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
   if terms:
     parts.append(terms)
-  parts += [f"grad_norm {metrics.get('grad_norm', float('nan')):.3g}",
-            f"lr {metrics.get('learning_rate', float('nan')):.1e}",
-            f"{clips_per_sec:.2f} clips/s", f"ETA {_format_duration(eta_seconds)}"]
+  parts += [
+      f"grad_norm {metrics.get('grad_norm', float('nan')):.3g}",
+      f"lr {metrics.get('learning_rate', float('nan')):.1e}",
+      f"{clips_per_sec:.2f} clips/s",
+      f"ETA {_format_duration(eta_seconds)}",
+  ]
   if metrics.get("skipped_nonfinite", 0) > 0:
     parts.append(f"skipped {metrics['skipped_nonfinite']:.0%} non-finite")
   return " | ".join(parts)
@@ -478,10 +583,15 @@ class TrainResult:
   preempted: bool
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-          model: nn.Module | None = None, loss_fn: LossFn | None = None,
-          train_iterator: CheckpointableIterator | None = None,
-          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    model: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    train_iterator: CheckpointableIterator | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> TrainResult:
   """Trains for `config.train.steps` steps, resuming from the latest checkpoint in `workdir`.
 
   Args:
@@ -509,8 +619,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   first_batch = _host_batch(first_raw)
   local_batch = first_batch["frames"].shape[0]
   if local_batch * jax.process_count() != int(tcfg.batch_size):
-    raise ValueError(f"the data pipeline yields {local_batch} clips per host but "
-                     f"config.train.batch_size={tcfg.batch_size} over {jax.process_count()} hosts")
+    raise ValueError(
+        f"the data pipeline yields {local_batch} clips per host but "
+        f"config.train.batch_size={tcfg.batch_size} over {jax.process_count()} hosts"
+    )
   if first_raw.get("source") is not None:
     batch_spec = {source: abstract_batch(spec) for source, spec in iterator.batch_specs().items()}
   else:
@@ -519,17 +631,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   trainer = build_trainer(config, batch_spec, model=model, loss_fn=loss_fn, mesh=mesh)
   shardings, mesh = trainer.state_shardings, trainer.mesh
   if jax.process_index() == 0:
-    logging.info("parameter groups (scalars): %s",
-                 optimizer_lib.label_counts(trainer.param_labels, trainer.abstract_state.params))
+    logging.info(
+        "parameter groups (scalars): %s",
+        optimizer_lib.label_counts(trainer.param_labels, trainer.abstract_state.params),
+    )
 
   checkpointer = checkpointing.Checkpointer(
-      workdir / "checkpoints", keep=int(tcfg.keep), save_every=int(tcfg.checkpoint_every),
-      fingerprint=config_fingerprint(config), async_save=bool(tcfg.get("async_checkpoint", True)),
-      max_consecutive_failed_saves=int(tcfg.get("max_consecutive_failed_saves", 3)))
+      workdir / "checkpoints",
+      keep=int(tcfg.keep),
+      save_every=int(tcfg.checkpoint_every),
+      fingerprint=config_fingerprint(config),
+      async_save=bool(tcfg.get("async_checkpoint", True)),
+      max_consecutive_failed_saves=int(tcfg.get("max_consecutive_failed_saves", 3)),
+  )
   try:
-    restored = checkpointer.restore(jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainer.abstract_state,
-        shardings))
+    restored = checkpointer.restore(
+        jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            trainer.abstract_state,
+            shardings,
+        )
+    )
   except Exception:
     checkpointer.close()
     raise
@@ -555,12 +677,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     writer.write_hparams({k: v for k, v in tcfg.items() if isinstance(v, (int, float, str, bool))})
   hooks = []
   if is_chief:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                                 every_steps=int(tcfg.log_every)))
+    hooks.append(
+        periodic_actions.ReportProgress(
+            num_train_steps=total_steps, writer=writer, every_steps=int(tcfg.log_every)
+        )
+    )
     if int(tcfg.get("profile_steps", 0)) > 0:
-      hooks.append(periodic_actions.Profile(
-          logdir=str(workdir), num_profile_steps=int(tcfg.profile_steps),
-          first_profile=start_step + 10, every_secs=None, every_steps=None))
+      hooks.append(
+          periodic_actions.Profile(
+              logdir=str(workdir),
+              num_profile_steps=int(tcfg.profile_steps),
+              first_profile=start_step + 10,
+              every_secs=None,
+              every_steps=None,
+          )
+      )
 
   preemption = checkpointing.PreemptionFlag()
   max_bad = int(tcfg.max_consecutive_nonfinite)
@@ -602,30 +733,53 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         elapsed = time.perf_counter() - interval_start
         clips_per_sec = interval_steps * int(tcfg.batch_size) / max(elapsed, 1e-9)
         step_time = elapsed / max(interval_steps, 1)
-        writer.write_scalars(step, {**last_metrics, "clips_per_sec": clips_per_sec,
-                                    "step_time_s": step_time,
-                                    "nonfinite_total": float(state.nonfinite_total)})
+        writer.write_scalars(
+            step,
+            {
+                **last_metrics,
+                "clips_per_sec": clips_per_sec,
+                "step_time_s": step_time,
+                "nonfinite_total": float(state.nonfinite_total),
+            },
+        )
         if is_chief:
-          print(progress_line(step, total_steps, last_metrics, clips_per_sec,
-                              (total_steps - step) * step_time), flush=True)
+          print(
+              progress_line(
+                  step, total_steps, last_metrics, clips_per_sec, (total_steps - step) * step_time
+              ),
+              flush=True,
+          )
         interval_start, interval_steps = time.perf_counter(), 0
 
       if image_every and step % image_every == 0 and is_chief:
-        outputs = predict_fn(state.params, state.model_state, batch["frames"], batch.get("image_valid"))
-        clip0 = jax.device_get({"logits": outputs["pred_logits"][-1, 0],
-                                "masks": outputs["pred_masks"][-1, 0]})
+        outputs = predict_fn(
+            state.params, state.model_state, batch["frames"], batch.get("image_valid")
+        )
+        clip0 = jax.device_get(
+            {"logits": outputs["pred_logits"][-1, 0], "masks": outputs["pred_masks"][-1, 0]}
+        )
         valid0 = host_batch["image_valid"][0] if "image_valid" in host_batch else None
-        writer.write_images(step, {"predicted_masks": mask_overlay_image(
-            host_batch["frames"][0], clip0["logits"], clip0["masks"], valid0)[None]})
+        writer.write_images(
+            step,
+            {
+                "predicted_masks": mask_overlay_image(
+                    host_batch["frames"][0], clip0["logits"], clip0["masks"], valid0
+                )[None]
+            },
+        )
 
       if step % checkpointer.save_every == 0:
         checkpointer.save(step, state, iterator.get_state())
       if preemption.is_set() or checkpointer.reached_preemption(step):
         checkpointer.save(step, state, iterator.get_state(), force=True)
-        logging.warning("preempted: checkpoint of step %d saved; rerun the same command to resume",
-                        step)
-        print(f"Stopped by a preemption signal at step {step}; checkpoint saved to "
-              f"{checkpointer.directory}. Rerun the same command to resume.", flush=True)
+        logging.warning(
+            "preempted: checkpoint of step %d saved; rerun the same command to resume", step
+        )
+        print(
+            f"Stopped by a preemption signal at step {step}; checkpoint saved to "
+            f"{checkpointer.directory}. Rerun the same command to resume.",
+            flush=True,
+        )
         preempted = True
         break
 
@@ -647,7 +801,8 @@ def _raise_nonfinite(bad_in_a_row: int, step: int, workdir: pathlib.Path) -> Non
       "consecutive steps (config.train.max_consecutive_nonfinite). Those updates were skipped, so "
       f"the last checkpoint in {workdir / 'checkpoints'} holds finite parameters. Try a lower "
       "config.train.lr, a smaller config.train.clip_grad_norm, or check the data for empty or "
-      "degenerate boxes.")
+      "degenerate boxes."
+  )
 
 
 # ---------------------------------------------------------------------------------------------

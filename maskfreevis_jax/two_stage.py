@@ -18,6 +18,7 @@ the project makes itself:
   python -m maskfreevis_jax.two_stage --stage1_only --workdir workdir/stage1 \
       --output weights/synthetic_stage1.safetensors
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags
@@ -40,8 +42,14 @@ STAGE1_MARKER = "stage1.json"
 
 
 # config.train fields that do not change the trained weights.
-_BOOKKEEPING = ("checkpoint_every", "keep", "async_checkpoint", "log_every", "image_every",
-                "profile_steps")
+_BOOKKEEPING = (
+    "checkpoint_every",
+    "keep",
+    "async_checkpoint",
+    "log_every",
+    "image_every",
+    "profile_steps",
+)
 
 
 def stage1_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -93,29 +101,46 @@ def ensure_stage1(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   start = time.perf_counter()
   fingerprint = stage1_fingerprint(config)
   stills = config.data.stills
-  print(f"Stage 1: generating {stills.num_images} still images, then {config.train.steps} "
-        f"mask-supervised steps into {workdir}", flush=True)
+  print(
+      f"Stage 1: generating {stills.num_images} still images, then {config.train.steps} "
+      f"mask-supervised steps into {workdir}",
+      flush=True,
+  )
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
   config.data.coco.json = synthetic_images.write_coco_instances(
-      str(workdir / "stills"), int(stills.num_images), tuple(stills.size), int(stills.seed),
-      max_objects=int(stills.max_objects))
+      str(workdir / "stills"),
+      int(stills.num_images),
+      tuple(stills.size),
+      int(stills.seed),
+      max_objects=int(stills.max_objects),
+  )
   result = train.train(config, workdir)
   if result.preempted:
     raise RuntimeError(f"stage 1 was interrupted at step {result.step}; rerun to resume it")
   state = jax.device_get(result.state)
   variables = {"params": state.params, **dict(state.model_state)}
-  export.export_checkpoint(variables, config.model, weights, fmt="safetensors",
-                           iteration=result.step)
-  marker = {"fingerprint": fingerprint, "step": result.step,
-            "seconds": round(time.perf_counter() - start, 1)}
+  export.export_checkpoint(
+      variables, config.model, weights, fmt="safetensors", iteration=result.step
+  )
+  marker = {
+      "fingerprint": fingerprint,
+      "step": result.step,
+      "seconds": round(time.perf_counter() - start, 1),
+  }
   (workdir / STAGE1_MARKER).write_text(json.dumps(marker, indent=1))
-  print(f"Stage 1: {result.step} steps in {marker['seconds']:.0f} s, weights in {weights}",
-        flush=True)
+  print(
+      f"Stage 1: {result.step} steps in {marker['seconds']:.0f} s, weights in {weights}", flush=True
+  )
   return weights
 
 
-def overlay_videos(config: ml_collections.ConfigDict, variables: Any, out_dir: str | pathlib.Path,
-                   num_videos: int = 3, score_threshold: float = 0.3) -> dict[str, str]:
+def overlay_videos(
+    config: ml_collections.ConfigDict,
+    variables: Any,
+    out_dir: str | pathlib.Path,
+    num_videos: int = 3,
+    score_threshold: float = 0.3,
+) -> dict[str, str]:
   """Overlays of the first validation videos: ground truth (left) and prediction (right).
 
   Writes `out_dir/overlay.gif` and `overlay.mp4` (videos stacked top to bottom) and
@@ -140,24 +165,47 @@ def overlay_videos(config: ml_collections.ConfigDict, variables: Any, out_dir: s
   rows = []
   for i in range(min(num_videos, len(dataset))):
     video = dataset.video_example(dataset.indices[i])
-    prediction = predictor(variables, video["frames"], image_valid=video["image_valid"],
-                           image_size=video["resized_size"], output_size=video["orig_size"])
+    prediction = predictor(
+        variables,
+        video["frames"],
+        image_valid=video["image_valid"],
+        image_size=video["resized_size"],
+        output_size=video["orig_size"],
+    )
     frames = np.asarray(dataset.source.read_frames(dataset.indices[i], video["frame_index"]))
     source_video = dataset.source.video(dataset.indices[i])
     gt_masks, gt_labels = [], []
     for track in source_video.tracks:
       if track.segmentations is None:
         continue
-      gt_masks.append(np.stack([ytvis_json.decode_segmentation(s, *frames.shape[1:3]) > 0
-                                for s in track.segmentations]))
+      gt_masks.append(
+          np.stack(
+              [
+                  ytvis_json.decode_segmentation(s, *frames.shape[1:3]) > 0
+                  for s in track.segmentations
+              ]
+          )
+      )
       gt_labels.append(track.label)
-    gt_masks = (np.stack(gt_masks) if gt_masks
-                else np.zeros((0,) + frames.shape[:3], bool))
-    truth = visualize.overlay_frames(frames, gt_masks, gt_labels, np.ones(len(gt_labels)),
-                                     class_names, show_scores=False, title="ground truth")
-    predicted = visualize.overlay_frames(frames, prediction.masks, prediction.labels,
-                                         prediction.scores, class_names,
-                                         score_threshold=score_threshold, title="prediction")
+    gt_masks = np.stack(gt_masks) if gt_masks else np.zeros((0,) + frames.shape[:3], bool)
+    truth = visualize.overlay_frames(
+        frames,
+        gt_masks,
+        gt_labels,
+        np.ones(len(gt_labels)),
+        class_names,
+        show_scores=False,
+        title="ground truth",
+    )
+    predicted = visualize.overlay_frames(
+        frames,
+        prediction.masks,
+        prediction.labels,
+        prediction.scores,
+        class_names,
+        score_threshold=score_threshold,
+        title="prediction",
+    )
     rows.append(np.concatenate([truth, predicted], axis=2))
   length = max(r.shape[0] for r in rows)
   # Shorter videos hold their last frame.
@@ -177,24 +225,39 @@ def overlay_videos(config: ml_collections.ConfigDict, variables: Any, out_dir: s
 # ------------------------------------------------------------------------------ command line
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(REPO_ROOT / "configs" / "synthetic.py"), "Stage-2 config (boxes, videos).",
-    lock_config=False)
+    "config",
+    str(REPO_ROOT / "configs" / "synthetic.py"),
+    "Stage-2 config (boxes, videos).",
+    lock_config=False,
+)
 _PRETRAIN_CONFIG = config_flags.DEFINE_config_file(
-    "pretrain_config", str(REPO_ROOT / "configs" / "synthetic_pretrain.py"),
-    "Stage-1 config (masks, still images).", lock_config=False)
+    "pretrain_config",
+    str(REPO_ROOT / "configs" / "synthetic_pretrain.py"),
+    "Stage-1 config (masks, still images).",
+    lock_config=False,
+)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic", "Run directory.")
 _STAGE1 = flags.DEFINE_enum(
-    "stage1", "auto", ("auto", "train"),
+    "stage1",
+    "auto",
+    ("auto", "train"),
     "auto: the stage-2 config's init_from file when it exists (the committed weights), else "
-    "train stage 1 into WORKDIR/stage1; train: always use (and cache) WORKDIR/stage1.")
-_STAGE1_ONLY = flags.DEFINE_bool("stage1_only", False,
-                                 "Only run stage 1 into --workdir and export its weights.")
+    "train stage 1 into WORKDIR/stage1; train: always use (and cache) WORKDIR/stage1.",
+)
+_STAGE1_ONLY = flags.DEFINE_bool(
+    "stage1_only", False, "Only run stage 1 into --workdir and export its weights."
+)
 _OUTPUT = flags.DEFINE_string("output", None, "--stage1_only: also copy the weights here.")
 _OVERLAY_VIDEOS = flags.DEFINE_integer("overlay_videos", 3, "Validation videos in the overlay.")
 
 
-def run(config: ml_collections.ConfigDict, pretrain_config: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path, stage1: str = "auto", num_overlay_videos: int = 3) -> dict:
+def run(
+    config: ml_collections.ConfigDict,
+    pretrain_config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    stage1: str = "auto",
+    num_overlay_videos: int = 3,
+) -> dict:
   """Both stages, evaluation and overlays; returns the metrics (percent) and output paths."""
   from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
@@ -207,8 +270,10 @@ def run(config: ml_collections.ConfigDict, pretrain_config: ml_collections.Confi
       print(f"Stage 1: {init_from} not found; training stage 1 instead", flush=True)
     config.init_from = str(ensure_stage1(pretrain_config, workdir / "stage1"))
   else:
-    print(f"Stage 1: committed weights {init_from} (made by bash scripts/make_stage1_weights.sh)",
-          flush=True)
+    print(
+        f"Stage 1: committed weights {init_from} (made by bash scripts/make_stage1_weights.sh)",
+        flush=True,
+    )
   print(f"Stage 2: box-supervised video training from {config.init_from}", flush=True)
   result = train.train(config, workdir)
   if result.preempted:
@@ -216,8 +281,11 @@ def run(config: ml_collections.ConfigDict, pretrain_config: ml_collections.Confi
   metrics = evaluate.evaluate(config, workdir, step=result.step)
   variables, _ = evaluate.restore_variables(workdir)
   paths = overlay_videos(config, variables, workdir / "overlays", num_videos=num_overlay_videos)
-  print(f"Overlays of {num_overlay_videos} validation videos (ground truth | prediction): "
-        f"{', '.join(paths.values())}", flush=True)
+  print(
+      f"Overlays of {num_overlay_videos} validation videos (ground truth | prediction): "
+      f"{', '.join(paths.values())}",
+      flush=True,
+  )
   print(f"Done in {time.perf_counter() - start:.0f} s", flush=True)
   return {"metrics": metrics, "overlays": paths}
 
@@ -229,6 +297,7 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   from maskfreevis_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
+
   try:
     if _STAGE1_ONLY.value:
       weights = ensure_stage1(_PRETRAIN_CONFIG.value, _WORKDIR.value)
@@ -237,10 +306,14 @@ def main(argv: Sequence[str]) -> None:
         shutil.copyfile(weights, _OUTPUT.value)
         print(f"Copied the stage-1 weights to {_OUTPUT.value}", flush=True)
       return
-    run(_CONFIG.value, _PRETRAIN_CONFIG.value, _WORKDIR.value, _STAGE1.value,
-        _OVERLAY_VIDEOS.value)
-  except (train.NonFiniteLossError, checkpointing.CheckpointMismatchError, FileNotFoundError,
-          ValueError, RuntimeError) as e:
+    run(_CONFIG.value, _PRETRAIN_CONFIG.value, _WORKDIR.value, _STAGE1.value, _OVERLAY_VIDEOS.value)
+  except (
+      train.NonFiniteLossError,
+      checkpointing.CheckpointMismatchError,
+      FileNotFoundError,
+      ValueError,
+      RuntimeError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

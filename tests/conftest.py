@@ -1,4 +1,5 @@
 """Test set-up: several forced CPU devices (to exercise sharding) and the fixture folder."""
+
 import os
 import pathlib
 
@@ -17,9 +18,11 @@ def load_config(name: str):
   """`configs/<name>.py`'s `get_config()` ('<file>:<variant>' passes the variant), loaded as
   main.py's --config flag loads it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   file_name, _, arg = name.partition(":")
-  spec = importlib.util.spec_from_file_location(f"cfg_{file_name}",
-                                                REPO_ROOT / "configs" / f"{file_name}.py")
+  spec = importlib.util.spec_from_file_location(
+      f"cfg_{file_name}", REPO_ROOT / "configs" / f"{file_name}.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
@@ -34,6 +37,7 @@ def fixtures_dir() -> pathlib.Path:
 def official_r50_reference() -> dict:
   """The official R50 model's state_dict shapes, parameter count and optimizer groups."""
   import json  # pylint: disable=g-import-not-at-top
+
   with open(FIXTURES_DIR / "official_r50_ytvis19_state_dict.json") as f:
     return json.load(f)
 

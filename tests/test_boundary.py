@@ -1,4 +1,5 @@
 """Tests of the boundary IoU measure (maskfreevis_jax.evaluation.boundary)."""
+
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -8,7 +9,7 @@ from maskfreevis_jax.evaluation import boundary
 
 def _square(size, y0, x0, side):
   mask = np.zeros((size, size), bool)
-  mask[y0:y0 + side, x0:x0 + side] = True
+  mask[y0 : y0 + side, x0 : x0 + side] = True
   return mask
 
 
@@ -50,19 +51,37 @@ def _rle(mask):
 
 def test_matched_boundary_iou_pairs_each_track_with_its_best_same_class_prediction():
   a, b = _square(64, 4, 4, 20), _square(64, 30, 30, 20)
-  gt = {"videos": [{"id": 1, "height": 64, "width": 64, "length": 2}],
-        "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}],
-        "annotations": [
-            {"id": 1, "video_id": 1, "category_id": 1, "iscrowd": 0,
-             "segmentations": [_rle(a), _rle(a)]},
-            {"id": 2, "video_id": 1, "category_id": 2, "iscrowd": 0,
-             "segmentations": [_rle(b), _rle(b)]}]}
+  gt = {
+      "videos": [{"id": 1, "height": 64, "width": 64, "length": 2}],
+      "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}],
+      "annotations": [
+          {
+              "id": 1,
+              "video_id": 1,
+              "category_id": 1,
+              "iscrowd": 0,
+              "segmentations": [_rle(a), _rle(a)],
+          },
+          {
+              "id": 2,
+              "video_id": 1,
+              "category_id": 2,
+              "iscrowd": 0,
+              "segmentations": [_rle(b), _rle(b)],
+          },
+      ],
+  }
   results = [
       # Exact mask of track 1, plus a worse one of the same class.
       {"video_id": 1, "category_id": 1, "score": 0.5, "segmentations": [_rle(a), _rle(a)]},
-      {"video_id": 1, "category_id": 1, "score": 0.9,
-       "segmentations": [_rle(_square(64, 6, 6, 20))] * 2},
+      {
+          "video_id": 1,
+          "category_id": 1,
+          "score": 0.9,
+          "segmentations": [_rle(_square(64, 6, 6, 20))] * 2,
+      },
       # Exact mask of track 2 but the wrong class: does not count.
-      {"video_id": 1, "category_id": 1, "score": 0.8, "segmentations": [_rle(b), _rle(b)]}]
+      {"video_id": 1, "category_id": 1, "score": 0.8, "segmentations": [_rle(b), _rle(b)]},
+  ]
   summary = boundary.matched_boundary_iou(gt, results)
   assert summary == {"boundary_iou": 50.0, "mask_iou": 50.0, "num_tracks": 2.0}

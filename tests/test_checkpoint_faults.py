@@ -6,6 +6,7 @@ CPU device; a module fixture trains once (checkpoints 2, 4 and 6) and each test 
 Each `train()` call compiles the step again, so most faults are checked on `Checkpointer.restore`
 (what `train()` resumes from) and one of each kind runs the train loop end to end.
 """
+
 from __future__ import annotations
 
 import errno
@@ -52,8 +53,9 @@ checkpointer.wait_until_finished()
 
 
 def _config(steps: int, **train_overrides):
-  config = testing.make_config(steps=steps, batch_size=BATCH, checkpoint_every=2, keep=3,
-                               log_every=100, **train_overrides)
+  config = testing.make_config(
+      steps=steps, batch_size=BATCH, checkpoint_every=2, keep=3, log_every=100, **train_overrides
+  )
   config.model.width = WIDTH
   return config
 
@@ -65,9 +67,14 @@ def _mesh():
 def _train(workdir, steps: int, iterator=None, **train_overrides):
   """Trains (or resumes) the stand-in to `steps`; returns (TrainResult, the iterator)."""
   iterator = iterator if iterator is not None else testing.StandInIterator(BATCH, seed=1)
-  result = train_lib.train(_config(steps, **train_overrides), workdir,
-                           model=testing.StandInModel(width=WIDTH), loss_fn=testing.stand_in_loss,
-                           train_iterator=iterator, mesh=_mesh())
+  result = train_lib.train(
+      _config(steps, **train_overrides),
+      workdir,
+      model=testing.StandInModel(width=WIDTH),
+      loss_fn=testing.stand_in_loss,
+      train_iterator=iterator,
+      mesh=_mesh(),
+  )
   return result, iterator
 
 
@@ -84,10 +91,18 @@ def trained(tmp_path_factory):
 def restore_target():
   """The sharded TrainState shapes `train()` restores into."""
   spec = train_lib.abstract_batch(next(testing.StandInIterator(BATCH)))
-  trainer = train_lib.build_trainer(_config(6), spec, model=testing.StandInModel(width=WIDTH),
-                                    loss_fn=testing.stand_in_loss, mesh=_mesh())
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      trainer.abstract_state, trainer.state_shardings)
+  trainer = train_lib.build_trainer(
+      _config(6),
+      spec,
+      model=testing.StandInModel(width=WIDTH),
+      loss_fn=testing.stand_in_loss,
+      mesh=_mesh(),
+  )
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      trainer.abstract_state,
+      trainer.state_shardings,
+  )
 
 
 def _copy(trained, tmp_path) -> pathlib.Path:
@@ -103,8 +118,10 @@ def _committed(directory) -> list[int]:
 def _digest(directory) -> dict[str, str]:
   """Relative path -> sha1 of every file ('' for directories)."""
   root = pathlib.Path(directory)
-  return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else ""
-          for p in sorted(root.rglob("*"))}
+  return {
+      str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else ""
+      for p in sorted(root.rglob("*"))
+  }
 
 
 def _messages(caplog, text: str) -> list[str]:
@@ -127,15 +144,18 @@ def _state_item_is_a_file(step_dir: pathlib.Path) -> None:
   (step_dir / "state").write_text("not a checkpoint item")
 
 
-DAMAGES = [(_truncate_array_files, "first unreadable item state/"),
-           (_remove_commit_record, "first unreadable item _CHECKPOINT_METADATA: missing"),
-           (_state_item_is_a_file, "first unreadable item state: not a directory")]
+DAMAGES = [
+    (_truncate_array_files, "first unreadable item state/"),
+    (_remove_commit_record, "first unreadable item _CHECKPOINT_METADATA: missing"),
+    (_state_item_is_a_file, "first unreadable item state: not a directory"),
+]
 DAMAGE_IDS = ["truncated-array-files", "missing-checkpoint-metadata", "item-is-a-file"]
 
 
 @pytest.mark.parametrize("damage, unreadable", DAMAGES, ids=DAMAGE_IDS)
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, restore_target, tmp_path,
-                                                                  caplog, damage, unreadable):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    trained, restore_target, tmp_path, caplog, damage, unreadable
+):
   checkpoints = _copy(trained, tmp_path) / "checkpoints"
   damage(checkpoints / "6")
   damaged_files = _digest(checkpoints / "6")
@@ -197,8 +217,10 @@ def test_only_quarantined_checkpoints_do_not_start_from_scratch(trained, tmp_pat
   for step in (2, 4):
     shutil.rmtree(checkpoints / str(step))
   (checkpoints / "6").rename(checkpoints / "6.corrupt")
-  with pytest.raises(checkpointing.NoReadableCheckpointError,
-                     match=r"holds only damaged checkpoints moved aside earlier \(6\.corrupt\)"):
+  with pytest.raises(
+      checkpointing.NoReadableCheckpointError,
+      match=r"holds only damaged checkpoints moved aside earlier \(6\.corrupt\)",
+  ):
     _train(workdir, steps=8)
   assert sorted(p.name for p in checkpoints.iterdir()) == ["6.corrupt"]
 
@@ -206,11 +228,15 @@ def test_only_quarantined_checkpoints_do_not_start_from_scratch(trained, tmp_pat
 def test_sigkill_during_an_async_save_resumes_from_the_last_committed(trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
   checkpoints = workdir / "checkpoints"
-  env = dict(os.environ, PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen([sys.executable, "-c", _SAVE_AND_HOLD, str(checkpoints), "8"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=REPO)
+  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _SAVE_AND_HOLD, str(checkpoints), "8"],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+      cwd=REPO,
+  )
   output, deadline = [], time.time() + 240
   try:
     for line in proc.stdout:
@@ -252,8 +278,9 @@ class _SigtermAt(testing.StandInIterator):
 def test_sigterm_during_an_async_save_still_saves(trained, tmp_path, monkeypatch):
   workdir = _copy(trained, tmp_path)
   checkpoints = workdir / "checkpoints"
-  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize",
-                      testing.delayed_finalize(8, seconds=1.0))
+  monkeypatch.setattr(
+      atomicity.AtomicRenameTemporaryPath, "finalize", testing.delayed_finalize(8, seconds=1.0)
+  )
   iterator = _SigtermAt(BATCH, at_index=8, directory=checkpoints)
   result, _ = _train(workdir, steps=12, iterator=iterator)
   # The signal came while step 8 was being written (batch 8 is step 9's).
@@ -299,8 +326,12 @@ def test_read_only_workdir_keeps_training_then_stops(trained, tmp_path, monkeypa
   assert "Read-only file system" in logged[0]
   message = str(info.value)
   assert message.startswith(f"the checkpoint of step 10 could not be written to {checkpoints}")
-  for part in ("Read-only file system", "2 failed checkpoint saves in a row",
-               "config.train.max_consecutive_failed_saves=2", "newest kept checkpoint: step 6"):
+  for part in (
+      "Read-only file system",
+      "2 failed checkpoint saves in a row",
+      "config.train.max_consecutive_failed_saves=2",
+      "newest kept checkpoint: step 6",
+  ):
     assert part in message, message
   assert _digest(checkpoints) == before  # earlier checkpoints untouched
 
@@ -308,13 +339,15 @@ def test_read_only_workdir_keeps_training_then_stops(trained, tmp_path, monkeypa
 def test_disk_full_during_background_saves_then_space_again(trained, tmp_path, monkeypatch, caplog):
   checkpoints = _copy(trained, tmp_path) / "checkpoints"
   before = _digest(checkpoints)
-  checkpointer = checkpointing.Checkpointer(checkpoints, keep=3, save_every=2,
-                                            max_consecutive_failed_saves=3)
+  checkpointer = checkpointing.Checkpointer(
+      checkpoints, keep=3, save_every=2, max_consecutive_failed_saves=3
+  )
   state, _, _ = checkpointer.restore()
-  monkeypatch.setattr(async_path, "write_text",
-                      _failing_in(checkpoints, errno.ENOSPC, async_path.write_text))
+  monkeypatch.setattr(
+      async_path, "write_text", _failing_in(checkpoints, errno.ENOSPC, async_path.write_text)
+  )
   with caplog.at_level(logging.WARNING):
-    assert checkpointer.save(8, state, {"index": 8})   # fails in the background ...
+    assert checkpointer.save(8, state, {"index": 8})  # fails in the background ...
     assert checkpointer.save(10, state, {"index": 10})  # ... noticed here: logged, no raise
     assert checkpointer.failed_saves_in_a_row == 1
     checkpointer.wait_until_finished()
@@ -328,7 +361,8 @@ def test_disk_full_during_background_saves_then_space_again(trained, tmp_path, m
   assert checkpointer.failed_saves_in_a_row == 0
   after = _digest(checkpoints)
   assert {k: v for k, v in after.items() if not k.startswith("12")} == {
-      k: v for k, v in before.items() if not k.startswith("2")}  # 2 pruned only after 12 committed
+      k: v for k, v in before.items() if not k.startswith("2")
+  }  # 2 pruned only after 12 committed
   assert not [p for p in checkpoints.iterdir() if TMP_MARKER in p.name]
   _, iterator_state, step = checkpointer.restore()
   checkpointer.close()
@@ -365,34 +399,51 @@ def test_evaluate_damaged_step_is_a_one_line_error(trained, tmp_path):
   with pytest.raises(checkpointing.DamagedCheckpointError) as info:
     evaluate.restore_variables(workdir, step=6)
   message = str(info.value)
-  assert message.startswith(f"checkpoint {workdir / 'checkpoints' / '6'} cannot be read: first "
-                            "unreadable item state/"), message
+  assert message.startswith(
+      f"checkpoint {workdir / 'checkpoints' / '6'} cannot be read: first " "unreadable item state/"
+  ), message
   assert "committed: 2, 4, 6" in message and "\n" not in message and len(message) < 600
 
 
 def test_evaluate_missing_step_names_the_committed_ones(trained):
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 in .*checkpoints "
-                     r"\(committed steps: 2, 4, 6\)"):
+  with pytest.raises(
+      FileNotFoundError,
+      match=r"no checkpoint of step 5 in .*checkpoints " r"\(committed steps: 2, 4, 6\)",
+  ):
     evaluate.restore_variables(trained[0], step=5)
 
 
 def _run_main(*args) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
+  env = dict(
+      os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", TF_CPP_MIN_LOG_LEVEL="2"
+  )
+  return subprocess.run(
+      [sys.executable, str(REPO / "main.py"), *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
 
 
 @pytest.mark.slow
 def test_main_with_a_truncated_checkpoint_evaluates_and_resumes_without_tracebacks(tmp_path):
   """The issue's steps, tiny model: train, truncate the newest checkpoint, evaluate, resume."""
   workdir = tmp_path / "run"
-  common = ["--config", "configs/synthetic.py", "--workdir", str(workdir),
-            f"--config.data.synthetic.cache_dir={tmp_path / 'cache'}",
-            "--config.data.synthetic.num_train_videos=4",
-            "--config.data.synthetic.num_val_videos=2", "--config.train.batch_size=2",
-            "--config.train.checkpoint_every=2", "--config.train.steps=4",
-            "--config.train.image_every=0"]
+  common = [
+      "--config",
+      "configs/synthetic.py",
+      "--workdir",
+      str(workdir),
+      f"--config.data.synthetic.cache_dir={tmp_path / 'cache'}",
+      "--config.data.synthetic.num_train_videos=4",
+      "--config.data.synthetic.num_val_videos=2",
+      "--config.train.batch_size=2",
+      "--config.train.checkpoint_every=2",
+      "--config.train.steps=4",
+      "--config.train.image_every=0",
+  ]
   result = _run_main(*common, "--mode", "train")
   assert result.returncode == 0, result.stderr[-3000:]
   checkpoints = workdir / "checkpoints"
@@ -403,7 +454,8 @@ def test_main_with_a_truncated_checkpoint_evaluates_and_resumes_without_tracebac
   assert result.returncode == 1
   errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and errors[0].startswith(
-      f"error: checkpoint {checkpoints / '4'} cannot be read: first unreadable item state/"), errors
+      f"error: checkpoint {checkpoints / '4'} cannot be read: first unreadable item state/"
+  ), errors
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
   result = _run_main(*common, "--mode", "evaluate")

@@ -4,6 +4,7 @@ same parameters as an uninterrupted run; a checkpoint of another config gives a 
 Run as a script, this file trains the stand-in model of `maskfreevis_jax.testing` (used as the
 subprocess).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,25 +32,36 @@ STEPS = 12
 
 
 def _flat_params(params) -> dict[str, np.ndarray]:
-  return {checkpointing._path_str(p): np.asarray(v)  # pylint: disable=protected-access
-          for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]}
+  return {
+      checkpointing._path_str(p): np.asarray(v)  # pylint: disable=protected-access
+      for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+  }
 
 
 def run_training(workdir, delay_s: float = 0.0, width: int = 8, devices=None, steps=STEPS):
   config = testing.make_config(steps=steps, checkpoint_every=2, keep=2, log_every=1)
   config.model.width = width
   mesh = sharding_lib.create_mesh(1, devices)
-  return train_lib.train(config, workdir, model=testing.StandInModel(width=width),
-                         loss_fn=testing.stand_in_loss,
-                         train_iterator=testing.StandInIterator(8, seed=1, delay_s=delay_s),
-                         mesh=mesh)
+  return train_lib.train(
+      config,
+      workdir,
+      model=testing.StandInModel(width=width),
+      loss_fn=testing.stand_in_loss,
+      train_iterator=testing.StandInIterator(8, seed=1, delay_s=delay_s),
+      mesh=mesh,
+  )
 
 
 def _start(workdir, delay_s):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.Popen([sys.executable, __file__, str(workdir), str(delay_s)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+  return subprocess.Popen(
+      [sys.executable, __file__, str(workdir), str(delay_s)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+      cwd=str(pathlib.Path(__file__).resolve().parents[1]),
+  )
 
 
 def _finished_steps(workdir) -> list[int]:
@@ -75,10 +87,14 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
   devices = jax.devices()[:2]
   reference = run_training(tmp_path / "reference", devices=devices, steps=6)
   config = testing.make_config(steps=3, checkpoint_every=2, keep=2, log_every=1)
-  first = train_lib.train(config, tmp_path / "split", model=testing.StandInModel(),
-                          loss_fn=testing.stand_in_loss,
-                          train_iterator=testing.StandInIterator(8, seed=1),
-                          mesh=sharding_lib.create_mesh(1, devices))
+  first = train_lib.train(
+      config,
+      tmp_path / "split",
+      model=testing.StandInModel(),
+      loss_fn=testing.stand_in_loss,
+      train_iterator=testing.StandInIterator(8, seed=1),
+      mesh=sharding_lib.create_mesh(1, devices),
+  )
   assert first.step == 3 and _finished_steps(tmp_path / "split")[-1] == 3
   # A fresh iterator at position 0: the checkpoint must move it to batch 3.
   resumed = run_training(tmp_path / "split", devices=devices, steps=6)
@@ -130,15 +146,28 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
   config = testing.make_config(steps=2, checkpoint_every=2)
-  train_lib.train(config, tmp_path, model=testing.StandInModel(width=8),
-                  loss_fn=testing.stand_in_loss, train_iterator=testing.StandInIterator(8))
+  train_lib.train(
+      config,
+      tmp_path,
+      model=testing.StandInModel(width=8),
+      loss_fn=testing.stand_in_loss,
+      train_iterator=testing.StandInIterator(8),
+  )
   config.model.width = 16
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-    train_lib.train(config, tmp_path, model=testing.StandInModel(width=16),
-                    loss_fn=testing.stand_in_loss, train_iterator=testing.StandInIterator(8))
+    train_lib.train(
+        config,
+        tmp_path,
+        model=testing.StandInModel(width=16),
+        loss_fn=testing.stand_in_loss,
+        train_iterator=testing.StandInIterator(8),
+    )
   message = str(info.value)
-  found = re.search(r"parameter 'params/(\S+)' has shape \(([\d, ]*)\) in the checkpoint but "
-                    r"\(([\d, ]*)\) in the model", message)
+  found = re.search(
+      r"parameter 'params/(\S+)' has shape \(([\d, ]*)\) in the checkpoint but "
+      r"\(([\d, ]*)\) in the model",
+      message,
+  )
   assert found, message
   assert "8" in found.group(2) and "16" in found.group(3), message
   assert "model.width=8 (now 16)" in message
@@ -149,8 +178,11 @@ def test_iterator_state_round_trip_with_bytes(tmp_path):
   state = {"w": np.arange(3.0, dtype=np.float32)}
   checkpointer.save(1, state, b"\x00\xffpos")
   checkpointer.wait_until_finished()
-  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32,
-                                        sharding=sharding_lib.replicated(sharding_lib.create_mesh()))}
+  abstract = {
+      "w": jax.ShapeDtypeStruct(
+          (3,), np.float32, sharding=sharding_lib.replicated(sharding_lib.create_mesh())
+      )
+  }
   restored, iterator_state, step = checkpointer.restore(abstract)
   checkpointer.close()
   assert step == 1 and iterator_state == b"\x00\xffpos"
@@ -159,6 +191,7 @@ def test_iterator_state_round_trip_with_bytes(tmp_path):
 
 if __name__ == "__main__":
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   absl_logging.set_verbosity(absl_logging.INFO)
   target = pathlib.Path(sys.argv[1])
   latest = checkpointing.Checkpointer(target / "checkpoints", keep=2, save_every=2).latest_step()

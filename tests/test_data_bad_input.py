@@ -64,8 +64,13 @@ def test_unknown_category_and_bad_bbox(tmp_path):
   _edit_json(json_path, lambda d: d["annotations"][0].update(category_id=99))
   with pytest.raises(ValueError, match=r"annotation id 10: category_id 99"):
     ytvis_json.load_ytvis_json(json_path)
-  _edit_json(json_path, lambda d: (d["annotations"][0].update(category_id=1),
-                                   d["annotations"][0]["bboxes"].__setitem__(2, [1, 2, 3])))
+  _edit_json(
+      json_path,
+      lambda d: (
+          d["annotations"][0].update(category_id=1),
+          d["annotations"][0]["bboxes"].__setitem__(2, [1, 2, 3]),
+      ),
+  )
   with pytest.raises(ValueError, match=r"annotation id 10, frame 2: bbox must be"):
     ytvis_json.load_ytvis_json(json_path)
 
@@ -73,8 +78,10 @@ def test_unknown_category_and_bad_bbox(tmp_path):
 def test_length_disagreement_names_video(tmp_path):
   json_path, _ = _folder(tmp_path)
   _edit_json(json_path, lambda d: d["annotations"][2]["bboxes"].pop())
-  with pytest.raises(ValueError, match=r"video id 2, annotation id 20: 'bboxes' has 3 entries "
-                     r"but the video has 4 frames"):
+  with pytest.raises(
+      ValueError,
+      match=r"video id 2, annotation id 20: 'bboxes' has 3 entries " r"but the video has 4 frames",
+  ):
     ytvis_json.load_ytvis_json(json_path)
   json_path, _ = _folder(tmp_path / "b")
   _edit_json(json_path, lambda d: d["videos"][0]["file_names"].pop())
@@ -94,6 +101,7 @@ def test_boxes_outside_or_empty_are_clipped_or_dropped_and_logged(tmp_path, capl
     boxes[0] = [-5.0, -3.0, 20.0, 10.0]  # partly outside: clipped
     boxes[1] = [10.0, 10.0, 0.0, 5.0]  # zero width: dropped
     boxes[2] = [500.0, 10.0, 20.0, 5.0]  # fully outside: dropped
+
   _edit_json(json_path, edit)
   with caplog.at_level(logging.WARNING):
     ds = ytvis_json.load_ytvis_json(json_path, image_root)
@@ -104,8 +112,11 @@ def test_boxes_outside_or_empty_are_clipped_or_dropped_and_logged(tmp_path, capl
   assert track.box_valid.tolist() == [True, False, False, True]
   # The pipeline only ever emits the surviving boxes.
   ip._load_json_cached.cache_clear()
-  batch = next(ip.create_train_iterator(_config(json_path, image_root), seed=0,
-                                        process_index=0, process_count=1))
+  batch = next(
+      ip.create_train_iterator(
+          _config(json_path, image_root), seed=0, process_index=0, process_count=1
+      )
+  )
   bx = batch["boxes"][batch["box_valid"]]
   assert (bx[:, 2] > bx[:, 0]).all() and (bx[:, 0] >= 0).all()
 
@@ -118,11 +129,13 @@ def test_video_with_only_empty_annotations_is_skipped(tmp_path, caplog):
       if ann["video_id"] == 2:
         ann["bboxes"] = [None] * 4
         ann["segmentations"] = [None] * 4
+
   _edit_json(json_path, edit)
   ip._load_json_cached.cache_clear()
   with caplog.at_level(logging.WARNING):
-    it = ip.create_train_iterator(_config(json_path, image_root, batch_size=4), seed=0,
-                                  process_index=0, process_count=1)
+    it = ip.create_train_iterator(
+        _config(json_path, image_root, batch_size=4), seed=0, process_index=0, process_count=1
+    )
   assert "skipped 1 videos whose every annotation is empty (video ids [2])" in caplog.text
   ids = {int(v) for _ in range(2) for v in next(it)["video_id"]}
   assert ids == {1, 3}
@@ -130,8 +143,9 @@ def test_video_with_only_empty_annotations_is_skipped(tmp_path, caplog):
   _edit_json(json_path, lambda d: [a.update(bboxes=[None] * 4) for a in d["annotations"]])
   ip._load_json_cached.cache_clear()
   with pytest.raises(ValueError, match="no video has a non-empty box"):
-    ip.create_train_iterator(_config(json_path, image_root), seed=0, process_index=0,
-                             process_count=1)
+    ip.create_train_iterator(
+        _config(json_path, image_root), seed=0, process_index=0, process_count=1
+    )
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
@@ -160,8 +174,9 @@ def test_corrupt_frames_can_be_skipped_with_a_warning(tmp_path, caplog):
   for t in (1, 2, 3):  # any clip of video 1 holds one of these (the others differ from ref)
     os.remove(os.path.join(image_root, "v0001", f"0000{t}.jpg"))
   ip._load_json_cached.cache_clear()
-  cfg = _config(json_path, image_root, frame_range=10, num_frames=2, batch_size=2,
-                skip_corrupt_frames=True)
+  cfg = _config(
+      json_path, image_root, frame_range=10, num_frames=2, batch_size=2, skip_corrupt_frames=True
+  )
   it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
   with caplog.at_level(logging.WARNING):
     batch = next(it)
@@ -175,10 +190,16 @@ def test_grayscale_and_rgba_frames_are_converted(tmp_path, mode):
   h, w, length = 32, 48, 3
   rects = [[[8, 4, 16, 12]] * length]
   rgb = testing.rect_frames(h, w, length, rects, colors=[(200, 200, 200)])
-  frames = rgb[..., 0] if mode == "L" else np.concatenate(
-      [rgb, np.full((length, h, w, 1), 128, np.uint8)], axis=-1)
-  video = {"id": 1, "frames": frames,
-           "tracks": [{"id": 1, "category_id": 1, "bboxes": [[8.0, 4.0, 16.0, 12.0]] * length}]}
+  frames = (
+      rgb[..., 0]
+      if mode == "L"
+      else np.concatenate([rgb, np.full((length, h, w, 1), 128, np.uint8)], axis=-1)
+  )
+  video = {
+      "id": 1,
+      "frames": frames,
+      "tracks": [{"id": 1, "category_id": 1, "bboxes": [[8.0, 4.0, 16.0, 12.0]] * length}],
+  }
   json_path, image_root = testing.write_ytvis_folder(str(tmp_path), [video], image_format="png")
   assert Image.open(os.path.join(image_root, "v0001", "00000.png")).mode == mode
   ip._load_json_cached.cache_clear()

@@ -1,7 +1,6 @@
 """COCO pseudo clips: category mapping, boxes carried through per-frame crops, batching."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -23,17 +22,34 @@ def coco_folder(tmp_path_factory):
   for i in range(1, 5):
     h, w = 200 + 20 * i, 300
     boxes = {1: [20, 30, 60, 40], 2: [150, 90, 50, 70], 3: [230, 10, 40, 30]}
-    frame = testing.rect_frames(h, w, 1, [[boxes[k]] for k in (1, 2, 3)],
-                                colors=[COLOURS[k] for k in (1, 2, 3)])[0]
+    frame = testing.rect_frames(
+        h, w, 1, [[boxes[k]] for k in (1, 2, 3)], colors=[COLOURS[k] for k in (1, 2, 3)]
+    )[0]
     Image.fromarray(frame).save(root / f"{i:06d}.png")
     images.append({"id": i, "file_name": f"{i:06d}.png", "height": h, "width": w})
     for k, cat in zip((1, 2, 3), (3, 34, 70)):
-      anns.append({"id": 10 * i + k, "image_id": i, "category_id": cat, "iscrowd": 0,
-                   "bbox": [float(v) for v in boxes[k]], "area": 1.0,
-                   "segmentation": [[boxes[k][0], boxes[k][1], boxes[k][0] + boxes[k][2],
-                                     boxes[k][1], boxes[k][0] + boxes[k][2],
-                                     boxes[k][1] + boxes[k][3], boxes[k][0],
-                                     boxes[k][1] + boxes[k][3]]]})
+      anns.append(
+          {
+              "id": 10 * i + k,
+              "image_id": i,
+              "category_id": cat,
+              "iscrowd": 0,
+              "bbox": [float(v) for v in boxes[k]],
+              "area": 1.0,
+              "segmentation": [
+                  [
+                      boxes[k][0],
+                      boxes[k][1],
+                      boxes[k][0] + boxes[k][2],
+                      boxes[k][1],
+                      boxes[k][0] + boxes[k][2],
+                      boxes[k][1] + boxes[k][3],
+                      boxes[k][0],
+                      boxes[k][1] + boxes[k][3],
+                  ]
+              ],
+          }
+      )
   path = root / "instances.json"
   path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
   return str(path), str(root)
@@ -69,8 +85,11 @@ def test_by_name_needs_equal_names():
 def test_table_against_the_wrong_video_dataset_is_an_error():
   names = _ytvis19_names()
   names[5] = "car"  # YouTube-VIS 2021 names its category 'car', 2019 'sedan'.
-  with pytest.raises(ValueError, match=r"category_map='ytvis_2019' maps COCO 'car' to category "
-                     r"id 6 'sedan', but the video dataset's category 6 is 'car'"):
+  with pytest.raises(
+      ValueError,
+      match=r"category_map='ytvis_2019' maps COCO 'car' to category "
+      r"id 6 'sedan', but the video dataset's category 6 is 'car'",
+  ):
     coco_pseudo.category_mapping({3: "car"}, names, "ytvis_2019")
 
 
@@ -78,8 +97,15 @@ def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
   path, root = coco_folder
   cfg = ip.default_data_config()
   cfg.name = "coco_pseudo"
-  cfg.coco.update(json=path, image_root=root, crop_prob=1.0, crop_pre_sizes=(220,),
-                  crop_size=(120, 180), min_size_train=(96, 128), max_size_train=256)
+  cfg.coco.update(
+      json=path,
+      image_root=root,
+      crop_prob=1.0,
+      crop_pre_sizes=(220,),
+      crop_size=(120, 180),
+      min_size_train=(96, 128),
+      max_size_train=256,
+  )
   cfg.coco.target_categories = ""
   cfg.pad_size = (128, 256)
   cfg.batch_size = 4
@@ -104,8 +130,9 @@ def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
           if min(x2 - x1, y2 - y1) < 2:  # a sliver left at the crop border blurs away
             continue
           ys, xs = np.nonzero(hit)
-          np.testing.assert_allclose(batch["boxes"][b, k, t],
-                                     [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.6)
+          np.testing.assert_allclose(
+              batch["boxes"][b, k, t], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.6
+          )
   assert moved  # crops drift across frames
 
 
@@ -113,8 +140,14 @@ def test_pseudo_clips_rotate_each_frame_boxes_enclose_objects(coco_folder):
   path, root = coco_folder
   cfg = ip.default_data_config()
   cfg.name = "coco_pseudo"
-  cfg.coco.update(json=path, image_root=root, crop_prob=0.0, min_size_train=(128,),
-                  max_size_train=256, rotation_degrees=15.0)
+  cfg.coco.update(
+      json=path,
+      image_root=root,
+      crop_prob=0.0,
+      min_size_train=(128,),
+      max_size_train=256,
+      rotation_degrees=15.0,
+  )
   cfg.coco.target_categories = ""
   cfg.pad_size = (128, 256)
   cfg.batch_size = 2
@@ -134,17 +167,27 @@ def test_pseudo_clips_rotate_each_frame_boxes_enclose_objects(coco_folder):
         assert (x2 - x1) * (y2 - y1) > hit.sum()
 
 
-def _joint_config(tmp_path, coco_json, coco_root, categories=("car", "frisbee", "person"),
-                  category_map="by_name"):
+def _joint_config(
+    tmp_path, coco_json, coco_root, categories=("car", "frisbee", "person"), category_map="by_name"
+):
   videos = [testing.moving_rect_video(v, 100 * v, num_frames=8) for v in (1, 2, 3)]
-  json_path, image_root = testing.write_ytvis_folder(str(tmp_path / "videos"), videos,
-                                                     categories=categories)
+  json_path, image_root = testing.write_ytvis_folder(
+      str(tmp_path / "videos"), videos, categories=categories
+  )
   cfg = ip.default_data_config()
   cfg.name = "ytvis+coco_pseudo"
   cfg.train_json, cfg.train_image_root = json_path, image_root
-  cfg.coco.update(json=coco_json, image_root=coco_root, min_size_train=(64,), max_size_train=128,
-                  num_frames=4, pad_size=(96, 128), supervision="mask", crop_prob=0.0,
-                  category_map=category_map)
+  cfg.coco.update(
+      json=coco_json,
+      image_root=coco_root,
+      min_size_train=(64,),
+      max_size_train=128,
+      num_frames=4,
+      pad_size=(96, 128),
+      supervision="mask",
+      crop_prob=0.0,
+      category_map=category_map,
+  )
   cfg.pad_size = (64, 96)
   cfg.min_size_train = (64,)
   cfg.batch_size = 2
@@ -206,12 +249,18 @@ def test_joint_resume_mid_run_gives_the_same_batches(coco_folder, tmp_path):
 def test_joint_labels_through_the_release_table(tmp_path):
   """COCO 'car' (id 3) trains as YouTube-VIS 'sedan', 'mouse' (74) is an error, or skipped."""
   coco_json, coco_root = testing.write_coco_folder(
-      str(tmp_path / "coco"), {3: "car", 74: "mouse"},
-      [[(3, (10, 10, 40, 30)), (74, (60, 40, 30, 30))]] * 2)
-  cfg = _joint_config(tmp_path, coco_json, coco_root, categories=_ytvis19_names(),
-                      category_map="ytvis_2019")
-  with pytest.raises(ValueError, match=r"instances\.json: annotation id 101: category_id 74 "
-                     r"\('mouse'\) is not in the release's 'ytvis_2019' table"):
+      str(tmp_path / "coco"),
+      {3: "car", 74: "mouse"},
+      [[(3, (10, 10, 40, 30)), (74, (60, 40, 30, 30))]] * 2,
+  )
+  cfg = _joint_config(
+      tmp_path, coco_json, coco_root, categories=_ytvis19_names(), category_map="ytvis_2019"
+  )
+  with pytest.raises(
+      ValueError,
+      match=r"instances\.json: annotation id 101: category_id 74 "
+      r"\('mouse'\) is not in the release's 'ytvis_2019' table",
+  ):
     ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
   cfg.coco.skip_unmapped_categories = True
   it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
@@ -222,8 +271,15 @@ def test_joint_labels_through_the_release_table(tmp_path):
 
 def test_coco_errors_name_file(tmp_path):
   path = tmp_path / "bad.json"
-  path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "height": 5}],
-                              "annotations": [], "categories": []}))
+  path.write_text(
+      json.dumps(
+          {
+              "images": [{"id": 1, "file_name": "a.jpg", "height": 5}],
+              "annotations": [],
+              "categories": [],
+          }
+      )
+  )
   with pytest.raises(ValueError, match=r"bad\.json: image id 1: missing field 'width'"):
     coco_pseudo.load_coco_instances(str(path))
 
@@ -231,15 +287,26 @@ def test_coco_errors_name_file(tmp_path):
 _IMAGE = {"id": 1, "file_name": "a.jpg", "height": 5, "width": 5}
 _MALFORMED = {
     "syntax": ('{"images": [', r"bad\.json: malformed JSON at line 1 column 13"),
-    "no_annotations": (json.dumps({"images": [], "categories": []}),
-                       r"bad\.json: top level: missing field 'annotations'"),
-    "unknown_image": (json.dumps({"images": [_IMAGE], "categories": [{"id": 3, "name": "car"}],
-                                  "annotations": [{"id": 7, "image_id": 2, "category_id": 3,
-                                                   "bbox": [0, 0, 2, 2]}]}),
-                      r"bad\.json: annotation id 7: image_id 2 is not in 'images'"),
-    "not_coco_ids": (json.dumps({"images": [_IMAGE], "categories": [{"id": 3, "name": "sedan"}],
-                                 "annotations": []}),
-                     r"bad\.json: categories: id 3 is 'sedan' but COCO id 3 is 'car'"),
+    "no_annotations": (
+        json.dumps({"images": [], "categories": []}),
+        r"bad\.json: top level: missing field 'annotations'",
+    ),
+    "unknown_image": (
+        json.dumps(
+            {
+                "images": [_IMAGE],
+                "categories": [{"id": 3, "name": "car"}],
+                "annotations": [{"id": 7, "image_id": 2, "category_id": 3, "bbox": [0, 0, 2, 2]}],
+            }
+        ),
+        r"bad\.json: annotation id 7: image_id 2 is not in 'images'",
+    ),
+    "not_coco_ids": (
+        json.dumps(
+            {"images": [_IMAGE], "categories": [{"id": 3, "name": "sedan"}], "annotations": []}
+        ),
+        r"bad\.json: categories: id 3 is 'sedan' but COCO id 3 is 'car'",
+    ),
 }
 
 
@@ -249,6 +316,7 @@ def test_malformed_coco_json_is_a_one_line_error(tmp_path, case):
   path = tmp_path / "bad.json"
   path.write_text(text)
   with pytest.raises(ValueError, match=message) as error:
-    coco_pseudo.load_coco_instances(str(path), target_class_names=_ytvis19_names(),
-                                    category_map="ytvis_2019")
+    coco_pseudo.load_coco_instances(
+        str(path), target_class_names=_ytvis19_names(), category_map="ytvis_2019"
+    )
   assert "\n" not in str(error.value)

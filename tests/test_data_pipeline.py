@@ -35,8 +35,10 @@ def rect_folder(tmp_path_factory):
   for vid, boxes in ((1, boxes_a), (2, boxes_b)):
     rects = [[b] * length for b in boxes]
     frames = testing.rect_frames(h, w, length, rects)
-    tracks = [{"id": 10 * vid + k, "category_id": k + 1,
-               "bboxes": [[float(v) for v in b]] * length} for k, b in enumerate(boxes)]
+    tracks = [
+        {"id": 10 * vid + k, "category_id": k + 1, "bboxes": [[float(v) for v in b]] * length}
+        for k, b in enumerate(boxes)
+    ]
     videos.append({"id": vid, "frames": frames, "tracks": tracks})
   json_path, image_root = testing.write_ytvis_folder(root, videos, image_format="png")
   return json_path, image_root
@@ -45,8 +47,9 @@ def rect_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moving_folder(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("moving"))
-  videos = [testing.moving_rect_video(v, 100 * v, num_frames=7, num_tracks=1 + v % 3)
-            for v in range(1, 9)]
+  videos = [
+      testing.moving_rect_video(v, 100 * v, num_frames=7, num_tracks=1 + v % 3) for v in range(1, 9)
+  ]
   return testing.write_ytvis_folder(root, videos)
 
 
@@ -59,8 +62,14 @@ def _colour_bbox(frame, colour, tol=60):
 
 def test_boxes_follow_resize_and_flip_and_clip_shares_one_transform(rect_folder):
   json_path, image_root = rect_folder
-  cfg = _ytvis_config(json_path, image_root, min_size_train=(48, 64, 96), pad_size=(128, 160),
-                      batch_size=8, max_instances=3)
+  cfg = _ytvis_config(
+      json_path,
+      image_root,
+      min_size_train=(48, 64, 96),
+      pad_size=(128, 160),
+      batch_size=8,
+      max_instances=3,
+  )
   it = ip.create_train_iterator(cfg, seed=3, process_index=0, process_count=1)
   seen_flip = seen_noflip = False
   sizes = set()
@@ -94,15 +103,23 @@ def test_boxes_follow_resize_and_flip_and_clip_shares_one_transform(rect_folder)
 
 def test_padding_is_inert(moving_folder):
   json_path, image_root = moving_folder
-  cfg = _ytvis_config(json_path, image_root, min_size_train=(48, 64), pad_size=(96, 128),
-                      batch_size=4, max_instances=5, with_masks=True)
+  cfg = _ytvis_config(
+      json_path,
+      image_root,
+      min_size_train=(48, 64),
+      pad_size=(96, 128),
+      batch_size=4,
+      max_instances=5,
+      with_masks=True,
+  )
   batch = next(ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
   assert batch["frames"].shape == (4, 3, 96, 128, 3)
   assert batch["masks"].shape == (4, 5, 3, 96, 128)
   outside = ~batch["image_valid"]
   assert outside.any()
-  assert not batch["frames"][np.broadcast_to(outside[:, None, :, :, None],
-                                             batch["frames"].shape)].any()
+  assert not batch["frames"][
+      np.broadcast_to(outside[:, None, :, :, None], batch["frames"].shape)
+  ].any()
   assert not batch["masks"][np.broadcast_to(outside[:, None, None], batch["masks"].shape)].any()
   pad = ~batch["instance_valid"]
   assert pad.any()
@@ -127,8 +144,9 @@ def test_host_sharding_is_disjoint_and_covers_an_epoch(moving_folder):
   cfg = _ytvis_config(json_path, image_root, min_size_train=(32,), pad_size=(64, 96))
   per_host = []
   for host in range(2):
-    it = ip.create_train_iterator(cfg, seed=5, global_batch_size=4, process_index=host,
-                                  process_count=2)
+    it = ip.create_train_iterator(
+        cfg, seed=5, global_batch_size=4, process_index=host, process_count=2
+    )
     ids = [int(v) for _ in range(2) for v in next(it)["video_id"]]  # 2 steps x 2 clips
     per_host.append(ids)
   assert not set(per_host[0]) & set(per_host[1])
@@ -137,8 +155,9 @@ def test_host_sharding_is_disjoint_and_covers_an_epoch(moving_folder):
 
 def test_same_seed_same_stream_and_restore(moving_folder):
   json_path, image_root = moving_folder
-  cfg = _ytvis_config(json_path, image_root, min_size_train=(32, 48), pad_size=(64, 96),
-                      batch_size=2)
+  cfg = _ytvis_config(
+      json_path, image_root, min_size_train=(32, 48), pad_size=(64, 96), batch_size=2
+  )
   a = ip.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
   b = ip.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
   c = ip.create_train_iterator(cfg, seed=12, process_index=0, process_count=1)
@@ -151,9 +170,11 @@ def test_same_seed_same_stream_and_restore(moving_folder):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
   stream_c = [next(c) for _ in range(3)]
-  assert any(not np.array_equal(x["frame_index"], y["frame_index"]) or
-             not np.array_equal(x["video_id"], y["video_id"])
-             for x, y in zip(stream_a, stream_c))
+  assert any(
+      not np.array_equal(x["frame_index"], y["frame_index"])
+      or not np.array_equal(x["video_id"], y["video_id"])
+      for x, y in zip(stream_a, stream_c)
+  )
   restored = ip.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
   restored.set_state(state)
   for x in after:
@@ -184,8 +205,7 @@ def test_resized_shape_rule():
 
 
 def test_synthetic_generator_is_deterministic_and_consistent(tmp_path):
-  kwargs = dict(num_train_videos=4, num_val_videos=2, frame_size=(64, 80),
-                frames_per_video=(3, 5))
+  kwargs = dict(num_train_videos=4, num_val_videos=2, frame_size=(64, 80), frames_per_video=(3, 5))
   synthetic.generate(str(tmp_path / "a"), seed=7, **kwargs)
   synthetic.generate(str(tmp_path / "b"), seed=7, **kwargs)
   synthetic.generate(str(tmp_path / "c"), seed=8, **kwargs)
@@ -204,26 +224,30 @@ def test_synthetic_generator_is_deterministic_and_consistent(tmp_path):
     for video in ds.videos:
       for track in video.tracks:
         for t in range(video.length):
-          mask = ytvis_json.decode_segmentation(track.segmentations[t], video.height,
-                                                video.width)
+          mask = ytvis_json.decode_segmentation(track.segmentations[t], video.height, video.width)
           assert bool(mask.any()) == bool(track.box_valid[t])  # null when not visible
           if mask.any():
             ys, xs = np.nonzero(mask)
-            np.testing.assert_array_equal(track.boxes[t],
-                                          [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            np.testing.assert_array_equal(
+                track.boxes[t], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            )
     # Visible masks of one frame never overlap (occlusion resolved).
     for video in ds.videos:
       for t in range(video.length):
-        total = sum(ytvis_json.decode_segmentation(tr.segmentations[t], video.height,
-                                                   video.width).astype(int)
-                    for tr in video.tracks)
+        total = sum(
+            ytvis_json.decode_segmentation(tr.segmentations[t], video.height, video.width).astype(
+                int
+            )
+            for tr in video.tracks
+        )
         assert np.max(total) <= 1
 
 
 def test_synthetic_marker_regenerates_half_written(tmp_path):
   out = str(tmp_path / "syn")
-  kwargs = dict(seed=1, num_train_videos=2, num_val_videos=1, frame_size=(32, 32),
-                frames_per_video=(2, 3))
+  kwargs = dict(
+      seed=1, num_train_videos=2, num_val_videos=1, frame_size=(32, 32), frames_per_video=(2, 3)
+  )
   synthetic.ensure_dataset(out, **kwargs)
   assert synthetic.is_complete(out, **kwargs)
   reference = (tmp_path / "syn" / "train.json").read_bytes()
@@ -240,8 +264,9 @@ def test_synthetic_marker_regenerates_half_written(tmp_path):
 
 def test_synthetic_training_and_eval(tmp_path):
   cfg = ip.default_data_config()
-  cfg.synthetic.update(cache_dir=str(tmp_path), num_train_videos=6, num_val_videos=2,
-                       frames_per_video=(4, 6))
+  cfg.synthetic.update(
+      cache_dir=str(tmp_path), num_train_videos=6, num_val_videos=2, frames_per_video=(4, 6)
+  )
   cfg.batch_size = 4
   cfg.num_parallel_calls = 2
   it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
@@ -263,7 +288,8 @@ def test_synthetic_training_and_eval(tmp_path):
   for t in range(video.length):
     np.testing.assert_array_equal(
         ex["masks"][0, t],
-        ytvis_json.decode_segmentation(track.segmentations[t], video.height, video.width))
+        ytvis_json.decode_segmentation(track.segmentations[t], video.height, video.width),
+    )
 
 
 def test_synthetic_object_textures_never_come_from_the_background_photo(monkeypatch):
@@ -271,8 +297,9 @@ def test_synthetic_object_textures_never_come_from_the_background_photo(monkeypa
   # away): the generator picks the texture among the other photographs.
   rng = np.random.default_rng(0)
   for excluded in range(len(synthetic.BACKGROUND_PHOTOS)):
-    drawn = {synthetic._other_index(rng, len(synthetic.BACKGROUND_PHOTOS), excluded)
-             for _ in range(300)}
+    drawn = {
+        synthetic._other_index(rng, len(synthetic.BACKGROUND_PHOTOS), excluded) for _ in range(300)
+    }
     assert drawn == set(range(len(synthetic.BACKGROUND_PHOTOS))) - {excluded}
   calls = []
   original = synthetic._other_index

@@ -13,8 +13,14 @@ from maskfreevis_jax.data import ytvis_json
 def built(tmp_path_factory):
   src = str(tmp_path_factory.mktemp("syn"))
   out = str(tmp_path_factory.mktemp("tfds"))
-  synthetic.generate(src, seed=2, num_train_videos=5, num_val_videos=2, frame_size=(48, 64),
-                     frames_per_video=(3, 5))
+  synthetic.generate(
+      src,
+      seed=2,
+      num_train_videos=5,
+      num_val_videos=2,
+      frame_size=(48, 64),
+      frames_per_video=(3, 5),
+  )
   builder = tfds_builders.build_dataset(src, out, "synthetic")
   return src, out, builder
 
@@ -42,7 +48,8 @@ def test_tfds_build_matches_json(built):
         for t in range(v.length):
           np.testing.assert_array_equal(
               ytvis_json.decode_segmentation(a.segmentations[t], v.height, v.width),
-              ytvis_json.decode_segmentation(b.segmentations[t], v.height, v.width))
+              ytvis_json.decode_segmentation(b.segmentations[t], v.height, v.width),
+          )
       frames = tf_src.read_frames(i, range(v.length))
       for a, b in zip(frames, js.read_frames(j, range(v.length))):
         np.testing.assert_array_equal(a, b)  # JPEG bytes are stored unchanged

@@ -1,4 +1,5 @@
 """Deformable attention vs a PyTorch reference written with F.grid_sample."""
+
 import math
 
 import jax
@@ -26,8 +27,9 @@ def torch_deform_core(value, shapes, locations, weights):
     v = per_level[level].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
     # [N, Lq, M, P, 2] -> [N * M, Lq, P, 2]
     g = grids[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(n * m, lq, p, 2)
-    samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
-                                 align_corners=False))  # [N*M, D, Lq, P]
+    samples.append(
+        F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+    )  # [N*M, D, Lq, P]
   stacked = torch.stack(samples, dim=-2).reshape(n * m, d, lq, num_levels * p)
   w = weights.permute(0, 2, 1, 3, 4).reshape(n * m, 1, lq, num_levels * p)
   out = (stacked * w).sum(-1).reshape(n, m * d, lq)
@@ -42,8 +44,9 @@ def _random_inputs(seed, n=2, lq=17, m=4, d=8, p=3, spread=1.4):
   s = sum(h * w for h, w in SHAPES)
   value = rng.normal(size=(n, s, m, d)).astype(np.float32)
   # Points beyond [0, 1] exercise the zero padding.
-  locations = (rng.uniform(size=(n, lq, m, len(SHAPES), p, 2)) * spread
-               - (spread - 1) / 2).astype(np.float32)
+  locations = (rng.uniform(size=(n, lq, m, len(SHAPES), p, 2)) * spread - (spread - 1) / 2).astype(
+      np.float32
+  )
   logits = rng.normal(size=(n, lq, m, len(SHAPES) * p)).astype(np.float32)
   weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   weights = weights.reshape(n, lq, m, len(SHAPES), p).astype(np.float32)
@@ -54,8 +57,9 @@ def _random_inputs(seed, n=2, lq=17, m=4, d=8, p=3, spread=1.4):
 def test_core_matches_grid_sample(seed):
   value, locations, weights = _random_inputs(seed)
   ours = jax.jit(ms_deform_attn_core, static_argnums=1)(value, SHAPES, locations, weights)
-  ref = torch_deform_core(torch.from_numpy(value), SHAPES, torch.from_numpy(locations),
-                          torch.from_numpy(weights)).numpy()
+  ref = torch_deform_core(
+      torch.from_numpy(value), SHAPES, torch.from_numpy(locations), torch.from_numpy(weights)
+  ).numpy()
   assert ours.shape == ref.shape == (2, 17, 32)
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=1e-5)
 
@@ -77,6 +81,7 @@ def test_core_gradients_match_grid_sample():
 def test_chunked_core_matches_grid_sample(monkeypatch):
   """Force several query chunks (the path large inputs take) and compare values and grads."""
   from maskfreevis_jax.models import deformable_attention
+
   monkeypatch.setattr(deformable_attention, "_GATHERED_FLOATS_PER_CHUNK", 2 * 4 * 3 * 4 * 8 * 5)
   value, locations, weights = _random_inputs(5)  # Lq = 17 -> chunks of 5 queries, padded
   cotangent = np.random.default_rng(6).normal(size=(2, 17, 32)).astype(np.float32)
@@ -95,13 +100,15 @@ def test_packed_gather_matches_grid_sample(monkeypatch):
   """The packed 4-corner gather gives the reference values and gradients over several query
   chunks, also for points far outside the maps (spread 3: whole 2x2 cells off the map)."""
   from maskfreevis_jax.models import deformable_attention
+
   monkeypatch.setattr(deformable_attention, "_GATHERED_FLOATS_PER_CHUNK", 2 * 4 * 3 * 4 * 8 * 5)
   value, locations, weights = _random_inputs(7, spread=3.0)
   cotangent = np.random.default_rng(8).normal(size=(2, 17, 32)).astype(np.float32)
   core = lambda v, loc, w: ms_deform_attn_core(v, SHAPES, loc, w, packed=True)
   ours = core(value, locations, weights)
   grads = jax.grad(lambda *a: jnp.sum(core(*a) * cotangent), argnums=(0, 1, 2))(
-      value, locations, weights)
+      value, locations, weights
+  )
   tv, tl, tw = (torch.tensor(a, requires_grad=True) for a in (value, locations, weights))
   ref = torch_deform_core(tv, SHAPES, tl, tw)
   (ref * torch.from_numpy(cotangent)).sum().backward()
@@ -120,15 +127,20 @@ def test_core_rejects_inconsistent_shapes():
 
 def torch_msdeform_attn(params, query, reference_points, input_flatten, shapes, m, levels, p):
   """Reference MSDeformAttn forward written with torch ops and our parameters."""
-  lin = lambda x, name: F.linear(x, torch.from_numpy(np.array(params[name]["kernel"]).T.copy()),
-                                 torch.from_numpy(np.array(params[name]["bias"])))
+  lin = lambda x, name: F.linear(
+      x,
+      torch.from_numpy(np.array(params[name]["kernel"]).T.copy()),
+      torch.from_numpy(np.array(params[name]["bias"])),
+  )
   n, lq, c = query.shape
   value = lin(input_flatten, "value_proj").view(n, -1, m, c // m)
   offsets = lin(query, "sampling_offsets").view(n, lq, m, levels, p, 2)
   weights = F.softmax(lin(query, "attention_weights").view(n, lq, m, levels * p), -1)
   weights = weights.view(n, lq, m, levels, p)
   normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
-  locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+  locations = (
+      reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+  )
   return lin(torch_deform_core(value, shapes, locations, weights), "output_proj")
 
 
@@ -144,18 +156,28 @@ def test_module_matches_torch_reference():
   # Random (non-initial) offsets and weights so the test covers the projections' layout.
   params = jax.tree.map(
       lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape),
-      variables["params"])
+      variables["params"],
+  )
   ours = module.apply({"params": params}, query, reference_points, inputs, SHAPES)
-  ref = torch_msdeform_attn(params, torch.from_numpy(query), torch.from_numpy(reference_points),
-                            torch.from_numpy(inputs), SHAPES, m, len(SHAPES), p)
+  ref = torch_msdeform_attn(
+      params,
+      torch.from_numpy(query),
+      torch.from_numpy(reference_points),
+      torch.from_numpy(inputs),
+      SHAPES,
+      m,
+      len(SHAPES),
+      p,
+  )
   np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_initial_sampling_offsets_follow_official_grid():
   module = MSDeformAttn(d_model=16, num_levels=2, num_heads=4, num_points=2)
   x = jnp.zeros((1, 3, 16))
-  variables = module.init(jax.random.PRNGKey(0), x, jnp.zeros((1, 3, 2, 2)),
-                          jnp.zeros((1, 5, 16)), ((2, 2), (1, 1)))
+  variables = module.init(
+      jax.random.PRNGKey(0), x, jnp.zeros((1, 3, 2, 2)), jnp.zeros((1, 5, 16)), ((2, 2), (1, 1))
+  )
   bias = np.asarray(variables["params"]["sampling_offsets"]["bias"]).reshape(4, 2, 2, 2)
   # Head h points along angle 2*pi*h/4 scaled so the max |component| is 1; point i at i+1.
   for h in range(4):

@@ -1,4 +1,5 @@
 """Flax variables -> official PyTorch state_dict: key set, layouts, files, errors."""
+
 import copy
 
 import numpy as np
@@ -31,11 +32,12 @@ def tiny_variables(tiny_config):
   return export_testing.random_variables(tiny_config, seed=2)
 
 
-def test_r50_export_has_exactly_the_reference_keys_and_shapes(r50_variables, r50_config,
-                                                              reference_state_dict,
-                                                              official_r50_reference):
-  state_dict, summary = export.export_state_dict(r50_variables, r50_config,
-                                                 expected_shapes=reference_state_dict)
+def test_r50_export_has_exactly_the_reference_keys_and_shapes(
+    r50_variables, r50_config, reference_state_dict, official_r50_reference
+):
+  state_dict, summary = export.export_state_dict(
+      r50_variables, r50_config, expected_shapes=reference_state_dict
+  )
   assert set(state_dict) == set(reference_state_dict)
   assert len(state_dict) == 559 == summary.num_keys
   for key, shape in reference_state_dict.items():
@@ -47,8 +49,7 @@ def test_r50_export_has_exactly_the_reference_keys_and_shapes(r50_variables, r50
 
 
 def test_r50_export_layouts_and_buffers(r50_variables, r50_config):
-  state_dict, _ = export.export_state_dict(r50_variables, r50_config, eos_coef=0.25,
-                                           iteration=1234)
+  state_dict, _ = export.export_state_dict(r50_variables, r50_config, eos_coef=0.25, iteration=1234)
   params = r50_variables["params"]
   # Conv HWIO -> OIHW: torch weight[o, i, y, x] == flax kernel[y, x, i, o].
   kernel = params["backbone"]["res3_1"]["conv2"]["kernel"]
@@ -58,26 +59,36 @@ def test_r50_export_layouts_and_buffers(r50_variables, r50_config):
   np.testing.assert_array_equal(weight, np.transpose(kernel, (3, 2, 0, 1)))
   # Packed q/k/v: in_proj_weight rows [0:D] are the query projection, [2D:3D] the value one.
   in_proj = params["predictor"]["transformer_cross_attention_layers_4"]["multihead_attn"]["in_proj"]
-  torch_in = state_dict["sem_seg_head.predictor.transformer_cross_attention_layers.4."
-                        "multihead_attn.in_proj_weight"]
+  torch_in = state_dict[
+      "sem_seg_head.predictor.transformer_cross_attention_layers.4." "multihead_attn.in_proj_weight"
+  ]
   assert torch_in.shape == (768, 256)
   np.testing.assert_array_equal(torch_in[512:], in_proj["kernel"][:, 512:].T)
   np.testing.assert_array_equal(
-      state_dict["sem_seg_head.predictor.transformer_cross_attention_layers.4.multihead_attn."
-                 "in_proj_bias"], in_proj["bias"])
+      state_dict[
+          "sem_seg_head.predictor.transformer_cross_attention_layers.4.multihead_attn."
+          "in_proj_bias"
+      ],
+      in_proj["bias"],
+  )
   # Dense kernels are transposed into Linear weights.
   np.testing.assert_array_equal(
       state_dict["sem_seg_head.pixel_decoder.transformer.encoder.layers.2.linear1.weight"],
-      params["pixel_decoder"]["transformer"]["encoder"]["layers_2"]["linear1"]["kernel"].T)
+      params["pixel_decoder"]["transformer"]["encoder"]["layers_2"]["linear1"]["kernel"].T,
+  )
   # Frozen BN: affine from 'frozen_params', statistics from 'batch_stats'.
-  np.testing.assert_array_equal(state_dict["backbone.res4.5.conv3.norm.weight"],
-                                r50_variables["frozen_params"]["backbone"]["res4_5"]["conv3"]
-                                ["norm"]["scale"])
-  np.testing.assert_array_equal(state_dict["backbone.res4.5.conv3.norm.running_var"],
-                                r50_variables["batch_stats"]["backbone"]["res4_5"]["conv3"]
-                                ["norm"]["var"])
-  np.testing.assert_array_equal(state_dict["sem_seg_head.pixel_decoder.input_proj.1.1.weight"],
-                                params["pixel_decoder"]["input_proj_1"]["norm"]["scale"])
+  np.testing.assert_array_equal(
+      state_dict["backbone.res4.5.conv3.norm.weight"],
+      r50_variables["frozen_params"]["backbone"]["res4_5"]["conv3"]["norm"]["scale"],
+  )
+  np.testing.assert_array_equal(
+      state_dict["backbone.res4.5.conv3.norm.running_var"],
+      r50_variables["batch_stats"]["backbone"]["res4_5"]["conv3"]["norm"]["var"],
+  )
+  np.testing.assert_array_equal(
+      state_dict["sem_seg_head.pixel_decoder.input_proj.1.1.weight"],
+      params["pixel_decoder"]["input_proj_1"]["norm"]["scale"],
+  )
   expected_weight = np.ones(41, np.float32)
   expected_weight[40] = 0.25
   np.testing.assert_array_equal(state_dict["criterion.empty_weight"], expected_weight)
@@ -95,9 +106,11 @@ def test_export_checkpoint_writes_pth_and_safetensors(tiny_variables, tiny_confi
   for key, array in expected.items():
     assert loaded["model"][key].dtype == torch.float32
     np.testing.assert_array_equal(loaded["model"][key].numpy(), array)
-  export.export_checkpoint(tiny_variables, tiny_config, tmp_path / "model.safetensors",
-                           fmt="safetensors")
+  export.export_checkpoint(
+      tiny_variables, tiny_config, tmp_path / "model.safetensors", fmt="safetensors"
+  )
   from safetensors.numpy import load_file
+
   flat = load_file(str(tmp_path / "model.safetensors"))
   assert set(flat) == set(expected)
   for key, array in expected.items():
@@ -120,16 +133,18 @@ def test_exported_state_dict_loads_strictly_into_a_torch_module(tiny_variables, 
 def test_missing_variable_is_named(tiny_variables, tiny_config):
   variables = copy.deepcopy(tiny_variables)
   del variables["params"]["predictor"]["transformer_ffn_layers_1"]["linear2"]
-  with pytest.raises(export.ExportError,
-                     match=r"no source variable: .*ffn_layers\.1\.linear2\.(weight|bias)"):
+  with pytest.raises(
+      export.ExportError, match=r"no source variable: .*ffn_layers\.1\.linear2\.(weight|bias)"
+  ):
     export.export_state_dict(variables, tiny_config)
 
 
 def test_extra_variable_is_named(tiny_variables, tiny_config):
   variables = copy.deepcopy(tiny_variables)
   variables["params"]["predictor"]["extra_head"] = {"kernel": np.zeros((4, 4), np.float32)}
-  with pytest.raises(export.ExportError,
-                     match=r"left unexported\): params/predictor/extra_head/kernel"):
+  with pytest.raises(
+      export.ExportError, match=r"left unexported\): params/predictor/extra_head/kernel"
+  ):
     export.export_state_dict(variables, tiny_config)
 
 

@@ -1,4 +1,5 @@
 """Official / detectron2 checkpoints -> Flax variables: round trips, reports and bad input."""
+
 import os
 import pickle
 
@@ -14,8 +15,10 @@ from maskfreevis_jax.models import official_names
 
 
 def _flat(tree):
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      "/".join(str(getattr(k, "key", k)) for k in path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _assert_bit_identical(actual, expected):
@@ -72,35 +75,40 @@ def test_tiny_round_trip_is_bit_identical(fmt, tiny_variables, tiny_init, tiny_c
   assert not report.missing and not report.shape_mismatched
   _assert_bit_identical(restored, tiny_variables)
   # The input variables are not modified.
-  assert not np.array_equal(tiny_init["params"]["predictor"]["query_feat"]["embedding"],
-                            tiny_variables["params"]["predictor"]["query_feat"]["embedding"])
+  assert not np.array_equal(
+      tiny_init["params"]["predictor"]["query_feat"]["embedding"],
+      tiny_variables["params"]["predictor"]["query_feat"]["embedding"],
+  )
 
 
-def test_detectron2_pkl_with_bare_backbone_names(tiny_state_dict, tiny_init, tiny_variables,
-                                                 tmp_path):
+def test_detectron2_pkl_with_bare_backbone_names(
+    tiny_state_dict, tiny_init, tiny_variables, tmp_path
+):
   """An ImageNet backbone converted from torchvision: no 'backbone.' prefix, an fc layer."""
-  backbone = {k[len("backbone."):]: v for k, v in tiny_state_dict.items()
-              if k.startswith("backbone.")}
+  backbone = {
+      k[len("backbone.") :]: v for k, v in tiny_state_dict.items() if k.startswith("backbone.")
+  }
   backbone["stem.fc.weight"] = np.zeros((1000, 2048), np.float32)
   backbone["stem.fc.bias"] = np.zeros((1000,), np.float32)
   path = tmp_path / "R-50.pkl"
   with open(path, "wb") as f:
-    pickle.dump({"model": backbone, "__author__": "torchvision", "matching_heuristics": True}, f,
-                protocol=2)
+    pickle.dump(
+        {"model": backbone, "__author__": "torchvision", "matching_heuristics": True}, f, protocol=2
+    )
   restored, report = export.load_pretrained(path, tiny_init)
   assert sorted(report.skipped) == ["stem.fc.bias", "stem.fc.weight"]
   assert len(report.loaded) == len(backbone) - 2
   assert all(k.startswith("backbone.") for k in report.loaded)
   assert report.missing and all(not k.startswith("backbone.") for k in report.missing)
   for collection in ("params", "frozen_params", "batch_stats"):
-    _assert_bit_identical(restored[collection]["backbone"],
-                          tiny_variables[collection]["backbone"])
+    _assert_bit_identical(restored[collection]["backbone"], tiny_variables[collection]["backbone"])
   _assert_bit_identical(restored["params"]["predictor"], tiny_init["params"]["predictor"])
   _assert_bit_identical(restored["params"]["pixel_decoder"], tiny_init["params"]["pixel_decoder"])
 
 
-def test_coco_class_head_is_reported_and_left_initialised(tiny_state_dict, tiny_init,
-                                                          tiny_variables, tmp_path):
+def test_coco_class_head_is_reported_and_left_initialised(
+    tiny_state_dict, tiny_init, tiny_variables, tmp_path
+):
   """A COCO Mask2Former checkpoint (81 class outputs) into a YouTube-VIS model (41)."""
   coco = dict(tiny_state_dict)
   coco["sem_seg_head.predictor.class_embed.weight"] = np.ones((81, 64), np.float32)
@@ -112,13 +120,18 @@ def test_coco_class_head_is_reported_and_left_initialised(tiny_state_dict, tiny_
   restored, report = export.load_pretrained(path, tiny_init, get_model_config("tiny"))
   assert sorted(report.shape_mismatched) == [
       ("sem_seg_head.predictor.class_embed.bias", (81,), (41,)),
-      ("sem_seg_head.predictor.class_embed.weight", (81, 64), (41, 64))]
+      ("sem_seg_head.predictor.class_embed.weight", (81, 64), (41, 64)),
+  ]
   assert not report.missing
   assert "class_embed.weight checkpoint (81, 64) vs model (41, 64)" in report.summary()
-  _assert_bit_identical(restored["params"]["predictor"]["class_embed"],
-                        tiny_init["params"]["predictor"]["class_embed"])
-  _assert_bit_identical(restored["params"]["predictor"]["mask_embed"],
-                        tiny_variables["params"]["predictor"]["mask_embed"])
+  _assert_bit_identical(
+      restored["params"]["predictor"]["class_embed"],
+      tiny_init["params"]["predictor"]["class_embed"],
+  )
+  _assert_bit_identical(
+      restored["params"]["predictor"]["mask_embed"],
+      tiny_variables["params"]["predictor"]["mask_embed"],
+  )
 
 
 def test_bare_state_dict_pth_and_model_into_other_num_classes(tiny_state_dict, tmp_path):
@@ -128,11 +141,15 @@ def test_bare_state_dict_pth_and_model_into_other_num_classes(tiny_state_dict, t
   init = export_testing.random_variables(config, seed=6)
   restored, report = export.load_pretrained(path, init, config)
   assert sorted(k for k, _, _ in report.shape_mismatched) == [
-      "sem_seg_head.predictor.class_embed.bias", "sem_seg_head.predictor.class_embed.weight"]
+      "sem_seg_head.predictor.class_embed.bias",
+      "sem_seg_head.predictor.class_embed.weight",
+  ]
   np.testing.assert_array_equal(
       restored["params"]["predictor"]["query_embed"]["embedding"],
-      official_names.from_torch_array(tiny_state_dict["sem_seg_head.predictor.query_embed.weight"],
-                                      official_names.NONE))
+      official_names.from_torch_array(
+          tiny_state_dict["sem_seg_head.predictor.query_embed.weight"], official_names.NONE
+      ),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +173,7 @@ def test_truncated_file(fmt, tiny_state_dict, tiny_init, tmp_path):
   else:
     export.save_state_dict(tiny_state_dict, path, fmt)
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   with pytest.raises(export.CheckpointError, match=rf"model\.{fmt} cannot be read.*truncated"):
     export.load_pretrained(path, tiny_init)
 
@@ -206,28 +223,36 @@ def test_checkpoint_of_another_backbone_depth():
   r101 = export_testing.abstract_variables(get_model_config("r101"))
   # Only names matter for this check, so tiny placeholder arrays stand in for the tensors.
   r101_names = {k: np.zeros(1, np.float32) for k in official_names.official_shapes(r101)}
-  with pytest.raises(export.CheckpointError,
-                     match=r"R-101\.pkl is for another backbone: its res4 has 23 blocks, model "
-                           r"'r50' has 6; first offending key 'backbone\.res4\.6\."):
-    export.load_state_dict_into_variables(r101_names, r50, source="R-101.pkl",
-                                          model_name="'r50'")
+  with pytest.raises(
+      export.CheckpointError,
+      match=r"R-101\.pkl is for another backbone: its res4 has 23 blocks, model "
+      r"'r50' has 6; first offending key 'backbone\.res4\.6\.",
+  ):
+    export.load_state_dict_into_variables(r101_names, r50, source="R-101.pkl", model_name="'r50'")
   r50_names = {k: np.zeros(1, np.float32) for k in official_names.official_shapes(r50)}
-  with pytest.raises(export.CheckpointError,
-                     match=r"its res4 has 6 blocks, model model has 23; first offending key: "
-                           r"model key 'backbone\.res4\.6\."):
+  with pytest.raises(
+      export.CheckpointError,
+      match=r"its res4 has 6 blocks, model model has 23; first offending key: "
+      r"model key 'backbone\.res4\.6\.",
+  ):
     export.load_state_dict_into_variables(r50_names, r101, source="r50.pkl")
 
 
 def test_nothing_matches(tiny_init, tmp_path):
   path = tmp_path / "other.safetensors"
-  export.save_state_dict({"encoder.layer.0.weight": np.zeros((2, 2), np.float32)}, path,
-                         "safetensors")
-  with pytest.raises(export.CheckpointError,
-                     match=r"other\.safetensors: no tensor matches .*'encoder\.layer\.0\.weight'"):
+  export.save_state_dict(
+      {"encoder.layer.0.weight": np.zeros((2, 2), np.float32)}, path, "safetensors"
+  )
+  with pytest.raises(
+      export.CheckpointError,
+      match=r"other\.safetensors: no tensor matches .*'encoder\.layer\.0\.weight'",
+  ):
     export.load_pretrained(path, tiny_init)
   # Same names but every shape differs (a much wider model): also an error.
-  wide = {k: np.zeros((3,) + tuple(v.shape), np.float32) for k, v in
-          export.export_state_dict(tiny_init)[0].items()}
+  wide = {
+      k: np.zeros((3,) + tuple(v.shape), np.float32)
+      for k, v in export.export_state_dict(tiny_init)[0].items()
+  }
   with pytest.raises(export.CheckpointError, match=r"names match with other shapes"):
     export.load_state_dict_into_variables(wide, tiny_init, source="wide.pth")
 

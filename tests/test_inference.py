@@ -1,4 +1,5 @@
 """Tests of the video inference post-processing and windowed prediction."""
+
 import numpy as np
 import pytest
 import torch
@@ -19,13 +20,13 @@ def _torch_reference(pred_logits, pred_masks, padded_size, image_size, output_si
   top_scores, flat = scores.flatten().topk(top_k, sorted=True)
   labels = flat % num_classes
   queries = flat // num_classes
-  up = F.interpolate(masks, size=padded_size, mode='bilinear', align_corners=False)[queries]
-  up = up[:, :, :image_size[0], :image_size[1]]
-  out = F.interpolate(up, size=output_size, mode='bilinear', align_corners=False)
+  up = F.interpolate(masks, size=padded_size, mode="bilinear", align_corners=False)[queries]
+  up = up[:, :, : image_size[0], : image_size[1]]
+  out = F.interpolate(up, size=output_size, mode="bilinear", align_corners=False)
   return top_scores.numpy(), labels.numpy(), queries.numpy(), out.numpy()
 
 
-@pytest.mark.parametrize('output_size', [(90, 130), (30, 50)])
+@pytest.mark.parametrize("output_size", [(90, 130), (30, 50)])
 def test_postprocess_matches_pytorch_bilinear(output_size):
   rng = np.random.default_rng(0)
   num_queries, num_classes, num_frames = 20, 5, 3
@@ -33,10 +34,15 @@ def test_postprocess_matches_pytorch_bilinear(output_size):
   pred_masks = rng.normal(size=(num_queries, num_frames, 12, 20)).astype(np.float32) * 4
   padded, image = (48, 80), (44, 70)
   scores, labels, masks = inference.postprocess_video(
-      jnp.asarray(pred_logits), jnp.asarray(pred_masks), image_size=image,
-      output_size=output_size, top_k=10)
+      jnp.asarray(pred_logits),
+      jnp.asarray(pred_masks),
+      image_size=image,
+      output_size=output_size,
+      top_k=10,
+  )
   ref_scores, ref_labels, ref_queries, ref_logits = _torch_reference(
-      pred_logits, pred_masks, padded, image, output_size, 10)
+      pred_logits, pred_masks, padded, image, output_size, 10
+  )
   np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(labels), ref_labels)
   masks = np.asarray(masks)
@@ -47,9 +53,10 @@ def test_postprocess_matches_pytorch_bilinear(output_size):
   assert 0.2 < masks.mean() < 0.8
   # The resized logits themselves match.
   selected = jnp.take(jnp.asarray(pred_masks), jnp.asarray(ref_queries), axis=0)
-  up = jax.image.resize(selected, (10, num_frames, *padded), 'bilinear', antialias=False)
-  down = jax.image.resize(up[:, :, :image[0], :image[1]], (10, num_frames, *output_size),
-                          'bilinear', antialias=False)
+  up = jax.image.resize(selected, (10, num_frames, *padded), "bilinear", antialias=False)
+  down = jax.image.resize(
+      up[:, :, : image[0], : image[1]], (10, num_frames, *output_size), "bilinear", antialias=False
+  )
   np.testing.assert_allclose(np.asarray(down), ref_logits, atol=1e-4)
 
 
@@ -60,31 +67,35 @@ def test_top_predictions_can_share_a_query():
   np.testing.assert_allclose(np.asarray(scores), [0.45, 0.45, 0.05])
   assert sorted(zip(np.asarray(queries)[:2], np.asarray(labels)[:2])) == [(0, 0), (0, 1)]
   assert (int(queries[2]), int(labels[2])) == (1, 0)
-  with pytest.raises(ValueError, match='top_k=10 exceeds'):
+  with pytest.raises(ValueError, match="top_k=10 exceeds"):
     inference.select_top_predictions(probabilities, top_k=10)
 
 
 def _per_frame_model(num_queries=6, num_classes=3):
   """A stand-in for the model: mask logits of query q = (channel q % 3 at stride 4) - threshold_q,
   computed frame by frame; class logits from the mean red level of the clip."""
-  thresholds = jnp.linspace(40., 200., num_queries)
-  class_weights = jnp.arange(num_queries * (num_classes + 1), dtype=jnp.float32).reshape(
-      num_queries, num_classes + 1) % 5 - 2.
+  thresholds = jnp.linspace(40.0, 200.0, num_queries)
+  class_weights = (
+      jnp.arange(num_queries * (num_classes + 1), dtype=jnp.float32).reshape(
+          num_queries, num_classes + 1
+      )
+      % 5
+      - 2.0
+  )
 
   def apply_fn(variables, frames, image_valid=None):
     del image_valid
-    x = frames.astype(jnp.float32) * variables['scale']
+    x = frames.astype(jnp.float32) * variables["scale"]
     b, t, h, w, _ = x.shape
     pooled = x.reshape(b, t, h // 4, 4, w // 4, 4, 3).mean((3, 5))  # [B, T, h, w, 3]
     channels = jnp.stack([pooled[..., q % 3] for q in range(num_queries)], axis=1)
     masks = channels - thresholds[None, :, None, None, None]  # [B, Q, T, h, w]
     red = x[..., 0].mean((1, 2, 3))  # [B]
-    logits = class_weights[None] * (1 + red[:, None, None] / 255.)
+    logits = class_weights[None] * (1 + red[:, None, None] / 255.0)
     # L = 2 predictions; only the last one (index -1) must be used.
-    return {'pred_logits': jnp.stack([-logits, logits]),
-            'pred_masks': jnp.stack([-masks, masks])}
+    return {"pred_logits": jnp.stack([-logits, logits]), "pred_masks": jnp.stack([-masks, masks])}
 
-  return apply_fn, {'scale': jnp.float32(1.)}
+  return apply_fn, {"scale": jnp.float32(1.0)}
 
 
 def _random_frames(rng, num_frames, height=32, width=48):
@@ -92,15 +103,16 @@ def _random_frames(rng, num_frames, height=32, width=48):
   return frames
 
 
-@pytest.mark.parametrize('window_size', [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("window_size", [1, 2, 3, 4, 7])
 def test_windows_concatenate_the_same_masks_as_whole_video(window_size):
   rng = np.random.default_rng(1)
   frames = _random_frames(rng, 7)
   frames[..., 0] = 100  # same class logits in every window
   apply_fn, variables = _per_frame_model()
   whole = inference.predict_video(apply_fn, variables, frames, None, output_size=(40, 60))
-  windowed = inference.predict_video(apply_fn, variables, frames, window_size,
-                                     output_size=(40, 60), frame_chunk=3)
+  windowed = inference.predict_video(
+      apply_fn, variables, frames, window_size, output_size=(40, 60), frame_chunk=3
+  )
   np.testing.assert_allclose(windowed.scores, whole.scores, rtol=1e-6)
   np.testing.assert_array_equal(windowed.labels, whole.labels)
   np.testing.assert_array_equal(windowed.masks, whole.masks)
@@ -114,7 +126,7 @@ def test_window_starts_cover_every_frame_once():
   assert inference.window_starts(7, 10) == [0]
   assert inference.window_starts(7, 3) == [0, 3, 4]
   assert inference.window_starts(6, 3) == [0, 3]
-  with pytest.raises(ValueError, match='window_size'):
+  with pytest.raises(ValueError, match="window_size"):
     inference.window_starts(7, 0)
 
 
@@ -129,19 +141,20 @@ def test_window_scores_are_frame_weighted_means():
   probs = []
   for start, end in ((0, 3), (2, 5)):
     out = apply_fn(variables, jnp.asarray(frames[None, start:end]))
-    probs.append(np.asarray(jax.nn.softmax(out['pred_logits'][-1, 0], -1)[:, :-1]))
+    probs.append(np.asarray(jax.nn.softmax(out["pred_logits"][-1, 0], -1)[:, :-1]))
   expected = (3 * probs[0] + 2 * probs[1]) / 5
   np.testing.assert_allclose(windowed.scores, np.sort(expected.reshape(-1))[::-1][:4], rtol=1e-5)
 
 
 def test_crop_uses_the_valid_image_area():
   # A mask covering only the padding must vanish; a mask on the image is scaled to output_size.
-  pred_logits = jnp.asarray([[5., 0., 0.], [0., 5., 0.]])
+  pred_logits = jnp.asarray([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
   masks = -np.ones((2, 1, 8, 8), np.float32) * 10
   masks[0, 0, :5, :5] = 10  # the 16 x 16 image of the 32 x 32 input and a bit of padding
   masks[1, 0, 5:, 5:] = 10  # padding only
-  _, labels, out = inference.postprocess_video(pred_logits, jnp.asarray(masks), image_size=(16, 16),
-                                               output_size=(20, 24), top_k=2)
+  _, labels, out = inference.postprocess_video(
+      pred_logits, jnp.asarray(masks), image_size=(16, 16), output_size=(20, 24), top_k=2
+  )
   out = np.asarray(out)
   order = np.argsort(np.asarray(labels))
   assert out[order[0]].all()
@@ -154,7 +167,7 @@ def test_results_round_trip_through_the_evaluator():
   frames = np.zeros((num_frames, height, width, 3), np.uint8)
   gt_mask = np.zeros((num_frames, height, width), bool)
   for t in range(num_frames):
-    gt_mask[t, 4 + 4 * t:16 + 4 * t, 8:24] = True  # on the stride-4 grid
+    gt_mask[t, 4 + 4 * t : 16 + 4 * t, 8:24] = True  # on the stride-4 grid
   frames[gt_mask] = (255, 0, 0)
 
   def apply_fn(variables, frames, image_valid=None):
@@ -162,47 +175,63 @@ def test_results_round_trip_through_the_evaluator():
     b, t, h, w, _ = x.shape
     red = x[..., 0].reshape(b, t, h // 4, 4, w // 4, 4).mean((3, 5)) - 127.5
     masks = jnp.stack([red, -red, red - 1000], axis=1)  # [B, Q=3, T, h, w]
-    logits = jnp.asarray([[0., 8., 0., 0.], [0., 0., 0., 8.], [0., 0., 0., 8.]])
-    return {'pred_logits': jnp.broadcast_to(logits, (1, b, 3, 4)),
-            'pred_masks': masks[None]}
+    logits = jnp.asarray([[0.0, 8.0, 0.0, 0.0], [0.0, 0.0, 0.0, 8.0], [0.0, 0.0, 0.0, 8.0]])
+    return {"pred_logits": jnp.broadcast_to(logits, (1, b, 3, 4)), "pred_masks": masks[None]}
 
   predictor = inference.VideoPredictor(apply_fn, window_size=3, top_k=5)
-  videos = [{'video_id': np.int32(7), 'frames': frames, 'orig_size': np.array([height, width]),
-             'image_valid': np.ones((height, width), bool)}]
+  videos = [
+      {
+          "video_id": np.int32(7),
+          "frames": frames,
+          "orig_size": np.array([height, width]),
+          "image_valid": np.ones((height, width), bool),
+      }
+  ]
   seen = []
-  results = inference.run_inference(predictor, {}, videos, category_ids=[11, 12, 13],
-                                    on_video=lambda v, p: seen.append(p))
+  results = inference.run_inference(
+      predictor, {}, videos, category_ids=[11, 12, 13], on_video=lambda v, p: seen.append(p)
+  )
   assert len(results) == 5 and len(seen) == 1
-  assert results[0]['category_id'] == 12 and results[0]['video_id'] == 7
-  assert isinstance(results[0]['segmentations'][0]['counts'], str)
+  assert results[0]["category_id"] == 12 and results[0]["video_id"] == 7
+  assert isinstance(results[0]["segmentations"][0]["counts"], str)
   # Bilinear upsampling of stride-4 logits only rounds off the 4 box corners of each frame.
   predicted = seen[0].masks[0]
   assert not (predicted & ~gt_mask).any() and (gt_mask & ~predicted).sum() == 4 * num_frames
-  gt = {'videos': [{'id': 7, 'height': height, 'width': width, 'length': num_frames}],
-        'categories': [{'id': c, 'name': f'c{c}'} for c in (11, 12, 13)],
-        'annotations': [{'id': 1, 'video_id': 7, 'category_id': 12, 'iscrowd': 0,
-                         'segmentations': inference.encode_rle(gt_mask),
-                         'areas': [int(m.sum()) for m in gt_mask]}]}
+  gt = {
+      "videos": [{"id": 7, "height": height, "width": width, "length": num_frames}],
+      "categories": [{"id": c, "name": f"c{c}"} for c in (11, 12, 13)],
+      "annotations": [
+          {
+              "id": 1,
+              "video_id": 7,
+              "category_id": 12,
+              "iscrowd": 0,
+              "segmentations": inference.encode_rle(gt_mask),
+              "areas": [int(m.sum()) for m in gt_mask],
+          }
+      ],
+  }
   metrics = ytvis_eval.evaluate_ytvis(gt, results)
-  assert metrics['AP'] == pytest.approx(100.)
+  assert metrics["AP"] == pytest.approx(100.0)
 
 
 def test_bad_inputs_raise_clear_errors():
   apply_fn, variables = _per_frame_model()
   frames = np.zeros((3, 32, 48, 3), np.uint8)
-  with pytest.raises(ValueError, match=r'frames must be \[T, H, W, 3\]'):
+  with pytest.raises(ValueError, match=r"frames must be \[T, H, W, 3\]"):
     inference.predict_video(apply_fn, variables, frames[..., 0])
-  with pytest.raises(ValueError, match='exceeds the padded input size'):
+  with pytest.raises(ValueError, match="exceeds the padded input size"):
     inference.predict_video(apply_fn, variables, frames, image_size=(40, 48))
-  with pytest.raises(ValueError, match='image_valid shape'):
+  with pytest.raises(ValueError, match="image_valid shape"):
     inference.predict_video(apply_fn, variables, frames, image_valid=np.ones((8, 8), bool))
-  with pytest.raises(ValueError, match='no valid pixel'):
+  with pytest.raises(ValueError, match="no valid pixel"):
     inference.valid_size(np.zeros((4, 4), bool))
-  with pytest.raises(ValueError, match='same Q'):
-    inference.postprocess_video(jnp.zeros((4, 3)), jnp.zeros((5, 1, 2, 2)), image_size=(8, 8),
-                                output_size=(8, 8))
+  with pytest.raises(ValueError, match="same Q"):
+    inference.postprocess_video(
+        jnp.zeros((4, 3)), jnp.zeros((5, 1, 2, 2)), image_size=(8, 8), output_size=(8, 8)
+    )
   with pytest.raises(ValueError, match='lacks "frames"'):
-    inference.run_inference(inference.VideoPredictor(apply_fn), variables, [{'video_id': 1}])
+    inference.run_inference(inference.VideoPredictor(apply_fn), variables, [{"video_id": 1}])
 
 
 def test_valid_size_and_image_valid_default():
@@ -219,14 +248,16 @@ def test_valid_size_and_image_valid_default():
 def test_real_tiny_model_windowed_prediction():
   """The real (tiny) VideoMaskFormer through the windowed predictor."""
   from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
-  config = models.get_model_config('tiny', num_classes=3)
+
+  config = models.get_model_config("tiny", num_classes=3)
   model = models.build_model(config)
   rng = np.random.default_rng(3)
   frames = rng.integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
   valid = np.zeros((64, 64), bool)
   valid[:60, :50] = True
-  variables = model.init(jax.random.PRNGKey(0), jnp.asarray(frames[None, :2]),
-                         image_valid=jnp.asarray(valid[None]))
+  variables = model.init(
+      jax.random.PRNGKey(0), jnp.asarray(frames[None, :2]), image_valid=jnp.asarray(valid[None])
+  )
   predictor = inference.VideoPredictor(model.apply, window_size=2, top_k=10)
   prediction = predictor(variables, frames, image_valid=valid, output_size=(120, 100))
   assert prediction.masks.shape == (10, 3, 120, 100) and prediction.masks.dtype == bool
@@ -243,10 +274,11 @@ def test_whole_video_predictor_equals_postprocess_of_the_final_prediction():
   apply_fn, variables = _per_frame_model()
   out = apply_fn(variables, jnp.asarray(frames[None]))
   scores, labels, masks = inference.postprocess_video(
-      out['pred_logits'][-1, 0], out['pred_masks'][-1, 0], image_size=(28, 40),
-      output_size=(56, 70))
-  prediction = inference.predict_video(apply_fn, variables, frames, image_valid=valid,
-                                       output_size=(56, 70), frame_chunk=2)
+      out["pred_logits"][-1, 0], out["pred_masks"][-1, 0], image_size=(28, 40), output_size=(56, 70)
+  )
+  prediction = inference.predict_video(
+      apply_fn, variables, frames, image_valid=valid, output_size=(56, 70), frame_chunk=2
+  )
   np.testing.assert_array_equal(prediction.scores, np.asarray(scores))
   np.testing.assert_array_equal(prediction.labels, np.asarray(labels))
   np.testing.assert_array_equal(prediction.masks, np.asarray(masks))

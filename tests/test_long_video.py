@@ -1,4 +1,5 @@
 """Long videos: query association across windows, streaming prediction, bad video inputs."""
+
 import json
 import pathlib
 import tracemalloc
@@ -41,8 +42,8 @@ def _scene(num_frames: int) -> tuple[np.ndarray, np.ndarray]:
     for k in range(NUM_OBJECTS):
       y = 4 * (2 * k % 7)
       x = 4 * ((t // 2 + 2 * k) % 7)
-      masks[k, t, y:y + 8, x:x + 8] = True
-      frames[t, y:y + 8, x:x + 8, 0] = codes[k]
+      masks[k, t, y : y + 8, x : x + 8] = True
+      frames[t, y : y + 8, x : x + 8, 0] = codes[k]
   return frames, masks
 
 
@@ -59,7 +60,8 @@ def _shuffling_model():
   object_embeds = jax.random.normal(jax.random.PRNGKey(0), (NUM_QUERIES, 16))
   class_logits = 6.0 * jax.nn.one_hot(jnp.arange(NUM_QUERIES) % NUM_CLASSES, NUM_CLASSES + 1)
   class_logits = class_logits.at[NUM_OBJECTS:].set(
-      6.0 * jax.nn.one_hot(NUM_CLASSES, NUM_CLASSES + 1))  # no-object queries
+      6.0 * jax.nn.one_hot(NUM_CLASSES, NUM_CLASSES + 1)
+  )  # no-object queries
 
   def apply_fn(variables, frames, image_valid=None):
     del variables, image_valid
@@ -67,12 +69,16 @@ def _shuffling_model():
     b, t, h, w, _ = x.shape
     red = x[..., 0].reshape(b, t, h // 4, 4, w // 4, 4).mean((3, 5))  # [B, T, h, w]
     start = jnp.round(x[0, 0, 0, 0, 1]).astype(jnp.int32)  # first frame index
-    objects = jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(1), start),
-                                     NUM_QUERIES)[None]  # [B, Q]
+    objects = jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(1), start), NUM_QUERIES)[
+        None
+    ]  # [B, Q]
     found = jnp.abs(red[:, None] - codes[objects][..., None, None, None]) < 1.0
     masks = jnp.where(found, 8.0, -8.0)  # [B, Q, T, h, w]
-    return {'pred_logits': class_logits[objects][None], 'pred_masks': masks[None],
-            'pred_embeds': object_embeds[objects]}
+    return {
+        "pred_logits": class_logits[objects][None],
+        "pred_masks": masks[None],
+        "pred_embeds": object_embeds[objects],
+    }
 
   return apply_fn
 
@@ -92,8 +98,11 @@ def _track_objects(prediction_masks: np.ndarray, object_masks: np.ndarray) -> li
   return covered
 
 
-@pytest.mark.parametrize('embed_weight,mask_weight', [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)],
-                         ids=['embeddings', 'masks', 'both'])
+@pytest.mark.parametrize(
+    "embed_weight,mask_weight",
+    [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)],
+    ids=["embeddings", "masks", "both"],
+)
 def test_association_recovers_a_permutation(embed_weight, mask_weight):
   rng = np.random.default_rng(0)
   num_queries = 12
@@ -101,17 +110,24 @@ def test_association_recovers_a_permutation(embed_weight, mask_weight):
   masks = np.where(rng.uniform(size=(num_queries, 2, 6, 6)) < 0.3, 6.0, -6.0).astype(np.float32)
   permutation = rng.permutation(num_queries)  # next window's query i = track permutation[i]
   noisy_embeds = embeds[permutation] + 0.05 * rng.normal(size=embeds.shape).astype(np.float32)
-  order = inference.associate_queries(embeds, masks, noisy_embeds, masks[permutation],
-                                      embed_weight=embed_weight, mask_weight=mask_weight)
+  order = inference.associate_queries(
+      embeds,
+      masks,
+      noisy_embeds,
+      masks[permutation],
+      embed_weight=embed_weight,
+      mask_weight=mask_weight,
+  )
   # Track j must continue with the query that holds it: permutation[order[j]] == j.
   np.testing.assert_array_equal(permutation[order], np.arange(num_queries))
 
 
-@pytest.mark.parametrize('associate', [True, False], ids=['associated', 'unassociated'])
+@pytest.mark.parametrize("associate", [True, False], ids=["associated", "unassociated"])
 def test_windowed_tracks_keep_their_objects_only_with_association(associate):
   frames, object_masks = _scene(30)
-  predictor = inference.VideoPredictor(SHUFFLING_MODEL, window_size=8, window_overlap=2,
-                                       associate=associate, top_k=NUM_OBJECTS)
+  predictor = inference.VideoPredictor(
+      SHUFFLING_MODEL, window_size=8, window_overlap=2, associate=associate, top_k=NUM_OBJECTS
+  )
   prediction = predictor({}, frames)
   covered = _track_objects(prediction.masks, object_masks)
   one_object_each = all(len(c) == 1 and -1 not in c for c in covered)
@@ -124,8 +140,9 @@ def test_windowed_tracks_keep_their_objects_only_with_association(associate):
       assert label == next(iter(objects)) % NUM_CLASSES
 
 
-@pytest.mark.parametrize('window_size,overlap', [(30, 0), (8, 2)],
-                         ids=['one-window', 'windows-8-2'])
+@pytest.mark.parametrize(
+    "window_size,overlap", [(30, 0), (8, 2)], ids=["one-window", "windows-8-2"]
+)
 def test_streaming_equals_in_memory_prediction(window_size, overlap):
   frames, _ = _scene(30)
   kwargs = dict(window_size=window_size, window_overlap=overlap, associate=True, top_k=5)
@@ -136,10 +153,11 @@ def test_streaming_equals_in_memory_prediction(window_size, overlap):
     reference = inference.VideoPredictor(SHUFFLING_MODEL, **kwargs)({}, frames)
   seen = []
   streamed = inference.StreamingVideoPredictor(SHUFFLING_MODEL, **kwargs)(
-      {}, iter(frames), on_frames=lambda first, masks, scores: seen.append((first,
-                                                                            masks.shape[1])))
-  chex.assert_trees_all_equal(inference.prediction_to_results(1, streamed),
-                              inference.prediction_to_results(1, reference))
+      {}, iter(frames), on_frames=lambda first, masks, scores: seen.append((first, masks.shape[1]))
+  )
+  chex.assert_trees_all_equal(
+      inference.prediction_to_results(1, streamed), inference.prediction_to_results(1, reference)
+  )
   # Every frame reaches the callback once, in order.
   assert [f for f, n in seen for f in range(f, f + n)] == list(range(len(frames)))
 
@@ -147,27 +165,35 @@ def test_streaming_equals_in_memory_prediction(window_size, overlap):
 @pytest.mark.slow
 def test_real_model_exposes_query_embeddings():
   from maskfreevis_jax import models
-  config = models.get_model_config('tiny', num_classes=NUM_CLASSES)
+
+  config = models.get_model_config("tiny", num_classes=NUM_CLASSES)
   model = models.build_model(config)
   frames = jnp.zeros((2, 2, 64, 64, 3), jnp.uint8)
   shapes = jax.eval_shape(lambda f: model.init_with_output(jax.random.PRNGKey(0), f)[0], frames)
-  assert shapes['pred_embeds'].shape == (2, config.decoder.num_queries, config.decoder.hidden_dim)
-  assert shapes['pred_logits'].shape[1:3] == (2, config.decoder.num_queries)
+  assert shapes["pred_embeds"].shape == (2, config.decoder.num_queries, config.decoder.hidden_dim)
+  assert shapes["pred_logits"].shape[1:3] == (2, config.decoder.num_queries)
 
 
 def _predict_config(window_size: int) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict(dict(min_size_test=SIZE, max_size_test=SIZE))
-  config.eval = ml_collections.ConfigDict(dict(
-      window_size=window_size, window_overlap=2, associate=True, association_embed_weight=1.0,
-      association_mask_weight=1.0, top_k=5))
+  config.eval = ml_collections.ConfigDict(
+      dict(
+          window_size=window_size,
+          window_overlap=2,
+          associate=True,
+          association_embed_weight=1.0,
+          association_mask_weight=1.0,
+          top_k=5,
+      )
+  )
   return config
 
 
 def _write_folder(path: pathlib.Path, frames: np.ndarray) -> pathlib.Path:
   path.mkdir(parents=True, exist_ok=True)
   for t, frame in enumerate(frames):
-    Image.fromarray(frame).save(path / f'{t:05d}.png')
+    Image.fromarray(frame).save(path / f"{t:05d}.png")
   return path
 
 
@@ -181,9 +207,9 @@ def test_streaming_predictor_memory_is_bounded():
     for t in range(length):
       yield frames[t % len(frames)].copy()
 
-  predictor = inference.StreamingVideoPredictor(SHUFFLING_MODEL, window_size=window,
-                                                window_overlap=window - stride, associate=True,
-                                                top_k=5)
+  predictor = inference.StreamingVideoPredictor(
+      SHUFFLING_MODEL, window_size=window, window_overlap=window - stride, associate=True, top_k=5
+  )
   predictor({}, video(window + stride))  # compile first (same shapes)
   tracemalloc.start()
   try:
@@ -204,28 +230,33 @@ def test_streaming_predict_memory_is_bounded(tmp_path):
   size, window, stride = 96, 16, 14
   num_frames = window + 42 * stride  # 604; the last window is a regular one
   video = synthetic.LongVideo(20, seed=1, frame_size=(size, size))
-  images = tmp_path / 'images'
+  images = tmp_path / "images"
   _write_folder(images, np.stack([frame for frame, _ in video.frames()]))
-  folder = tmp_path / 'frames'
+  folder = tmp_path / "frames"
   folder.mkdir()
   for t in range(num_frames):
-    (folder / f'{t:05d}.png').symlink_to(images / f'{t % 20:05d}.png')
+    (folder / f"{t:05d}.png").symlink_to(images / f"{t % 20:05d}.png")
   config = _predict_config(window)
   config.data.min_size_test = config.data.max_size_test = size
-  kwargs = dict(variables={}, model=types.SimpleNamespace(apply=SHUFFLING_MODEL),
-                class_names=['a', 'b', 'c'], gif_max_frames=2, overlay_min_size=0,
-                progress_every=1e9)
+  kwargs = dict(
+      variables={},
+      model=types.SimpleNamespace(apply=SHUFFLING_MODEL),
+      class_names=["a", "b", "c"],
+      gif_max_frames=2,
+      overlay_min_size=0,
+      progress_every=1e9,
+  )
   # Compile everything first (a video of two windows has the same shapes).
-  predict.predict(config, tmp_path, str(images), str(tmp_path / 'warm'), **kwargs)
+  predict.predict(config, tmp_path, str(images), str(tmp_path / "warm"), **kwargs)
   tracemalloc.start()
   try:
-    out = predict.predict(config, tmp_path, str(folder), str(tmp_path / 'out'), **kwargs)
+    out = predict.predict(config, tmp_path, str(folder), str(tmp_path / "out"), **kwargs)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
-  results = json.loads(pathlib.Path(out['results']).read_text())
-  assert out['num_frames'] == num_frames
-  assert results and all(len(r['segmentations']) == num_frames for r in results)
+  results = json.loads(pathlib.Path(out["results"]).read_text())
+  assert out["num_frames"] == num_frames
+  assert results and all(len(r["segmentations"]) == num_frames for r in results)
   # One window of frames, an overlay chunk and the RLEs: far below the frames alone.
   whole_video_bytes = num_frames * size * size * 3
   assert peak < whole_video_bytes / 2, (peak, whole_video_bytes)
@@ -233,62 +264,88 @@ def test_streaming_predict_memory_is_bounded(tmp_path):
 
 def test_predict_streams_a_folder_like_the_in_memory_predictor(tmp_path):
   frames, _ = _scene(20)
-  folder = _write_folder(tmp_path / 'frames', frames)
+  folder = _write_folder(tmp_path / "frames", frames)
   model = types.SimpleNamespace(apply=SHUFFLING_MODEL)
-  out = predict.predict(_predict_config(8), tmp_path, str(folder), str(tmp_path / 'out'),
-                        variables={}, model=model, class_names=['a', 'b', 'c'],
-                        overlay_min_size=0)
-  expected = inference.prediction_to_results(0, inference.VideoPredictor(
-      SHUFFLING_MODEL, window_size=8, window_overlap=2, associate=True, top_k=5)({}, frames))
-  results = json.loads(pathlib.Path(out['results']).read_text())
+  out = predict.predict(
+      _predict_config(8),
+      tmp_path,
+      str(folder),
+      str(tmp_path / "out"),
+      variables={},
+      model=model,
+      class_names=["a", "b", "c"],
+      overlay_min_size=0,
+  )
+  expected = inference.prediction_to_results(
+      0,
+      inference.VideoPredictor(
+          SHUFFLING_MODEL, window_size=8, window_overlap=2, associate=True, top_k=5
+      )({}, frames),
+  )
+  results = json.loads(pathlib.Path(out["results"]).read_text())
   for r in results:
-    assert r.pop('file_names') == [f'{t:05d}.png' for t in range(20)]
+    assert r.pop("file_names") == [f"{t:05d}.png" for t in range(20)]
   assert results == expected
-  assert pathlib.Path(out['overlay']).exists()
+  assert pathlib.Path(out["overlay"]).exists()
 
 
 def _bad_folder(tmp_path: pathlib.Path, kind: str) -> tuple[pathlib.Path, str]:
   frames, _ = _scene(12)
-  folder = _write_folder(tmp_path / 'frames', frames)
-  if kind == 'other-size':
-    Image.fromarray(np.zeros((SIZE, SIZE + 8, 3), np.uint8)).save(folder / '00009.png')
-    return folder, r'frame 9 \(00009.png\) .* is 40x32, but frame 0 \(00000.png\) is 32x32'
-  (folder / '00009.png').write_bytes(b'not an image')
-  return folder, r'cannot read frame 9 \(.*00009.png\)'
+  folder = _write_folder(tmp_path / "frames", frames)
+  if kind == "other-size":
+    Image.fromarray(np.zeros((SIZE, SIZE + 8, 3), np.uint8)).save(folder / "00009.png")
+    return folder, r"frame 9 \(00009.png\) .* is 40x32, but frame 0 \(00000.png\) is 32x32"
+  (folder / "00009.png").write_bytes(b"not an image")
+  return folder, r"cannot read frame 9 \(.*00009.png\)"
 
 
 def _truncated_video(tmp_path: pathlib.Path) -> tuple[pathlib.Path, str]:
   import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
-  path = tmp_path / 'clip.mp4'
+
+  path = tmp_path / "clip.mp4"
   rng = np.random.default_rng(0)
-  writer = imageio_ffmpeg.write_frames(str(path), (64, 64), fps=10, macro_block_size=16,
-                                       output_params=['-movflags', '+faststart', '-g', '4'])
+  writer = imageio_ffmpeg.write_frames(
+      str(path),
+      (64, 64),
+      fps=10,
+      macro_block_size=16,
+      output_params=["-movflags", "+faststart", "-g", "4"],
+  )
   writer.send(None)
   for _ in range(20):
     writer.send(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes())
   writer.close()
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
-  return path, r'clip.mp4 is truncated: frame \d+ cannot be decoded \(its header announces 20'
+  path.write_bytes(data[: len(data) // 2])
+  return path, r"clip.mp4 is truncated: frame \d+ cannot be decoded \(its header announces 20"
 
 
-@pytest.mark.parametrize('kind', ['other-size', 'unreadable-frame', 'truncated-video',
-                                  'not-a-video'])
+@pytest.mark.parametrize(
+    "kind", ["other-size", "unreadable-frame", "truncated-video", "not-a-video"]
+)
 def test_bad_video_input_names_the_frame_and_writes_no_results(tmp_path, kind):
-  if kind == 'truncated-video':
+  if kind == "truncated-video":
     path, message = _truncated_video(tmp_path)
-  elif kind == 'not-a-video':
-    path = tmp_path / 'clip.mp4'
-    path.write_bytes(b'\x00' * 500)
-    message = r'cannot read video file .*clip.mp4 \(frame 0\)'
+  elif kind == "not-a-video":
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"\x00" * 500)
+    message = r"cannot read video file .*clip.mp4 \(frame 0\)"
   else:
     path, message = _bad_folder(tmp_path, kind)
   model = types.SimpleNamespace(apply=SHUFFLING_MODEL)
-  out_dir = tmp_path / 'out'
+  out_dir = tmp_path / "out"
   with pytest.raises(ValueError, match=message) as error:
-    predict.predict(_predict_config(4), tmp_path, str(path), str(out_dir), variables={},
-                    model=model, class_names=['a', 'b', 'c'], overlay_min_size=0)
-  assert not (out_dir / 'results.json').exists()
-  if kind in ('other-size', 'unreadable-frame', 'truncated-video'):
+    predict.predict(
+        _predict_config(4),
+        tmp_path,
+        str(path),
+        str(out_dir),
+        variables={},
+        model=model,
+        class_names=["a", "b", "c"],
+        overlay_min_size=0,
+    )
+  assert not (out_dir / "results.json").exists()
+  if kind in ("other-size", "unreadable-frame", "truncated-video"):
     # Frames before the bad one were drawn: the message says where the partial overlay is.
-    assert 'no ' in str(error.value) and 'results.json written' in str(error.value)
+    assert "no " in str(error.value) and "results.json written" in str(error.value)

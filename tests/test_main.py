@@ -1,4 +1,5 @@
 """main.py: flags, config overrides, clear errors, and (slow) a tiny end-to-end synthetic run."""
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,33 @@ import pytest
 from conftest import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RECIPES = ("ytvis19_r50", "ytvis19_r101", "nococo_r50_boxinit", "nococo_r50_maskinit",
-           "nococo_r101_maskinit", "ytvis21_r50", "ovis_r50", "ytvis19_r50_mask_supervised")
+RECIPES = (
+    "ytvis19_r50",
+    "ytvis19_r101",
+    "nococo_r50_boxinit",
+    "nococo_r50_maskinit",
+    "nococo_r101_maskinit",
+    "ytvis21_r50",
+    "ovis_r50",
+    "ytvis19_r50_mask_supervised",
+)
 CONFIGS = ("synthetic",) + tuple(f"maskfreevis:{v}" for v in RECIPES)
 
 
 def _run_main(*args, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  env = dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      TF_CPP_MIN_LOG_LEVEL="2",
+  )
+  return subprocess.run(
+      [sys.executable, str(REPO / "main.py"), *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def _parse_config(monkeypatch, *argv):
@@ -32,8 +50,9 @@ def _parse_config(monkeypatch, *argv):
   argv = ["main.py", *argv]
   monkeypatch.setattr(sys, "argv", argv)
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values,
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "config", flag_values=flag_values, lock_config=True
+  )
   flag_values(argv)
   return flag_values.config
 
@@ -42,20 +61,35 @@ def _parse_config(monkeypatch, *argv):
 def test_configs_load_with_overrides(monkeypatch, name):
   file_name, _, variant = name.partition(":")
   path = str(REPO / "configs" / f"{file_name}.py") + (f":{variant}" if variant else "")
-  config = _parse_config(monkeypatch, "--config", path, "--config.train.steps=7",
-                         "--config.train.batch_size=32")
+  config = _parse_config(
+      monkeypatch, "--config", path, "--config.train.steps=7", "--config.train.batch_size=32"
+  )
   assert config.train.steps == 7
   assert config.data.batch_size == 32, "data.batch_size must follow train.batch_size"
   assert config.criterion.num_classes == config.model.num_classes
   assert config.mode in ("train", "train_and_evaluate")
-  for key in ("steps", "batch_size", "lr", "checkpoint_every", "keep", "log_every",
-              "max_consecutive_nonfinite", "seed", "lr_decay_steps", "warmup_steps"):
+  for key in (
+      "steps",
+      "batch_size",
+      "lr",
+      "checkpoint_every",
+      "keep",
+      "log_every",
+      "max_consecutive_nonfinite",
+      "seed",
+      "lr_decay_steps",
+      "warmup_steps",
+  ):
     assert key in config.train, key
   assert "init_from" in config and "eval" in config
   if name != "synthetic":  # Base-YouTubeVIS-VideoInstanceSegmentation*.yaml of the release
     t = config.train
     assert (t.lr, t.weight_decay, t.backbone_lr_multiplier, t.clip_grad_norm) == (
-        1e-4, 0.05, 0.1, 0.01)
+        1e-4,
+        0.05,
+        0.1,
+        0.01,
+    )
     assert t.lr_decay_factor == 0.1 and t.seed == 29118357 and t.warmup_steps == 10
     assert config.data.min_size_train == (360, 480) and config.data.frame_range in (5, 20)
     assert config.data.shuffle_frames and config.criterion.mask_free.lab_reverse_channels
@@ -66,14 +100,29 @@ def test_configs_load_with_overrides(monkeypatch, name):
 # Hand-copied from the release's yaml files and mask2former_video/config.py (not from the code
 # under test).
 RELEASE_ROWS = {
-    "ytvis19_r50": ("r50", "ytvis+coco_pseudo", 3, 4, 70000, 37500, "all_pairs",
-                    "model_final_3c8ec9.pkl"),
-    "ytvis19_r101": ("r101", "ytvis+coco_pseudo", 3, 4, 70000, 37500, "all_pairs",
-                     "model_final_eba159.pkl"),
+    "ytvis19_r50": (
+        "r50",
+        "ytvis+coco_pseudo",
+        3,
+        4,
+        70000,
+        37500,
+        "all_pairs",
+        "model_final_3c8ec9.pkl",
+    ),
+    "ytvis19_r101": (
+        "r101",
+        "ytvis+coco_pseudo",
+        3,
+        4,
+        70000,
+        37500,
+        "all_pairs",
+        "model_final_eba159.pkl",
+    ),
     "nococo_r50_boxinit": ("r50", "ytvis", 5, 0, 6000, 4000, "cyclic", "model_final_proj.pth"),
     "nococo_r50_maskinit": ("r50", "ytvis", 5, 0, 6000, 4000, "cyclic", "model_final_3c8ec9.pkl"),
-    "nococo_r101_maskinit": ("r101", "ytvis", 5, 0, 6000, 4000, "cyclic",
-                             "model_final_eba159.pkl"),
+    "nococo_r101_maskinit": ("r101", "ytvis", 5, 0, 6000, 4000, "cyclic", "model_final_eba159.pkl"),
 }
 
 
@@ -81,17 +130,26 @@ RELEASE_ROWS = {
 def test_recipes_follow_the_release(variant):
   config = load_config(f"maskfreevis:{variant}")
   backbone, data, frames, coco_frames, steps, decay, pairing, weights = RELEASE_ROWS[variant]
-  got = (config.model.name, config.data.name, config.data.num_frames,
-         config.data.coco.num_frames if coco_frames else 0, config.train.steps,
-         tuple(config.train.lr_decay_steps), config.criterion.mask_free.frame_pairing,
-         config.init_from_required)
+  got = (
+      config.model.name,
+      config.data.name,
+      config.data.num_frames,
+      config.data.coco.num_frames if coco_frames else 0,
+      config.train.steps,
+      tuple(config.train.lr_decay_steps),
+      config.criterion.mask_free.frame_pairing,
+      config.init_from_required,
+  )
   assert got == (backbone, data, frames, coco_frames, steps, (decay,), pairing, weights)
   if coco_frames:  # INPUT.PSEUDO.* and train_net_video.py's DATASET_RATIO [1.0, 0.75]
     coco = config.data.coco
     assert (coco.frame_range, tuple(coco.pseudo_length), coco.max_size_train) == (20, (16, 48), 768)
     assert tuple(coco.min_size_train) == (288, 320, 352, 384, 416, 448, 480, 512)
-    assert (coco.supervision, coco.category_map, coco.rotation_degrees) == ("mask", "ytvis_2019",
-                                                                           15.0)
+    assert (coco.supervision, coco.category_map, coco.rotation_degrees) == (
+        "mask",
+        "ytvis_2019",
+        15.0,
+    )
     assert coco.fraction == pytest.approx(1.0 / 1.75)
 
 
@@ -117,18 +175,40 @@ def test_help_lists_the_flags():
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
-  result = _run_main("--config", "configs/synthetic.py", "--workdir", str(tmp_path),
-                     "--config.train.stepz=3", timeout=300)
+  result = _run_main(
+      "--config",
+      "configs/synthetic.py",
+      "--workdir",
+      str(tmp_path),
+      "--config.train.stepz=3",
+      timeout=300,
+  )
   assert result.returncode != 0
   assert "stepz" in result.stderr and 'Did you mean "steps"' in result.stderr, result.stderr[-2000:]
 
 
 def test_bad_distributed_environment_is_a_clear_error(tmp_path):
-  env = dict(os.environ, JAX_COORDINATOR_ADDRESS="localhost:1", JAX_NUM_PROCESSES="two",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run([sys.executable, str(REPO / "main.py"), "--config",
-                           "configs/synthetic.py", "--workdir", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+  env = dict(
+      os.environ,
+      JAX_COORDINATOR_ADDRESS="localhost:1",
+      JAX_NUM_PROCESSES="two",
+      TF_CPP_MIN_LOG_LEVEL="2",
+  )
+  result = subprocess.run(
+      [
+          sys.executable,
+          str(REPO / "main.py"),
+          "--config",
+          "configs/synthetic.py",
+          "--workdir",
+          str(tmp_path),
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 1
   assert "JAX_NUM_PROCESSES must be an integer, got 'two'" in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
@@ -136,9 +216,18 @@ def test_bad_distributed_environment_is_a_clear_error(tmp_path):
 
 def test_missing_dataset_path_is_named(tmp_path):
   missing = tmp_path / "no_such_dir" / "train.json"
-  result = _run_main("--config", "configs/maskfreevis.py:nococo_r50_maskinit", "--workdir",
-                     str(tmp_path / "w"), "--mode", "train", f"--config.data.train_json={missing}",
-                     "--config.train.batch_size=1", "--config.init_from=none", timeout=300)
+  result = _run_main(
+      "--config",
+      "configs/maskfreevis.py:nococo_r50_maskinit",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--mode",
+      "train",
+      f"--config.data.train_json={missing}",
+      "--config.train.batch_size=1",
+      "--config.init_from=none",
+      timeout=300,
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   assert str(missing) in result.stderr, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
@@ -146,10 +235,14 @@ def test_missing_dataset_path_is_named(tmp_path):
 
 def test_missing_init_from_is_a_one_line_error(tmp_path):
   from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
+
   config = load_config("maskfreevis:ytvis19_r50")
-  with pytest.raises(ValueError, match=r"^config\.init_from is not set, but this recipe starts "
-                     r"from pretrained weights \(model_final_3c8ec9\.pkl, "
-                     r"config\.init_from_required\): .*--config\.init_from=none") as error:
+  with pytest.raises(
+      ValueError,
+      match=r"^config\.init_from is not set, but this recipe starts "
+      r"from pretrained weights \(model_final_3c8ec9\.pkl, "
+      r"config\.init_from_required\): .*--config\.init_from=none",
+  ) as error:
     train.train(config, tmp_path)
   assert "\n" not in str(error.value)
   config.init_from = "None"
@@ -158,6 +251,7 @@ def test_missing_init_from_is_a_one_line_error(tmp_path):
 
 def test_evaluate_without_checkpoint_names_the_directory(tmp_path):
   from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "checkpoints")):
     evaluate.restore_variables(tmp_path)
 
@@ -165,12 +259,24 @@ def test_evaluate_without_checkpoint_names_the_directory(tmp_path):
 def test_results_for_unknown_videos_raise():
   from maskfreevis_jax import evaluation  # pylint: disable=g-import-not-at-top
   from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
+
   rle = mask_utils.encode(np.asfortranarray(np.ones((4, 4), np.uint8)))
   rle["counts"] = rle["counts"].decode()
-  gt = {"videos": [{"id": 1, "width": 4, "height": 4, "length": 1, "file_names": ["a.jpg"]}],
-        "categories": [{"id": 1, "name": "thing"}],
-        "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "iscrowd": 0,
-                         "segmentations": [rle], "areas": [16], "bboxes": [[0, 0, 4, 4]]}]}
+  gt = {
+      "videos": [{"id": 1, "width": 4, "height": 4, "length": 1, "file_names": ["a.jpg"]}],
+      "categories": [{"id": 1, "name": "thing"}],
+      "annotations": [
+          {
+              "id": 1,
+              "video_id": 1,
+              "category_id": 1,
+              "iscrowd": 0,
+              "segmentations": [rle],
+              "areas": [16],
+              "bboxes": [[0, 0, 4, 4]],
+          }
+      ],
+  }
   results = [{"video_id": 77, "category_id": 1, "score": 0.9, "segmentations": [rle]}]
   with pytest.raises(ValueError, match="77"):
     evaluation.evaluate_ytvis(gt, results)
@@ -179,12 +285,23 @@ def test_results_for_unknown_videos_raise():
 @pytest.mark.slow
 def test_two_step_synthetic_run_then_predict(tmp_path):
   cache = tmp_path / "synthetic_cache"
-  common = ["--config", "configs/synthetic.py", "--workdir", str(tmp_path / "run"),
-            f"--config.data.synthetic.cache_dir={cache}",
-            "--config.data.synthetic.num_train_videos=4", "--config.data.synthetic.num_val_videos=2",
-            "--config.train.batch_size=2", "--config.train.checkpoint_every=1"]
-  result = _run_main(*common, "--config.train.steps=2", "--config.train.log_every=1",
-                     "--config.train.image_every=2")
+  common = [
+      "--config",
+      "configs/synthetic.py",
+      "--workdir",
+      str(tmp_path / "run"),
+      f"--config.data.synthetic.cache_dir={cache}",
+      "--config.data.synthetic.num_train_videos=4",
+      "--config.data.synthetic.num_val_videos=2",
+      "--config.train.batch_size=2",
+      "--config.train.checkpoint_every=1",
+  ]
+  result = _run_main(
+      *common,
+      "--config.train.steps=2",
+      "--config.train.log_every=1",
+      "--config.train.image_every=2",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "step 1/2 | loss" in out and "step 2/2 | loss" in out, out
@@ -193,14 +310,24 @@ def test_two_step_synthetic_run_then_predict(tmp_path):
   assert 0.0 <= metrics["AP"] <= 100.0
   results = json.loads((tmp_path / "run" / "eval" / "results_2.json").read_text())
   assert results and {"video_id", "category_id", "score", "segmentations"} <= set(results[0])
-  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()
-                if p.name.isdigit())[-1] == "2"
+  assert (
+      sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())[-1]
+      == "2"
+  )
   assert list((tmp_path / "run").glob("events.out.tfevents.*"))
 
   # Running again is a no-op resume (already at the last step), then predict on a frame folder.
   frames_dir = next((cache).rglob("valid/JPEGImages/*"))
-  result = _run_main(*common, "--config.train.steps=2", "--mode", "predict", "--input",
-                     str(frames_dir), "--output", str(tmp_path / "pred"))
+  result = _run_main(
+      *common,
+      "--config.train.steps=2",
+      "--mode",
+      "predict",
+      "--input",
+      str(frames_dir),
+      "--output",
+      str(tmp_path / "pred"),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "pred" / "overlay.gif").stat().st_size > 0
   assert (tmp_path / "pred" / "overlay.mp4").stat().st_size > 0
@@ -213,8 +340,8 @@ def test_two_step_synthetic_run_then_predict(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert exported.stat().st_size > 0 and "Exported step 2" in result.stdout
   fresh = [a if not a.startswith(str(tmp_path / "run")) else str(tmp_path / "run2") for a in common]
-  result = _run_main(*fresh, "--mode", "train", "--config.train.steps=1",
-                     f"--config.init_from={exported}")
+  result = _run_main(
+      *fresh, "--mode", "train", "--config.train.steps=1", f"--config.init_from={exported}"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Initialised from" in result.stdout and "0 missing" in result.stdout, result.stdout
-

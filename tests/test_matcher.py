@@ -16,7 +16,7 @@ def _reference_filled_boxes(logits: np.ndarray) -> np.ndarray:
   for i, m in enumerate(flat):
     ys, xs = np.nonzero(m > 0)
     if ys.size:
-      out[i, ys.min():ys.max() + 1, xs.min():xs.max() + 1] = 1.0
+      out[i, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1.0
   return out.reshape(logits.shape)
 
 
@@ -29,7 +29,7 @@ def _reference_cost(pred_logits, pred_masks, labels, target_masks, mode, wc, wm,
   for i in range(q):
     for j in range(n):
       t = target_masks[j].reshape(-1).astype(np.float64)
-      if mode == 'box':
+      if mode == "box":
         p = _reference_filled_boxes(pred_masks[i]).reshape(-1).astype(np.float64)
       else:
         x = pred_masks[i].reshape(-1).astype(np.float64)
@@ -75,18 +75,27 @@ def test_filled_box_masks_match_loop_reference():
   assert got[1, 0].sum() == 1
 
 
-@pytest.mark.parametrize('mode', ['box', 'mask'])
+@pytest.mark.parametrize("mode", ["box", "mask"])
 def test_cost_matrix_matches_reference(mode):
   rng = np.random.default_rng(1)
   pred_logits, pred_masks, labels, target_masks = _random_clip(rng)
   valid = np.ones((labels.shape[0],), bool)
-  got = matcher.clip_cost_matrix(pred_logits, pred_masks, labels, target_masks, valid,
-                                 mode=mode, class_weight=2.0, mask_weight=5.0, dice_weight=5.0)
+  got = matcher.clip_cost_matrix(
+      pred_logits,
+      pred_masks,
+      labels,
+      target_masks,
+      valid,
+      mode=mode,
+      class_weight=2.0,
+      mask_weight=5.0,
+      dice_weight=5.0,
+  )
   want = _reference_cost(pred_logits, pred_masks, labels, target_masks, mode, 2.0, 5.0, 5.0)
   np.testing.assert_allclose(np.asarray(got), want.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('shape', [(3, 7), (6, 6), (1, 10), (20, 50)])
+@pytest.mark.parametrize("shape", [(3, 7), (6, 6), (1, 10), (20, 50)])
 def test_assign_random_costs_matches_scipy(shape):
   rng = np.random.default_rng(shape[0] * 100 + shape[1])
   assign = jax.jit(matcher.assign)
@@ -100,7 +109,7 @@ def test_assign_random_costs_matches_scipy(shape):
     assert len(set(np.asarray(result.query_index).tolist())) == shape[0]
 
 
-@pytest.mark.parametrize('mode', ['box', 'mask'])
+@pytest.mark.parametrize("mode", ["box", "mask"])
 def test_match_through_cost_code_matches_scipy(mode):
   rng = np.random.default_rng(2)
   clips = [_random_clip(rng, q=16, n=5) for _ in range(3)]
@@ -125,8 +134,9 @@ def test_padded_targets_never_matched_and_do_not_change_real_matches():
   garbage_labels = np.concatenate([lab, np.array([10**6, -5, 3], np.int32)])
   valid = np.array([[True] * 4 + [False] * 3])
   order = np.array([0, 4, 1, 5, 2, 6, 3])  # interleave padding between real slots
-  res = matcher.hungarian_match(pl[None], pm[None], garbage_labels[order][None],
-                                garbage_masks[order][None], valid[:, order])
+  res = matcher.hungarian_match(
+      pl[None], pm[None], garbage_labels[order][None], garbage_masks[order][None], valid[:, order]
+  )
   np.testing.assert_array_equal(np.asarray(res.valid[0]), valid[0, order])
   real = np.asarray(res.query_index[0])[valid[0, order]]
   np.testing.assert_array_equal(real, np.asarray(base.query_index[0]))
@@ -142,9 +152,10 @@ def test_all_padded_clip_and_batch_vmap():
   np.testing.assert_array_equal(np.asarray(res.valid), valid)
   for b in range(4):
     # each clip solved on its own equals the batched result on the real slots
-    single = matcher.hungarian_match(*[s[b:b + 1] for s in stacked], valid[b:b + 1])
-    np.testing.assert_array_equal(np.asarray(single.query_index)[0][valid[b]],
-                                  np.asarray(res.query_index[b])[valid[b]])
+    single = matcher.hungarian_match(*[s[b : b + 1] for s in stacked], valid[b : b + 1])
+    np.testing.assert_array_equal(
+        np.asarray(single.query_index)[0][valid[b]], np.asarray(res.query_index[b])[valid[b]]
+    )
     real = np.asarray(res.query_index[b])[valid[b]]
     assert len(set(real.tolist())) == real.size
 
@@ -154,8 +165,9 @@ def test_non_finite_predictions_still_give_a_matching():
   pl, pm, lab, tm = _random_clip(rng, q=6, n=3)
   pl[0] = np.nan
   pm[1] = np.inf
-  res = jax.jit(lambda *a: matcher.hungarian_match(*a, mode='mask'))(
-      pl[None], pm[None], lab[None], tm[None], np.ones((1, 3), bool))
+  res = jax.jit(lambda *a: matcher.hungarian_match(*a, mode="mask"))(
+      pl[None], pm[None], lab[None], tm[None], np.ones((1, 3), bool)
+  )
   idx = np.asarray(res.query_index[0])
   assert len(set(idx.tolist())) == 3 and idx.min() >= 0 and idx.max() < 6
 
@@ -164,14 +176,14 @@ def test_bad_shapes_raise_clear_errors():
   rng = np.random.default_rng(6)
   pl, pm, lab, tm = [x[None] for x in _random_clip(rng, q=4, n=3)]
   valid = np.ones((1, 3), bool)
-  with pytest.raises(ValueError, match='pred_masks'):
+  with pytest.raises(ValueError, match="pred_masks"):
     matcher.hungarian_match(pl, pm[:, :3], lab, tm, valid)
-  with pytest.raises(ValueError, match='target_masks'):
+  with pytest.raises(ValueError, match="target_masks"):
     matcher.hungarian_match(pl, pm, lab, tm[..., :-1], valid)
-  with pytest.raises(ValueError, match='target_valid'):
+  with pytest.raises(ValueError, match="target_valid"):
     matcher.hungarian_match(pl, pm, lab, tm, valid[:, :2])
   with pytest.raises(ValueError, match="'box' or 'mask'"):
-    matcher.hungarian_match(pl, pm, lab, tm, valid, mode='points')
+    matcher.hungarian_match(pl, pm, lab, tm, valid, mode="points")
   big = [np.concatenate([x] * 2, axis=1) for x in (lab, tm, valid)]
-  with pytest.raises(ValueError, match='queries'):
+  with pytest.raises(ValueError, match="queries"):
     matcher.hungarian_match(pl, pm, *big[:2], big[2])

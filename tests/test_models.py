@@ -1,5 +1,6 @@
 """VideoMaskFormer: shapes for every preset, parameter count, parity of building blocks with
 PyTorch, gradients, attention-mask handling, jit and input validation."""
+
 import math
 
 import jax
@@ -12,11 +13,15 @@ import torch.nn.functional as F
 from maskfreevis_jax.models import build_model, get_model_config
 from maskfreevis_jax.models import official_names as on
 from maskfreevis_jax.models.pixel_decoder import resize_bilinear
-from maskfreevis_jax.models.position_encoding import (sine_position_encoding_2d,
-                                                      sine_position_encoding_3d)
+from maskfreevis_jax.models.position_encoding import (
+    sine_position_encoding_2d,
+    sine_position_encoding_3d,
+)
 from maskfreevis_jax.models.resnet import BottleneckBlock, conv2d
-from maskfreevis_jax.models.video_decoder import (MultiheadAttention,
-                                                  attention_mask_from_predictions)
+from maskfreevis_jax.models.video_decoder import (
+    MultiheadAttention,
+    attention_mask_from_predictions,
+)
 
 
 def _abstract_init(model, shape):
@@ -25,12 +30,15 @@ def _abstract_init(model, shape):
   return variables, frames
 
 
-@pytest.mark.parametrize("preset,shape,num_predictions,queries", [
-    ("r50", (1, 3, 384, 640, 3), 10, 100),
-    ("r101", (2, 2, 128, 192, 3), 10, 100),
-    ("tiny", (2, 3, 128, 128, 3), 4, 16),
-    ("tiny_fpn", (1, 2, 96, 160, 3), 4, 16),
-])
+@pytest.mark.parametrize(
+    "preset,shape,num_predictions,queries",
+    [
+        ("r50", (1, 3, 384, 640, 3), 10, 100),
+        ("r101", (2, 2, 128, 192, 3), 10, 100),
+        ("tiny", (2, 3, 128, 128, 3), 4, 16),
+        ("tiny_fpn", (1, 2, 96, 160, 3), 4, 16),
+    ],
+)
 def test_output_shapes(preset, shape, num_predictions, queries):
   model = build_model(get_model_config(preset))
   variables, frames = _abstract_init(model, shape)
@@ -54,8 +62,7 @@ def test_r50_trainable_parameter_count():
 @pytest.fixture(scope="module")
 def tiny_setup():
   model = build_model(get_model_config("tiny"))
-  frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 2, 64, 96, 3),
-                                                         dtype=np.uint8))
+  frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 2, 64, 96, 3), dtype=np.uint8))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), frames)
   return model, variables, frames
 
@@ -76,17 +83,20 @@ def test_tiny_forward_jit_and_gradients(tiny_setup, tiny_apply):
     out = model.apply({"params": params, **others}, frames)
     # Depends on every prediction so every layer receives gradient.
     return jnp.mean(jax.nn.sigmoid(out["pred_masks"])) + jnp.mean(
-        jax.nn.log_softmax(out["pred_logits"])[..., 0])
+        jax.nn.log_softmax(out["pred_logits"])[..., 0]
+    )
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   assert np.isfinite(loss)
   leaves = jax.tree_util.tree_leaves_with_path(grads)
   assert all(np.all(np.isfinite(g)) for _, g in leaves)
   norms = {jax.tree_util.keystr(p): float(jnp.linalg.norm(g)) for p, g in leaves}
-  for name in ("['backbone']['stem']['conv1']['kernel']",
-               "['pixel_decoder']['transformer']['encoder']['layers_1']['self_attn']['value_proj']['kernel']",
-               "['predictor']['query_feat']['embedding']",
-               "['predictor']['transformer_cross_attention_layers_2']['multihead_attn']['in_proj']['kernel']"):
+  for name in (
+      "['backbone']['stem']['conv1']['kernel']",
+      "['pixel_decoder']['transformer']['encoder']['layers_1']['self_attn']['value_proj']['kernel']",
+      "['predictor']['query_feat']['embedding']",
+      "['predictor']['transformer_cross_attention_layers_2']['multihead_attn']['in_proj']['kernel']",
+  ):
     assert norms[name] > 0, name
   all_valid = jnp.ones((2, 64, 96), bool)
   out = tiny_apply(variables, frames, all_valid)
@@ -94,7 +104,8 @@ def test_tiny_forward_jit_and_gradients(tiny_setup, tiny_apply):
   assert np.all(np.isfinite(out["pred_masks"])) and np.all(np.isfinite(out["pred_logits"]))
   # The loss above ran without image_valid: an all-valid mask must give the same outputs.
   expected = jnp.mean(jax.nn.sigmoid(out["pred_masks"])) + jnp.mean(
-      jax.nn.log_softmax(out["pred_logits"])[..., 0])
+      jax.nn.log_softmax(out["pred_logits"])[..., 0]
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
@@ -194,8 +205,14 @@ def test_attention_mask_unblocks_fully_masked_rows():
   assert blocked.shape == (2, 1, 3, 2 * 4 * 6)
   assert not blocked[0, 0, 1].any()  # fully masked row -> attends everywhere
   # Other rows: sigmoid(bilinear resize) < 0.5, resized like F.interpolate.
-  ref = F.interpolate(torch.from_numpy(logits).flatten(0, 1), size=(4, 6), mode="bilinear",
-                      align_corners=False).sigmoid().view(2, 3, -1) < 0.5
+  ref = (
+      F.interpolate(
+          torch.from_numpy(logits).flatten(0, 1), size=(4, 6), mode="bilinear", align_corners=False
+      )
+      .sigmoid()
+      .view(2, 3, -1)
+      < 0.5
+  )
   ref = ref.numpy()
   ref[0, 1] = False
   np.testing.assert_array_equal(blocked[:, 0], ref)
@@ -208,13 +225,23 @@ def test_attention_mask_unblocks_fully_masked_rows():
   assert np.all(np.isfinite(mha.apply(variables, x, mem, mem, all_blocked)))
 
 
-@pytest.mark.parametrize("size_in,size_out", [((16, 24), (4, 6)), ((16, 24), (8, 12)),
-                                              ((16, 24), (2, 3)), ((5, 7), (10, 14))])
+@pytest.mark.parametrize(
+    "size_in,size_out",
+    [((16, 24), (4, 6)), ((16, 24), (8, 12)), ((16, 24), (2, 3)), ((5, 7), (10, 14))],
+)
 def test_resize_matches_torch_interpolate(size_in, size_out):
   x = np.random.default_rng(1).normal(size=(2,) + size_in + (3,)).astype(np.float32)
   ours = resize_bilinear(jnp.asarray(x), *size_out)
-  ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size_out, mode="bilinear",
-                      align_corners=False).permute(0, 2, 3, 1).numpy()
+  ref = (
+      F.interpolate(
+          torch.from_numpy(x).permute(0, 3, 1, 2),
+          size=size_out,
+          mode="bilinear",
+          align_corners=False,
+      )
+      .permute(0, 2, 3, 1)
+      .numpy()
+  )
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
 
 
@@ -227,21 +254,28 @@ def test_multihead_attention_matches_torch_with_packed_weights():
   blocked[..., 0] = False
   mha = MultiheadAttention(features=d, num_heads=heads)
   params = mha.init(jax.random.PRNGKey(0), q, kv, kv)["params"]
-  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape),
-                        params)
+  params = jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params
+  )
   ours = mha.apply({"params": params}, q, kv + 1.0, kv, jnp.asarray(blocked))
   ref_mha = torch.nn.MultiheadAttention(d, heads)
   with torch.no_grad():
-    ref_mha.in_proj_weight.copy_(torch.from_numpy(
-        on.to_torch_array(params["in_proj"]["kernel"], on.DENSE)))
+    ref_mha.in_proj_weight.copy_(
+        torch.from_numpy(on.to_torch_array(params["in_proj"]["kernel"], on.DENSE))
+    )
     ref_mha.in_proj_bias.copy_(torch.from_numpy(np.array(params["in_proj"]["bias"])))
-    ref_mha.out_proj.weight.copy_(torch.from_numpy(
-        on.to_torch_array(params["out_proj"]["kernel"], on.DENSE)))
+    ref_mha.out_proj.weight.copy_(
+        torch.from_numpy(on.to_torch_array(params["out_proj"]["kernel"], on.DENSE))
+    )
     ref_mha.out_proj.bias.copy_(torch.from_numpy(np.array(params["out_proj"]["bias"])))
   # torch: sequence-first, mask [B*heads, Q, K] with True = not allowed.
   torch_mask = torch.from_numpy(np.repeat(blocked[:, 0], heads, axis=0))
-  ref, _ = ref_mha(torch.from_numpy(q).transpose(0, 1), torch.from_numpy(kv + 1.0).transpose(0, 1),
-                   torch.from_numpy(kv).transpose(0, 1), attn_mask=torch_mask)
+  ref, _ = ref_mha(
+      torch.from_numpy(q).transpose(0, 1),
+      torch.from_numpy(kv + 1.0).transpose(0, 1),
+      torch.from_numpy(kv).transpose(0, 1),
+      attn_mask=torch_mask,
+  )
   np.testing.assert_allclose(np.asarray(ours), ref.transpose(0, 1).detach().numpy(), atol=1e-5)
 
 
@@ -251,8 +285,9 @@ def test_bottleneck_block_matches_torch_conv_semantics():
   x = rng.normal(size=(1, 10, 14, 8)).astype(np.float32)
   block = BottleneckBlock(features=12, bottleneck_features=4, stride=2)
   variables = block.init(jax.random.PRNGKey(0), x)
-  variables = jax.tree.map(lambda a: a + 0.2 * jax.random.uniform(jax.random.PRNGKey(a.size),
-                                                                  a.shape), variables)
+  variables = jax.tree.map(
+      lambda a: a + 0.2 * jax.random.uniform(jax.random.PRNGKey(a.size), a.shape), variables
+  )
   ours = block.apply(variables, x)
 
   def conv_bn(t, name, stride, padding):
@@ -279,7 +314,8 @@ def test_conv2d_kernel_gradient_matches_xla(kernel_size, stride):
   kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 3, 5)), jnp.float32)
   pad = kernel_size // 2
   reference = lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, k, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   cotangent = jnp.asarray(rng.normal(size=reference(x, kernel).shape), jnp.float32)
   ours = jax.grad(lambda x, k: jnp.sum(conv2d(x, k, stride, pad) * cotangent), (0, 1))(x, kernel)
   ref = jax.grad(lambda x, k: jnp.sum(reference(x, k) * cotangent), (0, 1))(x, kernel)

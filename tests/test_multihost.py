@@ -1,6 +1,7 @@
 """Multi-host training: two local processes (jax.distributed over gloo, 2 CPU devices each) feed
 their halves of the global batch and train exactly as one process with 4 devices; their checkpoint
 resumes on two processes."""
+
 from __future__ import annotations
 
 import os
@@ -16,18 +17,33 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _main_command(workdir, cache, steps):
-  return [sys.executable, str(REPO / "main.py"), "--config", "configs/synthetic.py",
-          "--mode", "train", "--workdir", str(workdir),
-          f"--config.data.synthetic.cache_dir={cache}",
-          "--config.data.synthetic.num_train_videos=8", "--config.data.synthetic.num_val_videos=2",
-          "--config.train.batch_size=4", f"--config.train.steps={steps}",
-          "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-          "--config.train.image_every=100"]
+  return [
+      sys.executable,
+      str(REPO / "main.py"),
+      "--config",
+      "configs/synthetic.py",
+      "--mode",
+      "train",
+      "--workdir",
+      str(workdir),
+      f"--config.data.synthetic.cache_dir={cache}",
+      "--config.data.synthetic.num_train_videos=8",
+      "--config.data.synthetic.num_val_videos=2",
+      "--config.train.batch_size=4",
+      f"--config.train.steps={steps}",
+      "--config.train.log_every=1",
+      "--config.train.checkpoint_every=2",
+      "--config.train.image_every=100",
+  ]
 
 
 def _env(devices, **extra):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              TF_CPP_MIN_LOG_LEVEL="2", **extra)
+  return dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      TF_CPP_MIN_LOG_LEVEL="2",
+      **extra,
+  )
 
 
 def _free_port():
@@ -39,11 +55,19 @@ def _free_port():
 def _run_two_hosts(workdir, cache, steps):
   """Runs main.py as processes 0 and 1 of a 2-host job; returns their CompletedProcess-likes."""
   address = f"localhost:{_free_port()}"
-  procs = [subprocess.Popen(_main_command(workdir, cache, steps), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                     JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          _main_command(workdir, cache, steps),
+          cwd=REPO,
+          text=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          env=_env(
+              2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
+          ),
+      )
+      for i in range(2)
+  ]
   outs = []
   try:
     for p in procs:
@@ -57,15 +81,23 @@ def _run_two_hosts(workdir, cache, steps):
 
 
 def _losses(stdout):
-  return {int(m.group(1)): float(m.group(2))
-          for m in re.finditer(r"step (\d+)/\d+ \| loss ([0-9.]+)", stdout)}
+  return {
+      int(m.group(1)): float(m.group(2))
+      for m in re.finditer(r"step (\d+)/\d+ \| loss ([0-9.]+)", stdout)
+  }
 
 
 @pytest.mark.slow
 def test_two_hosts_train_like_one_and_resume(tmp_path):
   cache = tmp_path / "synthetic"
-  one = subprocess.run(_main_command(tmp_path / "one", cache, 2), cwd=REPO, env=_env(4),
-                       capture_output=True, text=True, timeout=900)
+  one = subprocess.run(
+      _main_command(tmp_path / "one", cache, 2),
+      cwd=REPO,
+      env=_env(4),
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert one.returncode == 0, one.stderr[-3000:]
   expected = _losses(one.stdout)
   assert sorted(expected) == [1, 2], one.stdout

@@ -1,4 +1,5 @@
 """The Flax <-> official state_dict name map, checked against the reference key listing."""
+
 import collections
 import math
 
@@ -21,7 +22,8 @@ def test_r50_map_covers_reference_exactly(r50_entries, reference_state_dict):
   assert len(reference_state_dict) == 559
   assert set(keys) == set(reference_state_dict), (
       f"missing: {sorted(set(reference_state_dict) - set(keys))[:5]}, "
-      f"extra: {sorted(set(keys) - set(reference_state_dict))[:5]}")
+      f"extra: {sorted(set(keys) - set(reference_state_dict))[:5]}"
+  )
   for entry in r50_entries:
     assert list(entry.official_shape) == list(reference_state_dict[entry.official_key]), entry
 
@@ -31,12 +33,16 @@ def test_r50_every_flax_variable_used_once(r50_entries):
   import jax.numpy as jnp
   from flax import traverse_util
   from maskfreevis_jax.models import build_model
+
   model = build_model(get_model_config("r50"))
-  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x),
-                             jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8))
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x),
+      jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8),
+  )
   flat = traverse_util.flatten_dict(variables)
-  used = collections.Counter((e.collection,) + e.flax_path for e in r50_entries
-                             if e.collection is not None)
+  used = collections.Counter(
+      (e.collection,) + e.flax_path for e in r50_entries if e.collection is not None
+  )
   assert set(used) == set(flat)
   assert set(used.values()) == {1}
   for entry in r50_entries:
@@ -48,15 +54,18 @@ def test_r50_official_parameter_count(r50_entries, official_r50_reference):
   expected = official_r50_reference["num_parameters"]
   assert on.num_official_parameters(r50_entries) == expected == 43_959_977
   frozen = [e for e in r50_entries if e.collection in ("frozen_params", "batch_stats")]
-  assert frozen and all(e.official_key.startswith("backbone.") and ".norm." in e.official_key
-                        for e in frozen)
+  assert frozen and all(
+      e.official_key.startswith("backbone.") and ".norm." in e.official_key for e in frozen
+  )
 
 
 def test_transforms_and_constants(r50_entries):
   by_key = {e.official_key: e for e in r50_entries}
   assert by_key["backbone.stem.conv1.weight"].transform == on.CONV
   assert by_key["backbone.stem.conv1.weight"].flax_shape == (7, 7, 3, 64)
-  attn = by_key["sem_seg_head.predictor.transformer_self_attention_layers.3.self_attn.in_proj_weight"]
+  attn = by_key[
+      "sem_seg_head.predictor.transformer_self_attention_layers.3.self_attn.in_proj_weight"
+  ]
   assert attn.transform == on.DENSE and attn.flax_path[-2:] == ("in_proj", "kernel")
   assert by_key["backbone.res3.0.conv2.norm.running_var"].collection == "batch_stats"
   assert by_key["backbone.res3.0.conv2.norm.weight"].collection == "frozen_params"
@@ -77,8 +86,9 @@ def test_array_round_trip():
   assert torch_conv[2, 1, 0, 4] == conv[0, 4, 1, 2]
   np.testing.assert_array_equal(on.from_torch_array(torch_conv, on.CONV), conv)
   dense = rng.normal(size=(7, 3))
-  np.testing.assert_array_equal(on.from_torch_array(on.to_torch_array(dense, on.DENSE), on.DENSE),
-                                dense)
+  np.testing.assert_array_equal(
+      on.from_torch_array(on.to_torch_array(dense, on.DENSE), on.DENSE), dense
+  )
   with pytest.raises(ValueError, match="rank-4"):
     on.to_torch_array(dense, on.CONV)
   with pytest.raises(ValueError, match="unknown transform"):
@@ -103,14 +113,19 @@ def test_bad_input_is_rejected():
   with pytest.raises(ValueError, match="expects model variables"):
     on.official_name_map(42)
   with pytest.raises(ValueError, match="class_embed"):
-    on.official_name_map({"params": {"backbone": {"stem": {"conv1": {"kernel": np.zeros((7, 7, 3, 8))}}}}})
+    on.official_name_map(
+        {"params": {"backbone": {"stem": {"conv1": {"kernel": np.zeros((7, 7, 3, 8))}}}}}
+    )
 
 
 def test_flax_to_official_key_rules():
   assert on.flax_to_official_key("params", ("pixel_decoder", "input_proj_2", "norm", "scale")) == (
-      "sem_seg_head.pixel_decoder.input_proj.2.1.weight")
-  assert on.flax_to_official_key("batch_stats", ("backbone", "res5_2", "conv3", "norm", "mean")) == (
-      "backbone.res5.2.conv3.norm.running_mean")
+      "sem_seg_head.pixel_decoder.input_proj.2.1.weight"
+  )
+  assert on.flax_to_official_key(
+      "batch_stats", ("backbone", "res5_2", "conv3", "norm", "mean")
+  ) == ("backbone.res5.2.conv3.norm.running_mean")
   assert on.flax_to_official_key("params", ("pixel_decoder", "adapter_1", "kernel")) == (
-      "sem_seg_head.pixel_decoder.adapter_1.weight")
+      "sem_seg_head.pixel_decoder.adapter_1.weight"
+  )
   assert math.prod(on.to_torch_shape((2, 3), on.DENSE)) == 6

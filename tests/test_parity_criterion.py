@@ -7,6 +7,7 @@ writes them. The official matcher and mask loss sample random points; the fixtur
 the points at the stride-4 cell centres, where the official costs and losses are the dense ones
 computed here. The official random-point matchings are stored too (`sampled_*`).
 """
+
 import functools
 import itertools
 import json
@@ -31,8 +32,10 @@ def _fixture(mode: str):
     arrays = {k: data[k] for k in data.files}
   meta = json.loads(str(arrays.pop("meta")))
   scale = meta["logit_scale"]
-  outputs = {"pred_logits": arrays["pred_logits_q"].astype(np.float32) / scale,
-             "pred_masks": arrays["pred_masks_q"].astype(np.float32) / scale}
+  outputs = {
+      "pred_logits": arrays["pred_logits_q"].astype(np.float32) / scale,
+      "pred_masks": arrays["pred_masks_q"].astype(np.float32) / scale,
+  }
   batch = {k: arrays[k] for k in ("frames", "boxes", "box_valid", "labels", "instance_valid")}
   if mode == "mask":
     width = batch["frames"].shape[3]
@@ -57,8 +60,9 @@ def _criterion_fn(mode: str):
     # checks 'map' against 'vmap', tests/test_losses.py the box windows against whole frames).
     config.layer_loop = "map"
     config.mask_free.box_window_fractions = ()
-  return jax.jit(lambda outputs, batch, step: criterion.set_criterion(outputs, batch, step,
-                                                                      config)[1])
+  return jax.jit(
+      lambda outputs, batch, step: criterion.set_criterion(outputs, batch, step, config)[1]
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,24 +75,32 @@ def _matching(mode: str):
   if mode == "box":
     box_valid = batch["box_valid"] & real[..., None]
     boxes = np.where(box_valid[..., None], batch["boxes"], 0.0)
-    targets = losses.box_masks_at_stride(jnp.asarray(boxes), jnp.asarray(box_valid),
-                                         batch["frames"].shape[2:4])
+    targets = losses.box_masks_at_stride(
+        jnp.asarray(boxes), jnp.asarray(box_valid), batch["frames"].shape[2:4]
+    )
   else:
     targets = criterion.downsample_instance_masks(jnp.asarray(batch["masks"]), 4)
     targets = jnp.where(real[:, :, None, None, None], targets, 0.0)
-  cost_kwargs = dict(mode=mode, class_weight=config.matcher.class_weight,
-                     mask_weight=config.matcher.mask_weight, dice_weight=config.matcher.dice_weight)
+  cost_kwargs = dict(
+      mode=mode,
+      class_weight=config.matcher.class_weight,
+      mask_weight=config.matcher.mask_weight,
+      dice_weight=config.matcher.dice_weight,
+  )
 
   @jax.jit
   def per_layer(pred_logits, pred_masks):
     costs = jax.vmap(functools.partial(matcher.clip_cost_matrix, **cost_kwargs))(
-        pred_logits, pred_masks, labels, targets, real)
-    matching = matcher.hungarian_match(pred_logits, pred_masks, labels, targets, real,
-                                       **cost_kwargs)
+        pred_logits, pred_masks, labels, targets, real
+    )
+    matching = matcher.hungarian_match(
+        pred_logits, pred_masks, labels, targets, real, **cost_kwargs
+    )
     return costs, jnp.where(matching.valid, matching.query_index, -1)
 
-  costs, query = jax.lax.map(lambda args: per_layer(*args),
-                             (outputs["pred_logits"], outputs["pred_masks"]))
+  costs, query = jax.lax.map(
+      lambda args: per_layer(*args), (outputs["pred_logits"], outputs["pred_masks"])
+  )
   costs = np.where(real[None, :, :, None], np.asarray(costs), np.nan)
   del arrays
   return costs, np.asarray(query)
@@ -103,8 +115,13 @@ def _assert_terms_equal(ours: dict, names: list, official: np.ndarray):
   extra = {k: v for k, v in official.items() if k not in ours and v != 0.0}
   assert not extra, f"official non-zero terms missing here: {extra}"
   keys = sorted(ours)
-  np.testing.assert_allclose([ours[k] for k in keys], [official[k] for k in keys],
-                             rtol=1e-5, atol=1e-7, err_msg=f"terms {keys}")
+  np.testing.assert_allclose(
+      [ours[k] for k in keys],
+      [official[k] for k in keys],
+      rtol=1e-5,
+      atol=1e-7,
+      err_msg=f"terms {keys}",
+  )
 
 
 @pytest.mark.parametrize("call", range(len(BOX_STEPS)), ids=[f"step{s}" for s in BOX_STEPS])
@@ -132,8 +149,9 @@ def test_mask_terms_match_official():
 def test_warmup_counter_matches_official():
   arrays, _, _, _ = _fixture("box")
   num_layers = arrays["pred_logits_q"].shape[0]
-  ours = [criterion.layer_warmup_steps(step, num_layers, counts_layer_calls=True)
-          for step in BOX_STEPS]
+  ours = [
+      criterion.layer_warmup_steps(step, num_layers, counts_layer_calls=True) for step in BOX_STEPS
+  ]
   np.testing.assert_array_equal(np.stack(ours), arrays["official_iters"])
 
 
@@ -183,8 +201,9 @@ def test_matching_agrees_with_sampled_official_beyond_noise(mode):
     cost = costs[layer, clip][real]
     if _provably_same_assignment(cost, sampled_costs[layer, clip][real] - cost):
       decided += 1
-      np.testing.assert_array_equal(sampled_query[layer, clip], query[layer, clip],
-                                    err_msg=f"layer {layer} clip {clip}")
+      np.testing.assert_array_equal(
+          sampled_query[layer, clip], query[layer, clip], err_msg=f"layer {layer} clip {clip}"
+      )
   # Enough layers are decided for the check to mean something (13 box, 16 mask of 20 when made).
   assert decided >= costs.shape[0] * costs.shape[1] // 2
 
@@ -198,14 +217,19 @@ def test_point_sampled_mask_losses_match_official():
   gather = np.maximum(query, 0)[..., None, None, None]
   matched_masks = np.take_along_axis(outputs["pred_masks"], gather, axis=2)  # [L, B, N, T, h, w]
   per_layer = jax.vmap(criterion.point_sampled_mask_losses, in_axes=(0, None, None, 0, None))(
-      matched_masks, batch["masks"], arrays["points_coords"], matched, num_masks)
+      matched_masks, batch["masks"], arrays["points_coords"], matched, num_masks
+  )
   official = dict(zip(meta["loss_names"], arrays["points_losses"]))
   weights = _config("mask").weights
   num_layers = query.shape[0]
   for name in ("loss_mask", "loss_dice"):
     names = [f"{name}_{i}" for i in range(num_layers - 1)] + [name]
-    np.testing.assert_allclose(np.asarray(per_layer[name]) * weights[name],
-                               [official[n] for n in names], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+        np.asarray(per_layer[name]) * weights[name],
+        [official[n] for n in names],
+        rtol=1e-5,
+        err_msg=name,
+    )
 
 
 def test_importance_points_match_official():
@@ -214,8 +238,11 @@ def test_importance_points_match_official():
   settings = meta["importance"]
   logits = arrays["importance_logits_q"].astype(np.float32) / meta["logit_scale"]
   coords = criterion.uncertain_point_coords(
-      logits, arrays["importance_candidates"], arrays["importance_random"],
-      int(settings["importance_sample_ratio"] * settings["num_points"]))
+      logits,
+      arrays["importance_candidates"],
+      arrays["importance_random"],
+      int(settings["importance_sample_ratio"] * settings["num_points"]),
+  )
   np.testing.assert_array_equal(np.asarray(coords), arrays["importance_coords"])
 
 

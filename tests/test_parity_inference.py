@@ -5,6 +5,7 @@ model input size) and what the official eval forward returned for them: upsampli
 size, crop, resize to the original size, top-10 (query, class) pairs, logit > 0.
 `tools/official_parity/inference.py` writes it.
 """
+
 import json
 import pathlib
 
@@ -24,14 +25,17 @@ def _case(name: str):
   with np.load(FIXTURES / "parity_inference.npz") as data:
     arrays = {k: data[k] for k in data.files if k.startswith(name + "_") or k == "meta"}
   scale = json.loads(str(arrays["meta"]))["logit_scale"]
-  image_size, original_size, padded_size = (tuple(int(v) for v in row)
-                                            for row in arrays[f"{name}_sizes"])
+  image_size, original_size, padded_size = (
+      tuple(int(v) for v in row) for row in arrays[f"{name}_sizes"]
+  )
   logits = arrays[f"{name}_pred_logits_q"].astype(np.float32) / scale
   masks = arrays[f"{name}_pred_masks_q"].astype(np.float32) / scale
-  official_masks = np.unpackbits(arrays[f"{name}_masks_packed"], axis=-1,
-                                 count=original_size[1]).astype(bool)
-  ours = inference.postprocess_video(logits, masks, image_size=image_size,
-                                     output_size=original_size, padded_size=padded_size)
+  official_masks = np.unpackbits(
+      arrays[f"{name}_masks_packed"], axis=-1, count=original_size[1]
+  ).astype(bool)
+  ours = inference.postprocess_video(
+      logits, masks, image_size=image_size, output_size=original_size, padded_size=padded_size
+  )
   official = (arrays[f"{name}_scores"], arrays[f"{name}_labels"], official_masks)
   return [np.asarray(x) for x in ours], official
 

@@ -6,6 +6,7 @@ model ran on weights exported from `random_variables(r50, seed)` and on a batch 
 frames of 64x96 (the second clip 50x70, padded). These tests regenerate the same variables from the
 seed (checked against the exported state_dict's sha256) and need no official code.
 """
+
 import functools
 import json
 
@@ -58,12 +59,16 @@ def r50(forward_fixture, train_fixture):
   variables = export_testing.random_variables(config, seed=forward_meta["variables_seed"])
   state_dict, _ = export.export_state_dict(variables, config)
   digest = export_testing.state_dict_sha256(state_dict)
-  for name, meta in [("parity_model_forward.npz", forward_meta),
-                     ("parity_train_step.npz", train_meta)]:
+  for name, meta in [
+      ("parity_model_forward.npz", forward_meta),
+      ("parity_train_step.npz", train_meta),
+  ]:
     if meta["state_dict_sha256"] != digest:
-      pytest.fail(f"tests/fixtures/{name} was made from other weights than "
-                  f"random_variables(r50, seed={meta['variables_seed']}) gives now "
-                  f"(the generator or the model's variables changed); regenerate: {REGENERATE}")
+      pytest.fail(
+          f"tests/fixtures/{name} was made from other weights than "
+          f"random_variables(r50, seed={meta['variables_seed']}) gives now "
+          f"(the generator or the model's variables changed); regenerate: {REGENERATE}"
+      )
   return config, variables
 
 
@@ -76,8 +81,9 @@ def forward_outputs(r50, forward_fixture):
   data, _ = forward_fixture
   model = build_model(config)
   apply = jax.jit(functools.partial(model.apply, train=False))
-  outputs = apply.lower(variables, data["frames"], data["image_valid"]).compile(
-      COMPILER_OPTIONS)(variables, data["frames"], data["image_valid"])
+  outputs = apply.lower(variables, data["frames"], data["image_valid"]).compile(COMPILER_OPTIONS)(
+      variables, data["frames"], data["image_valid"]
+  )
   return {k: np.asarray(outputs[k]) for k in ("pred_logits", "pred_masks")}
 
 
@@ -93,8 +99,13 @@ def test_forward_matches_official_every_layer(forward_outputs, forward_fixture, 
   assert ours.shape == official.shape and official.shape[0] == 10
   for layer in range(official.shape[0]):
     scale = np.abs(official[layer]).max()
-    np.testing.assert_allclose(ours[layer], official[layer], rtol=1e-4, atol=1e-4 * scale,
-                               err_msg=f"{name} of layer {layer}")
+    np.testing.assert_allclose(
+        ours[layer],
+        official[layer],
+        rtol=1e-4,
+        atol=1e-4 * scale,
+        err_msg=f"{name} of layer {layer}",
+    )
 
 
 def test_padded_clip_is_padded(forward_fixture):
@@ -116,8 +127,9 @@ def parity_loss(outputs, batch, step, coefficients):
   """
   del batch, step
   c = coefficients
-  mask_weights = jnp.einsum("q,t,y,x->qtyx", c["query_weights"], c["frame_weights"],
-                            c["row_weights"], c["col_weights"])
+  mask_weights = jnp.einsum(
+      "q,t,y,x->qtyx", c["query_weights"], c["frame_weights"], c["row_weights"], c["col_weights"]
+  )
   class_term = (jax.nn.log_softmax(outputs["pred_logits"], -1) * c["class_weights"]).mean((1, 2, 3))
   mask_term = (jax.nn.sigmoid(outputs["pred_masks"]) * mask_weights).mean((1, 2, 3, 4, 5))
   return jnp.sum(class_term + mask_term), {}
@@ -127,15 +139,20 @@ def parity_loss(outputs, batch, step, coefficients):
 def trainer(train_fixture):
   """The project's real trainer (`build_trainer`, the official optimizer recipe) for R50."""
   data, _ = train_fixture
-  config = ml_collections.ConfigDict({"model": get_model_config("r50"),
-                                      "train": train_lib.default_train_config()})
-  coefficients = {k: data[k] for k in ("class_weights", "query_weights", "frame_weights",
-                                       "row_weights", "col_weights")}
+  config = ml_collections.ConfigDict(
+      {"model": get_model_config("r50"), "train": train_lib.default_train_config()}
+  )
+  coefficients = {
+      k: data[k]
+      for k in ("class_weights", "query_weights", "frame_weights", "row_weights", "col_weights")
+  }
   batch = {"frames": data["frames"], "image_valid": data["image_valid"]}
   return train_lib.build_trainer(
-      config, train_lib.abstract_batch(batch),
+      config,
+      train_lib.abstract_batch(batch),
       loss_fn=functools.partial(parity_loss, coefficients=coefficients),
-      mesh=sharding_lib.create_mesh(1, jax.devices()[:1]))
+      mesh=sharding_lib.create_mesh(1, jax.devices()[:1]),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +163,14 @@ def train_step_result(r50, trainer, train_fixture):
   batch = {"frames": data["frames"], "image_valid": data["image_valid"]}
   params = variables["params"]
   state = train_lib.TrainState(
-      step=jnp.zeros([], jnp.int32), params=params, opt_state=trainer.tx.init(params),
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      opt_state=trainer.tx.init(params),
       model_state={k: v for k, v in variables.items() if k != "params"},
       rng=jax.random.key_data(jax.random.key(0)),
-      nonfinite_consecutive=jnp.zeros([], jnp.int32), nonfinite_total=jnp.zeros([], jnp.int32))
+      nonfinite_consecutive=jnp.zeros([], jnp.int32),
+      nonfinite_total=jnp.zeros([], jnp.int32),
+  )
   state = jax.device_put(state, trainer.state_shardings)
   step = trainer.train_step.lower(state, batch).compile(COMPILER_OPTIONS)
   new_state, metrics = step(state, batch)
@@ -184,18 +205,22 @@ TRACKED_IDS = [k.replace("sem_seg_head.", "") for k in TRACKED]
 def test_tracked_parameters_are_the_fixtures(train_fixture):
   data, meta = train_fixture
   assert sorted(meta["groups"]) == sorted(TRACKED)
-  assert sorted(k[len("update/"):] for k in data if k.startswith("update/")) == sorted(TRACKED)
+  assert sorted(k[len("update/") :] for k in data if k.startswith("update/")) == sorted(TRACKED)
 
 
 @pytest.mark.parametrize("key", TRACKED, ids=TRACKED_IDS)
-def test_train_step_clipped_gradient_matches_official(trainer, train_step_result, train_fixture,
-                                                      key):
+def test_train_step_clipped_gradient_matches_official(
+    trainer, train_step_result, train_fixture, key
+):
   """Adam's first moment after one step is (1 - b1) x the clipped gradient."""
   _, opt_state, _ = train_step_result
   data, _ = train_fixture
   label = traverse_util.flatten_dict(trainer.param_labels)[_official_entries()[key].flax_path]
-  moments = [mu for path, mu in optax.tree_utils.tree_get_all_with_path(opt_state, "mu")
-             if any(getattr(p, "key", None) == label for p in path)]
+  moments = [
+      mu
+      for path, mu in optax.tree_utils.tree_get_all_with_path(opt_state, "mu")
+      if any(getattr(p, "key", None) == label for p in path)
+  ]
   assert len(moments) == 1, (key, label)
   train_config = train_lib.default_train_config()
   ours = _ours_in_torch_layout(moments[0], key) / (1.0 - train_config.adam_b1)
@@ -218,8 +243,7 @@ def test_train_step_update_matches_official(r50, train_step_result, train_fixtur
   data, meta = train_fixture
   lr, _ = meta["groups"][key]
   eps = train_lib.default_train_config().adam_eps
-  ours = (_ours_in_torch_layout(new_params, key)
-          - _ours_in_torch_layout(variables["params"], key))
+  ours = _ours_in_torch_layout(new_params, key) - _ours_in_torch_layout(variables["params"], key)
   official = data[f"update/{key}"]
   clip_norm = train_lib.default_train_config().clip_grad_norm
   clipped_grad = np.abs(data[f"grad/{key}"]) * clip_norm / float(data["grad_norm"])
@@ -228,7 +252,8 @@ def test_train_step_update_matches_official(r50, train_step_result, train_fixtur
   error = np.abs(ours - official)
   assert np.all(error <= bound), (
       f"{key}: {np.sum(error > bound)} of {error.size} elements off, worst "
-      f"{(error / lr).max():.3g} x lr")
+      f"{(error / lr).max():.3g} x lr"
+  )
   tight = bound <= 2e-2 * lr
   assert tight.mean() > 0.25, tight.mean()  # the check is not vacuous
   assert np.abs(official[tight]).max() > 0.5 * lr
@@ -242,8 +267,10 @@ def test_optimizer_groups_match_official(trainer, official_r50_reference):
       optimizer_lib.DEFAULT: (1.0, train_config.weight_decay),
       optimizer_lib.NO_DECAY: (1.0, train_config.weight_decay_norm),
       optimizer_lib.BACKBONE: (train_config.backbone_lr_multiplier, train_config.weight_decay),
-      optimizer_lib.BACKBONE_NO_DECAY: (train_config.backbone_lr_multiplier,
-                                        train_config.weight_decay_norm),
+      optimizer_lib.BACKBONE_NO_DECAY: (
+          train_config.backbone_lr_multiplier,
+          train_config.weight_decay_norm,
+      ),
   }
   labels = traverse_util.flatten_dict(trainer.param_labels)
   ours = {}

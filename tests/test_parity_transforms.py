@@ -5,6 +5,7 @@ The fixture holds a frame, a mask and boxes, and what the release's `ResizeShort
 through `apply_image`, `apply_segmentation` and `transform_instance_annotations`;
 `tools/official_parity/transforms.py` writes it.
 """
+
 import functools
 import json
 import pathlib
@@ -15,8 +16,14 @@ import pytest
 from maskfreevis_jax.data import transforms
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-CASES = ["resize_up", "resize_down_flip", "portrait_max_size", "rotate_flip", "rotate_portrait",
-         "crop_rotate_flip"]
+CASES = [
+    "resize_up",
+    "resize_down_flip",
+    "portrait_max_size",
+    "rotate_flip",
+    "rotate_portrait",
+    "crop_rotate_flip",
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,12 +44,16 @@ def _ours(name: str):
   crop_args, src_hw = {}, (height, width)
   if crop is not None:  # the pseudo-clip crop: pre-resize (max 1333), then a window of it
     pre_short, crop_yx, src_hw = crop
-    crop_args = dict(pre_hw=transforms.resized_shape(height, width, pre_short, 1333),
-                     crop_yx=tuple(crop_yx), crop_hw=tuple(src_hw))
+    crop_args = dict(
+        pre_hw=transforms.resized_shape(height, width, pre_short, 1333),
+        crop_yx=tuple(crop_yx),
+        crop_hw=tuple(src_hw),
+    )
   out_h, out_w = transforms.resized_shape(*src_hw, short, max_size)
   center_xy = None if center is None else (out_w * center[0], out_h * center[1])
-  transform = transforms.ClipTransform((height, width), (out_h, out_w), flip=flip, angle=angle,
-                                       center_xy=center_xy, **crop_args)
+  transform = transforms.ClipTransform(
+      (height, width), (out_h, out_w), flip=flip, angle=angle, center_xy=center_xy, **crop_args
+  )
   return transform, np.ascontiguousarray(frame), np.ascontiguousarray(mask), boxes
 
 
@@ -70,5 +81,6 @@ def test_mask_matches_official(name):
 @pytest.mark.parametrize("name", CASES)
 def test_boxes_match_official(name):
   transform, _, _, boxes = _ours(name)
-  np.testing.assert_allclose(transform.apply_boxes(boxes), _fixture()[0][f"{name}_boxes"],
-                             rtol=0, atol=1e-3)
+  np.testing.assert_allclose(
+      transform.apply_boxes(boxes), _fixture()[0][f"{name}_boxes"], rtol=0, atol=1e-3
+  )

@@ -35,8 +35,10 @@ def _remat_problem(policies: dict[str, str]):
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), frames)
   shapes = jax.eval_shape(model.apply, variables, frames)
   rng = np.random.default_rng(1)
-  weights = {k: jnp.asarray(rng.normal(size=shapes[k].shape), jnp.float32)
-             for k in ("pred_logits", "pred_masks")}
+  weights = {
+      k: jnp.asarray(rng.normal(size=shapes[k].shape), jnp.float32)
+      for k in ("pred_logits", "pred_masks")
+  }
 
   def loss_fn(params):
     outputs = model.apply({**variables, "params": params}, frames)
@@ -65,7 +67,8 @@ def test_remat_policies_change_no_loss_or_gradient():
   remat_loss_fn, _ = _remat_problem(dict.fromkeys(_REMAT_PARTS, "full"))
   # One compile for both, so the check stays cheap.
   loss, grads, remat_loss, remat_grads = jax.jit(
-      lambda p: jax.value_and_grad(loss_fn)(p) + jax.value_and_grad(remat_loss_fn)(p))(params)
+      lambda p: jax.value_and_grad(loss_fn)(p) + jax.value_and_grad(remat_loss_fn)(p)
+  )(params)
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
   chex.assert_trees_all_close(remat_grads, grads, rtol=1e-5, atol=1e-5)
 
@@ -102,8 +105,11 @@ def _synthetic_run(tmp_path, dtype: str, steps: int, num_batches: int):
   config.model.pixel_decoder.force_float32 = False
   iterator = input_pipeline.create_train_iterator(config, seed=0, global_batch_size=2)
   batches = [dict(next(iterator)) for _ in range(num_batches)]
-  trainer = train_lib.build_trainer(config, train_lib.abstract_batch(batches[0]),
-                                    mesh=sharding_lib.create_mesh(1, jax.devices()[:1]))
+  trainer = train_lib.build_trainer(
+      config,
+      train_lib.abstract_batch(batches[0]),
+      mesh=sharding_lib.create_mesh(1, jax.devices()[:1]),
+  )
   state = trainer.init_state(jax.random.key(0))
   history = []
   for step in range(steps):

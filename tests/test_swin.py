@@ -5,6 +5,7 @@ come from tools/official_parity/swin.py: the official code run on weights export
 `export.testing.random_variables(preset, seed)`; the tests regenerate those variables and
 check the sha256 of the exported tensors before comparing outputs.
 """
+
 import functools
 import json
 import pickle
@@ -51,8 +52,9 @@ def _seeded_variables(meta, prefix):
   config = get_model_config(meta["preset"])
   variables = testing.random_variables(config, seed=meta["seed"])
   state_dict, _ = export.export_state_dict(variables, config)
-  assert testing.state_dict_sha256(state_dict, prefix) == meta["sha256"], (
-      "regenerated variables differ from the fixture's weights; rerun tools/official_parity/swin.py")
+  assert (
+      testing.state_dict_sha256(state_dict, prefix) == meta["sha256"]
+  ), "regenerated variables differ from the fixture's weights; rerun tools/official_parity/swin.py"
   return config, variables
 
 
@@ -84,18 +86,26 @@ def test_swin_optimizer_groups_match_official(fixtures_dir):
   train_config = ml_collections.ConfigDict()
   optimizer_lib.default_optimizer_fields(train_config)
   frames = jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8)
-  module_types = optimizer_lib.module_types_by_path(build_model(config), jax.random.PRNGKey(0),
-                                                    frames)
+  module_types = optimizer_lib.module_types_by_path(
+      build_model(config), jax.random.PRNGKey(0), frames
+  )
   labels = optimizer_lib.param_labels(shapes["params"], train_config, module_types)
-  groups = {optimizer_lib.DEFAULT: (1.0, 0.05), optimizer_lib.NO_DECAY: (1.0, 0.0),
-            optimizer_lib.BACKBONE: (0.1, 0.05), optimizer_lib.BACKBONE_NO_DECAY: (0.1, 0.0)}
+  groups = {
+      optimizer_lib.DEFAULT: (1.0, 0.05),
+      optimizer_lib.NO_DECAY: (1.0, 0.0),
+      optimizer_lib.BACKBONE: (0.1, 0.05),
+      optimizer_lib.BACKBONE_NO_DECAY: (0.1, 0.0),
+  }
   ours = {}
   for path, label in traverse_util.flatten_dict(labels).items():
     key = re.sub(r"\.\d+\.", ".#.", official_names.flax_to_official_key("params", path))
     ours.setdefault(key, set()).add((reference["base_lr"] * groups[label][0], groups[label][1]))
   assert set(ours) == set(official)
-  wrong = {k: (sorted(ours[k]), sorted(official[k])) for k in ours
-           if not np.allclose(sorted(ours[k]), sorted(official[k]))}
+  wrong = {
+      k: (sorted(ours[k]), sorted(official[k]))
+      for k in ours
+      if not np.allclose(sorted(ours[k]), sorted(official[k]))
+  }
   assert not wrong, list(wrong.items())[:5]
 
 
@@ -123,8 +133,12 @@ def test_swint_backbone_matches_official(fixtures_dir):
   config, variables = _seeded_variables(meta, "backbone.")
   bb = config.backbone
   backbone = swin.SwinTransformer(
-      embed_dim=bb.embed_dim, depths=tuple(bb.depths), num_heads=tuple(bb.num_heads),
-      window_size=bb.window_size, drop_path_rate=bb.drop_path_rate)
+      embed_dim=bb.embed_dim,
+      depths=tuple(bb.depths),
+      num_heads=tuple(bb.num_heads),
+      window_size=bb.window_size,
+      drop_path_rate=bb.drop_path_rate,
+  )
   x = (reference["frames"].astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
   ours = jax.jit(backbone.apply)({"params": variables["params"]["backbone"]}, x)
   assert sorted(ours) == ["res2", "res3", "res4", "res5"]
@@ -152,12 +166,19 @@ def test_swinl_state_dict_and_parameter_count(fixtures_dir):
   entries = official_names.official_name_map(shapes)
   assert {e.official_key: list(e.official_shape) for e in entries} == reference["state_dict"]
   assert official_names.num_official_parameters(entries) == reference["num_parameters"]
-  assert config.decoder.num_queries == reference["state_dict"][
-      "sem_seg_head.predictor.query_feat.weight"][0] == 200
-  index_keys = [e.official_key for e in entries if e.official_key.endswith(
-      official_names.RELATIVE_POSITION_INDEX_SUFFIX)]
-  assert sorted(index_keys) == sorted(k for k, d in reference["non_float32"].items()
-                                      if d == "int64")
+  assert (
+      config.decoder.num_queries
+      == reference["state_dict"]["sem_seg_head.predictor.query_feat.weight"][0]
+      == 200
+  )
+  index_keys = [
+      e.official_key
+      for e in entries
+      if e.official_key.endswith(official_names.RELATIVE_POSITION_INDEX_SUFFIX)
+  ]
+  assert sorted(index_keys) == sorted(
+      k for k, d in reference["non_float32"].items() if d == "int64"
+  )
 
 
 def _tiny_swin_checkpoint(layout):
@@ -171,19 +192,31 @@ def _tiny_swin_checkpoint(layout):
     return config, source, state_dict
   # ImageNet layout: backbone names without 'backbone.', no output norms, a final norm and a
   # classification head, and the shifted blocks' attn_mask buffers.
-  imagenet = {k[len("backbone."):]: v for k, v in state_dict.items()
-              if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
-  imagenet.update({"norm.weight": np.ones(128, np.float32), "norm.bias": np.zeros(128, np.float32),
-                   "head.weight": np.zeros((1000, 128), np.float32),
-                   "head.bias": np.zeros(1000, np.float32),
-                   "layers.0.blocks.1.attn_mask": swin.shifted_window_mask(8, 8, 4, 2)})
+  imagenet = {
+      k[len("backbone.") :]: v
+      for k, v in state_dict.items()
+      if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)
+  }
+  imagenet.update(
+      {
+          "norm.weight": np.ones(128, np.float32),
+          "norm.bias": np.zeros(128, np.float32),
+          "head.weight": np.zeros((1000, 128), np.float32),
+          "head.bias": np.zeros(1000, np.float32),
+          "layers.0.blocks.1.attn_mask": swin.shifted_window_mask(8, 8, 4, 2),
+      }
+  )
   return config, source, imagenet
 
 
-@pytest.mark.parametrize("layout", ["mask2former_pkl", "converted_imagenet_pkl", "microsoft_pth"],
-                         ids=["mask2former_coco_pkl", "convert_swin_to_d2_pkl", "microsoft_pth"])
+@pytest.mark.parametrize(
+    "layout",
+    ["mask2former_pkl", "converted_imagenet_pkl", "microsoft_pth"],
+    ids=["mask2former_coco_pkl", "convert_swin_to_d2_pkl", "microsoft_pth"],
+)
 def test_swin_checkpoint_layouts_load(tmp_path, layout):
   import torch  # pylint: disable=g-import-not-at-top
+
   config, source, state_dict = _tiny_swin_checkpoint(layout)
   if layout == "mask2former_pkl":
     path = tmp_path / "model_final_swin.pkl"
@@ -193,8 +226,14 @@ def test_swin_checkpoint_layouts_load(tmp_path, layout):
     # What tools/convert-pretrained-swin-model-to-d2.py writes: torch tensors, plain pickle.
     path = tmp_path / "swin_imagenet.pkl"
     with open(path, "wb") as f:
-      pickle.dump({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()},
-                   "__author__": "third_party", "matching_heuristics": True}, f)
+      pickle.dump(
+          {
+              "model": {k: torch.from_numpy(v) for k, v in state_dict.items()},
+              "__author__": "third_party",
+              "matching_heuristics": True,
+          },
+          f,
+      )
   else:
     path = tmp_path / "swin_imagenet.pth"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, path)
@@ -205,22 +244,23 @@ def test_swin_checkpoint_layouts_load(tmp_path, layout):
   if layout == "mask2former_pkl":
     _assert_trees_equal(loaded["params"]["backbone"], backbone_src)
     assert [k for k, _, _ in report.shape_mismatched] == [
-        "sem_seg_head.predictor.class_embed.bias", "sem_seg_head.predictor.class_embed.weight"]
+        "sem_seg_head.predictor.class_embed.bias",
+        "sem_seg_head.predictor.class_embed.weight",
+    ]
     assert not report.missing
     assert sorted(report.skipped) == ["criterion._iter", "criterion.empty_weight"]
     assert len(report.regenerated) == 8  # one relative_position_index per block
     return
   # Everything of the backbone but its output norms comes from the checkpoint.
   output_norms = {f"norm{i}" for i in range(4)}
-  _assert_trees_equal({k: v for k, v in loaded["params"]["backbone"].items()
-                               if k not in output_norms},
-                              {k: v for k, v in backbone_src.items() if k not in output_norms})
-  _assert_trees_equal(loaded["params"]["backbone"]["norm0"],
-                              fresh["params"]["backbone"]["norm0"])
+  _assert_trees_equal(
+      {k: v for k, v in loaded["params"]["backbone"].items() if k not in output_norms},
+      {k: v for k, v in backbone_src.items() if k not in output_norms},
+  )
+  _assert_trees_equal(loaded["params"]["backbone"]["norm0"], fresh["params"]["backbone"]["norm0"])
   assert sorted(report.skipped) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
   assert "layers.0.blocks.1.attn_mask" in report.regenerated and len(report.regenerated) == 9
-  assert all(k.startswith("sem_seg_head.") or k.startswith("backbone.norm")
-             for k in report.missing)
+  assert all(k.startswith("sem_seg_head.") or k.startswith("backbone.norm") for k in report.missing)
 
 
 # case -> (checkpoint preset, its backbone overrides, model preset)
@@ -233,13 +273,17 @@ _MISMATCHES = {
 }
 
 
-@pytest.mark.parametrize("case, message", [
-    ("resnet_into_swin", r"holds a ResNet backbone .* has a Swin backbone .*backbone mismatch"),
-    ("swin_into_resnet", r"holds a Swin backbone .* has a ResNet backbone .*backbone mismatch"),
-    ("swin_depth", r"its layers\.2 has 4 blocks, model 'tiny_swin' has 2"),
-    ("swin_width", r"its embed dim is 32, model 'tiny_swin' has 16"),
-    ("swin_window", r"its window is 7, model 'tiny_swin' has 4"),
-], ids=["resnet_into_swin", "swin_into_resnet", "swin_depth", "swin_width", "swin_window"])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("resnet_into_swin", r"holds a ResNet backbone .* has a Swin backbone .*backbone mismatch"),
+        ("swin_into_resnet", r"holds a Swin backbone .* has a ResNet backbone .*backbone mismatch"),
+        ("swin_depth", r"its layers\.2 has 4 blocks, model 'tiny_swin' has 2"),
+        ("swin_width", r"its embed dim is 32, model 'tiny_swin' has 16"),
+        ("swin_window", r"its window is 7, model 'tiny_swin' has 4"),
+    ],
+    ids=["resnet_into_swin", "swin_into_resnet", "swin_depth", "swin_width", "swin_window"],
+)
 def test_backbone_mismatch_is_an_error(tmp_path, case, message):
   checkpoint_preset, overrides, model_preset = _MISMATCHES[case]
   checkpoint_config, checkpoint_variables = _random_variables(checkpoint_preset, 0, **overrides)
@@ -262,8 +306,9 @@ def test_export_writes_regenerated_index_buffers():
 
 
 def _small_swin(**kwargs):
-  return swin.SwinTransformer(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3,
-                              drop_path_rate=0.5, **kwargs)
+  return swin.SwinTransformer(
+      embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3, drop_path_rate=0.5, **kwargs
+  )
 
 
 @pytest.fixture(scope="module")
@@ -299,9 +344,14 @@ def test_bfloat16_compute_close_to_float32(small_swin_inputs):
 def test_pickled_torch_tensors_become_numpy(tmp_path):
   """Views (offset, strides), int64 and bfloat16 tensors of a plain pickle, without torch."""
   import torch  # pylint: disable=g-import-not-at-top
+
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 7
-  tensors = {"transposed": base.t(), "sliced": base[1:3, 2:5], "int64": torch.arange(5) * 3,
-             "bfloat16": base[0].to(torch.bfloat16)}
+  tensors = {
+      "transposed": base.t(),
+      "sliced": base[1:3, 2:5],
+      "int64": torch.arange(5) * 3,
+      "bfloat16": base[0].to(torch.bfloat16),
+  }
   path = tmp_path / "tensors.pkl"
   with open(path, "wb") as f:
     pickle.dump({"model": tensors, "__author__": "third_party"}, f)
@@ -318,12 +368,23 @@ def test_swinl_recipe_follows_the_release():
   config = load_config("maskfreevis:ytvis19_swinl")
   t = config.train
   assert (config.model.name, config.model.decoder.num_queries) == ("swinl", 200)
-  assert (config.model.backbone.embed_dim, tuple(config.model.backbone.depths),
-          tuple(config.model.backbone.num_heads), config.model.backbone.window_size,
-          config.model.backbone.drop_path_rate) == (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 0.3)
+  assert (
+      config.model.backbone.embed_dim,
+      tuple(config.model.backbone.depths),
+      tuple(config.model.backbone.num_heads),
+      config.model.backbone.window_size,
+      config.model.backbone.drop_path_rate,
+  ) == (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 0.3)
   assert (t.batch_size, t.lr, t.steps, tuple(t.lr_decay_steps)) == (8, 5e-5, 140000, (75000,))
   assert (t.weight_decay, t.backbone_lr_multiplier, t.clip_grad_norm, t.seed) == (
-      0.05, 0.1, 0.01, 29118357)
+      0.05,
+      0.1,
+      0.01,
+      29118357,
+  )
   assert (config.data.name, config.data.min_size_test, tuple(config.data.min_size_train)) == (
-      "ytvis+coco_pseudo", 480, (360, 480))
+      "ytvis+coco_pseudo",
+      480,
+      (360, 480),
+  )
   assert config.init_from_required == "model_final_e5f453.pkl"

@@ -39,8 +39,9 @@ def test_tiny_box_supervised_loss_goes_down(tmp_path):
   @jax.jit
   def step(params, opt_state, i):
     def loss_fn(p):
-      outputs = model.apply({"params": p, **others}, batch["frames"],
-                            image_valid=batch["image_valid"])
+      outputs = model.apply(
+          {"params": p, **others}, batch["frames"], image_valid=batch["image_valid"]
+      )
       return criterion.set_criterion(outputs, batch, i, crit)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -76,10 +77,12 @@ def box_recipe_mask_saturation(config, steps: int) -> tuple[float, list[float], 
   last batch, the projection losses and the total losses."""
   from maskfreevis_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
   iterator = input_pipeline.create_train_iterator(config, seed=0, global_batch_size=2)
   batch = dict(next(iterator))
-  trainer = train_lib.build_trainer(config, train_lib.abstract_batch(batch),
-                                    mesh=sharding_lib.create_mesh(1, jax.devices()[:1]))
+  trainer = train_lib.build_trainer(
+      config, train_lib.abstract_batch(batch), mesh=sharding_lib.create_mesh(1, jax.devices()[:1])
+  )
   state, step_fn = train_lib.initial_train_state(trainer, config), trainer.train_step
   model = trainer.model
   projections, totals = [], []
@@ -88,8 +91,11 @@ def box_recipe_mask_saturation(config, steps: int) -> tuple[float, list[float], 
     projections.append(float(metrics["loss_mask_proj"]))
     totals.append(float(metrics["loss"]))
     batch = next(iterator)
-  outputs = model.apply({"params": state.params, **state.model_state}, batch["frames"],
-                        image_valid=batch["image_valid"])
+  outputs = model.apply(
+      {"params": state.params, **state.model_state},
+      batch["frames"],
+      image_valid=batch["image_valid"],
+  )
   logits = np.asarray(outputs["pred_masks"][-1])
   return float(np.mean(np.abs(logits) > 6.0)), projections, totals
 

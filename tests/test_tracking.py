@@ -1,4 +1,5 @@
 """Identity switches (CLEAR MOT rule) of predicted tracks against ground truth."""
+
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -11,7 +12,7 @@ NUM_FRAMES = 6
 
 def _square(y: int, x: int, side: int = 8) -> np.ndarray:
   mask = np.zeros((SIZE, SIZE), bool)
-  mask[y:y + side, x:x + side] = True
+  mask[y : y + side, x : x + side] = True
   return mask
 
 
@@ -20,7 +21,7 @@ def _track(masks) -> list:
   track = []
   for m in masks:
     rle = None if m is None else mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-    track.append(rle and {'size': rle['size'], 'counts': rle['counts'].decode()})
+    track.append(rle and {"size": rle["size"], "counts": rle["counts"].decode()})
   return track
 
 
@@ -51,9 +52,11 @@ def _lost_and_refound_by_another():
   return [_track(early), _track(late), _track(OBJECT_B)], 1
 
 
-@pytest.mark.parametrize('make_prediction', [_duplicates_alternating, _swap_at_frame_3,
-                                             _lost_and_refound_by_another],
-                         ids=['duplicates-no-switch', 'swap-two-switches', 'refound-one-switch'])
+@pytest.mark.parametrize(
+    "make_prediction",
+    [_duplicates_alternating, _swap_at_frame_3, _lost_and_refound_by_another],
+    ids=["duplicates-no-switch", "swap-two-switches", "refound-one-switch"],
+)
 def test_identity_switches(make_prediction):
   predicted, expected_switches = make_prediction()
   summary = tracking.identity_switches(GT, predicted)
@@ -75,11 +78,14 @@ def test_matched_counts_only_overlaps_above_the_threshold():
 
 def test_tracks_from_results_merges_a_query_kept_with_two_classes():
   a, b = _track(OBJECT_A), _track(OBJECT_B)
-  results = [{'score': 0.2, 'segmentations': a}, {'score': 0.9, 'segmentations': b},
-             {'score': 0.5, 'segmentations': a}]
+  results = [
+      {"score": 0.2, "segmentations": a},
+      {"score": 0.9, "segmentations": b},
+      {"score": 0.5, "segmentations": a},
+  ]
   assert tracking.tracks_from_results(results) == [b, a]
 
 
 def test_tracks_of_different_lengths_are_an_error():
-  with pytest.raises(ValueError, match='same frames'):
+  with pytest.raises(ValueError, match="same frames"):
     tracking.identity_switches(GT, [_track(OBJECT_A[:3])])

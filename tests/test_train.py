@@ -6,6 +6,7 @@ The stand-ins (`maskfreevis_jax.testing`) follow the shared interfaces: the mode
 yields batches with frames / image_valid / boxes / box_valid / labels / instance_valid and has
 get_state/set_state.
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,8 +24,9 @@ def _setup(mesh, config, min_shard_size=2**18):
   """The real trainer (`train.build_trainer`) around the stand-in model and loss."""
   config.sharding.min_shard_size = min_shard_size
   spec = train_lib.abstract_batch(next(StandInIterator(config.train.batch_size)))
-  trainer = train_lib.build_trainer(config, spec, model=StandInModel(), loss_fn=stand_in_loss,
-                                    mesh=mesh)
+  trainer = train_lib.build_trainer(
+      config, spec, model=StandInModel(), loss_fn=stand_in_loss, mesh=mesh
+  )
   return train_lib.initial_train_state(trainer, config), trainer.train_step, trainer.param_labels
 
 
@@ -36,7 +38,8 @@ def test_sharding_equivalence_one_vs_eight_devices():
   for name, mesh, min_shard_size in (
       ("1 device", sharding_lib.create_mesh(1, jax.devices()[:1]), 2**18),
       ("8 devices", sharding_lib.create_mesh(1), 2**18),
-      ("4x2 model-sharded", sharding_lib.create_mesh(2), 8)):
+      ("4x2 model-sharded", sharding_lib.create_mesh(2), 8),
+  ):
     state, step_fn, _ = _setup(mesh, config, min_shard_size)
     stream = StandInIterator(config.train.batch_size, seed=3)
     losses = []
@@ -75,8 +78,10 @@ def test_nonfinite_step_is_skipped_and_counted():
   state, metrics = step_fn(state, sharding_lib.shard_batch(next(stream), mesh))  # good again
   assert float(metrics["skipped_nonfinite"]) == 0.0
   assert int(state.nonfinite_consecutive) == 0 and int(state.nonfinite_total) == 1
-  changed = [not np.array_equal(a, b) for a, b in
-             zip(jax.tree.leaves(after[0]), jax.tree.leaves(jax.device_get(state.params)))]
+  changed = [
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(after[0]), jax.tree.leaves(jax.device_get(state.params)))
+  ]
   assert any(changed)
 
 
@@ -84,8 +89,9 @@ def test_training_stops_after_consecutive_nonfinite_steps(tmp_path):
   config = make_config(steps=10, max_consecutive_nonfinite=3, checkpoint_every=100)
   stream = StandInIterator(8, poison_steps={1, 2, 3, 4, 5, 6, 7, 8, 9})
   with pytest.raises(train_lib.NonFiniteLossError, match=r"NaN/inf for 3 consecutive steps"):
-    train_lib.train(config, tmp_path, model=StandInModel(), loss_fn=stand_in_loss,
-                    train_iterator=stream)
+    train_lib.train(
+        config, tmp_path, model=StandInModel(), loss_fn=stand_in_loss, train_iterator=stream
+    )
   # Stopped soon after the 3rd bad step (one step of look-behind), not at the end.
   assert stream.index <= 6
 
@@ -93,16 +99,24 @@ def test_training_stops_after_consecutive_nonfinite_steps(tmp_path):
 def test_isolated_nonfinite_steps_do_not_stop_training(tmp_path):
   config = make_config(steps=6, max_consecutive_nonfinite=2)
   stream = StandInIterator(8, poison_steps={1, 3})
-  result = train_lib.train(config, tmp_path, model=StandInModel(), loss_fn=stand_in_loss,
-                           train_iterator=stream)
+  result = train_lib.train(
+      config, tmp_path, model=StandInModel(), loss_fn=stand_in_loss, train_iterator=stream
+  )
   assert result.step == 6
   assert int(result.state.nonfinite_total) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(result.state.params)))
 
 
 def test_optimizer_groups_and_official_recipe():
-  config = make_config(lr=1e-4, weight_decay=0.05, clip_grad_norm=0.01, lr_decay_steps=(4000,),
-                       warmup_steps=10, warmup_factor=1.0, backbone_lr_multiplier=0.1)
+  config = make_config(
+      lr=1e-4,
+      weight_decay=0.05,
+      clip_grad_norm=0.01,
+      lr_decay_steps=(4000,),
+      warmup_steps=10,
+      warmup_factor=1.0,
+      backbone_lr_multiplier=0.1,
+  )
   model = StandInModel()
   batch = next(StandInIterator(2))
   variables = jax.jit(lambda b: train_lib.init_variables(model, b, jax.random.key(0)))(batch)
@@ -112,7 +126,7 @@ def test_optimizer_groups_and_official_recipe():
   assert labels["backbone_conv"]["kernel"] == optimizer_lib.BACKBONE
   assert labels["backbone_norm"]["scale"] == optimizer_lib.BACKBONE_NO_DECAY  # norm by type
   assert labels["LayerNorm_0"]["bias"] == optimizer_lib.NO_DECAY
-  assert labels["query_feat"] == optimizer_lib.NO_DECAY                        # embedding by name
+  assert labels["query_feat"] == optimizer_lib.NO_DECAY  # embedding by name
   assert labels["layer_0"]["kernel"] == optimizer_lib.DEFAULT
 
   # One step by hand: clip by global norm 0.01, AdamW (first step: m/sqrt(v) = sign(g)), wd 0.05.
@@ -120,10 +134,14 @@ def test_optimizer_groups_and_official_recipe():
   grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   lr = 1e-4
-  np.testing.assert_allclose(updates["layer_0"]["kernel"],
-                             -lr * (1.0 + 0.05 * params["layer_0"]["kernel"]), rtol=1e-4)
-  np.testing.assert_allclose(updates["backbone_conv"]["kernel"],
-                             -0.1 * lr * (1.0 + 0.05 * params["backbone_conv"]["kernel"]), rtol=1e-4)
+  np.testing.assert_allclose(
+      updates["layer_0"]["kernel"], -lr * (1.0 + 0.05 * params["layer_0"]["kernel"]), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+      updates["backbone_conv"]["kernel"],
+      -0.1 * lr * (1.0 + 0.05 * params["backbone_conv"]["kernel"]),
+      rtol=1e-4,
+  )
   np.testing.assert_allclose(updates["backbone_norm"]["scale"], -0.1 * lr, rtol=1e-4)
   np.testing.assert_allclose(updates["query_feat"], -lr, rtol=1e-4)
 
@@ -137,8 +155,9 @@ def test_optimizer_groups_and_official_recipe():
 
 
 def test_learning_rate_schedule_matches_warmup_multistep():
-  cfg = make_config(lr=1e-4, warmup_steps=10, warmup_factor=0.001, lr_decay_steps=(40, 60),
-                    lr_decay_factor=0.1).train
+  cfg = make_config(
+      lr=1e-4, warmup_steps=10, warmup_factor=0.001, lr_decay_steps=(40, 60), lr_decay_factor=0.1
+  ).train
   schedule = optimizer_lib.learning_rate_schedule(cfg)
   for step in (0, 5, 9, 10, 39, 40, 59, 60, 100):
     alpha = step / 10
@@ -148,8 +167,13 @@ def test_learning_rate_schedule_matches_warmup_multistep():
 
 
 def test_progress_line_and_overlay():
-  line = train_lib.progress_line(120, 3000, {"loss": 3.4, "loss_ce": 0.5, "loss_mask_proj": 0.2,
-                                             "grad_norm": 1.0, "learning_rate": 1e-4}, 2.5, 3725)
+  line = train_lib.progress_line(
+      120,
+      3000,
+      {"loss": 3.4, "loss_ce": 0.5, "loss_mask_proj": 0.2, "grad_norm": 1.0, "learning_rate": 1e-4},
+      2.5,
+      3725,
+  )
   assert line.startswith("step 120/3000 | loss 3.4000 | ce 0.5000 proj 0.2000")
   assert "2.50 clips/s" in line and "ETA 1:02:05" in line
   frames = np.zeros((2, 8, 8, 3), np.uint8)

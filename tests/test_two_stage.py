@@ -1,4 +1,5 @@
 """Tests of the embedded two-stage default: still images, stage-1 cache, init of stage 2."""
+
 import json
 import pathlib
 
@@ -50,10 +51,12 @@ def _small_stage1_config():
 
 
 def test_still_images_are_coco_instances_with_masks(tmp_path):
-  path = synthetic_images.write_coco_instances(str(tmp_path / "a"), num_images=6, size=(48, 64),
-                                               seed=3)
+  path = synthetic_images.write_coco_instances(
+      str(tmp_path / "a"), num_images=6, size=(48, 64), seed=3
+  )
   images, class_names = coco_pseudo.load_coco_instances(
-      path, target_class_names=synthetic.SHAPE_CLASSES)
+      path, target_class_names=synthetic.SHAPE_CLASSES
+  )
   assert class_names == list(synthetic.SHAPE_CLASSES) and len(images) == 6
   data = json.loads(open(path).read())
   assert {c["name"] for c in data["categories"]} == set(synthetic.SHAPE_CLASSES)
@@ -64,10 +67,12 @@ def test_still_images_are_coco_instances_with_masks(tmp_path):
     assert (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) == (x, y, w, h)
     assert ann["area"] == mask.sum() >= 16
   # Deterministic, and another seed draws other images.
-  again = synthetic_images.write_coco_instances(str(tmp_path / "b"), num_images=6, size=(48, 64),
-                                                seed=3)
-  other = synthetic_images.write_coco_instances(str(tmp_path / "c"), num_images=6, size=(48, 64),
-                                                seed=4)
+  again = synthetic_images.write_coco_instances(
+      str(tmp_path / "b"), num_images=6, size=(48, 64), seed=3
+  )
+  other = synthetic_images.write_coco_instances(
+      str(tmp_path / "c"), num_images=6, size=(48, 64), seed=4
+  )
   assert json.loads(open(again).read())["annotations"] == data["annotations"]
   assert json.loads(open(other).read())["annotations"] != data["annotations"]
 
@@ -81,20 +86,21 @@ def test_stage2_starts_from_the_stage1_weights(tmp_path):
   tensor left at its own initialisation shows)."""
   config = _small_stage2_config(tmp_path)
   iterator = train.build_train_iterator(config)
-  trainer = train.build_trainer(config, train.abstract_batch(next(iterator)),
-                                mesh=_one_device_mesh())
+  trainer = train.build_trainer(
+      config, train.abstract_batch(next(iterator)), mesh=_one_device_mesh()
+  )
   rng = np.random.default_rng(0)
-  stage1 = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
-                        {"params": trainer.abstract_state.params,
-                         **dict(trainer.abstract_state.model_state)})
+  stage1 = jax.tree.map(
+      lambda x: rng.normal(size=x.shape).astype(x.dtype),
+      {"params": trainer.abstract_state.params, **dict(trainer.abstract_state.model_state)},
+  )
   weights = tmp_path / "stage1.safetensors"
   export.export_checkpoint(stage1, config.model, weights, fmt="safetensors")
 
   config.init_from = str(weights)
   config.train.steps = 0  # train() initialises, saves step 0 and returns: no step compiled.
   result = train.train(config, tmp_path / "stage2", mesh=_one_device_mesh())
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params),
-               stage1["params"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params), stage1["params"])
 
 
 def test_stage1_cache_is_reused(tmp_path, monkeypatch):
@@ -106,11 +112,18 @@ def test_stage1_cache_is_reused(tmp_path, monkeypatch):
   def fake_train(cfg, workdir, **kwargs):
     del workdir, kwargs
     calls.append(cfg.data.coco.json)
-    state = train.TrainState(step=0, params={"w": np.full(2, len(calls))}, opt_state=None,
-                             model_state={}, rng=None, nonfinite_consecutive=0,
-                             nonfinite_total=0)
-    return train.TrainResult(state=state, step=int(cfg.train.steps), last_metrics={},
-                             preempted=False)
+    state = train.TrainState(
+        step=0,
+        params={"w": np.full(2, len(calls))},
+        opt_state=None,
+        model_state={},
+        rng=None,
+        nonfinite_consecutive=0,
+        nonfinite_total=0,
+    )
+    return train.TrainResult(
+        state=state, step=int(cfg.train.steps), last_metrics={}, preempted=False
+    )
 
   def fake_export(variables, model_config, out_path, **kwargs):
     del model_config, kwargs
@@ -140,8 +153,9 @@ def test_stage1_trains_and_exports(tmp_path):
   weights = two_stage.ensure_stage1(config, tmp_path / "stage1")
   stage2 = _small_stage2_config(tmp_path)
   iterator = train.build_train_iterator(stage2)
-  trainer = train.build_trainer(stage2, train.abstract_batch(next(iterator)),
-                                mesh=_one_device_mesh())
+  trainer = train.build_trainer(
+      stage2, train.abstract_batch(next(iterator)), mesh=_one_device_mesh()
+  )
   stage2.init_from = str(weights)
   state = train.initial_train_state(trainer, stage2)
   assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
@@ -150,12 +164,14 @@ def test_stage1_trains_and_exports(tmp_path):
 def _matched_class_accuracy(config, model, variables, batches) -> float:
   """Fraction of ground-truth objects whose query, matched as the criterion of `config` matches
   (Hungarian on class and mask costs), predicts their class."""
+
   @jax.jit
   def matched_logits(batch):
     outputs = model.apply(variables, batch["frames"], image_valid=batch["image_valid"])
     _, matching = criterion.criterion_layer_losses(outputs, batch, 0, config.criterion)
-    logits = jnp.take_along_axis(outputs["pred_logits"][-1],
-                                 matching.query_index[-1][..., None], axis=1)
+    logits = jnp.take_along_axis(
+        outputs["pred_logits"][-1], matching.query_index[-1][..., None], axis=1
+    )
     return logits, matching.valid[-1]
 
   correct = total = 0
@@ -176,7 +192,8 @@ def test_stage1_recipe_learns_the_classes(tmp_path):
   The stage-1 recipe (class weight 5 in both) must classify most objects of unseen stills."""
   config = load_config("synthetic_pretrain")
   config.data.coco.json = synthetic_images.write_coco_instances(
-      str(tmp_path / "train"), num_images=600, size=(96, 96), seed=0)
+      str(tmp_path / "train"), num_images=600, size=(96, 96), seed=0
+  )
   config.train.lr_decay_steps = ()
   iterator = train.build_train_iterator(config)
   batch = next(iterator)
@@ -188,10 +205,12 @@ def test_stage1_recipe_learns_the_classes(tmp_path):
 
   held_out = load_config("synthetic_pretrain")
   held_out.data.coco.json = synthetic_images.write_coco_instances(
-      str(tmp_path / "held_out"), num_images=64, size=(96, 96), seed=1)
+      str(tmp_path / "held_out"), num_images=64, size=(96, 96), seed=1
+  )
   held_out.data.coco.crop_prob = 0.0
   held_out_iterator = train.build_train_iterator(held_out)
   batches = [next(held_out_iterator) for _ in range(6)]
-  accuracy = _matched_class_accuracy(config, trainer.model,
-                                     {"params": state.params, **state.model_state}, batches)
+  accuracy = _matched_class_accuracy(
+      config, trainer.model, {"params": state.params, **state.model_state}, batches
+  )
   assert accuracy > 0.5, accuracy  # chance: 1/6

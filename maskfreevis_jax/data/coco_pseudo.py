@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import logging
 import ml_collections
@@ -40,25 +41,52 @@ from maskfreevis_jax.data import ytvis_json
 # The release's tables: COCO category id -> (COCO name, target category id, target name). The
 # names are not used for matching, only to check that both files use the ids the table assumes.
 COCO_TO_YTVIS_2019 = {
-    1: ("person", 1, "person"), 2: ("bicycle", 21, "motorbike"), 3: ("car", 6, "sedan"),
-    4: ("motorcycle", 21, "motorbike"), 5: ("airplane", 28, "airplane"),
-    7: ("train", 17, "train"), 8: ("truck", 29, "truck"), 9: ("boat", 34, "boat"),
-    17: ("cat", 14, "cat"), 18: ("dog", 8, "dog"), 19: ("horse", 18, "horse"),
-    21: ("cow", 15, "cow"), 22: ("elephant", 32, "elephant"), 23: ("bear", 20, "bear"),
-    24: ("zebra", 30, "zebra"), 25: ("giraffe", 22, "giraffe"), 35: ("skis", 33, "snowboard"),
-    36: ("snowboard", 33, "snowboard"), 41: ("skateboard", 5, "skateboard"),
-    42: ("surfboard", 27, "surfboard"), 43: ("tennis racket", 40, "tennis_racket"),
+    1: ("person", 1, "person"),
+    2: ("bicycle", 21, "motorbike"),
+    3: ("car", 6, "sedan"),
+    4: ("motorcycle", 21, "motorbike"),
+    5: ("airplane", 28, "airplane"),
+    7: ("train", 17, "train"),
+    8: ("truck", 29, "truck"),
+    9: ("boat", 34, "boat"),
+    17: ("cat", 14, "cat"),
+    18: ("dog", 8, "dog"),
+    19: ("horse", 18, "horse"),
+    21: ("cow", 15, "cow"),
+    22: ("elephant", 32, "elephant"),
+    23: ("bear", 20, "bear"),
+    24: ("zebra", 30, "zebra"),
+    25: ("giraffe", 22, "giraffe"),
+    35: ("skis", 33, "snowboard"),
+    36: ("snowboard", 33, "snowboard"),
+    41: ("skateboard", 5, "skateboard"),
+    42: ("surfboard", 27, "surfboard"),
+    43: ("tennis racket", 40, "tennis_racket"),
 }
 COCO_TO_YTVIS_2021 = {
-    1: ("person", 26, "person"), 2: ("bicycle", 23, "motorbike"), 3: ("car", 5, "car"),
-    4: ("motorcycle", 23, "motorbike"), 5: ("airplane", 1, "airplane"),
-    7: ("train", 36, "train"), 8: ("truck", 37, "truck"), 9: ("boat", 4, "boat"),
-    16: ("bird", 3, "bird"), 17: ("cat", 6, "cat"), 18: ("dog", 9, "dog"),
-    19: ("horse", 19, "horse"), 21: ("cow", 7, "cow"), 22: ("elephant", 12, "elephant"),
-    23: ("bear", 2, "bear"), 24: ("zebra", 40, "zebra"), 25: ("giraffe", 18, "giraffe"),
-    34: ("frisbee", 14, "flying_disc"), 35: ("skis", 31, "snowboard"),
-    36: ("snowboard", 31, "snowboard"), 41: ("skateboard", 29, "skateboard"),
-    42: ("surfboard", 33, "surfboard"), 43: ("tennis racket", 34, "tennis_racket"),
+    1: ("person", 26, "person"),
+    2: ("bicycle", 23, "motorbike"),
+    3: ("car", 5, "car"),
+    4: ("motorcycle", 23, "motorbike"),
+    5: ("airplane", 1, "airplane"),
+    7: ("train", 36, "train"),
+    8: ("truck", 37, "truck"),
+    9: ("boat", 4, "boat"),
+    16: ("bird", 3, "bird"),
+    17: ("cat", 6, "cat"),
+    18: ("dog", 9, "dog"),
+    19: ("horse", 19, "horse"),
+    21: ("cow", 7, "cow"),
+    22: ("elephant", 12, "elephant"),
+    23: ("bear", 2, "bear"),
+    24: ("zebra", 40, "zebra"),
+    25: ("giraffe", 18, "giraffe"),
+    34: ("frisbee", 14, "flying_disc"),
+    35: ("skis", 31, "snowboard"),
+    36: ("snowboard", 31, "snowboard"),
+    41: ("skateboard", 29, "skateboard"),
+    42: ("surfboard", 33, "surfboard"),
+    43: ("tennis racket", 34, "tennis_racket"),
 }
 CATEGORY_TABLES = {"ytvis_2019": COCO_TO_YTVIS_2019, "ytvis_2021": COCO_TO_YTVIS_2021}
 CATEGORY_MAPS = ("by_name",) + tuple(CATEGORY_TABLES)
@@ -68,11 +96,13 @@ def _norm(name: str) -> str:
   return name.lower().replace(" ", "_")
 
 
-def category_mapping(coco_names: dict[int, str],
-                     target_class_names: Optional[Sequence[str]],
-                     category_map: str = "by_name",
-                     target_category_ids: Optional[Sequence[int]] = None,
-                     path: str = "data.coco.json") -> dict[int, int]:
+def category_mapping(
+    coco_names: dict[int, str],
+    target_class_names: Sequence[str] | None,
+    category_map: str = "by_name",
+    target_category_ids: Sequence[int] | None = None,
+    path: str = "data.coco.json",
+) -> dict[int, int]:
   """COCO category id -> target label.
 
   Args:
@@ -92,21 +122,26 @@ def category_mapping(coco_names: dict[int, str],
       file or video dataset whose category ids are not the ones the table assumes.
   """
   if category_map not in CATEGORY_MAPS:
-    raise ValueError(f"data.coco.category_map must be one of {CATEGORY_MAPS}, got "
-                     f"{category_map!r}")
+    raise ValueError(
+        f"data.coco.category_map must be one of {CATEGORY_MAPS}, got " f"{category_map!r}"
+    )
   if category_map == "by_name":
     if target_class_names is None:
       return {cid: i for i, cid in enumerate(sorted(coco_names))}
     target = {_norm(n): i for i, n in enumerate(target_class_names)}
-    return {cid: target[_norm(name)] for cid, name in coco_names.items()
-            if _norm(name) in target}
+    return {cid: target[_norm(name)] for cid, name in coco_names.items() if _norm(name) in target}
   if target_class_names is None:
-    raise ValueError(f"data.coco.category_map={category_map!r} needs the video dataset's "
-                     "categories: train jointly with a video dataset or set "
-                     "data.coco.target_categories to its JSON")
+    raise ValueError(
+        f"data.coco.category_map={category_map!r} needs the video dataset's "
+        "categories: train jointly with a video dataset or set "
+        "data.coco.target_categories to its JSON"
+    )
   table = CATEGORY_TABLES[category_map]
-  ids = (list(target_category_ids) if target_category_ids is not None
-         else list(range(1, len(target_class_names) + 1)))
+  ids = (
+      list(target_category_ids)
+      if target_category_ids is not None
+      else list(range(1, len(target_class_names) + 1))
+  )
   label_of_id = {int(cid): i for i, cid in enumerate(ids)}
   mapping = {}
   for coco_id, (coco_name, target_id, target_name) in table.items():
@@ -116,14 +151,16 @@ def category_mapping(coco_names: dict[int, str],
       raise ValueError(
           f"data.coco.category_map={category_map!r} maps COCO {coco_name!r} to category id "
           f"{target_id} {target_name!r}, but the video dataset's category {target_id} is "
-          f"{found}: pick the table of the video dataset")
+          f"{found}: pick the table of the video dataset"
+      )
     if coco_id not in coco_names:
       continue
     if _norm(coco_names[coco_id]) != _norm(coco_name):
       raise ValueError(
           f"{path}: categories: id {coco_id} is {coco_names[coco_id]!r} but COCO id {coco_id} is "
           f"{coco_name!r} in the {category_map!r} table: the file does not use COCO category ids "
-          "(data.coco.category_map='by_name' matches by name)")
+          "(data.coco.category_map='by_name' matches by name)"
+      )
     mapping[coco_id] = label
   return mapping
 
@@ -140,11 +177,14 @@ class CocoImage:
   segmentations: list[Any]
 
 
-def load_coco_instances(path: str, image_root: Optional[str] = None,
-                        target_class_names: Optional[Sequence[str]] = None,
-                        category_map: str = "by_name",
-                        target_category_ids: Optional[Sequence[int]] = None,
-                        skip_unmapped: bool = False) -> tuple[list[CocoImage], list[str]]:
+def load_coco_instances(
+    path: str,
+    image_root: str | None = None,
+    target_class_names: Sequence[str] | None = None,
+    category_map: str = "by_name",
+    target_category_ids: Sequence[int] | None = None,
+    skip_unmapped: bool = False,
+) -> tuple[list[CocoImage], list[str]]:
   """Reads a COCO instances JSON (validated; errors name the file and image/annotation id).
 
   Args:
@@ -164,19 +204,28 @@ def load_coco_instances(path: str, image_root: Optional[str] = None,
     image_root = os.path.dirname(path)
   cats = {}
   for i, cat in enumerate(req(data, "categories", list, path, "top level")):
-    cats[req(cat, "id", int, path, f"categories[{i}]")] = req(cat, "name", str, path,
-                                                               f"categories[{i}]")
+    cats[req(cat, "id", int, path, f"categories[{i}]")] = req(
+        cat, "name", str, path, f"categories[{i}]"
+    )
   mapping = category_mapping(cats, target_class_names, category_map, target_category_ids, path)
-  class_names = (list(target_class_names) if target_class_names is not None
-                 else [cats[c] for c in sorted(cats)])
+  class_names = (
+      list(target_class_names)
+      if target_class_names is not None
+      else [cats[c] for c in sorted(cats)]
+  )
   images = {}
   for i, img in enumerate(req(data, "images", list, path, "top level")):
     image_id = req(img, "id", int, path, f"images[{i}]")
     where = f"image id {image_id}"
     images[image_id] = dict(
         path=os.path.join(image_root, req(img, "file_name", str, path, where)),
-        height=req(img, "height", int, path, where), width=req(img, "width", int, path, where),
-        boxes=[], labels=[], ids=[], segms=[])
+        height=req(img, "height", int, path, where),
+        width=req(img, "width", int, path, where),
+        boxes=[],
+        labels=[],
+        ids=[],
+        segms=[],
+    )
   dropped = 0
   for i, ann in enumerate(req(data, "annotations", list, path, "top level")):
     ann_id = req(ann, "id", int, path, f"annotations[{i}]")
@@ -194,7 +243,8 @@ def load_coco_instances(path: str, image_root: Optional[str] = None,
         raise ValueError(
             f"{path}: {where}: category_id {cat_id} ({cats[cat_id]!r}) is not in the release's "
             f"{category_map!r} table (data.coco.category_map); use a file filtered to the table "
-            "or set data.coco.skip_unmapped_categories=True")
+            "or set data.coco.skip_unmapped_categories=True"
+        )
       continue
     bbox = ytvis_json._parse_box(req(ann, "bbox", list, path, where), path, where)  # pylint: disable=protected-access
     im = images[image_id]
@@ -208,13 +258,28 @@ def load_coco_instances(path: str, image_root: Optional[str] = None,
     im["labels"].append(mapping[cat_id])
     im["ids"].append(ann_id)
     im["segms"].append(ann.get("segmentation"))
-  out = [CocoImage(id=k, path=v["path"], height=v["height"], width=v["width"],
-                   boxes=np.array(v["boxes"], np.float32).reshape(-1, 4),
-                   labels=np.array(v["labels"], np.int32), ann_ids=np.array(v["ids"], np.int32),
-                   segmentations=v["segms"])
-         for k, v in sorted(images.items()) if v["boxes"]]
-  logging.info("%s: %d of %d images have usable boxes (%d categories mapped, %d empty boxes "
-               "dropped)", path, len(out), len(images), len(mapping), dropped)
+  out = [
+      CocoImage(
+          id=k,
+          path=v["path"],
+          height=v["height"],
+          width=v["width"],
+          boxes=np.array(v["boxes"], np.float32).reshape(-1, 4),
+          labels=np.array(v["labels"], np.int32),
+          ann_ids=np.array(v["ids"], np.int32),
+          segmentations=v["segms"],
+      )
+      for k, v in sorted(images.items())
+      if v["boxes"]
+  ]
+  logging.info(
+      "%s: %d of %d images have usable boxes (%d categories mapped, %d empty boxes " "dropped)",
+      path,
+      len(out),
+      len(images),
+      len(mapping),
+      dropped,
+  )
   if not out:
     raise ValueError(f"{path}: no image has a usable (mapped, non-crowd, non-empty) box")
   return out, class_names
@@ -223,24 +288,30 @@ def load_coco_instances(path: str, image_root: Optional[str] = None,
 class CocoPseudoClipSource:
   """Random access to COCO images turned into pseudo clips."""
 
-  def __init__(self, json_path: str, image_root: Optional[str] = None,
-               target_class_names: Optional[Sequence[str]] = None,
-               category_map: str = "by_name",
-               target_category_ids: Optional[Sequence[int]] = None,
-               skip_unmapped: bool = False):
+  def __init__(
+      self,
+      json_path: str,
+      image_root: str | None = None,
+      target_class_names: Sequence[str] | None = None,
+      category_map: str = "by_name",
+      target_category_ids: Sequence[int] | None = None,
+      skip_unmapped: bool = False,
+  ):
     if not json_path:
       raise ValueError("data.coco.json is not set")
     self.images, self.class_names = load_coco_instances(
-        json_path, image_root, target_class_names, category_map, target_category_ids,
-        skip_unmapped)
+        json_path, image_root, target_class_names, category_map, target_category_ids, skip_unmapped
+    )
 
   def __len__(self) -> int:
     return len(self.images)
 
-  def training_clip(self, index: int, rng: np.random.Generator,
-                    cfg: ml_collections.ConfigDict, stats=None):
+  def training_clip(
+      self, index: int, rng: np.random.Generator, cfg: ml_collections.ConfigDict, stats=None
+  ):
     """One augmented pseudo clip (`input_pipeline.Clip`) of image ``index``."""
     from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
     coco = cfg.coco
     image = self.images[index]
     num_t = int(cfg.num_frames)
@@ -269,8 +340,9 @@ class CocoPseudoClipSource:
       pre_hw, src_hw = None, (h, w)
     short = int(rng.choice(np.asarray(coco.min_size_train)))
     flip = bool(cfg.random_flip) and bool(rng.uniform() < 0.5)
-    out_hw = transforms.resized_shape(src_hw[0], src_hw[1], short, coco.max_size_train,
-                                      canvas=tuple(cfg.pad_size))
+    out_hw = transforms.resized_shape(
+        src_hw[0], src_hw[1], short, coco.max_size_train, canvas=tuple(cfg.pad_size)
+    )
     # The release's RandomRotationClip: sorted angles in [-deg, deg] (reversed half the time),
     # one per frame, about a centre drawn per clip within 40-60% of the frame.
     angles, center_xy = np.zeros(num_t), None
@@ -281,15 +353,24 @@ class CocoPseudoClipSource:
         angles = angles[::-1]
       center_xy = (out_hw[1] * rng.uniform(0.4, 0.6), out_hw[0] * rng.uniform(0.4, 0.6))
     frame_transforms = [
-        transforms.ClipTransform((h, w), out_hw, flip,
-                                 crop_yx=crop_windows[t] if crop_windows else (0, 0),
-                                 crop_hw=src_hw if crop_windows else None,
-                                 angle=float(angles[t]), center_xy=center_xy, pre_hw=pre_hw)
-        for t in range(num_t)]
+        transforms.ClipTransform(
+            (h, w),
+            out_hw,
+            flip,
+            crop_yx=crop_windows[t] if crop_windows else (0, 0),
+            crop_hw=src_hw if crop_windows else None,
+            angle=float(angles[t]),
+            center_xy=center_xy,
+            pre_hw=pre_hw,
+        )
+        for t in range(num_t)
+    ]
     pixels = transforms.read_rgb(image.path)
     if pixels.shape[:2] != (h, w):
-      raise ValueError(f"image {image.path} is {pixels.shape[0]}x{pixels.shape[1]} but the "
-                       f"annotation file declares {h}x{w}")
+      raise ValueError(
+          f"image {image.path} is {pixels.shape[0]}x{pixels.shape[1]} but the "
+          f"annotation file declares {h}x{w}"
+      )
     frames = np.stack([tr.apply_image(pixels) for tr in frame_transforms])
     n = len(image.labels)
     boxes = np.stack([tr.apply_boxes(image.boxes) for tr in frame_transforms], axis=1)
@@ -305,6 +386,13 @@ class CocoPseudoClipSource:
         for t, tr in enumerate(frame_transforms):
           masks[k, t] = tr.apply_mask(full) * valid[k, t]
     return input_pipeline.Clip(
-        frames=frames, boxes=boxes, box_valid=valid, labels=image.labels.copy(),
-        track_ids=image.ann_ids.copy(), masks=masks, video_id=image.id,
-        frame_index=frame_idx, orig_size=(h, w))
+        frames=frames,
+        boxes=boxes,
+        box_valid=valid,
+        labels=image.labels.copy(),
+        track_ids=image.ann_ids.copy(),
+        masks=masks,
+        video_id=image.id,
+        frame_index=frame_idx,
+        orig_size=(h, w),
+    )

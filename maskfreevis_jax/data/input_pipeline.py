@@ -29,7 +29,8 @@ import dataclasses
 import functools
 import os
 import threading
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import ml_collections
@@ -41,8 +42,19 @@ from maskfreevis_jax.data import ytvis_json
 from maskfreevis_jax.data.transforms import FrameReadError
 
 _MAX_CORRUPT_RETRIES = 10
-_FIELDS = ("frames", "image_valid", "boxes", "box_valid", "labels", "instance_valid",
-           "track_ids", "masks", "video_id", "frame_index", "orig_size")
+_FIELDS = (
+    "frames",
+    "image_valid",
+    "boxes",
+    "box_valid",
+    "labels",
+    "instance_valid",
+    "track_ids",
+    "masks",
+    "video_id",
+    "frame_index",
+    "orig_size",
+)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -85,21 +97,45 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.val_json = ""
   c.val_image_root = ""
   c.tfds = ml_collections.ConfigDict(dict(name="maskfreevis_vis/synthetic", data_dir=""))
-  c.synthetic = ml_collections.ConfigDict(dict(
-      cache_dir="", seed=0, num_train_videos=300, num_val_videos=30, frame_size=(128, 128),
-      frames_per_video=(6, 10), max_objects=4))
-  c.coco = ml_collections.ConfigDict(dict(
-      json="", image_root="", fraction=1.0 / 1.75, num_frames=-1, pad_size=(),
-      max_instances=-1, supervision="box", target_categories="",
-      category_map="by_name", skip_unmapped_categories=False,
-      min_size_train=(288, 320, 352, 384, 416, 448, 480, 512), max_size_train=768,
-      crop_prob=0.5, crop_pre_sizes=(400, 500, 600), crop_size=(384, 600), rotation_degrees=0.0,
-      pseudo_length=(16, 48), frame_range=20))
+  c.synthetic = ml_collections.ConfigDict(
+      dict(
+          cache_dir="",
+          seed=0,
+          num_train_videos=300,
+          num_val_videos=30,
+          frame_size=(128, 128),
+          frames_per_video=(6, 10),
+          max_objects=4,
+      )
+  )
+  c.coco = ml_collections.ConfigDict(
+      dict(
+          json="",
+          image_root="",
+          fraction=1.0 / 1.75,
+          num_frames=-1,
+          pad_size=(),
+          max_instances=-1,
+          supervision="box",
+          target_categories="",
+          category_map="by_name",
+          skip_unmapped_categories=False,
+          min_size_train=(288, 320, 352, 384, 416, 448, 480, 512),
+          max_size_train=768,
+          crop_prob=0.5,
+          crop_pre_sizes=(400, 500, 600),
+          crop_size=(384, 600),
+          rotation_degrees=0.0,
+          pseudo_length=(16, 48),
+          frame_range=20,
+      )
+  )
   return c
 
 
-def official_ytvis_data_config(train_json: str, train_image_root: str, val_json: str = "",
-                               val_image_root: str = "") -> ml_collections.ConfigDict:
+def official_ytvis_data_config(
+    train_json: str, train_image_root: str, val_json: str = "", val_image_root: str = ""
+) -> ml_collections.ConfigDict:
   """The official r50 YouTube-VIS settings (360/480 short side, 3 frames within 5)."""
   c = default_data_config()
   c.name = "ytvis"
@@ -156,8 +192,10 @@ class JsonVideoSource:
       path = video.file_names[int(t)]
       frame = transforms.read_rgb(path)
       if frame.shape[:2] != (video.height, video.width):
-        raise ValueError(f"frame {path} is {frame.shape[0]}x{frame.shape[1]} but video id "
-                         f"{video.id} declares {video.height}x{video.width}")
+        raise ValueError(
+            f"frame {path} is {frame.shape[0]}x{frame.shape[1]} but video id "
+            f"{video.id} declares {video.height}x{video.width}"
+        )
       frames.append(frame)
     return frames
 
@@ -165,12 +203,19 @@ class JsonVideoSource:
 def _synthetic_dir(cfg: ml_collections.ConfigDict) -> str:
   s = cfg.synthetic
   out = s.cache_dir or synthetic.default_cache_dir()
-  name = (f"s{s.seed}_{s.frame_size[0]}x{s.frame_size[1]}_{s.num_train_videos}_"
-          f"{s.num_val_videos}_{s.frames_per_video[0]}-{s.frames_per_video[1]}_o{s.max_objects}")
+  name = (
+      f"s{s.seed}_{s.frame_size[0]}x{s.frame_size[1]}_{s.num_train_videos}_"
+      f"{s.num_val_videos}_{s.frames_per_video[0]}-{s.frames_per_video[1]}_o{s.max_objects}"
+  )
   return synthetic.ensure_dataset(
-      os.path.join(out, name), seed=s.seed, num_train_videos=s.num_train_videos,
-      num_val_videos=s.num_val_videos, frame_size=tuple(s.frame_size),
-      frames_per_video=tuple(s.frames_per_video), max_objects=s.max_objects)
+      os.path.join(out, name),
+      seed=s.seed,
+      num_train_videos=s.num_train_videos,
+      num_val_videos=s.num_val_videos,
+      frame_size=tuple(s.frame_size),
+      frames_per_video=tuple(s.frames_per_video),
+      max_objects=s.max_objects,
+  )
 
 
 def ensure_synthetic(config: ml_collections.ConfigDict) -> str:
@@ -190,6 +235,7 @@ def open_video_source(config: ml_collections.ConfigDict, split: str = "train"):
   name = cfg.name.split("+")[0]
   if cfg.source == "tfds":
     from maskfreevis_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+
     return tfds_builders.TfdsVideoSource(cfg.tfds.name, split, data_dir=cfg.tfds.data_dir or None)
   if cfg.source != "json":
     raise ValueError(f"data.source must be 'json' or 'tfds', got {cfg.source!r}")
@@ -203,14 +249,16 @@ def open_video_source(config: ml_collections.ConfigDict, split: str = "train"):
     if not path:
       raise ValueError(f"data.{'train' if split == 'train' else 'val'}_json is not set")
   else:
-    raise ValueError(f"data.name {cfg.name!r} has no video source; expected 'synthetic', "
-                     "'ytvis', 'coco_pseudo' or 'ytvis+coco_pseudo'")
+    raise ValueError(
+        f"data.name {cfg.name!r} has no video source; expected 'synthetic', "
+        "'ytvis', 'coco_pseudo' or 'ytvis+coco_pseudo'"
+    )
   dataset = _load_json_cached(path, image_root, cfg.with_masks or split != "train")
   return JsonVideoSource(dataset)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_json_cached(path: str, image_root: Optional[str], keep_segmentations: bool):
+def _load_json_cached(path: str, image_root: str | None, keep_segmentations: bool):
   return ytvis_json.load_ytvis_json(path, image_root, keep_segmentations=keep_segmentations)
 
 
@@ -220,12 +268,13 @@ def _load_json_cached(path: str, image_root: Optional[str], keep_segmentations: 
 @dataclasses.dataclass
 class Clip:
   """One augmented clip before padding (``h, w`` the resized size)."""
+
   frames: np.ndarray  # uint8 [T, h, w, 3]
   boxes: np.ndarray  # float32 [N, T, 4]
   box_valid: np.ndarray  # bool [N, T]
   labels: np.ndarray  # int32 [N]
   track_ids: np.ndarray  # int32 [N]
-  masks: Optional[np.ndarray]  # uint8 [N, T, h, w]
+  masks: np.ndarray | None  # uint8 [N, T, h, w]
   video_id: int
   frame_index: np.ndarray  # int32 [T]
   orig_size: tuple[int, int]
@@ -236,8 +285,11 @@ class _Stats:
 
   def __init__(self):
     self._lock = threading.Lock()
-    self.counts = {"boxes_dropped_after_transform": 0, "instances_truncated": 0,
-                   "corrupt_frames_skipped": 0}
+    self.counts = {
+        "boxes_dropped_after_transform": 0,
+        "instances_truncated": 0,
+        "corrupt_frames_skipped": 0,
+    }
 
   def add(self, key: str, value: int = 1) -> None:
     if value:
@@ -245,16 +297,23 @@ class _Stats:
         self.counts[key] += value
 
 
-def video_training_clip(source, video_index: int, rng: np.random.Generator,
-                        cfg: ml_collections.ConfigDict, stats: Optional[_Stats] = None) -> Clip:
+def video_training_clip(
+    source,
+    video_index: int,
+    rng: np.random.Generator,
+    cfg: ml_collections.ConfigDict,
+    stats: _Stats | None = None,
+) -> Clip:
   """Samples and augments one training clip of a video (one transform for all frames)."""
   video = source.video(video_index)
   frame_idx = transforms.sample_clip_frame_indices(
-      rng, video.length, cfg.num_frames, cfg.frame_range, cfg.shuffle_frames)
+      rng, video.length, cfg.num_frames, cfg.frame_range, cfg.shuffle_frames
+  )
   short = int(rng.choice(np.asarray(cfg.min_size_train)))
   flip = bool(cfg.random_flip) and bool(rng.uniform() < 0.5)
-  out_hw = transforms.resized_shape(video.height, video.width, short, cfg.max_size_train,
-                                    canvas=tuple(cfg.pad_size))
+  out_hw = transforms.resized_shape(
+      video.height, video.width, short, cfg.max_size_train, canvas=tuple(cfg.pad_size)
+  )
   transform = transforms.ClipTransform((video.height, video.width), out_hw, flip)
   frames = np.stack([transform.apply_image(f) for f in source.read_frames(video_index, frame_idx)])
   tracks = [t for t in video.tracks if not t.iscrowd and t.box_valid[frame_idx].any()]
@@ -274,20 +333,30 @@ def video_training_clip(source, video_index: int, rng: np.random.Generator,
     masks = np.zeros((n, num_t) + out_hw, np.uint8)
     for k, track in enumerate(tracks):
       if track.segmentations is None:
-        raise ValueError(f"data.with_masks is set but video id {video.id}, annotation id "
-                         f"{track.id} has no 'segmentations'")
+        raise ValueError(
+            f"data.with_masks is set but video id {video.id}, annotation id "
+            f"{track.id} has no 'segmentations'"
+        )
       for j, t in enumerate(frame_idx):
         m = ytvis_json.decode_segmentation(track.segmentations[t], video.height, video.width)
         masks[k, j] = transform.apply_mask(m)
     masks *= kept[..., None, None]
-  return Clip(frames=frames, boxes=boxes, box_valid=kept,
-              labels=np.array([t.label for t in tracks], np.int32),
-              track_ids=np.array([t.id for t in tracks], np.int32), masks=masks,
-              video_id=video.id, frame_index=frame_idx, orig_size=(video.height, video.width))
+  return Clip(
+      frames=frames,
+      boxes=boxes,
+      box_valid=kept,
+      labels=np.array([t.label for t in tracks], np.int32),
+      track_ids=np.array([t.id for t in tracks], np.int32),
+      masks=masks,
+      video_id=video.id,
+      frame_index=frame_idx,
+      orig_size=(video.height, video.width),
+  )
 
 
-def pad_clip(clip: Clip, cfg: ml_collections.ConfigDict,
-             stats: Optional[_Stats] = None) -> dict[str, np.ndarray]:
+def pad_clip(
+    clip: Clip, cfg: ml_collections.ConfigDict, stats: _Stats | None = None
+) -> dict[str, np.ndarray]:
   """Pads a clip to the fixed canvas and ``max_instances`` (validity masks mark padding)."""
   pad_hw = tuple(int(v) for v in cfg.pad_size)
   frames, image_valid = transforms.pad_frames(clip.frames, pad_hw)
@@ -308,10 +377,18 @@ def pad_clip(clip: Clip, cfg: ml_collections.ConfigDict,
   labels[:n] = clip.labels[keep]
   track_ids[:n] = clip.track_ids[keep]
   instance_valid[:n] = True
-  out = dict(frames=frames, image_valid=image_valid, boxes=boxes, box_valid=box_valid,
-             labels=labels, instance_valid=instance_valid, track_ids=track_ids,
-             video_id=np.int32(clip.video_id), frame_index=clip.frame_index.astype(np.int32),
-             orig_size=np.array(clip.orig_size, np.int32))
+  out = dict(
+      frames=frames,
+      image_valid=image_valid,
+      boxes=boxes,
+      box_valid=box_valid,
+      labels=labels,
+      instance_valid=instance_valid,
+      track_ids=track_ids,
+      video_id=np.int32(clip.video_id),
+      frame_index=clip.frame_index.astype(np.int32),
+      orig_size=np.array(clip.orig_size, np.int32),
+  )
   if cfg.with_masks:
     masks = np.zeros((max_n, num_t) + pad_hw, np.uint8)
     if n:
@@ -331,8 +408,12 @@ class _ClipMaker:
   ('coco_pseudo'). A joint run (`MixedTrainIterator`) has one maker per source.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, seed: int,
-               coco_target: Optional[tuple[Sequence[str], Optional[Sequence[int]]]] = None):
+  def __init__(
+      self,
+      cfg: ml_collections.ConfigDict,
+      seed: int,
+      coco_target: tuple[Sequence[str], Sequence[int] | None] | None = None,
+  ):
     self.cfg = cfg
     self.seed = int(seed)
     self.stats = _Stats()
@@ -349,18 +430,25 @@ class _ClipMaker:
       self.is_coco = False
     elif name == "coco_pseudo":
       from maskfreevis_jax.data import coco_pseudo  # pylint: disable=g-import-not-at-top
+
       target, target_ids = coco_target if coco_target is not None else (None, None)
       if target is None and cfg.coco.target_categories:
         dataset = ytvis_json.load_ytvis_json(cfg.coco.target_categories)
         target, target_ids = dataset.class_names, [c.id for c in dataset.categories]
       self.source = coco_pseudo.CocoPseudoClipSource(
-          cfg.coco.json, cfg.coco.image_root or None, target_class_names=target,
-          category_map=cfg.coco.get("category_map", "by_name"), target_category_ids=target_ids,
-          skip_unmapped=bool(cfg.coco.get("skip_unmapped_categories", False)))
+          cfg.coco.json,
+          cfg.coco.image_root or None,
+          target_class_names=target,
+          category_map=cfg.coco.get("category_map", "by_name"),
+          target_category_ids=target_ids,
+          skip_unmapped=bool(cfg.coco.get("skip_unmapped_categories", False)),
+      )
       self.is_coco = True
     else:
-      raise ValueError(f"unknown data.name {cfg.name!r}; expected 'synthetic', 'ytvis', "
-                       "'coco_pseudo', 'synthetic+coco_pseudo' or 'ytvis+coco_pseudo'")
+      raise ValueError(
+          f"unknown data.name {cfg.name!r}; expected 'synthetic', 'ytvis', "
+          "'coco_pseudo', 'synthetic+coco_pseudo' or 'ytvis+coco_pseudo'"
+      )
     self.class_names = self.source.class_names
 
   @functools.lru_cache(maxsize=4)
@@ -392,11 +480,16 @@ def _output_spec(cfg: ml_collections.ConfigDict):
   ph, pw = (int(v) for v in cfg.pad_size)
   t, n = int(cfg.num_frames), int(cfg.max_instances)
   spec = {
-      "frames": (np.uint8, (t, ph, pw, 3)), "image_valid": (bool, (ph, pw)),
-      "boxes": (np.float32, (n, t, 4)), "box_valid": (bool, (n, t)),
-      "labels": (np.int32, (n,)), "instance_valid": (bool, (n,)),
-      "track_ids": (np.int32, (n,)), "video_id": (np.int32, ()),
-      "frame_index": (np.int32, (t,)), "orig_size": (np.int32, (2,)),
+      "frames": (np.uint8, (t, ph, pw, 3)),
+      "image_valid": (bool, (ph, pw)),
+      "boxes": (np.float32, (n, t, 4)),
+      "box_valid": (bool, (n, t)),
+      "labels": (np.int32, (n,)),
+      "instance_valid": (bool, (n,)),
+      "track_ids": (np.int32, (n,)),
+      "video_id": (np.int32, ()),
+      "frame_index": (np.int32, (t,)),
+      "orig_size": (np.int32, (2,)),
   }
   if cfg.with_masks:
     spec["masks"] = (np.uint8, (n, t, ph, pw))
@@ -411,23 +504,32 @@ class TrainIterator:
   batch returned before ``get_state``.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, seed: int,
-               global_batch_size: Optional[int] = None,
-               process_index: Optional[int] = None, process_count: Optional[int] = None,
-               coco_target: Optional[tuple[Sequence[str], Optional[Sequence[int]]]] = None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      seed: int,
+      global_batch_size: int | None = None,
+      process_index: int | None = None,
+      process_count: int | None = None,
+      coco_target: tuple[Sequence[str], Sequence[int] | None] | None = None,
+  ):
     cfg = _data_cfg(config)
     if is_joint(cfg):
-      raise ValueError(f"data.name={cfg.name!r} has two sources: use create_train_iterator "
-                       "(a MixedTrainIterator)")
+      raise ValueError(
+          f"data.name={cfg.name!r} has two sources: use create_train_iterator "
+          "(a MixedTrainIterator)"
+      )
     _check_config(cfg)
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
+
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     self.global_batch_size = int(global_batch_size or cfg.batch_size)
     if self.global_batch_size % process_count:
-      raise ValueError(f"batch size {self.global_batch_size} is not divisible by the "
-                       f"{process_count} hosts")
+      raise ValueError(
+          f"batch size {self.global_batch_size} is not divisible by the " f"{process_count} hosts"
+      )
     self.local_batch_size = self.global_batch_size // process_count
     self.process_index, self.process_count = int(process_index), int(process_count)
     self.cfg = cfg
@@ -447,12 +549,15 @@ class TrainIterator:
   def batch_spec(self) -> dict[str, Any]:
     """This host's batch shapes and dtypes (`jax.ShapeDtypeStruct` per key), without reading."""
     import jax  # pylint: disable=g-import-not-at-top
-    return {k: jax.ShapeDtypeStruct((self.local_batch_size,) + shape, np.dtype(dtype))
-            for k, (dtype, shape) in self._spec.items()}
+
+    return {
+        k: jax.ShapeDtypeStruct((self.local_batch_size,) + shape, np.dtype(dtype))
+        for k, (dtype, shape) in self._spec.items()
+    }
 
   def global_clip_index(self, batch: int, row: int) -> int:
     """Global clip index of row ``row`` of this host's batch number ``batch``."""
-    return (batch * self.global_batch_size + self.process_index * self.local_batch_size + row)
+    return batch * self.global_batch_size + self.process_index * self.local_batch_size + row
 
   def _make_example(self, local_element: np.ndarray):
     batch, row = divmod(int(local_element), self.local_batch_size)
@@ -466,6 +571,7 @@ class TrainIterator:
 
   def _build(self, start_batch: int):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     keys = list(self._spec)
     tout = [tf.as_dtype(self._spec[k][0]) for k in keys]
 
@@ -476,8 +582,9 @@ class TrainIterator:
     start = start_batch * self.local_batch_size
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
     parallel = self.cfg.num_parallel_calls
-    ds = ds.map(make, num_parallel_calls=tf.data.AUTOTUNE if parallel < 0 else parallel,
-                deterministic=True)
+    ds = ds.map(
+        make, num_parallel_calls=tf.data.AUTOTUNE if parallel < 0 else parallel, deterministic=True
+    )
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
     ds = ds.prefetch(self.cfg.prefetch)
     options = tf.data.Options()
@@ -491,6 +598,7 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     if self._iterator is None:
       self._iterator = self._build(self._next_batch)
     try:
@@ -505,15 +613,21 @@ class TrainIterator:
 
   def get_state(self) -> dict[str, Any]:
     """Position (next batch number) plus what the stream depends on, JSON-able."""
-    return {"next_batch": self._next_batch, "seed": self.seed,
-            "global_batch_size": self.global_batch_size, "process_count": self.process_count}
+    return {
+        "next_batch": self._next_batch,
+        "seed": self.seed,
+        "global_batch_size": self.global_batch_size,
+        "process_count": self.process_count,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Restores a position saved by `get_state` (same seed / batch size / host count)."""
     for key in ("seed", "global_batch_size", "process_count"):
       if key in state and int(state[key]) != getattr(self, key):
-        raise ValueError(f"iterator state has {key}={state[key]} but this iterator was built "
-                         f"with {key}={getattr(self, key)}")
+        raise ValueError(
+            f"iterator state has {key}={state[key]} but this iterator was built "
+            f"with {key}={getattr(self, key)}"
+        )
     if "next_batch" not in state:
       raise ValueError(f"iterator state lacks 'next_batch': {state}")
     self._next_batch = int(state["next_batch"])
@@ -570,20 +684,29 @@ class MixedTrainIterator:
   positions, so a resumed run continues with exactly the batches of an uninterrupted one.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, seed: int,
-               global_batch_size: Optional[int] = None,
-               process_index: Optional[int] = None, process_count: Optional[int] = None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      seed: int,
+      global_batch_size: int | None = None,
+      process_index: int | None = None,
+      process_count: int | None = None,
+  ):
     cfg = _data_cfg(config)
     configs = source_configs(cfg)
     self.seed = int(seed)
     self.coco_fraction = float(cfg.coco.fraction)
-    kwargs = dict(global_batch_size=global_batch_size, process_index=process_index,
-                  process_count=process_count)
+    kwargs = dict(
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     self.video = TrainIterator(configs[VIDEO_SOURCE], seed, **kwargs)
     dataset = getattr(self.video._maker.source, "dataset", None)  # pylint: disable=protected-access
     target_ids = [c.id for c in dataset.categories] if dataset is not None else None
-    self.coco = TrainIterator(configs[COCO_SOURCE], seed,
-                              coco_target=(self.video.class_names, target_ids), **kwargs)
+    self.coco = TrainIterator(
+        configs[COCO_SOURCE], seed, coco_target=(self.video.class_names, target_ids), **kwargs
+    )
     self.class_names = self.video.class_names
     self.global_batch_size = self.video.global_batch_size
     self._step = 0
@@ -613,28 +736,40 @@ class MixedTrainIterator:
 
   def get_state(self) -> dict[str, Any]:
     """Steps drawn so far plus each source's `TrainIterator.get_state`, JSON-able."""
-    return {"step": self._step, "seed": self.seed, "coco_fraction": self.coco_fraction,
-            VIDEO_SOURCE: self.video.get_state(), COCO_SOURCE: self.coco.get_state()}
+    return {
+        "step": self._step,
+        "seed": self.seed,
+        "coco_fraction": self.coco_fraction,
+        VIDEO_SOURCE: self.video.get_state(),
+        COCO_SOURCE: self.coco.get_state(),
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Restores a position saved by `get_state` (same seed and source fraction)."""
     for key in ("step", VIDEO_SOURCE, COCO_SOURCE):
       if key not in state:
-        raise ValueError(f"joint iterator state lacks {key!r} (a checkpoint of a single-source "
-                         f"run cannot resume a joint one): {state}")
+        raise ValueError(
+            f"joint iterator state lacks {key!r} (a checkpoint of a single-source "
+            f"run cannot resume a joint one): {state}"
+        )
     if "seed" in state and int(state["seed"]) != self.seed:
-      raise ValueError(f"iterator state has seed={state['seed']} but this iterator was built "
-                       f"with seed={self.seed}")
+      raise ValueError(
+          f"iterator state has seed={state['seed']} but this iterator was built "
+          f"with seed={self.seed}"
+      )
     if "coco_fraction" in state and float(state["coco_fraction"]) != self.coco_fraction:
-      raise ValueError(f"iterator state has coco_fraction={state['coco_fraction']} but "
-                       f"data.coco.fraction={self.coco_fraction}")
+      raise ValueError(
+          f"iterator state has coco_fraction={state['coco_fraction']} but "
+          f"data.coco.fraction={self.coco_fraction}"
+      )
     self.video.set_state(state[VIDEO_SOURCE])
     self.coco.set_state(state[COCO_SOURCE])
     self._step = int(state["step"])
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, seed: int,
-                          global_batch_size: Optional[int] = None, **kwargs):
+def create_train_iterator(
+    config: ml_collections.ConfigDict, seed: int, global_batch_size: int | None = None, **kwargs
+):
   """Training iterator; ``config`` is the full config or ``config.data``.
 
   Returns:
@@ -660,9 +795,15 @@ class EvalDataset:
   ``dataset`` (for JSON sources) gives the original annotations for the evaluator.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, split: str = "valid",
-               with_annotations: Optional[bool] = None, with_masks: Optional[bool] = None,
-               process_index: Optional[int] = None, process_count: Optional[int] = None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      split: str = "valid",
+      with_annotations: bool | None = None,
+      with_masks: bool | None = None,
+      process_index: int | None = None,
+      process_count: int | None = None,
+  ):
     cfg = _data_cfg(config)
     _check_config(cfg)
     self.cfg = cfg
@@ -674,6 +815,7 @@ class EvalDataset:
     self.with_masks = self.with_annotations if with_masks is None else with_masks
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
+
       process_index, process_count = jax.process_index(), jax.process_count()
     self.indices = list(range(process_index, len(self.source), process_count))
 
@@ -687,20 +829,31 @@ class EvalDataset:
   def video_example(self, index: int) -> dict[str, Any]:
     cfg = self.cfg
     video = self.source.video(index)
-    out_hw = transforms.resized_shape(video.height, video.width, cfg.min_size_test,
-                                      cfg.max_size_test,
-                                      canvas=tuple(cfg.eval_pad_size) or None)
-    pad_hw = (tuple(int(v) for v in cfg.eval_pad_size) if cfg.eval_pad_size else
-              (transforms.round_up(out_hw[0]), transforms.round_up(out_hw[1])))
+    out_hw = transforms.resized_shape(
+        video.height,
+        video.width,
+        cfg.min_size_test,
+        cfg.max_size_test,
+        canvas=tuple(cfg.eval_pad_size) or None,
+    )
+    pad_hw = (
+        tuple(int(v) for v in cfg.eval_pad_size)
+        if cfg.eval_pad_size
+        else (transforms.round_up(out_hw[0]), transforms.round_up(out_hw[1]))
+    )
     transform = transforms.ClipTransform((video.height, video.width), out_hw, flip=False)
     frame_idx = np.arange(video.length, dtype=np.int32)
-    frames = np.stack([transform.apply_image(f)
-                       for f in self.source.read_frames(index, frame_idx)])
+    frames = np.stack([transform.apply_image(f) for f in self.source.read_frames(index, frame_idx)])
     frames, image_valid = transforms.pad_frames(frames, pad_hw)
-    out = dict(frames=frames, image_valid=image_valid, video_id=video.id,
-               orig_size=np.array([video.height, video.width], np.int32),
-               resized_size=np.array(out_hw, np.int32), frame_index=frame_idx,
-               file_names=list(video.file_names))
+    out = dict(
+        frames=frames,
+        image_valid=image_valid,
+        video_id=video.id,
+        orig_size=np.array([video.height, video.width], np.int32),
+        resized_size=np.array(out_hw, np.int32),
+        frame_index=frame_idx,
+        file_names=list(video.file_names),
+    )
     if self.with_annotations:
       tracks = [t for t in video.tracks if not t.iscrowd]
       n = len(tracks)
@@ -710,10 +863,13 @@ class EvalDataset:
         boxes[k], valid[k] = t.boxes, t.box_valid
       boxes = transform.apply_boxes(boxes)
       valid &= transforms.nonempty_boxes(boxes)
-      out.update(boxes=np.where(valid[..., None], boxes, 0).astype(np.float32), box_valid=valid,
-                 labels=np.array([t.label for t in tracks], np.int32),
-                 track_ids=np.array([t.id for t in tracks], np.int32),
-                 instance_valid=np.ones((n,), bool))
+      out.update(
+          boxes=np.where(valid[..., None], boxes, 0).astype(np.float32),
+          box_valid=valid,
+          labels=np.array([t.label for t in tracks], np.int32),
+          track_ids=np.array([t.id for t in tracks], np.int32),
+          instance_valid=np.ones((n,), bool),
+      )
       if self.with_masks:
         masks = np.zeros((n, video.length) + pad_hw, np.uint8)
         for k, t in enumerate(tracks):
@@ -721,17 +877,18 @@ class EvalDataset:
             continue
           for f in range(video.length):
             m = ytvis_json.decode_segmentation(t.segmentations[f], video.height, video.width)
-            masks[k, f, :out_hw[0], :out_hw[1]] = transform.apply_mask(m)
+            masks[k, f, : out_hw[0], : out_hw[1]] = transform.apply_mask(m)
         out["masks"] = masks
     return out
 
 
-def create_eval_dataset(config: ml_collections.ConfigDict, split: str = "valid",
-                        **kwargs) -> EvalDataset:
+def create_eval_dataset(
+    config: ml_collections.ConfigDict, split: str = "valid", **kwargs
+) -> EvalDataset:
   """Evaluation videos (see `EvalDataset`); ``config`` is the full config or ``config.data``."""
   return EvalDataset(config, split, **kwargs)
 
 
-def load_ytvis_json(path: str, image_root: Optional[str] = None) -> ytvis_json.YtvisDataset:
+def load_ytvis_json(path: str, image_root: str | None = None) -> ytvis_json.YtvisDataset:
   """Validated YouTube-VIS annotations (re-export of `ytvis_json.load_ytvis_json`)."""
   return ytvis_json.load_ytvis_json(path, image_root)

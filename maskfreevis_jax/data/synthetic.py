@@ -26,7 +26,8 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -36,14 +37,26 @@ from maskfreevis_jax.data import ytvis_json
 
 SHAPE_CLASSES = ("ellipse", "ring", "star", "l_shape", "thin_bar", "crescent")
 # Photographs bundled inside the scikit-image wheel (no download needed).
-BACKGROUND_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
-                     "hubble_deep_field", "retina", "colorwheel", "brick", "grass", "gravel")
+BACKGROUND_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+    "brick",
+    "grass",
+    "gravel",
+)
 MARKER_FILE = "_COMPLETE.json"
 FORMAT_VERSION = 2  # 2: object textures never come from the background photo
 
 
 def _load_photo(name: str) -> np.ndarray:
   import skimage.data  # pylint: disable=g-import-not-at-top
+
   image = np.asarray(getattr(skimage.data, name)())
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
@@ -78,7 +91,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, aspect: float) -> np.n
   if shape == "thin_bar":
     return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.12)
   if shape == "crescent":
-    return (r <= 1.0) & (((u - 0.5) ** 2 + v * v) > 0.75 ** 2)
+    return (r <= 1.0) & (((u - 0.5) ** 2 + v * v) > 0.75**2)
   raise ValueError(f"unknown shape class {shape!r}")
 
 
@@ -130,22 +143,31 @@ class _Renderer:
         heading = rng.uniform(0, 2 * np.pi)
         vy, vx = speed * np.sin(heading), speed * np.cos(heading)
       fill_texture = rng.uniform() < 0.5
-      objects.append(dict(
-          label=int(rng.integers(len(SHAPE_CLASSES))), cy=cy, cx=cx, vy=vy, vx=vx,
-          radius=radius, growth=rng.uniform(-0.04, 0.04),
-          angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-0.15, 0.15),
-          aspect=rng.uniform(0.45, 0.85),
-          color=rng.integers(0, 256, size=3).astype(np.uint8),
-          # A photo other than the background's: an object cut from the background photo
-          # itself would be camouflaged (invisible but for the pan), not a fair instance.
-          texture=_other_index(rng, len(self.textures), bg_index) if fill_texture else -1,
-          tex_offset=rng.integers(0, 10_000, size=2)))
+      objects.append(
+          dict(
+              label=int(rng.integers(len(SHAPE_CLASSES))),
+              cy=cy,
+              cx=cx,
+              vy=vy,
+              vx=vx,
+              radius=radius,
+              growth=rng.uniform(-0.04, 0.04),
+              angle=rng.uniform(0, 2 * np.pi),
+              spin=rng.uniform(-0.15, 0.15),
+              aspect=rng.uniform(0.45, 0.85),
+              color=rng.integers(0, 256, size=3).astype(np.uint8),
+              # A photo other than the background's: an object cut from the background photo
+              # itself would be camouflaged (invisible but for the pan), not a fair instance.
+              texture=_other_index(rng, len(self.textures), bg_index) if fill_texture else -1,
+              tex_offset=rng.integers(0, 10_000, size=2),
+          )
+      )
     # Random depth order: later objects occlude earlier ones.
     frames = np.empty((length, h, w, 3), np.uint8)
     full = np.zeros((num_objects, length, h, w), bool)
     for t in range(length):
       oy, ox = np.clip(np.rint(start + pan * t), 0, [spare_y, spare_x]).astype(int)
-      frame = bg[oy:oy + h, ox:ox + w].copy()
+      frame = bg[oy : oy + h, ox : ox + w].copy()
       for k, obj in enumerate(objects):
         radius = obj["radius"] * (1.0 + obj["growth"] * t)
         cy, cx = obj["cy"] + obj["vy"] * t, obj["cx"] + obj["vx"] * t
@@ -182,9 +204,17 @@ def _box_from_mask(mask: np.ndarray) -> list[float]:
   return [float(xs[0]), float(ys[0]), float(xs[-1] + 1 - xs[0]), float(ys[-1] + 1 - ys[0])]
 
 
-def _write_split(out_dir: str, split: str, num_videos: int, seed: int, renderer: _Renderer,
-                 frames_range: tuple[int, int], max_objects: int, jpeg_quality: int,
-                 min_visible_pixels: int) -> dict[str, Any]:
+def _write_split(
+    out_dir: str,
+    split: str,
+    num_videos: int,
+    seed: int,
+    renderer: _Renderer,
+    frames_range: tuple[int, int],
+    max_objects: int,
+    jpeg_quality: int,
+    min_visible_pixels: int,
+) -> dict[str, Any]:
   split_index = {"train": 0, "valid": 1}[split]
   videos, annotations = [], []
   ann_id = 1
@@ -203,12 +233,18 @@ def _write_split(out_dir: str, split: str, num_videos: int, seed: int, renderer:
     file_names = []
     for t in range(length):
       rel = f"{name}/{t:05d}.jpg"
-      Image.fromarray(frames[t]).save(os.path.join(video_dir, f"{t:05d}.jpg"),
-                                      quality=jpeg_quality)
+      Image.fromarray(frames[t]).save(os.path.join(video_dir, f"{t:05d}.jpg"), quality=jpeg_quality)
       file_names.append(rel)
     video_id = i + 1
-    videos.append({"id": video_id, "width": renderer.width, "height": renderer.height,
-                   "length": length, "file_names": file_names})
+    videos.append(
+        {
+            "id": video_id,
+            "width": renderer.width,
+            "height": renderer.height,
+            "length": length,
+            "file_names": file_names,
+        }
+    )
     for k, label in enumerate(labels):
       if not visible[k].any():
         continue  # never visible: not an annotated instance
@@ -222,15 +258,26 @@ def _write_split(out_dir: str, split: str, num_videos: int, seed: int, renderer:
           bboxes.append(None)
           segms.append(None)
           areas.append(None)
-      annotations.append({"id": ann_id, "video_id": video_id, "category_id": label + 1,
-                          "iscrowd": 0, "bboxes": bboxes, "segmentations": segms,
-                          "areas": areas, "height": renderer.height, "width": renderer.width})
+      annotations.append(
+          {
+              "id": ann_id,
+              "video_id": video_id,
+              "category_id": label + 1,
+              "iscrowd": 0,
+              "bboxes": bboxes,
+              "segmentations": segms,
+              "areas": areas,
+              "height": renderer.height,
+              "width": renderer.width,
+          }
+      )
       ann_id += 1
   data = {
       "info": {"description": f"maskfreevis_jax synthetic VIS ({split}), seed {seed}"},
       "licenses": [],
-      "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                     for i, n in enumerate(SHAPE_CLASSES)],
+      "categories": [
+          {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)
+      ],
       "videos": videos,
       "annotations": annotations,
   }
@@ -239,10 +286,18 @@ def _write_split(out_dir: str, split: str, num_videos: int, seed: int, renderer:
   return {"videos": len(videos), "instances": len(annotations)}
 
 
-def generate(out_dir: str, seed: int = 0, num_train_videos: int = 300,
-             num_val_videos: int = 30, *, frame_size: Sequence[int] = (128, 128),
-             frames_per_video: Sequence[int] = (6, 10), max_objects: int = 4,
-             jpeg_quality: int = 90, min_visible_pixels: int = 4) -> dict[str, Any]:
+def generate(
+    out_dir: str,
+    seed: int = 0,
+    num_train_videos: int = 300,
+    num_val_videos: int = 30,
+    *,
+    frame_size: Sequence[int] = (128, 128),
+    frames_per_video: Sequence[int] = (6, 10),
+    max_objects: int = 4,
+    jpeg_quality: int = 90,
+    min_visible_pixels: int = 4,
+) -> dict[str, Any]:
   """Writes the synthetic dataset (YouTube-VIS JSON + JPEG frames) into ``out_dir``.
 
   Args:
@@ -264,12 +319,21 @@ def generate(out_dir: str, seed: int = 0, num_train_videos: int = 300,
     raise ValueError(f"frame_size must be at least 16x16, got {frame_size}")
   lo, hi = int(frames_per_video[0]), int(frames_per_video[1])
   if not 1 <= lo <= hi:
-    raise ValueError(f"frames_per_video must be (min, max) with 1 <= min <= max, got "
-                     f"{frames_per_video}")
+    raise ValueError(
+        f"frames_per_video must be (min, max) with 1 <= min <= max, got " f"{frames_per_video}"
+    )
   if num_train_videos < 0 or num_val_videos < 0 or max_objects < 1:
     raise ValueError("video counts must be >= 0 and max_objects >= 1")
-  params = _params(seed, num_train_videos, num_val_videos, (height, width), (lo, hi),
-                   max_objects, jpeg_quality, min_visible_pixels)
+  params = _params(
+      seed,
+      num_train_videos,
+      num_val_videos,
+      (height, width),
+      (lo, hi),
+      max_objects,
+      jpeg_quality,
+      min_visible_pixels,
+  )
   start = time.time()
   os.makedirs(out_dir, exist_ok=True)
   marker = os.path.join(out_dir, MARKER_FILE)
@@ -278,25 +342,37 @@ def generate(out_dir: str, seed: int = 0, num_train_videos: int = 300,
   renderer = _Renderer(height, width)
   counts = {}
   for split, n in (("train", num_train_videos), ("valid", num_val_videos)):
-    counts[split] = _write_split(out_dir, split, n, seed, renderer, (lo, hi), max_objects,
-                                 jpeg_quality, min_visible_pixels)
+    counts[split] = _write_split(
+        out_dir, split, n, seed, renderer, (lo, hi), max_objects, jpeg_quality, min_visible_pixels
+    )
   summary = dict(params=params, counts=counts, seconds=round(time.time() - start, 2))
   with open(marker, "w") as f:
     json.dump(summary, f)
-  logging.info("synthetic dataset written to %s in %.1fs: %s", out_dir, summary["seconds"],
-               counts)
+  logging.info("synthetic dataset written to %s in %.1fs: %s", out_dir, summary["seconds"], counts)
   return summary
 
 
-def _params(seed=0, num_train_videos=300, num_val_videos=30, frame_size=(128, 128),
-            frames_per_video=(6, 10), max_objects=4, jpeg_quality=90,
-            min_visible_pixels=4) -> dict[str, Any]:
-  return dict(format_version=FORMAT_VERSION, seed=int(seed),
-              num_train_videos=int(num_train_videos), num_val_videos=int(num_val_videos),
-              frame_size=[int(v) for v in frame_size],
-              frames_per_video=[int(v) for v in frames_per_video],
-              max_objects=int(max_objects), jpeg_quality=int(jpeg_quality),
-              min_visible_pixels=int(min_visible_pixels))
+def _params(
+    seed=0,
+    num_train_videos=300,
+    num_val_videos=30,
+    frame_size=(128, 128),
+    frames_per_video=(6, 10),
+    max_objects=4,
+    jpeg_quality=90,
+    min_visible_pixels=4,
+) -> dict[str, Any]:
+  return dict(
+      format_version=FORMAT_VERSION,
+      seed=int(seed),
+      num_train_videos=int(num_train_videos),
+      num_val_videos=int(num_val_videos),
+      frame_size=[int(v) for v in frame_size],
+      frames_per_video=[int(v) for v in frames_per_video],
+      max_objects=int(max_objects),
+      jpeg_quality=int(jpeg_quality),
+      min_visible_pixels=int(min_visible_pixels),
+  )
 
 
 def marker_matches(out_dir: str, expected: dict) -> bool:
@@ -317,10 +393,18 @@ def is_complete(out_dir: str, **params) -> bool:
   return marker_matches(out_dir, _params(**params))
 
 
-def ensure_dataset(out_dir: str, seed: int = 0, num_train_videos: int = 300,
-                   num_val_videos: int = 30, *, frame_size: Sequence[int] = (128, 128),
-                   frames_per_video: Sequence[int] = (6, 10), max_objects: int = 4,
-                   jpeg_quality: int = 90, min_visible_pixels: int = 4) -> str:
+def ensure_dataset(
+    out_dir: str,
+    seed: int = 0,
+    num_train_videos: int = 300,
+    num_val_videos: int = 30,
+    *,
+    frame_size: Sequence[int] = (128, 128),
+    frames_per_video: Sequence[int] = (6, 10),
+    max_objects: int = 4,
+    jpeg_quality: int = 90,
+    min_visible_pixels: int = 4,
+) -> str:
   """Generates the dataset into ``out_dir`` unless a complete copy is already there.
 
   A copy without the marker (e.g. an interrupted run) or with other parameters is
@@ -330,10 +414,16 @@ def ensure_dataset(out_dir: str, seed: int = 0, num_train_videos: int = 300,
   Returns:
     ``out_dir``.
   """
-  params = dict(seed=seed, num_train_videos=num_train_videos, num_val_videos=num_val_videos,
-                frame_size=tuple(frame_size), frames_per_video=tuple(frames_per_video),
-                max_objects=max_objects, jpeg_quality=jpeg_quality,
-                min_visible_pixels=min_visible_pixels)
+  params = dict(
+      seed=seed,
+      num_train_videos=num_train_videos,
+      num_val_videos=num_val_videos,
+      frame_size=tuple(frame_size),
+      frames_per_video=tuple(frames_per_video),
+      max_objects=max_objects,
+      jpeg_quality=jpeg_quality,
+      min_visible_pixels=min_visible_pixels,
+  )
   if is_complete(out_dir, **params):
     return out_dir
   out_dir = os.path.abspath(out_dir)
@@ -359,6 +449,7 @@ def ensure_dataset(out_dir: str, seed: int = 0, num_train_videos: int = 300,
 @dataclasses.dataclass(frozen=True)
 class LongVideoObject:
   """One ground-truth instance of a long synthetic video (a visit or a resident)."""
+
   label: int
   start: int  # first frame the instance may be visible (inclusive)
   end: int  # last frame + 1
@@ -380,9 +471,17 @@ class LongVideo:
       ...
   """
 
-  def __init__(self, length: int, *, seed: int = 0, frame_size: Sequence[int] = (128, 128),
-               num_residents: int = 2, visit_every: int = 40,
-               visit_frames: Sequence[int] = (40, 120), renderer: Optional[_Renderer] = None):
+  def __init__(
+      self,
+      length: int,
+      *,
+      seed: int = 0,
+      frame_size: Sequence[int] = (128, 128),
+      num_residents: int = 2,
+      visit_every: int = 40,
+      visit_frames: Sequence[int] = (40, 120),
+      renderer: _Renderer | None = None,
+  ):
     """Draws the scenario.
 
     Args:
@@ -397,14 +496,18 @@ class LongVideo:
     if length < 1:
       raise ValueError(f"length must be >= 1, got {length}")
     if visit_every < 1 or not 1 <= visit_frames[0] <= visit_frames[1]:
-      raise ValueError(f"visit_every must be >= 1 and visit_frames (min, max) with 1 <= min <= "
-                       f"max, got {visit_every} and {visit_frames}")
+      raise ValueError(
+          f"visit_every must be >= 1 and visit_frames (min, max) with 1 <= min <= "
+          f"max, got {visit_every} and {visit_frames}"
+      )
     height, width = int(frame_size[0]), int(frame_size[1])
     self.length, self.height, self.width = int(length), height, width
     self.renderer = renderer or _Renderer(height, width)
     if (self.renderer.height, self.renderer.width) != (height, width):
-      raise ValueError(f"renderer is for {self.renderer.height}x{self.renderer.width} frames, "
-                       f"not {height}x{width}")
+      raise ValueError(
+          f"renderer is for {self.renderer.height}x{self.renderer.width} frames, "
+          f"not {height}x{width}"
+      )
     rng = np.random.default_rng([seed, 2])
     size = min(height, width)
     self.background = int(rng.integers(len(self.renderer.backgrounds)))
@@ -414,11 +517,20 @@ class LongVideo:
     self.pan_period = rng.uniform(200, 400, size=2)
     objects = []
     for _ in range(num_residents):
-      objects.append(LongVideoObject(
-          label=int(rng.integers(len(SHAPE_CLASSES))), start=0, end=self.length,
-          params=self._appearance(rng, size) | dict(
-              kind="resident", amplitude=rng.uniform(0.2, 0.32, size=2) * (height, width),
-              period=rng.uniform(60, 140, size=2), phase=rng.uniform(0, 2 * np.pi, size=2))))
+      objects.append(
+          LongVideoObject(
+              label=int(rng.integers(len(SHAPE_CLASSES))),
+              start=0,
+              end=self.length,
+              params=self._appearance(rng, size)
+              | dict(
+                  kind="resident",
+                  amplitude=rng.uniform(0.2, 0.32, size=2) * (height, width),
+                  period=rng.uniform(60, 140, size=2),
+                  phase=rng.uniform(0, 2 * np.pi, size=2),
+              ),
+          )
+      )
     t = int(rng.integers(0, visit_every))
     while t < self.length:
       duration = int(rng.integers(visit_frames[0], visit_frames[1] + 1))
@@ -427,15 +539,24 @@ class LongVideo:
       outside = 1.3 * radius
       # Enter on `side`, leave on the opposite one, passing the central region.
       a, b = rng.uniform(0.2, 0.8, size=2)
-      points = [(-outside, a * width), (height + outside, b * width),
-                (a * height, -outside), (b * height, width + outside)]
+      points = [
+          (-outside, a * width),
+          (height + outside, b * width),
+          (a * height, -outside),
+          (b * height, width + outside),
+      ]
       enter, leave = points[side], points[side ^ 1]
-      objects.append(LongVideoObject(
-          label=int(rng.integers(len(SHAPE_CLASSES))), start=t, end=min(t + duration,
-                                                                        self.length),
-          params=self._appearance(rng, size, radius) | dict(
-              kind="visitor", enter=np.array(enter), leave=np.array(leave),
-              duration=duration)))
+      objects.append(
+          LongVideoObject(
+              label=int(rng.integers(len(SHAPE_CLASSES))),
+              start=t,
+              end=min(t + duration, self.length),
+              params=self._appearance(rng, size, radius)
+              | dict(
+                  kind="visitor", enter=np.array(enter), leave=np.array(leave), duration=duration
+              ),
+          )
+      )
       t += int(rng.integers(visit_every // 2, 3 * visit_every // 2 + 1))
     self.objects = objects
     # Random depth order (later = on top), residents included.
@@ -443,13 +564,17 @@ class LongVideo:
 
   def _appearance(self, rng, size, radius=None) -> dict:
     fill_texture = rng.uniform() < 0.5
-    return dict(radius=radius if radius is not None else rng.uniform(0.14, 0.24) * size,
-                angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-0.05, 0.05),
-                aspect=rng.uniform(0.45, 0.85),
-                color=rng.integers(0, 256, size=3).astype(np.uint8),
-                texture=(_other_index(rng, len(self.renderer.textures), self.background)
-                         if fill_texture else -1),
-                tex_offset=rng.integers(0, 10_000, size=2))
+    return dict(
+        radius=radius if radius is not None else rng.uniform(0.14, 0.24) * size,
+        angle=rng.uniform(0, 2 * np.pi),
+        spin=rng.uniform(-0.05, 0.05),
+        aspect=rng.uniform(0.45, 0.85),
+        color=rng.integers(0, 256, size=3).astype(np.uint8),
+        texture=(
+            _other_index(rng, len(self.renderer.textures), self.background) if fill_texture else -1
+        ),
+        tex_offset=rng.integers(0, 10_000, size=2),
+    )
 
   @property
   def labels(self) -> list[int]:
@@ -469,9 +594,10 @@ class LongVideo:
     renderer = self.renderer
     bg = renderer.backgrounds[self.background]
     for t in range(self.length):
-      offset = np.rint(self.spare * (0.5 + 0.5 * np.sin(
-          2 * np.pi * t / self.pan_period + self.pan_phase))).astype(int)
-      frame = bg[offset[0]:offset[0] + self.height, offset[1]:offset[1] + self.width].copy()
+      offset = np.rint(
+          self.spare * (0.5 + 0.5 * np.sin(2 * np.pi * t / self.pan_period + self.pan_phase))
+      ).astype(int)
+      frame = bg[offset[0] : offset[0] + self.height, offset[1] : offset[1] + self.width].copy()
       visible = np.zeros((len(self.objects), self.height, self.width), bool)
       for k in self.depth:  # back to front: each drawn object hides what is below
         obj = self.objects[k]
@@ -500,9 +626,16 @@ class LongVideo:
       yield frame, visible
 
 
-def write_long_video(out_dir: str, length: int, *, seed: int = 0,
-                     frame_size: Sequence[int] = (128, 128), jpeg_quality: int = 90,
-                     min_visible_pixels: int = 4, **kwargs) -> dict[str, Any]:
+def write_long_video(
+    out_dir: str,
+    length: int,
+    *,
+    seed: int = 0,
+    frame_size: Sequence[int] = (128, 128),
+    jpeg_quality: int = 90,
+    min_visible_pixels: int = 4,
+    **kwargs,
+) -> dict[str, Any]:
   """Writes one `LongVideo` as a YouTube-VIS dataset, frame by frame (bounded memory).
 
   Layout: ``out_dir/valid.json`` (one video, id 1, with RLE ground truth) and
@@ -540,18 +673,38 @@ def write_long_video(out_dir: str, length: int, *, seed: int = 0,
   for k, label in enumerate(video.labels):
     if all(s is None for s in segmentations[k]):
       continue
-    annotations.append({
-        "id": len(annotations) + 1, "video_id": 1, "category_id": label + 1, "iscrowd": 0,
-        "segmentations": segmentations[k], "bboxes": bboxes[k], "areas": areas[k],
-        "height": video.height, "width": video.width})
-  data = {"info": {"description": f"maskfreevis_jax long synthetic video, {length} frames, "
-                                   f"seed {seed}"},
-          "licenses": [],
-          "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                         for i, n in enumerate(SHAPE_CLASSES)],
-          "videos": [{"id": 1, "width": video.width, "height": video.height, "length": length,
-                      "file_names": file_names}],
-          "annotations": annotations}
+    annotations.append(
+        {
+            "id": len(annotations) + 1,
+            "video_id": 1,
+            "category_id": label + 1,
+            "iscrowd": 0,
+            "segmentations": segmentations[k],
+            "bboxes": bboxes[k],
+            "areas": areas[k],
+            "height": video.height,
+            "width": video.width,
+        }
+    )
+  data = {
+      "info": {
+          "description": f"maskfreevis_jax long synthetic video, {length} frames, " f"seed {seed}"
+      },
+      "licenses": [],
+      "categories": [
+          {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)
+      ],
+      "videos": [
+          {
+              "id": 1,
+              "width": video.width,
+              "height": video.height,
+              "length": length,
+              "file_names": file_names,
+          }
+      ],
+      "annotations": annotations,
+  }
   json_path = os.path.join(out_dir, "valid.json")
   with open(json_path, "w") as f:
     json.dump(data, f)
@@ -560,29 +713,39 @@ def write_long_video(out_dir: str, length: int, *, seed: int = 0,
 
 def default_cache_dir() -> str:
   """Where the synthetic data goes by default ($MASKFREEVIS_DATA_DIR or ~/.cache)."""
-  root = os.environ.get("MASKFREEVIS_DATA_DIR",
-                        os.path.join(os.path.expanduser("~"), ".cache", "maskfreevis_jax"))
+  root = os.environ.get(
+      "MASKFREEVIS_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "maskfreevis_jax")
+  )
   return os.path.join(root, "synthetic")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
   """Command line: ``python -m maskfreevis_jax.data.synthetic OUT_DIR [--seed ...]``."""
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("out_dir")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--num_train_videos", type=int, default=300)
   parser.add_argument("--num_val_videos", type=int, default=30)
-  parser.add_argument("--frame_size", type=int, nargs=2, default=(128, 128),
-                      metavar=("HEIGHT", "WIDTH"))
-  parser.add_argument("--frames_per_video", type=int, nargs=2, default=(6, 10),
-                      metavar=("MIN", "MAX"))
+  parser.add_argument(
+      "--frame_size", type=int, nargs=2, default=(128, 128), metavar=("HEIGHT", "WIDTH")
+  )
+  parser.add_argument(
+      "--frames_per_video", type=int, nargs=2, default=(6, 10), metavar=("MIN", "MAX")
+  )
   parser.add_argument("--max_objects", type=int, default=4)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
-  summary = generate(args.out_dir, args.seed, args.num_train_videos, args.num_val_videos,
-                     frame_size=args.frame_size, frames_per_video=args.frames_per_video,
-                     max_objects=args.max_objects)
+  summary = generate(
+      args.out_dir,
+      args.seed,
+      args.num_train_videos,
+      args.num_val_videos,
+      frame_size=args.frame_size,
+      frames_per_video=args.frames_per_video,
+      max_objects=args.max_objects,
+  )
   print(json.dumps(summary))
 
 

@@ -26,7 +26,8 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -53,6 +54,7 @@ def _colourise(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _load_gray(name: str) -> np.ndarray:
   import skimage.data  # pylint: disable=g-import-not-at-top
+
   image = np.asarray(getattr(skimage.data, name)())
   if image.ndim == 3:
     image = image[..., :3].mean(axis=-1)
@@ -76,13 +78,14 @@ class _StillRenderer:
     resized = np.asarray(Image.fromarray(photo).resize((new_w, new_h), Image.BILINEAR))
     y0 = int(rng.integers(new_h - height + 1))
     x0 = int(rng.integers(new_w - width + 1))
-    crop = resized[y0:y0 + height, x0:x0 + width]
+    crop = resized[y0 : y0 + height, x0 : x0 + width]
     if rng.uniform() < 0.5:
       crop = crop[:, ::-1]
     return _colourise(crop, rng)
 
-  def image(self, rng: np.random.Generator, max_objects: int
-            ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+  def image(
+      self, rng: np.random.Generator, max_objects: int
+  ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Renders one image.
 
     Returns:
@@ -127,11 +130,23 @@ class _StillRenderer:
     return pixels, visible, labels
 
 
-def _params(num_images: int, size: Sequence[int], seed: int, max_objects: int,
-            min_visible_pixels: int, jpeg_quality: int) -> dict[str, Any]:
-  return dict(format_version=FORMAT_VERSION, num_images=int(num_images),
-              size=[int(v) for v in size], seed=int(seed), max_objects=int(max_objects),
-              min_visible_pixels=int(min_visible_pixels), jpeg_quality=int(jpeg_quality))
+def _params(
+    num_images: int,
+    size: Sequence[int],
+    seed: int,
+    max_objects: int,
+    min_visible_pixels: int,
+    jpeg_quality: int,
+) -> dict[str, Any]:
+  return dict(
+      format_version=FORMAT_VERSION,
+      num_images=int(num_images),
+      size=[int(v) for v in size],
+      seed=int(seed),
+      max_objects=int(max_objects),
+      min_visible_pixels=int(min_visible_pixels),
+      jpeg_quality=int(jpeg_quality),
+  )
 
 
 def is_complete(out_dir: str, **params) -> bool:
@@ -156,40 +171,64 @@ def _generate(out_dir: str, params: dict[str, Any]) -> dict[str, Any]:
         break
     image_id = i + 1
     file_name = f"images/{image_id:06d}.jpg"
-    Image.fromarray(pixels).save(os.path.join(out_dir, file_name),
-                                 quality=params["jpeg_quality"])
+    Image.fromarray(pixels).save(os.path.join(out_dir, file_name), quality=params["jpeg_quality"])
     images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
     for k in np.flatnonzero(keep):
       mask = visible[k]
       ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
       box = [float(xs[0]), float(ys[0]), float(xs[-1] + 1 - xs[0]), float(ys[-1] + 1 - ys[0])]
-      annotations.append({"id": ann_id, "image_id": image_id, "category_id": labels[k] + 1,
-                          "iscrowd": 0, "bbox": box, "area": int(mask.sum()),
-                          "segmentation": ytvis_json.encode_mask(mask)})
+      annotations.append(
+          {
+              "id": ann_id,
+              "image_id": image_id,
+              "category_id": labels[k] + 1,
+              "iscrowd": 0,
+              "bbox": box,
+              "area": int(mask.sum()),
+              "segmentation": ytvis_json.encode_mask(mask),
+          }
+      )
       ann_id += 1
   data = {
       "info": {"description": f"maskfreevis_jax synthetic still images, seed {params['seed']}"},
       "licenses": [],
-      "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
-                     for i, n in enumerate(synthetic.SHAPE_CLASSES)],
+      "categories": [
+          {"id": i + 1, "name": n, "supercategory": "shape"}
+          for i, n in enumerate(synthetic.SHAPE_CLASSES)
+      ],
       "images": images,
       "annotations": annotations,
   }
   with open(os.path.join(out_dir, JSON_NAME), "w") as f:
     json.dump(data, f)
-  summary = dict(params=params, images=len(images), instances=len(annotations),
-                 seconds=round(time.time() - start, 2))
+  summary = dict(
+      params=params,
+      images=len(images),
+      instances=len(annotations),
+      seconds=round(time.time() - start, 2),
+  )
   with open(os.path.join(out_dir, MARKER_FILE), "w") as f:
     json.dump(summary, f)
-  logging.info("synthetic still images written to %s in %.1fs: %d images, %d instances",
-               out_dir, summary["seconds"], len(images), len(annotations))
+  logging.info(
+      "synthetic still images written to %s in %.1fs: %d images, %d instances",
+      out_dir,
+      summary["seconds"],
+      len(images),
+      len(annotations),
+  )
   return summary
 
 
-def write_coco_instances(out_dir: str, num_images: int = 2000,
-                         size: Sequence[int] = (128, 128), seed: int = 0, *,
-                         max_objects: int = 4, min_visible_pixels: int = 16,
-                         jpeg_quality: int = 90) -> str:
+def write_coco_instances(
+    out_dir: str,
+    num_images: int = 2000,
+    size: Sequence[int] = (128, 128),
+    seed: int = 0,
+    *,
+    max_objects: int = 4,
+    min_visible_pixels: int = 16,
+    jpeg_quality: int = 90,
+) -> str:
   """Writes (or reuses) a COCO instances set of synthetic still images; returns the JSON path.
 
   A complete copy made with the same arguments is reused. Otherwise the set is generated in
@@ -211,12 +250,21 @@ def write_coco_instances(out_dir: str, num_images: int = 2000,
   if len(size) != 2 or min(int(s) for s in size) < 16:
     raise ValueError(f"size must be (height, width), each at least 16, got {tuple(size)}")
   if num_images < 1 or max_objects < 1 or min_visible_pixels < 1:
-    raise ValueError(f"num_images, max_objects and min_visible_pixels must be >= 1, got "
-                     f"{num_images}, {max_objects}, {min_visible_pixels}")
+    raise ValueError(
+        f"num_images, max_objects and min_visible_pixels must be >= 1, got "
+        f"{num_images}, {max_objects}, {min_visible_pixels}"
+    )
   params = _params(num_images, size, seed, max_objects, min_visible_pixels, jpeg_quality)
   json_path = os.path.join(os.path.abspath(out_dir), JSON_NAME)
-  if is_complete(out_dir, num_images=num_images, size=size, seed=seed, max_objects=max_objects,
-                 min_visible_pixels=min_visible_pixels, jpeg_quality=jpeg_quality):
+  if is_complete(
+      out_dir,
+      num_images=num_images,
+      size=size,
+      seed=seed,
+      max_objects=max_objects,
+      min_visible_pixels=min_visible_pixels,
+      jpeg_quality=jpeg_quality,
+  ):
     return json_path
   out_dir = os.path.abspath(out_dir)
   tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
@@ -229,20 +277,23 @@ def write_coco_instances(out_dir: str, num_images: int = 2000,
   return json_path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
   """Command line: ``python -m maskfreevis_jax.data.synthetic_images OUT_DIR [--num_images N]``."""
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("out_dir")
   parser.add_argument("--num_images", type=int, default=2000)
-  parser.add_argument("--size", type=int, nargs=2, default=(128, 128),
-                      metavar=("HEIGHT", "WIDTH"))
+  parser.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("HEIGHT", "WIDTH"))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max_objects", type=int, default=4)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
-  print(write_coco_instances(args.out_dir, args.num_images, args.size, args.seed,
-                             max_objects=args.max_objects))
+  print(
+      write_coco_instances(
+          args.out_dir, args.num_images, args.size, args.seed, max_objects=args.max_objects
+      )
+  )
 
 
 if __name__ == "__main__":

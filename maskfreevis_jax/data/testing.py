@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -15,9 +16,13 @@ BACKGROUND = 30
 CATEGORY_COLORS = ((230, 40, 40), (40, 230, 40), (40, 40, 230))
 
 
-def rect_frames(height: int, width: int, num_frames: int,
-                rects: Sequence[Sequence[Optional[Sequence[int]]]],
-                colors: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
+def rect_frames(
+    height: int,
+    width: int,
+    num_frames: int,
+    rects: Sequence[Sequence[Sequence[int] | None]],
+    colors: Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
   """Frames with solid rectangles: ``rects[k][t] = (x, y, w, h)`` or None.
 
   Returns:
@@ -29,14 +34,18 @@ def rect_frames(height: int, width: int, num_frames: int,
     for t, box in enumerate(track):
       if box is not None:
         x, y, w, h = (int(v) for v in box)
-        frames[t, max(y, 0):y + h, max(x, 0):x + w] = color
+        frames[t, max(y, 0) : y + h, max(x, 0) : x + w] = color
   return frames
 
 
-def write_ytvis_folder(root: str, videos: Sequence[dict[str, Any]],
-                       categories: Sequence[str] = ("red", "green", "blue"),
-                       json_name: str = "train.json", image_format: str = "jpg",
-                       with_masks: bool = True) -> tuple[str, str]:
+def write_ytvis_folder(
+    root: str,
+    videos: Sequence[dict[str, Any]],
+    categories: Sequence[str] = ("red", "green", "blue"),
+    json_name: str = "train.json",
+    image_format: str = "jpg",
+    with_masks: bool = True,
+) -> tuple[str, str]:
   """Writes a YouTube-VIS style folder.
 
   Args:
@@ -64,11 +73,23 @@ def write_ytvis_folder(root: str, videos: Sequence[dict[str, Any]],
       rel = f"{name}/{t:05d}.{image_format}"
       Image.fromarray(frames[t]).save(os.path.join(image_root, rel), quality=95)
       file_names.append(rel)
-    out_videos.append({"id": video["id"], "height": height, "width": width, "length": length,
-                       "file_names": file_names})
+    out_videos.append(
+        {
+            "id": video["id"],
+            "height": height,
+            "width": width,
+            "length": length,
+            "file_names": file_names,
+        }
+    )
     for track in video["tracks"]:
-      ann = {"id": track["id"], "video_id": video["id"], "category_id": track["category_id"],
-             "iscrowd": 0, "bboxes": track["bboxes"]}
+      ann = {
+          "id": track["id"],
+          "video_id": video["id"],
+          "category_id": track["category_id"],
+          "iscrowd": 0,
+          "bboxes": track["bboxes"],
+      }
       if with_masks:
         segms = []
         for t, box in enumerate(track["bboxes"]):
@@ -77,21 +98,30 @@ def write_ytvis_folder(root: str, videos: Sequence[dict[str, Any]],
             continue
           mask = np.zeros((height, width), np.uint8)
           x, y, w, h = (int(round(v)) for v in box)
-          mask[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = 1
+          mask[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] = 1
           segms.append(ytvis_json.encode_mask(mask) if mask.any() else None)
         ann["segmentations"] = segms
       annotations.append(ann)
-  data = {"videos": out_videos, "annotations": annotations,
-          "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)]}
+  data = {
+      "videos": out_videos,
+      "annotations": annotations,
+      "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)],
+  }
   json_path = os.path.join(root, json_name)
   with open(json_path, "w") as f:
     json.dump(data, f)
   return json_path, image_root
 
 
-def moving_rect_video(video_id: int, first_track_id: int, num_frames: int = 6,
-                      height: int = 64, width: int = 96, num_tracks: int = 2,
-                      seed: int = 0) -> dict[str, Any]:
+def moving_rect_video(
+    video_id: int,
+    first_track_id: int,
+    num_frames: int = 6,
+    height: int = 64,
+    width: int = 96,
+    num_tracks: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
   """A video with ``num_tracks`` moving solid rectangles (category k+1 for track k)."""
   rng = np.random.default_rng([video_id, seed])
   rects = []
@@ -106,14 +136,23 @@ def moving_rect_video(video_id: int, first_track_id: int, num_frames: int = 6,
       track.append([x, y, w, h])
     rects.append(track)
   frames = rect_frames(height, width, num_frames, rects)
-  tracks = [{"id": first_track_id + k, "category_id": k % 3 + 1,
-             "bboxes": [[float(v) for v in b] for b in rects[k]]} for k in range(num_tracks)]
+  tracks = [
+      {
+          "id": first_track_id + k,
+          "category_id": k % 3 + 1,
+          "bboxes": [[float(v) for v in b] for b in rects[k]],
+      }
+      for k in range(num_tracks)
+  ]
   return {"id": video_id, "frames": frames, "tracks": tracks}
 
 
-def write_coco_folder(root: str, categories: dict[int, str],
-                      images: Sequence[Sequence[tuple[int, Sequence[float]]]],
-                      size: tuple[int, int] = (96, 128)) -> tuple[str, str]:
+def write_coco_folder(
+    root: str,
+    categories: dict[int, str],
+    images: Sequence[Sequence[tuple[int, Sequence[float]]]],
+    size: tuple[int, int] = (96, 128),
+) -> tuple[str, str]:
   """Writes a small COCO instances folder: solid rectangles with polygon masks.
 
   Args:
@@ -135,12 +174,22 @@ def write_coco_folder(root: str, categories: dict[int, str],
     Image.fromarray(frame).save(os.path.join(root, file_name))
     out_images.append({"id": i, "file_name": file_name, "height": height, "width": width})
     for k, (category_id, (x, y, w, h)) in enumerate(objects):
-      annotations.append({
-          "id": 100 * i + k, "image_id": i, "category_id": int(category_id), "iscrowd": 0,
-          "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
-          "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
-  data = {"images": out_images, "annotations": annotations,
-          "categories": [{"id": int(k), "name": v} for k, v in sorted(categories.items())]}
+      annotations.append(
+          {
+              "id": 100 * i + k,
+              "image_id": i,
+              "category_id": int(category_id),
+              "iscrowd": 0,
+              "bbox": [float(x), float(y), float(w), float(h)],
+              "area": float(w * h),
+              "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+          }
+      )
+  data = {
+      "images": out_images,
+      "annotations": annotations,
+      "categories": [{"id": int(k), "name": v} for k, v in sorted(categories.items())],
+  }
   json_path = os.path.join(root, "instances.json")
   with open(json_path, "w") as f:
     json.dump(data, f)

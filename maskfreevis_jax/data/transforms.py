@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -46,6 +46,7 @@ def read_rgb(path: str) -> np.ndarray:
 def decode_rgb(data: bytes, name: str) -> np.ndarray:
   """Decodes encoded image bytes (e.g. from TFDS) to uint8 RGB; errors name ``name``."""
   import io  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
@@ -56,8 +57,9 @@ def decode_rgb(data: bytes, name: str) -> np.ndarray:
     raise FrameReadError(name, f"corrupt or unsupported image ({e})") from None
 
 
-def sample_clip_frame_indices(rng: np.random.Generator, length: int, num_frames: int,
-                              frame_range: int, shuffle: bool = False) -> np.ndarray:
+def sample_clip_frame_indices(
+    rng: np.random.Generator, length: int, num_frames: int, frame_range: int, shuffle: bool = False
+) -> np.ndarray:
   """Samples the frames of a training clip like the official video dataset mapper.
 
   A reference frame is drawn uniformly; the other ``num_frames - 1`` frames are drawn (with
@@ -82,8 +84,9 @@ def sample_clip_frame_indices(rng: np.random.Generator, length: int, num_frames:
   return indices.astype(np.int32)
 
 
-def resized_shape(height: int, width: int, short_side: int, max_size: int,
-                  canvas: Optional[Sequence[int]] = None) -> tuple[int, int]:
+def resized_shape(
+    height: int, width: int, short_side: int, max_size: int, canvas: Sequence[int] | None = None
+) -> tuple[int, int]:
   """Output size of the shortest-edge resize (detectron2 rule), optionally fit to a canvas.
 
   The short side becomes ``short_side`` unless the long side would exceed ``max_size``;
@@ -109,12 +112,14 @@ def rotation_matrix(angle: float, center_xy: Sequence[float]) -> np.ndarray:
   ``center_xy`` (x, y), as ``cv2.getRotationMatrix2D`` (which takes the centre in float32)."""
   cx, cy = (float(np.float32(v)) for v in center_xy)
   cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-  return np.array([[cos, sin, (1 - cos) * cx - sin * cy],
-                   [-sin, cos, sin * cx + (1 - cos) * cy]], np.float64)
+  return np.array(
+      [[cos, sin, (1 - cos) * cx - sin * cy], [-sin, cos, sin * cx + (1 - cos) * cy]], np.float64
+  )
 
 
-def rotate_image(image: np.ndarray, angle: float, center_xy: Sequence[float],
-                 nearest: bool = False) -> np.ndarray:
+def rotate_image(
+    image: np.ndarray, angle: float, center_xy: Sequence[float], nearest: bool = False
+) -> np.ndarray:
   """Rotates ``[H, W, ...]`` uint8 by ``angle`` degrees (counter-clockwise) about ``center_xy``.
 
   The output keeps the input size; pixels from outside the image are 0. This is detectron2's
@@ -122,8 +127,9 @@ def rotate_image(image: np.ndarray, angle: float, center_xy: Sequence[float],
   the centre shifted by half a pixel, here in numpy (agrees with OpenCV to one grey level).
   """
   height, width = image.shape[:2]
-  forward = np.vstack([rotation_matrix(angle, (center_xy[0] - 0.5, center_xy[1] - 0.5)),
-                       [0.0, 0.0, 1.0]])
+  forward = np.vstack(
+      [rotation_matrix(angle, (center_xy[0] - 0.5, center_xy[1] - 0.5)), [0.0, 0.0, 1.0]]
+  )
   inverse = np.linalg.inv(forward)[:2]
   y, x = np.mgrid[0:height, 0:width].astype(np.float64)
   src_x = inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2]
@@ -141,8 +147,9 @@ def rotate_image(image: np.ndarray, angle: float, center_xy: Sequence[float],
     x0, y0 = np.floor(src_x), np.floor(src_y)
     fx, fy = (src_x - x0)[..., None], (src_y - y0)[..., None]
     x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
-    out = ((1 - fy) * ((1 - fx) * gather(x0, y0) + fx * gather(x0 + 1, y0)) +
-           fy * ((1 - fx) * gather(x0, y0 + 1) + fx * gather(x0 + 1, y0 + 1)))
+    out = (1 - fy) * ((1 - fx) * gather(x0, y0) + fx * gather(x0 + 1, y0)) + fy * (
+        (1 - fx) * gather(x0, y0 + 1) + fx * gather(x0 + 1, y0 + 1)
+    )
     out = np.clip(np.rint(out), 0, 255)
   return out.astype(image.dtype).reshape(image.shape)
 
@@ -157,14 +164,15 @@ class ClipTransform:
   counter-clockwise) rotates the resized frame about ``center_xy`` (output pixels; default the
   frame centre) keeping its size, as the release's ``RandomRotationClip`` for COCO pseudo clips.
   """
+
   in_hw: tuple[int, int]
   out_hw: tuple[int, int]
   flip: bool = False
   crop_yx: tuple[int, int] = (0, 0)
-  crop_hw: Optional[tuple[int, int]] = None
+  crop_hw: tuple[int, int] | None = None
   angle: float = 0.0
-  center_xy: Optional[tuple[float, float]] = None
-  pre_hw: Optional[tuple[int, int]] = None
+  center_xy: tuple[float, float] | None = None
+  pre_hw: tuple[int, int] | None = None
 
   @property
   def _center_xy(self) -> tuple[float, float]:
@@ -195,7 +203,7 @@ class ClipTransform:
     image = self._pre_resize(image, Image.BILINEAR)
     if self.crop_hw is not None:
       y0, x0 = self.crop_yx
-      image = image[y0:y0 + self.crop_hw[0], x0:x0 + self.crop_hw[1]]
+      image = image[y0 : y0 + self.crop_hw[0], x0 : x0 + self.crop_hw[1]]
     if tuple(image.shape[:2]) != tuple(self.out_hw):
       image = np.asarray(Image.fromarray(image).resize(self.out_hw[::-1], Image.BILINEAR))
     if self.flip:
@@ -209,7 +217,7 @@ class ClipTransform:
     mask = self._pre_resize(mask, Image.NEAREST)
     if self.crop_hw is not None:
       y0, x0 = self.crop_yx
-      mask = mask[y0:y0 + self.crop_hw[0], x0:x0 + self.crop_hw[1]]
+      mask = mask[y0 : y0 + self.crop_hw[0], x0 : x0 + self.crop_hw[1]]
     if tuple(mask.shape) != tuple(self.out_hw):
       mask = np.asarray(Image.fromarray(mask).resize(self.out_hw[::-1], Image.NEAREST))
     if self.flip:
@@ -251,7 +259,8 @@ class ClipTransform:
 def nonempty_boxes(boxes: np.ndarray) -> np.ndarray:
   """bool ``[...]``: width and height above the empty-box threshold."""
   return ((boxes[..., 2] - boxes[..., 0]) > MIN_BOX_SIDE) & (
-      (boxes[..., 3] - boxes[..., 1]) > MIN_BOX_SIDE)
+      (boxes[..., 3] - boxes[..., 1]) > MIN_BOX_SIDE
+  )
 
 
 def round_up(value: int, multiple: int = 32) -> int:

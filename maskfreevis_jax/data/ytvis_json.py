@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -35,6 +35,7 @@ MIN_BOX_SIDE = 1e-5
 @dataclasses.dataclass(frozen=True)
 class Category:
   """One object category: dataset id, name and contiguous label."""
+
   id: int
   name: str
   label: int
@@ -54,13 +55,14 @@ class Track:
     segmentations: raw per-frame segmentations (RLE dict, polygon list or None), or None
       when the file has none.
   """
+
   id: int
   category_id: int
   label: int
   iscrowd: bool
   boxes: np.ndarray
   box_valid: np.ndarray
-  segmentations: Optional[list[Any]]
+  segmentations: list[Any] | None
 
 
 @dataclasses.dataclass
@@ -74,6 +76,7 @@ class Video:
     file_names: frame paths, absolute when an image root was given.
     tracks: annotated tracks (empty for unannotated splits).
   """
+
   id: int
   height: int
   width: int
@@ -102,6 +105,7 @@ class YtvisDataset:
     num_clipped_boxes: boxes that extended outside the image and were clipped.
     num_dropped_boxes: boxes that were empty (zero area / outside) and were dropped.
   """
+
   path: str
   image_root: str
   categories: list[Category]
@@ -136,8 +140,12 @@ def _require(obj: Any, key: str, types: type | tuple[type, ...], path: str, wher
   if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
     raise _fail(path, where, f"field '{key}' must be {types}, got bool")
   if not isinstance(value, types):
-    raise _fail(path, where, f"field '{key}' must be {getattr(types, '__name__', types)}, "
-                f"got {type(value).__name__}")
+    raise _fail(
+        path,
+        where,
+        f"field '{key}' must be {getattr(types, '__name__', types)}, "
+        f"got {type(value).__name__}",
+    )
   return value
 
 
@@ -150,17 +158,21 @@ def read_json(path: str) -> Any:
   try:
     return json.loads(raw)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} "
-                     f"(char {e.pos}): {e.msg}") from None
+    raise ValueError(
+        f"{path}: malformed JSON at line {e.lineno} column {e.colno} " f"(char {e.pos}): {e.msg}"
+    ) from None
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text at byte {e.start}: {e.reason}") from None
 
 
-def _parse_box(box: Any, path: str, where: str) -> Optional[list[float]]:
+def _parse_box(box: Any, path: str, where: str) -> list[float] | None:
   if box is None:
     return None
-  if (not isinstance(box, (list, tuple)) or len(box) != 4 or
-      not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+  if (
+      not isinstance(box, (list, tuple))
+      or len(box) != 4
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+  ):
     raise _fail(path, where, f"bbox must be null or [x, y, w, h] numbers, got {box!r}")
   return [float(v) for v in box]
 
@@ -174,12 +186,16 @@ def _check_segmentation(segm: Any, path: str, where: str) -> None:
     return
   if isinstance(segm, list):
     return
-  raise _fail(path, where, f"segmentation must be null, an RLE dict or polygons, got "
-              f"{type(segm).__name__}")
+  raise _fail(
+      path,
+      where,
+      f"segmentation must be null, an RLE dict or polygons, got " f"{type(segm).__name__}",
+  )
 
 
-def load_ytvis_json(path: str, image_root: Optional[str] = None, *,
-                    keep_segmentations: bool = True) -> YtvisDataset:
+def load_ytvis_json(
+    path: str, image_root: str | None = None, *, keep_segmentations: bool = True
+) -> YtvisDataset:
   """Reads and validates a YouTube-VIS / OVIS annotation file.
 
   Args:
@@ -238,11 +254,16 @@ def load_ytvis_json(path: str, image_root: Optional[str] = None, *,
       raise _fail(path, where, f"non-positive frame size {height}x{width}")
     length = vid.get("length", len(file_names))
     if length != len(file_names):
-      raise _fail(path, where, f"'length' is {length} but 'file_names' has "
-                  f"{len(file_names)} entries")
-    videos[vid_id] = Video(id=vid_id, height=height, width=width,
-                           file_names=[os.path.join(image_root, f) for f in file_names],
-                           tracks=[])
+      raise _fail(
+          path, where, f"'length' is {length} but 'file_names' has " f"{len(file_names)} entries"
+      )
+    videos[vid_id] = Video(
+        id=vid_id,
+        height=height,
+        width=width,
+        file_names=[os.path.join(image_root, f) for f in file_names],
+        tracks=[],
+    )
 
   has_annotations = "annotations" in data
   num_clipped = num_dropped = 0
@@ -266,14 +287,22 @@ def load_ytvis_json(path: str, image_root: Optional[str] = None, *,
       raise _fail(path, where, f"category_id {cat_id} is not in 'categories'")
     bboxes = _require(ann, "bboxes", list, path, where)
     if len(bboxes) != video.length:
-      raise _fail(path, where, f"'bboxes' has {len(bboxes)} entries but the video has "
-                  f"{video.length} frames (file_names)")
+      raise _fail(
+          path,
+          where,
+          f"'bboxes' has {len(bboxes)} entries but the video has "
+          f"{video.length} frames (file_names)",
+      )
     segms = ann.get("segmentations")
     if segms is not None:
       if not isinstance(segms, list) or len(segms) != video.length:
         got = len(segms) if isinstance(segms, list) else type(segms).__name__
-        raise _fail(path, where, f"'segmentations' has {got} entries but the video has "
-                    f"{video.length} frames (file_names)")
+        raise _fail(
+            path,
+            where,
+            f"'segmentations' has {got} entries but the video has "
+            f"{video.length} frames (file_names)",
+        )
       for t, s in enumerate(segms):
         _check_segmentation(s, path, f"{where}, frame {t}")
     boxes = np.zeros((video.length, 4), np.float32)
@@ -294,20 +323,37 @@ def load_ytvis_json(path: str, image_root: Optional[str] = None, *,
       boxes[t] = (cx1, cy1, cx2, cy2)
       valid[t] = True
     iscrowd = ann.get("iscrowd", 0)
-    video.tracks.append(Track(
-        id=ann_id, category_id=cat_id, label=label_of[cat_id], iscrowd=bool(iscrowd),
-        boxes=boxes, box_valid=valid,
-        segmentations=segms if (keep_segmentations and segms is not None) else None))
+    video.tracks.append(
+        Track(
+            id=ann_id,
+            category_id=cat_id,
+            label=label_of[cat_id],
+            iscrowd=bool(iscrowd),
+            boxes=boxes,
+            box_valid=valid,
+            segmentations=segms if (keep_segmentations and segms is not None) else None,
+        )
+    )
 
   for video in videos.values():
     video.tracks.sort(key=lambda t: t.id)
   if num_clipped or num_dropped:
-    logging.warning("%s: clipped %d boxes extending outside the image and dropped %d empty "
-                    "(zero-area or outside) boxes", path, num_clipped, num_dropped)
-  return YtvisDataset(path=path, image_root=image_root, categories=categories,
-                      videos=[videos[k] for k in sorted(videos)],
-                      has_annotations=has_annotations,
-                      num_clipped_boxes=num_clipped, num_dropped_boxes=num_dropped)
+    logging.warning(
+        "%s: clipped %d boxes extending outside the image and dropped %d empty "
+        "(zero-area or outside) boxes",
+        path,
+        num_clipped,
+        num_dropped,
+    )
+  return YtvisDataset(
+      path=path,
+      image_root=image_root,
+      categories=categories,
+      videos=[videos[k] for k in sorted(videos)],
+      has_annotations=has_annotations,
+      num_clipped_boxes=num_clipped,
+      num_dropped_boxes=num_dropped,
+  )
 
 
 def drop_unannotated_videos(dataset: YtvisDataset) -> YtvisDataset:
@@ -315,8 +361,13 @@ def drop_unannotated_videos(dataset: YtvisDataset) -> YtvisDataset:
   kept = [v for v in dataset.videos if v.has_annotations()]
   skipped = [v.id for v in dataset.videos if not v.has_annotations()]
   if skipped:
-    logging.warning("%s: skipped %d videos whose every annotation is empty (video ids %s%s)",
-                    dataset.path, len(skipped), skipped[:10], " ..." if len(skipped) > 10 else "")
+    logging.warning(
+        "%s: skipped %d videos whose every annotation is empty (video ids %s%s)",
+        dataset.path,
+        len(skipped),
+        skipped[:10],
+        " ..." if len(skipped) > 10 else "",
+    )
   if not kept:
     raise ValueError(f"{dataset.path}: no video has a non-empty box annotation")
   return dataclasses.replace(dataset, videos=kept)
@@ -338,8 +389,10 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     if isinstance(counts, list):
       rle = mask_util.frPyObjects(segm, *segm["size"])
     else:
-      rle = {"size": list(segm["size"]),
-             "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+      rle = {
+          "size": list(segm["size"]),
+          "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+      }
     mask = mask_util.decode(rle)
   else:
     polygons = [p for p in segm if len(p) >= 6 and len(p) % 2 == 0]
@@ -348,13 +401,16 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
     mask = mask_util.decode(rle)
   if mask.shape != (height, width):
-    raise ValueError(f"segmentation of size {mask.shape} does not match the frame size "
-                     f"{(height, width)}")
+    raise ValueError(
+        f"segmentation of size {mask.shape} does not match the frame size " f"{(height, width)}"
+    )
   return mask.astype(np.uint8)
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
   """Encodes a binary ``[H, W]`` mask as a JSON-ready compressed RLE dict."""
   rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-  return {"size": [int(rle["size"][0]), int(rle["size"][1])],
-          "counts": rle["counts"].decode("ascii")}
+  return {
+      "size": [int(rle["size"][0]), int(rle["size"][1])],
+      "counts": rle["counts"].decode("ascii"),
+  }

@@ -1,18 +1,47 @@
 """maskfreevis_jax.evaluation: YouTube-VIS metrics, video inference post-processing, overlays."""
-from maskfreevis_jax.evaluation.inference import (StreamedPrediction, StreamingVideoPredictor,
-                                                  VideoPrediction, VideoPredictor,
-                                                  associate_queries, encode_rle,
-                                                  postprocess_video, predict_video,
-                                                  prediction_to_results, run_inference)
-from maskfreevis_jax.evaluation.visualize import (frames_at_original_size, mp4_writer_available,
-                                                  overlay_frames, save_animation)
-from maskfreevis_jax.evaluation.ytvis_eval import (accumulate_ytvis, evaluate_ytvis,
-                                                   format_table, mask_iou_video)
+
+from maskfreevis_jax.evaluation.inference import (
+    StreamedPrediction,
+    StreamingVideoPredictor,
+    VideoPrediction,
+    VideoPredictor,
+    associate_queries,
+    encode_rle,
+    postprocess_video,
+    predict_video,
+    prediction_to_results,
+    run_inference,
+)
+from maskfreevis_jax.evaluation.visualize import (
+    frames_at_original_size,
+    mp4_writer_available,
+    overlay_frames,
+    save_animation,
+)
+from maskfreevis_jax.evaluation.ytvis_eval import (
+    accumulate_ytvis,
+    evaluate_ytvis,
+    format_table,
+    mask_iou_video,
+)
 
 __all__ = [
-    "StreamedPrediction", "StreamingVideoPredictor", "VideoPrediction", "VideoPredictor",
-    "associate_queries", "encode_rle", "postprocess_video", "predict_video",
-    "prediction_to_results", "run_inference", "frames_at_original_size", "mp4_writer_available",
+    "StreamedPrediction",
+    "StreamingVideoPredictor",
+    "VideoPrediction",
+    "VideoPredictor",
+    "associate_queries",
+    "encode_rle",
+    "postprocess_video",
+    "predict_video",
+    "prediction_to_results",
+    "run_inference",
+    "frames_at_original_size",
+    "mp4_writer_available",
     "overlay_frames",
-    "save_animation", "accumulate_ytvis", "evaluate_ytvis", "format_table", "mask_iou_video",
+    "save_animation",
+    "accumulate_ytvis",
+    "evaluate_ytvis",
+    "format_table",
+    "mask_iou_video",
 ]

@@ -14,9 +14,9 @@ without any prediction of its category).
   summary = matched_boundary_iou("valid.json", "results.json")
   print(summary["boundary_iou"], summary["mask_iou"])
 """
+
 from __future__ import annotations
 
-from typing import Union
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -50,13 +50,13 @@ def boundary_region(masks: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarr
   out = np.zeros_like(flat)
   for i, mask in enumerate(flat):
     if mask.any():
-      out[i] = mask & ~ndimage.binary_erosion(mask, structure=_SQUARE, iterations=d,
-                                              border_value=0)
+      out[i] = mask & ~ndimage.binary_erosion(mask, structure=_SQUARE, iterations=d, border_value=0)
   return out.reshape(masks.shape)
 
 
-def boundary_iou_video(masks_a: np.ndarray, masks_b: np.ndarray,
-                       dilation_ratio: float = 0.02) -> float:
+def boundary_iou_video(
+    masks_a: np.ndarray, masks_b: np.ndarray, dilation_ratio: float = 0.02
+) -> float:
   """Boundary IoU of two video masks bool [T, H, W] (sums over frames; 0 if both are empty)."""
   a = boundary_region(masks_a, dilation_ratio)
   b = boundary_region(masks_b, dilation_ratio)
@@ -72,9 +72,11 @@ def _dense(track: ytvis_eval.Track, shape: tuple[int, int, int]) -> np.ndarray:
   return out
 
 
-def matched_boundary_iou(gt: Union[ytvis_eval.PathOrDict, ytvis_eval.GroundTruth],
-                         results: ytvis_eval.PathOrList,
-                         dilation_ratio: float = 0.02) -> dict[str, float]:
+def matched_boundary_iou(
+    gt: ytvis_eval.PathOrDict | ytvis_eval.GroundTruth,
+    results: ytvis_eval.PathOrList,
+    dilation_ratio: float = 0.02,
+) -> dict[str, float]:
   """Mean boundary IoU and mask IoU of each ground-truth track's best prediction, in percent.
 
   Args:
@@ -104,8 +106,11 @@ def matched_boundary_iou(gt: Union[ytvis_eval.PathOrDict, ytvis_eval.GroundTruth
       ious = ytvis_eval.track_ious(same_class, [track], num_frames)[:, 0]
       best = int(np.argmax(ious))
       overlap.append(float(ious[best]))
-      boundary.append(boundary_iou_video(_dense(track, shape), _dense(same_class[best], shape),
-                                         dilation_ratio))
-  return {"boundary_iou": 100.0 * float(np.mean(boundary)) if boundary else float("nan"),
-          "mask_iou": 100.0 * float(np.mean(overlap)) if overlap else float("nan"),
-          "num_tracks": float(len(boundary))}
+      boundary.append(
+          boundary_iou_video(_dense(track, shape), _dense(same_class[best], shape), dilation_ratio)
+      )
+  return {
+      "boundary_iou": 100.0 * float(np.mean(boundary)) if boundary else float("nan"),
+      "mask_iou": 100.0 * float(np.mean(overlap)) if overlap else float("nan"),
+      "num_tracks": float(len(boundary)),
+  }

@@ -30,12 +30,14 @@ since nothing binds a query to one object, tracks switch identity at window boun
 it keeps the frames of one window and the previous window's outputs, and hands the masks of every
 new frame, at the original size, to a callback (for the results' RLEs and the overlay).
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ class VideoPrediction:
     masks: bool [K, T, H0, W0] at the original video size.
     query_indices: int32 [K] the query each prediction comes from.
   """
+
   scores: np.ndarray
   labels: np.ndarray
   masks: np.ndarray
@@ -67,7 +70,7 @@ def class_probabilities(pred_logits: jax.Array) -> jax.Array:
   return jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)[..., :-1]
 
 
-@functools.partial(jax.jit, static_argnames=('top_k',))
+@functools.partial(jax.jit, static_argnames=("top_k",))
 def select_top_predictions(probabilities: jax.Array, top_k: int = 10):
   """Top-k (query, class) pairs over the flattened class probabilities.
 
@@ -81,26 +84,32 @@ def select_top_predictions(probabilities: jax.Array, top_k: int = 10):
   num_queries, num_classes = probabilities.shape
   if top_k > num_queries * num_classes:
     raise ValueError(
-        f'top_k={top_k} exceeds the {num_queries} x {num_classes} (query, class) pairs')
+        f"top_k={top_k} exceeds the {num_queries} x {num_classes} (query, class) pairs"
+    )
   scores, flat = jax.lax.top_k(probabilities.reshape(-1), top_k)
   return scores, (flat % num_classes).astype(jnp.int32), (flat // num_classes).astype(jnp.int32)
 
 
-def _resize_matrix(mask_size: int, padded_size: int, image_size: int,
-                   output_size: int) -> jax.Array:
+def _resize_matrix(
+    mask_size: int, padded_size: int, image_size: int, output_size: int
+) -> jax.Array:
   """[output_size, mask_size] linear map of upsample-to-padded, crop, resize along one axis.
 
   Both steps are `jax.image.resize` (bilinear, no antialiasing) applied to an identity matrix, so
   the composition is exactly the two resizes of the official code, done as one small matmul.
   """
   eye = jnp.eye(mask_size, dtype=jnp.float32)
-  up = jax.image.resize(eye, (padded_size, mask_size), 'bilinear', antialias=False)
-  return jax.image.resize(up[:image_size], (output_size, mask_size), 'bilinear', antialias=False)
+  up = jax.image.resize(eye, (padded_size, mask_size), "bilinear", antialias=False)
+  return jax.image.resize(up[:image_size], (output_size, mask_size), "bilinear", antialias=False)
 
 
-@functools.partial(jax.jit, static_argnames=('padded_size', 'image_size', 'output_size'))
-def masks_to_original_size(mask_logits: jax.Array, padded_size: tuple[int, int],
-                           image_size: tuple[int, int], output_size: tuple[int, int]) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("padded_size", "image_size", "output_size"))
+def masks_to_original_size(
+    mask_logits: jax.Array,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+) -> jax.Array:
   """Upsamples stride-4 mask logits to the padded input, crops the image and resizes it.
 
   Equivalent to `resize(resize(x, padded_size)[..., :H, :W], output_size)` (bilinear, half-pixel
@@ -121,14 +130,20 @@ def masks_to_original_size(mask_logits: jax.Array, padded_size: tuple[int, int],
   cols = _resize_matrix(w, padded_size[1], image_size[1], output_size[1])  # [W0, w]
   x = mask_logits.astype(jnp.float32)
   hi = jax.lax.Precision.HIGHEST  # TPUs would otherwise multiply in bfloat16
-  x = jnp.einsum('kthw,Ww->kthW', x, cols, precision=hi)
-  x = jnp.einsum('Hh,kthW->ktHW', rows, x, precision=hi)
+  x = jnp.einsum("kthw,Ww->kthW", x, cols, precision=hi)
+  x = jnp.einsum("Hh,kthW->ktHW", rows, x, precision=hi)
   return x > 0
 
 
-def postprocess_video(pred_logits: jax.Array, pred_masks: jax.Array, *,
-                      image_size: tuple[int, int], output_size: tuple[int, int],
-                      padded_size: Optional[tuple[int, int]] = None, top_k: int = 10):
+def postprocess_video(
+    pred_logits: jax.Array,
+    pred_masks: jax.Array,
+    *,
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+    padded_size: tuple[int, int] | None = None,
+    top_k: int = 10,
+):
   """The official per-video inference on one clip's final prediction.
 
   Args:
@@ -143,19 +158,25 @@ def postprocess_video(pred_logits: jax.Array, pred_masks: jax.Array, *,
     scores float32 [K], labels int32 [K], masks bool [K, T, H0, W0] (jax arrays).
   """
   if pred_logits.ndim != 2 or pred_masks.ndim != 4 or pred_masks.shape[0] != pred_logits.shape[0]:
-    raise ValueError(f'pred_logits must be [Q, C+1] and pred_masks [Q, T, h, w] with the same Q; '
-                     f'got {pred_logits.shape} and {pred_masks.shape}')
+    raise ValueError(
+        f"pred_logits must be [Q, C+1] and pred_masks [Q, T, h, w] with the same Q; "
+        f"got {pred_logits.shape} and {pred_masks.shape}"
+    )
   padded_size = _padded_size(pred_masks, padded_size)
   scores, labels, queries = select_top_predictions(class_probabilities(pred_logits), top_k)
-  masks = masks_to_original_size(jnp.take(pred_masks, queries, axis=0), padded_size,
-                                 _check_size(image_size, padded_size), _as_size(output_size))
+  masks = masks_to_original_size(
+      jnp.take(pred_masks, queries, axis=0),
+      padded_size,
+      _check_size(image_size, padded_size),
+      _as_size(output_size),
+  )
   return scores, labels, masks
 
 
 def _as_size(size) -> tuple[int, int]:
   size = tuple(int(s) for s in np.asarray(size).reshape(-1))
   if len(size) != 2 or min(size) <= 0:
-    raise ValueError(f'expected a (height, width) pair of positive ints, got {size}')
+    raise ValueError(f"expected a (height, width) pair of positive ints, got {size}")
   return size
 
 
@@ -168,7 +189,7 @@ def _padded_size(pred_masks, padded_size) -> tuple[int, int]:
 def _check_size(image_size, padded_size) -> tuple[int, int]:
   image_size = _as_size(image_size)
   if image_size[0] > padded_size[0] or image_size[1] > padded_size[1]:
-    raise ValueError(f'image_size {image_size} exceeds the padded input size {padded_size}')
+    raise ValueError(f"image_size {image_size} exceeds the padded input size {padded_size}")
   return image_size
 
 
@@ -176,14 +197,14 @@ def valid_size(image_valid: np.ndarray) -> tuple[int, int]:
   """(H, W) of the real image in a top-left aligned padding mask [Hp, Wp]."""
   image_valid = np.asarray(image_valid, bool)
   if image_valid.ndim != 2:
-    raise ValueError(f'image_valid must be [H, W], got shape {image_valid.shape}')
+    raise ValueError(f"image_valid must be [H, W], got shape {image_valid.shape}")
   rows, cols = np.flatnonzero(image_valid.any(1)), np.flatnonzero(image_valid.any(0))
   if rows.size == 0:
-    raise ValueError('image_valid has no valid pixel')
+    raise ValueError("image_valid has no valid pixel")
   return int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
-def window_starts(num_frames: int, window_size: Optional[int], overlap: int = 0) -> list[int]:
+def window_starts(num_frames: int, window_size: int | None, overlap: int = 0) -> list[int]:
   """Start frames of the windows covering a video.
 
   Consecutive windows share `overlap` frames; the last window is shifted back to end at the last
@@ -198,7 +219,7 @@ def window_starts(num_frames: int, window_size: Optional[int], overlap: int = 0)
     The sorted window starts.
   """
   if num_frames <= 0:
-    raise ValueError(f'a video needs at least one frame, got {num_frames}')
+    raise ValueError(f"a video needs at least one frame, got {num_frames}")
   if window_size is None or window_size >= num_frames:
     return [0]
   _check_window(window_size, overlap)
@@ -208,19 +229,24 @@ def window_starts(num_frames: int, window_size: Optional[int], overlap: int = 0)
   return starts
 
 
-def _check_window(window_size: Optional[int], overlap: int) -> None:
+def _check_window(window_size: int | None, overlap: int) -> None:
   if window_size is None:
     return
   if window_size <= 0:
-    raise ValueError(f'window_size must be positive, got {window_size}')
+    raise ValueError(f"window_size must be positive, got {window_size}")
   if not 0 <= overlap < window_size:
-    raise ValueError(f'window_overlap must be in [0, window_size={window_size}), got {overlap}')
+    raise ValueError(f"window_overlap must be in [0, window_size={window_size}), got {overlap}")
 
 
 @jax.jit
-def association_cost(track_embeds: jax.Array, track_masks: jax.Array, query_embeds: jax.Array,
-                     query_masks: jax.Array, embed_weight: float = 1.0,
-                     mask_weight: float = 1.0) -> jax.Array:
+def association_cost(
+    track_embeds: jax.Array,
+    track_masks: jax.Array,
+    query_embeds: jax.Array,
+    query_masks: jax.Array,
+    embed_weight: float = 1.0,
+    mask_weight: float = 1.0,
+) -> jax.Array:
   """Cost of continuing each track with each query of the next window.
 
   cost = embed_weight * (1 - cosine(track, query)) + mask_weight * (1 - soft Dice), the Dice of
@@ -237,6 +263,7 @@ def association_cost(track_embeds: jax.Array, track_masks: jax.Array, query_embe
   Returns:
     float32 [N, Q].
   """
+
   def unit(x):
     x = x.astype(jnp.float32)
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
@@ -247,7 +274,8 @@ def association_cost(track_embeds: jax.Array, track_masks: jax.Array, query_embe
     a = jax.nn.sigmoid(track_masks.astype(jnp.float32)).reshape(track_masks.shape[0], -1)
     b = jax.nn.sigmoid(query_masks.astype(jnp.float32)).reshape(query_masks.shape[0], -1)
     dice = (2.0 * jnp.matmul(a, b.T, precision=hi) + 1.0) / (
-        a.sum(-1)[:, None] + b.sum(-1)[None, :] + 1.0)
+        a.sum(-1)[:, None] + b.sum(-1)[None, :] + 1.0
+    )
     cost = cost + mask_weight * (1.0 - dice)
   return cost
 
@@ -255,9 +283,15 @@ def association_cost(track_embeds: jax.Array, track_masks: jax.Array, query_embe
 _hungarian = jax.jit(optax.assignment.hungarian_algorithm)
 
 
-def associate_queries(track_embeds: np.ndarray, track_masks: np.ndarray,
-                      query_embeds: np.ndarray, query_masks: np.ndarray, *,
-                      embed_weight: float = 1.0, mask_weight: float = 1.0) -> np.ndarray:
+def associate_queries(
+    track_embeds: np.ndarray,
+    track_masks: np.ndarray,
+    query_embeds: np.ndarray,
+    query_masks: np.ndarray,
+    *,
+    embed_weight: float = 1.0,
+    mask_weight: float = 1.0,
+) -> np.ndarray:
   """Hungarian matching of the next window's queries to the current tracks.
 
   Args:
@@ -268,10 +302,13 @@ def associate_queries(track_embeds: np.ndarray, track_masks: np.ndarray,
     int32 [N]: the query of the next window that continues each track.
   """
   if track_embeds.shape != query_embeds.shape or track_masks.shape != query_masks.shape:
-    raise ValueError(f'tracks {track_embeds.shape} / {track_masks.shape} and queries '
-                     f'{query_embeds.shape} / {query_masks.shape} must have equal shapes')
-  cost = association_cost(track_embeds, track_masks, query_embeds, query_masks,
-                          embed_weight, mask_weight)
+    raise ValueError(
+        f"tracks {track_embeds.shape} / {track_masks.shape} and queries "
+        f"{query_embeds.shape} / {query_masks.shape} must have equal shapes"
+    )
+  cost = association_cost(
+      track_embeds, track_masks, query_embeds, query_masks, embed_weight, mask_weight
+  )
   rows, cols = _hungarian(cost)
   order = np.zeros(cost.shape[0], np.int32)
   order[np.asarray(rows)] = np.asarray(cols)
@@ -290,8 +327,13 @@ class _TrackStitcher:
     self.first_probabilities = None
     self.previous = None  # (start, track-ordered mask logits, track-ordered embeddings)
 
-  def add(self, start: int, probabilities: np.ndarray, mask_logits: np.ndarray,
-          embeds: Optional[np.ndarray]) -> np.ndarray:
+  def add(
+      self,
+      start: int,
+      probabilities: np.ndarray,
+      mask_logits: np.ndarray,
+      embeds: np.ndarray | None,
+  ) -> np.ndarray:
     """Adds a window [start, start + W); returns the track-ordered logits of its new frames.
 
     Args:
@@ -310,9 +352,14 @@ class _TrackStitcher:
         raise ValueError("associating windows needs the model output 'pred_embeds' [B, Q, D]")
       prev_start, prev_logits, prev_embeds = self.previous
       shared = max(0, prev_start + prev_logits.shape[1] - start)
-      order = associate_queries(prev_embeds, prev_logits[:, start - prev_start:][:, :shared],
-                                embeds, mask_logits[:, :shared],
-                                embed_weight=self.embed_weight, mask_weight=self.mask_weight)
+      order = associate_queries(
+          prev_embeds,
+          prev_logits[:, start - prev_start :][:, :shared],
+          embeds,
+          mask_logits[:, :shared],
+          embed_weight=self.embed_weight,
+          mask_weight=self.mask_weight,
+      )
     logits = mask_logits[order]
     probabilities = np.asarray(probabilities, np.float32)[order]
     if self.associate:
@@ -325,7 +372,7 @@ class _TrackStitcher:
     self.num_windows += 1
     emitted_before = self.covered
     self.covered = start + window
-    return logits[:, emitted_before - start:]
+    return logits[:, emitted_before - start :]
 
   @property
   def scores(self) -> np.ndarray:
@@ -349,12 +396,18 @@ def _build_forward(apply_fn: ApplyFn, with_embeds: bool):
     # Only the final prediction of the single clip leaves the device.
     embeds = None
     if with_embeds:
-      if 'pred_embeds' not in outputs:
-        raise ValueError("associate=True needs the model output 'pred_embeds' [B, Q, D] (have "
-                         f'{sorted(outputs)})')
-      embeds = outputs['pred_embeds'][0]
-    return (class_probabilities(outputs['pred_logits'][-1, 0]), outputs['pred_masks'][-1, 0],
-            embeds)
+      if "pred_embeds" not in outputs:
+        raise ValueError(
+            "associate=True needs the model output 'pred_embeds' [B, Q, D] (have "
+            f"{sorted(outputs)})"
+        )
+      embeds = outputs["pred_embeds"][0]
+    return (
+        class_probabilities(outputs["pred_logits"][-1, 0]),
+        outputs["pred_masks"][-1, 0],
+        embeds,
+    )
+
   return jax.jit(forward)
 
 
@@ -363,12 +416,14 @@ _cached_forward = functools.lru_cache(maxsize=8)(_build_forward)
 
 def _predictor_kwargs(eval_config) -> dict[str, Any]:
   """Windowing/association arguments of the predictors from `config.eval`."""
-  return dict(window_size=int(eval_config.get('window_size', 0)) or None,
-              window_overlap=int(eval_config.get('window_overlap', 0)),
-              associate=bool(eval_config.get('associate', False)),
-              association_embed_weight=float(eval_config.get('association_embed_weight', 1.0)),
-              association_mask_weight=float(eval_config.get('association_mask_weight', 1.0)),
-              top_k=int(eval_config.get('top_k', 10)))
+  return dict(
+      window_size=int(eval_config.get("window_size", 0)) or None,
+      window_overlap=int(eval_config.get("window_overlap", 0)),
+      associate=bool(eval_config.get("associate", False)),
+      association_embed_weight=float(eval_config.get("association_embed_weight", 1.0)),
+      association_mask_weight=float(eval_config.get("association_mask_weight", 1.0)),
+      top_k=int(eval_config.get("top_k", 10)),
+  )
 
 
 class VideoPredictor:
@@ -384,10 +439,18 @@ class VideoPredictor:
                            output_size=video['orig_size'])
   """
 
-  def __init__(self, apply_fn: ApplyFn, *, window_size: Optional[int] = None,
-               window_overlap: int = 0, associate: bool = False,
-               association_embed_weight: float = 1.0, association_mask_weight: float = 1.0,
-               top_k: int = 10, frame_chunk: int = 8):
+  def __init__(
+      self,
+      apply_fn: ApplyFn,
+      *,
+      window_size: int | None = None,
+      window_overlap: int = 0,
+      associate: bool = False,
+      association_embed_weight: float = 1.0,
+      association_mask_weight: float = 1.0,
+      top_k: int = 10,
+      frame_chunk: int = 8,
+  ):
     """Initialises the predictor.
 
     Args:
@@ -404,7 +467,7 @@ class VideoPredictor:
       frame_chunk: frames resized to the original size per device call (bounds memory).
     """
     if frame_chunk <= 0:
-      raise ValueError(f'frame_chunk must be positive, got {frame_chunk}')
+      raise ValueError(f"frame_chunk must be positive, got {frame_chunk}")
     _check_window(window_size, window_overlap)
     self.window_size = window_size
     self.window_overlap = window_overlap
@@ -415,7 +478,7 @@ class VideoPredictor:
     self._forward = _make_forward(apply_fn, associate)
 
   @classmethod
-  def from_config(cls, apply_fn: ApplyFn, eval_config, **kwargs) -> 'VideoPredictor':
+  def from_config(cls, apply_fn: ApplyFn, eval_config, **kwargs) -> VideoPredictor:
     """A predictor with `config.eval`'s window_size (0: whole video), window_overlap, associate,
     association weights and top_k; `kwargs` override them."""
     return cls(apply_fn, **{**_predictor_kwargs(eval_config), **kwargs})
@@ -423,10 +486,15 @@ class VideoPredictor:
   def _stitcher(self) -> _TrackStitcher:
     return _TrackStitcher(self.associate, *self.association_weights)
 
-  def __call__(self, variables: Any, frames: np.ndarray, *,
-               image_valid: Optional[np.ndarray] = None,
-               image_size: Optional[Sequence[int]] = None,
-               output_size: Optional[Sequence[int]] = None) -> VideoPrediction:
+  def __call__(
+      self,
+      variables: Any,
+      frames: np.ndarray,
+      *,
+      image_valid: np.ndarray | None = None,
+      image_size: Sequence[int] | None = None,
+      output_size: Sequence[int] | None = None,
+  ) -> VideoPrediction:
     """Predicts one video.
 
     Args:
@@ -445,10 +513,11 @@ class VideoPredictor:
     if frames.ndim == 5 and frames.shape[0] == 1:
       frames = frames[0]
     if frames.ndim != 4 or frames.shape[-1] != 3:
-      raise ValueError(f'frames must be [T, H, W, 3], got shape {frames.shape}')
+      raise ValueError(f"frames must be [T, H, W, 3], got shape {frames.shape}")
     num_frames, padded_h, padded_w = frames.shape[:3]
     image_valid, image_size, output_size = _check_geometry(
-        (padded_h, padded_w), image_valid, image_size, output_size)
+        (padded_h, padded_w), image_valid, image_size, output_size
+    )
 
     model_valid = None if image_valid is None else image_valid[None]
     stitcher = self._stitcher()
@@ -456,10 +525,16 @@ class VideoPredictor:
     window = min(self.window_size or num_frames, num_frames)
     for start in window_starts(num_frames, self.window_size, self.window_overlap):
       probabilities, mask_logits, embeds = self._forward(
-          variables, frames[None, start:start + window], model_valid)
-      mask_pieces.append(stitcher.add(
-          start, np.asarray(probabilities), np.asarray(mask_logits),
-          None if embeds is None else np.asarray(embeds)))
+          variables, frames[None, start : start + window], model_valid
+      )
+      mask_pieces.append(
+          stitcher.add(
+              start,
+              np.asarray(probabilities),
+              np.asarray(mask_logits),
+              None if embeds is None else np.asarray(embeds),
+          )
+      )
     mask_logits = np.concatenate(mask_pieces, axis=1)  # [Q, T, h, w]
     padded_size = _model_padded_size(mask_logits, (padded_h, padded_w))
     scores, labels, queries = select_top_predictions(jnp.asarray(stitcher.scores), self.top_k)
@@ -467,16 +542,20 @@ class VideoPredictor:
     selected = mask_logits[queries]  # [K, T, h, w]
     masks = np.zeros((len(queries), num_frames, *output_size), bool)
     for start in range(0, num_frames, self.frame_chunk):
-      chunk = selected[:, start:start + self.frame_chunk]
+      chunk = selected[:, start : start + self.frame_chunk]
       size = chunk.shape[1]
       if size < self.frame_chunk and num_frames > self.frame_chunk:
         # Pad the last chunk to the static chunk shape (no recompilation); padding is dropped.
         chunk = np.pad(chunk, ((0, 0), (0, self.frame_chunk - size), (0, 0), (0, 0)))
-      masks[:, start:start + size] = np.asarray(masks_to_original_size(
-          chunk, padded_size, image_size, output_size))[:, :size]
-    return VideoPrediction(scores=np.asarray(scores, np.float32),
-                           labels=np.asarray(labels, np.int32), masks=masks,
-                           query_indices=queries.astype(np.int32))
+      masks[:, start : start + size] = np.asarray(
+          masks_to_original_size(chunk, padded_size, image_size, output_size)
+      )[:, :size]
+    return VideoPrediction(
+        scores=np.asarray(scores, np.float32),
+        labels=np.asarray(labels, np.int32),
+        masks=masks,
+        query_indices=queries.astype(np.int32),
+    )
 
 
 def _check_geometry(padded_size, image_valid, image_size, output_size):
@@ -486,8 +565,10 @@ def _check_geometry(padded_size, image_valid, image_size, output_size):
     if image_valid.ndim == 3 and image_valid.shape[0] == 1:
       image_valid = image_valid[0]
     if image_valid.shape != tuple(padded_size):
-      raise ValueError(f'image_valid shape {image_valid.shape} does not match the frames '
-                       f'{tuple(padded_size)}')
+      raise ValueError(
+          f"image_valid shape {image_valid.shape} does not match the frames "
+          f"{tuple(padded_size)}"
+      )
   if image_size is None:
     image_size = valid_size(image_valid) if image_valid is not None else tuple(padded_size)
   image_size = _check_size(image_size, tuple(padded_size))
@@ -498,8 +579,9 @@ def _check_geometry(padded_size, image_valid, image_size, output_size):
 def _model_padded_size(mask_logits: np.ndarray, padded_size: tuple[int, int]) -> tuple[int, int]:
   model_size = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])
   if model_size != tuple(padded_size):
-    raise ValueError(f'model masks {mask_logits.shape[-2:]} are not 1/4 of the input '
-                     f'{tuple(padded_size)}')
+    raise ValueError(
+        f"model masks {mask_logits.shape[-2:]} are not 1/4 of the input " f"{tuple(padded_size)}"
+    )
   return model_size
 
 
@@ -515,6 +597,7 @@ class StreamedPrediction:
     track_scores: float32 [Q, C] class probabilities of every track.
     num_frames: T.
   """
+
   scores: np.ndarray
   labels: np.ndarray
   track_indices: np.ndarray
@@ -542,11 +625,16 @@ class StreamingVideoPredictor(VideoPredictor):
                            image_size=(h, w), output_size=(h0, w0), on_frames=draw)
   """
 
-  def __call__(self, variables: Any, frames: Iterable[np.ndarray], *,
-               image_valid: Optional[np.ndarray] = None,
-               image_size: Optional[Sequence[int]] = None,
-               output_size: Optional[Sequence[int]] = None,
-               on_frames: Optional[FramesCallback] = None) -> StreamedPrediction:
+  def __call__(
+      self,
+      variables: Any,
+      frames: Iterable[np.ndarray],
+      *,
+      image_valid: np.ndarray | None = None,
+      image_size: Sequence[int] | None = None,
+      output_size: Sequence[int] | None = None,
+      on_frames: FramesCallback | None = None,
+  ) -> StreamedPrediction:
     """Predicts a video given as an iterable of padded frames.
 
     Args:
@@ -573,25 +661,32 @@ class StreamingVideoPredictor(VideoPredictor):
       nonlocal rles
       model_valid = None if geometry[0] is None else geometry[0][None]
       probabilities, mask_logits, embeds = self._forward(
-          variables, window_frames[None], model_valid)
+          variables, window_frames[None], model_valid
+      )
       mask_logits = np.asarray(mask_logits)
-      new_logits = stitcher.add(start, np.asarray(probabilities), mask_logits,
-                                None if embeds is None else np.asarray(embeds))
+      new_logits = stitcher.add(
+          start,
+          np.asarray(probabilities),
+          mask_logits,
+          None if embeds is None else np.asarray(embeds),
+      )
       padded_size = _model_padded_size(mask_logits, window_frames.shape[1:3])
       if rles is None:
         rles = [[] for _ in range(new_logits.shape[0])]
       first = stitcher.covered - new_logits.shape[1]
       for offset in range(0, new_logits.shape[1], self.frame_chunk):
-        chunk = new_logits[:, offset:offset + self.frame_chunk]
+        chunk = new_logits[:, offset : offset + self.frame_chunk]
         size = chunk.shape[1]
         if size < self.frame_chunk:  # static chunk shape: no recompilation
           chunk = np.pad(chunk, ((0, 0), (0, self.frame_chunk - size), (0, 0), (0, 0)))
-        masks = np.asarray(masks_to_original_size(chunk, padded_size, geometry[1],
-                                                  geometry[2]))[:, :size]
+        masks = np.asarray(masks_to_original_size(chunk, padded_size, geometry[1], geometry[2]))[
+            :, :size
+        ]
         for track, track_masks in enumerate(masks):
-          encoded = mask_utils.encode(np.asfortranarray(track_masks.transpose(1, 2, 0),
-                                                        dtype=np.uint8))
-          rles[track].extend(r['counts'] for r in encoded)
+          encoded = mask_utils.encode(
+              np.asfortranarray(track_masks.transpose(1, 2, 0), dtype=np.uint8)
+          )
+          rles[track].extend(r["counts"] for r in encoded)
         if on_frames is not None:
           on_frames(first + offset, masks, stitcher.scores)
 
@@ -599,10 +694,10 @@ class StreamingVideoPredictor(VideoPredictor):
       frame = np.asarray(frame)
       if geometry is None:
         if frame.ndim != 3 or frame.shape[-1] != 3:
-          raise ValueError(f'frame 0 must be [H, W, 3], got shape {frame.shape}')
+          raise ValueError(f"frame 0 must be [H, W, 3], got shape {frame.shape}")
         geometry = _check_geometry(frame.shape[:2], image_valid, image_size, output_size)
       elif frame.shape != buffer_shape:
-        raise ValueError(f'frame {num_frames} has shape {frame.shape}, frame 0 {buffer_shape}')
+        raise ValueError(f"frame {num_frames} has shape {frame.shape}, frame 0 {buffer_shape}")
       buffer_shape = frame.shape
       buffer.append(frame)
       num_frames += 1
@@ -610,45 +705,61 @@ class StreamingVideoPredictor(VideoPredictor):
         run_window(next_start, np.stack(buffer))
         next_start += stride
     if num_frames == 0:
-      raise ValueError('the video has no frames')
+      raise ValueError("the video has no frames")
     if stitcher.covered < num_frames:  # the last window ends at the last frame
       run_window(num_frames - len(buffer), np.stack(buffer))
-    scores, labels, tracks = (np.asarray(x) for x in select_top_predictions(
-        jnp.asarray(stitcher.scores), self.top_k))
+    scores, labels, tracks = (
+        np.asarray(x) for x in select_top_predictions(jnp.asarray(stitcher.scores), self.top_k)
+    )
     size = [int(s) for s in geometry[2]]
-    segmentations = [[{'size': size, 'counts': c.decode('utf-8')} for c in rles[t]]
-                     for t in tracks]
-    return StreamedPrediction(scores=scores.astype(np.float32), labels=labels.astype(np.int32),
-                              track_indices=tracks.astype(np.int32),
-                              segmentations=segmentations, track_scores=stitcher.scores,
-                              num_frames=num_frames)
+    segmentations = [[{"size": size, "counts": c.decode("utf-8")} for c in rles[t]] for t in tracks]
+    return StreamedPrediction(
+        scores=scores.astype(np.float32),
+        labels=labels.astype(np.int32),
+        track_indices=tracks.astype(np.int32),
+        segmentations=segmentations,
+        track_scores=stitcher.scores,
+        num_frames=num_frames,
+    )
 
 
-def predict_video(apply_fn: ApplyFn, variables: Any, frames: np.ndarray,
-                  window_size: Optional[int] = None, *, image_valid: Optional[np.ndarray] = None,
-                  image_size: Optional[Sequence[int]] = None,
-                  output_size: Optional[Sequence[int]] = None, top_k: int = 10,
-                  frame_chunk: int = 8) -> VideoPrediction:
+def predict_video(
+    apply_fn: ApplyFn,
+    variables: Any,
+    frames: np.ndarray,
+    window_size: int | None = None,
+    *,
+    image_valid: np.ndarray | None = None,
+    image_size: Sequence[int] | None = None,
+    output_size: Sequence[int] | None = None,
+    top_k: int = 10,
+    frame_chunk: int = 8,
+) -> VideoPrediction:
   """One-off prediction of a video; see `VideoPredictor` (reuse one for many videos)."""
-  predictor = VideoPredictor(apply_fn, window_size=window_size, top_k=top_k,
-                             frame_chunk=frame_chunk)
-  return predictor(variables, frames, image_valid=image_valid, image_size=image_size,
-                   output_size=output_size)
+  predictor = VideoPredictor(
+      apply_fn, window_size=window_size, top_k=top_k, frame_chunk=frame_chunk
+  )
+  return predictor(
+      variables, frames, image_valid=image_valid, image_size=image_size, output_size=output_size
+  )
 
 
 def encode_rle(masks: np.ndarray) -> list[dict]:
   """Compressed RLEs ({'size': [H, W], 'counts': str}) of bool masks [T, H, W], one per frame."""
   masks = np.asarray(masks)
   if masks.ndim != 3:
-    raise ValueError(f'masks must be [T, H, W], got shape {masks.shape}')
+    raise ValueError(f"masks must be [T, H, W], got shape {masks.shape}")
   rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
   for rle in rles:
-    rle['counts'] = rle['counts'].decode('utf-8')
+    rle["counts"] = rle["counts"].decode("utf-8")
   return rles
 
 
-def prediction_to_results(video_id: int, prediction: VideoPrediction | StreamedPrediction,
-                          category_ids: Optional[Sequence[int]] = None) -> list[dict]:
+def prediction_to_results(
+    video_id: int,
+    prediction: VideoPrediction | StreamedPrediction,
+    category_ids: Sequence[int] | None = None,
+) -> list[dict]:
   """YouTube-VIS submission entries of one video.
 
   Args:
@@ -668,20 +779,25 @@ def prediction_to_results(video_id: int, prediction: VideoPrediction | StreamedP
   for score, label, segmentation in zip(prediction.scores, prediction.labels, segmentations):
     label = int(label)
     if category_ids is not None and not 0 <= label < len(category_ids):
-      raise ValueError(f'label {label} has no category id ({len(category_ids)} categories)')
-    results.append({
-        'video_id': int(video_id),
-        'score': float(score),
-        'category_id': int(category_ids[label]) if category_ids is not None else label + 1,
-        'segmentations': segmentation,
-    })
+      raise ValueError(f"label {label} has no category id ({len(category_ids)} categories)")
+    results.append(
+        {
+            "video_id": int(video_id),
+            "score": float(score),
+            "category_id": int(category_ids[label]) if category_ids is not None else label + 1,
+            "segmentations": segmentation,
+        }
+    )
   return results
 
 
-def run_inference(predictor: VideoPredictor, variables: Any, videos: Iterable[Mapping[str, Any]],
-                  category_ids: Optional[Sequence[int]] = None,
-                  on_video: Optional[Callable[[Mapping[str, Any], VideoPrediction], None]] = None
-                  ) -> list[dict]:
+def run_inference(
+    predictor: VideoPredictor,
+    variables: Any,
+    videos: Iterable[Mapping[str, Any]],
+    category_ids: Sequence[int] | None = None,
+    on_video: Callable[[Mapping[str, Any], VideoPrediction], None] | None = None,
+) -> list[dict]:
   """Predicts every video of an evaluation dataset and returns the YouTube-VIS results list.
 
   Args:
@@ -698,13 +814,17 @@ def run_inference(predictor: VideoPredictor, variables: Any, videos: Iterable[Ma
   """
   results = []
   for video in videos:
-    for key in ('video_id', 'frames'):
+    for key in ("video_id", "frames"):
       if key not in video:
         raise ValueError(f'video example lacks "{key}" (has {sorted(video)})')
-    prediction = predictor(variables, video['frames'], image_valid=video.get('image_valid'),
-                           image_size=video.get('resized_size'),
-                           output_size=video.get('orig_size'))
-    video_id = int(np.asarray(video['video_id']).reshape(-1)[0])
+    prediction = predictor(
+        variables,
+        video["frames"],
+        image_valid=video.get("image_valid"),
+        image_size=video.get("resized_size"),
+        output_size=video.get("orig_size"),
+    )
+    video_id = int(np.asarray(video["video_id"]).reshape(-1)[0])
     results.extend(prediction_to_results(video_id, prediction, category_ids))
     if on_video is not None:
       on_video(video, prediction)

@@ -15,17 +15,19 @@ their IoUs swap order.
 Tracks are per-frame RLE lists as in YouTube-VIS files (`annotation['segmentations']`, `None`
 where absent): `tracks_from_results` turns a results file's entries into predicted tracks.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import optimize
 
-Track = Sequence[Optional[dict[str, Any]]]  # per-frame RLE or None
+Track = Sequence[dict[str, Any] | None]  # per-frame RLE or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SwitchSummary:
     present: ground-truth masks present.
     switch_frames: the frame of each switch (e.g. to count those at window boundaries).
   """
+
   switches: int
   matched: int
   present: int
@@ -59,12 +62,13 @@ def tracks_from_results(results: Sequence[dict[str, Any]]) -> list[Track]:
   return tracks
 
 
-def _present(rle: Optional[dict[str, Any]]) -> bool:
+def _present(rle: dict[str, Any] | None) -> bool:
   return rle is not None and mask_utils.area(rle) > 0
 
 
-def identity_switches(gt_tracks: Sequence[Track], predicted_tracks: Sequence[Track],
-                      iou_threshold: float = 0.5) -> SwitchSummary:
+def identity_switches(
+    gt_tracks: Sequence[Track], predicted_tracks: Sequence[Track], iou_threshold: float = 0.5
+) -> SwitchSummary:
   """Identity switches of `predicted_tracks` against `gt_tracks` (CLEAR MOT rule).
 
   Args:
@@ -88,8 +92,13 @@ def identity_switches(gt_tracks: Sequence[Track], predicted_tracks: Sequence[Tra
     pred_ids = [p for p, track in enumerate(predicted_tracks) if _present(track[t])]
     if not gt_ids or not pred_ids:
       continue
-    ious = np.asarray(mask_utils.iou([predicted_tracks[p][t] for p in pred_ids],
-                                     [gt_tracks[g][t] for g in gt_ids], [0] * len(gt_ids)))
+    ious = np.asarray(
+        mask_utils.iou(
+            [predicted_tracks[p][t] for p in pred_ids],
+            [gt_tracks[g][t] for g in gt_ids],
+            [0] * len(gt_ids),
+        )
+    )
     pairs = {}  # ground-truth column -> prediction row
     for c, g in enumerate(gt_ids):  # still-valid pairs of the previous match are kept
       if last.get(g) in pred_ids:
@@ -109,5 +118,9 @@ def identity_switches(gt_tracks: Sequence[Track], predicted_tracks: Sequence[Tra
       if g in last and last[g] != p:
         switch_frames.append(t)
       last[g] = p
-  return SwitchSummary(switches=len(switch_frames), matched=matched, present=present,
-                       switch_frames=tuple(switch_frames))
+  return SwitchSummary(
+      switches=len(switch_frames),
+      matched=matched,
+      present=present,
+      switch_frames=tuple(switch_frames),
+  )

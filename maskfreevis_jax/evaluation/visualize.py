@@ -9,12 +9,13 @@ drawing, so a 128x128 synthetic video becomes 384x384 with small labels; labels 
 their object and never overlap each other (`place_label`). Works on one frame at a time too
 (T = 1), e.g. for streaming output.
 """
+
 from __future__ import annotations
 
 import colorsys
 import importlib.util
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -23,14 +24,15 @@ from PIL import Image, ImageDraw, ImageFont
 def track_colors(num_tracks: int) -> np.ndarray:
   """Distinct saturated RGB colours, uint8 [num_tracks, 3] (golden-ratio hue steps)."""
   hues = (np.arange(num_tracks) * 0.618033988749895 + 0.1) % 1.0
-  return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)] for h in hues],
-                  np.uint8).reshape(num_tracks, 3)
+  return np.array(
+      [[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)] for h in hues], np.uint8
+  ).reshape(num_tracks, 3)
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
   """Pixels of a bool [H, W] mask with a 4-neighbour outside it."""
   padded = np.pad(mask, 1, constant_values=False)
-  interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+  interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
   return mask & ~interior
 
 
@@ -47,8 +49,9 @@ def _upscale(frames: np.ndarray, masks: np.ndarray, factor: int) -> tuple[np.nda
   if factor == 1:
     return frames, masks
   height, width = frames.shape[1] * factor, frames.shape[2] * factor
-  frames = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR))
-                     for f in frames])
+  frames = np.stack(
+      [np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in frames]
+  )
   masks = np.repeat(np.repeat(masks, factor, axis=-2), factor, axis=-1)
   return frames, masks
 
@@ -64,8 +67,12 @@ def _intersects(a: Sequence[int], b: Sequence[int]) -> bool:
   return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def place_label(anchor_box: Sequence[int], size: Sequence[int], frame_size: Sequence[int],
-                taken: Sequence[Sequence[int]]) -> Optional[tuple[int, int, int, int]]:
+def place_label(
+    anchor_box: Sequence[int],
+    size: Sequence[int],
+    frame_size: Sequence[int],
+    taken: Sequence[Sequence[int]],
+) -> tuple[int, int, int, int] | None:
   """Where to put a label of `size` (w, h) for an object with box `anchor_box` (x0, y0, x1, y1).
 
   Tries just above the object, inside its top edge, just below it, then slides down the
@@ -80,8 +87,11 @@ def place_label(anchor_box: Sequence[int], size: Sequence[int], frame_size: Sequ
     return None
   x = min(max(int(anchor_box[0]), 0), frame_w - w)
   preferred = [(x, int(anchor_box[1]) - h), (x, int(anchor_box[1])), (x, int(anchor_box[3]))]
-  scan = [(xx, yy) for yy in range(0, frame_h - h + 1, max(h // 2, 1))
-          for xx in range(0, frame_w - w + 1, max(w // 2, 1))]
+  scan = [
+      (xx, yy)
+      for yy in range(0, frame_h - h + 1, max(h // 2, 1))
+      for xx in range(0, frame_w - w + 1, max(w // 2, 1))
+  ]
   for xx, yy in preferred + scan:
     rect = (xx, yy, xx + w, yy + h)
     if 0 <= yy <= frame_h - h and not any(_intersects(rect, t) for t in taken):
@@ -89,12 +99,21 @@ def place_label(anchor_box: Sequence[int], size: Sequence[int], frame_size: Sequ
   return None
 
 
-def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
-                   scores: Sequence[float], class_names: Optional[Sequence[str]] = None, *,
-                   alpha: float = 0.5, score_threshold: float = 0.0,
-                   colors: Optional[np.ndarray] = None, draw_text: bool = True,
-                   min_size: int = 384, show_scores: bool = True,
-                   title: Optional[str] = None) -> np.ndarray:
+def overlay_frames(
+    frames: np.ndarray,
+    masks: np.ndarray,
+    labels: Sequence[int],
+    scores: Sequence[float],
+    class_names: Sequence[str] | None = None,
+    *,
+    alpha: float = 0.5,
+    score_threshold: float = 0.0,
+    colors: np.ndarray | None = None,
+    draw_text: bool = True,
+    min_size: int = 384,
+    show_scores: bool = True,
+    title: str | None = None,
+) -> np.ndarray:
   """Tints each track on the frames, outlines it and writes its class name (and score).
 
   Small frames are first upscaled by an integer factor so that the shorter side is at least
@@ -123,22 +142,25 @@ def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
   frames = np.asarray(frames)
   masks = np.asarray(masks, bool)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(f'frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}')
+    raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
   if masks.ndim != 4 or masks.shape[1:] != frames.shape[:3]:
-    raise ValueError(f'masks must be [K, T, H, W] = [K, {", ".join(map(str, frames.shape[:3]))}],'
-                     f' got {masks.shape}')
+    raise ValueError(
+        f'masks must be [K, T, H, W] = [K, {", ".join(map(str, frames.shape[:3]))}],'
+        f" got {masks.shape}"
+    )
   num_tracks = masks.shape[0]
   labels, scores = np.asarray(labels).reshape(-1), np.asarray(scores, np.float64).reshape(-1)
   if labels.shape[0] != num_tracks or scores.shape[0] != num_tracks:
-    raise ValueError(f'{num_tracks} masks but {labels.shape[0]} labels and {scores.shape[0]} '
-                     'scores')
-  if not 0. <= alpha <= 1.:
-    raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+    raise ValueError(
+        f"{num_tracks} masks but {labels.shape[0]} labels and {scores.shape[0]} " "scores"
+    )
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1], got {alpha}")
   colors = track_colors(num_tracks) if colors is None else np.asarray(colors, np.uint8)
   frames, masks = _upscale(frames, masks, upscale_factor(*frames.shape[1:3], min_size))
   out = frames.astype(np.float32)
   # Low scores first so that confident tracks are drawn on top.
-  order = [k for k in np.argsort(scores, kind='stable') if scores[k] >= score_threshold]
+  order = [k for k in np.argsort(scores, kind="stable") if scores[k] >= score_threshold]
   for k in order:
     color = colors[k].astype(np.float32)
     for t in range(frames.shape[0]):
@@ -168,26 +190,38 @@ def overlay_frames(frames: np.ndarray, masks: np.ndarray, labels: Sequence[int],
       if ys.size == 0:
         continue
       label = int(labels[k])
-      name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else (
-          str(label))
-      text = f'{name} {scores[k]:.2f}' if show_scores else name
+      name = (
+          class_names[label]
+          if class_names is not None and 0 <= label < len(class_names)
+          else (str(label))
+      )
+      text = f"{name} {scores[k]:.2f}" if show_scores else name
       left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-      rect = place_label((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1),
-                         (right - left + 4, bottom - top + 4), (frame_h, frame_w), taken)
+      rect = place_label(
+          (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1),
+          (right - left + 4, bottom - top + 4),
+          (frame_h, frame_w),
+          taken,
+      )
       if rect is None:
         continue
       taken.append(rect)
       color = tuple(int(c) for c in colors[k])
       draw.rectangle(rect, fill=color)
       luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-      draw.text((rect[0] + 2 - left, rect[1] + 2 - top), text,
-                fill=(0, 0, 0) if luminance > 128 else (255, 255, 255), font=font)
+      draw.text(
+          (rect[0] + 2 - left, rect[1] + 2 - top),
+          text,
+          fill=(0, 0, 0) if luminance > 128 else (255, 255, 255),
+          font=font,
+      )
     out[t] = np.asarray(image)
   return out
 
 
-def frames_at_original_size(frames: np.ndarray, image_size: Sequence[int],
-                            output_size: Sequence[int]) -> np.ndarray:
+def frames_at_original_size(
+    frames: np.ndarray, image_size: Sequence[int], output_size: Sequence[int]
+) -> np.ndarray:
   """Crops padded model-input frames to the image and resizes them to the original video size.
 
   Args:
@@ -200,13 +234,21 @@ def frames_at_original_size(frames: np.ndarray, image_size: Sequence[int],
   """
   h, w = (int(s) for s in image_size)
   out_h, out_w = (int(s) for s in output_size)
-  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(f[:h, :w])).resize(
-      (out_w, out_h), Image.BILINEAR)) for f in np.asarray(frames)])
+  return np.stack(
+      [
+          np.asarray(
+              Image.fromarray(np.ascontiguousarray(f[:h, :w])).resize(
+                  (out_w, out_h), Image.BILINEAR
+              )
+          )
+          for f in np.asarray(frames)
+      ]
+  )
 
 
 def mp4_writer_available() -> bool:
   """Whether imageio can write MP4 here (needs the imageio-ffmpeg or av package)."""
-  return any(importlib.util.find_spec(m) is not None for m in ('imageio_ffmpeg', 'av'))
+  return any(importlib.util.find_spec(m) is not None for m in ("imageio_ffmpeg", "av"))
 
 
 def save_animation(path: str | os.PathLike, frames: np.ndarray, fps: float = 6.0) -> str:
@@ -225,24 +267,27 @@ def save_animation(path: str | os.PathLike, frames: np.ndarray, fps: float = 6.0
     RuntimeError: '.mp4' requested but no MP4 writer is installed.
   """
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
+
   path = os.fspath(path)
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(f'frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}')
+    raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
   if fps <= 0:
-    raise ValueError(f'fps must be positive, got {fps}')
+    raise ValueError(f"fps must be positive, got {fps}")
   extension = os.path.splitext(path)[1].lower()
-  if extension == '.gif':
+  if extension == ".gif":
     # Pillow's GIF writer: duration per frame in ms, loop forever.
-    iio.imwrite(path, frames, extension='.gif', duration=1000. / fps, loop=0)
-  elif extension == '.mp4':
+    iio.imwrite(path, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+  elif extension == ".mp4":
     if not mp4_writer_available():
-      raise RuntimeError(f'cannot write {path}: MP4 needs the imageio-ffmpeg or av package; '
-                         'install one or write a .gif')
-    if importlib.util.find_spec('av') is not None:
-      iio.imwrite(path, frames, plugin='pyav', codec='libx264', fps=fps)
+      raise RuntimeError(
+          f"cannot write {path}: MP4 needs the imageio-ffmpeg or av package; "
+          "install one or write a .gif"
+      )
+    if importlib.util.find_spec("av") is not None:
+      iio.imwrite(path, frames, plugin="pyav", codec="libx264", fps=fps)
     else:
-      iio.imwrite(path, frames, extension='.mp4', fps=fps)
+      iio.imwrite(path, frames, extension=".mp4", fps=fps)
   else:
-    raise ValueError(f'unsupported animation format {extension!r} for {path}: use .gif or .mp4')
+    raise ValueError(f"unsupported animation format {extension!r} for {path}: use .gif or .mp4")
   return path

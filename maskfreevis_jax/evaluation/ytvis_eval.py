@@ -20,6 +20,7 @@ Entry points: `evaluate_ytvis` (metrics dict), `accumulate_ytvis` (precision / r
 
   python -m maskfreevis_jax.evaluation.ytvis_eval --gt valid.json --results results.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,37 +29,40 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 from absl import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
 # Same constructions as the official parameters, so the float values are bit-identical.
-IOU_THRESHOLDS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
-RECALL_THRESHOLDS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True)
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 MAX_DETECTIONS = (1, 10, 100)
-AREA_RANGES = ((0 ** 2, 1e5 ** 2), (0 ** 2, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e5 ** 2))
-AREA_LABELS = ('all', 'small', 'medium', 'large')
+AREA_RANGES = ((0**2, 1e5**2), (0**2, 128**2), (128**2, 256**2), (256**2, 1e5**2))
+AREA_LABELS = ("all", "small", "medium", "large")
 # Name -> (is_precision, iou threshold or None for the mean, area label, maxDets), in the order of
 # the official summary (stats[0..11]).
-SUMMARY_METRICS = collections.OrderedDict([
-    ('AP', (True, None, 'all', 100)),
-    ('AP50', (True, .5, 'all', 100)),
-    ('AP75', (True, .75, 'all', 100)),
-    ('APs', (True, None, 'small', 100)),
-    ('APm', (True, None, 'medium', 100)),
-    ('APl', (True, None, 'large', 100)),
-    ('AR1', (False, None, 'all', 1)),
-    ('AR10', (False, None, 'all', 10)),
-    ('AR100', (False, None, 'all', 100)),
-    ('ARs', (False, None, 'small', 100)),
-    ('ARm', (False, None, 'medium', 100)),
-    ('ARl', (False, None, 'large', 100)),
-])
+SUMMARY_METRICS = collections.OrderedDict(
+    [
+        ("AP", (True, None, "all", 100)),
+        ("AP50", (True, 0.5, "all", 100)),
+        ("AP75", (True, 0.75, "all", 100)),
+        ("APs", (True, None, "small", 100)),
+        ("APm", (True, None, "medium", 100)),
+        ("APl", (True, None, "large", 100)),
+        ("AR1", (False, None, "all", 1)),
+        ("AR10", (False, None, "all", 10)),
+        ("AR100", (False, None, "all", 100)),
+        ("ARs", (False, None, "small", 100)),
+        ("ARm", (False, None, "medium", 100)),
+        ("ARl", (False, None, "large", 100)),
+    ]
+)
 
-PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
-PathOrList = Union[str, os.PathLike, Sequence[Mapping[str, Any]]]
+PathOrDict = str | os.PathLike | Mapping[str, Any]
+PathOrList = str | os.PathLike | Sequence[Mapping[str, Any]]
 
 
 @dataclasses.dataclass
@@ -74,6 +78,7 @@ class Track:
     avg_area: mean of the non-zero per-frame areas (0 if there are none).
     frame_rles: per frame a compressed pycocotools RLE, or None where the track is absent.
   """
+
   id: int
   video_id: int
   category_id: int
@@ -92,6 +97,7 @@ class GroundTruth:
     categories: category id -> name, sorted by id.
     tracks: video id -> ground-truth tracks in file order.
   """
+
   videos: dict
   categories: dict
   tracks: dict
@@ -108,6 +114,7 @@ class Accumulation:
     category_ids: the K category ids (sorted).
     category_names: their names.
   """
+
   precision: np.ndarray
   recall: np.ndarray
   category_ids: list
@@ -122,9 +129,9 @@ def _load_json(source, what: str):
       with open(path) as f:
         return json.load(f)
     except FileNotFoundError as e:
-      raise FileNotFoundError(f'{what} file not found: {path}') from e
+      raise FileNotFoundError(f"{what} file not found: {path}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f'{what} file {path} is not valid JSON: {e}') from e
+      raise ValueError(f"{what} file {path} is not valid JSON: {e}") from e
   return source
 
 
@@ -132,26 +139,32 @@ def _to_compressed_rle(segmentation, height: int, width: int, where: str):
   """Converts a polygon / uncompressed RLE / compressed RLE segmentation to compressed RLE."""
   if isinstance(segmentation, list):
     return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-  if not isinstance(segmentation, Mapping) or 'counts' not in segmentation or (
-      'size' not in segmentation):
-    raise ValueError(f'{where}: a segmentation must be a polygon list, an RLE dict with '
-                     f'"size" and "counts", or null; got {type(segmentation).__name__}')
-  size = [int(s) for s in segmentation['size']]
+  if (
+      not isinstance(segmentation, Mapping)
+      or "counts" not in segmentation
+      or ("size" not in segmentation)
+  ):
+    raise ValueError(
+        f"{where}: a segmentation must be a polygon list, an RLE dict with "
+        f'"size" and "counts", or null; got {type(segmentation).__name__}'
+    )
+  size = [int(s) for s in segmentation["size"]]
   if size != [height, width]:
-    raise ValueError(f'{where}: segmentation size {size} does not match the video size '
-                     f'{[height, width]}')
-  counts = segmentation['counts']
+    raise ValueError(
+        f"{where}: segmentation size {size} does not match the video size " f"{[height, width]}"
+    )
+  counts = segmentation["counts"]
   if isinstance(counts, list):
     return mask_utils.frPyObjects(dict(segmentation), height, width)
   if isinstance(counts, str):
-    counts = counts.encode('utf-8')
-  return {'size': size, 'counts': counts}
+    counts = counts.encode("utf-8")
+  return {"size": size, "counts": counts}
 
 
 def _average_area(areas: Iterable) -> float:
   # Absent frames (None) and empty frames (0) do not count, as in the official code.
   present = [a for a in areas if a]
-  return float(np.array(present).mean()) if present else 0.
+  return float(np.array(present).mean()) if present else 0.0
 
 
 def load_ground_truth(gt: PathOrDict) -> GroundTruth:
@@ -167,49 +180,62 @@ def load_ground_truth(gt: PathOrDict) -> GroundTruth:
   Raises:
     ValueError: on malformed content, naming the offending entry.
   """
-  name = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else '<ground-truth dict>'
-  data = _load_json(gt, 'ground-truth')
+  name = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else "<ground-truth dict>"
+  data = _load_json(gt, "ground-truth")
   if not isinstance(data, Mapping):
-    raise ValueError(f'ground truth {name}: expected a JSON object, got {type(data).__name__}')
-  for key in ('videos', 'categories', 'annotations'):
+    raise ValueError(f"ground truth {name}: expected a JSON object, got {type(data).__name__}")
+  for key in ("videos", "categories", "annotations"):
     if key not in data:
       raise ValueError(f'ground truth {name}: missing field "{key}"')
   videos = {}
-  for v in data['videos']:
+  for v in data["videos"]:
     try:
-      length = v['length'] if 'length' in v else len(v['file_names'])
-      videos[int(v['id'])] = (int(v['height']), int(v['width']), int(length))
+      length = v["length"] if "length" in v else len(v["file_names"])
+      videos[int(v["id"])] = (int(v["height"]), int(v["width"]), int(length))
     except (KeyError, TypeError) as e:
-      raise ValueError(f'ground truth {name}: video entry {v.get("id", v)!r} lacks field {e} '
-                       '(needs id, height, width and length or file_names)') from e
+      raise ValueError(
+          f'ground truth {name}: video entry {v.get("id", v)!r} lacks field {e} '
+          "(needs id, height, width and length or file_names)"
+      ) from e
   try:
-    categories = {int(c['id']): str(c.get('name', c['id'])) for c in data['categories']}
+    categories = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
   except (KeyError, TypeError) as e:
-    raise ValueError(f'ground truth {name}: malformed categories ({e})') from e
+    raise ValueError(f"ground truth {name}: malformed categories ({e})") from e
   categories = dict(sorted(categories.items()))
   tracks = collections.defaultdict(list)
-  for ann in data['annotations']:
+  for ann in data["annotations"]:
     where = f'ground truth {name}, annotation {ann.get("id")!r}'
-    for key in ('id', 'video_id', 'category_id', 'segmentations'):
+    for key in ("id", "video_id", "category_id", "segmentations"):
       if key not in ann:
         raise ValueError(f'{where}: missing field "{key}"')
-    video_id = int(ann['video_id'])
+    video_id = int(ann["video_id"])
     if video_id not in videos:
-      raise ValueError(f'{where}: unknown video_id {video_id}')
+      raise ValueError(f"{where}: unknown video_id {video_id}")
     height, width, num_frames = videos[video_id]
-    segs = ann['segmentations']
+    segs = ann["segmentations"]
     if len(segs) != num_frames:
-      raise ValueError(f'{where}: {len(segs)} segmentations for video {video_id} with '
-                       f'{num_frames} frames')
-    rles = [_to_compressed_rle(s, height, width, f'{where}, frame {i}') if s else None
-            for i, s in enumerate(segs)]
-    if ann.get('areas') is not None:
-      areas = ann['areas']
+      raise ValueError(
+          f"{where}: {len(segs)} segmentations for video {video_id} with " f"{num_frames} frames"
+      )
+    rles = [
+        _to_compressed_rle(s, height, width, f"{where}, frame {i}") if s else None
+        for i, s in enumerate(segs)
+    ]
+    if ann.get("areas") is not None:
+      areas = ann["areas"]
     else:
       areas = [int(mask_utils.area(r)) if r is not None else None for r in rles]
-    tracks[video_id].append(Track(
-        id=int(ann['id']), video_id=video_id, category_id=int(ann['category_id']), score=0.,
-        iscrowd=bool(ann.get('iscrowd', 0)), avg_area=_average_area(areas), frame_rles=rles))
+    tracks[video_id].append(
+        Track(
+            id=int(ann["id"]),
+            video_id=video_id,
+            category_id=int(ann["category_id"]),
+            score=0.0,
+            iscrowd=bool(ann.get("iscrowd", 0)),
+            avg_area=_average_area(areas),
+            frame_rles=rles,
+        )
+    )
   return GroundTruth(videos=videos, categories=categories, tracks=dict(tracks))
 
 
@@ -228,34 +254,45 @@ def load_results(results: PathOrList, ground_truth: GroundTruth) -> dict:
     ValueError: for results of video ids not in the ground truth (all named), results whose number
       of frames or mask size does not match their video, or malformed entries.
   """
-  name = os.fspath(results) if isinstance(results, (str, os.PathLike)) else '<results list>'
-  data = _load_json(results, 'results')
+  name = os.fspath(results) if isinstance(results, (str, os.PathLike)) else "<results list>"
+  data = _load_json(results, "results")
   if not isinstance(data, (list, tuple)):
-    raise ValueError(f'results {name}: expected a list of predictions, got {type(data).__name__}')
+    raise ValueError(f"results {name}: expected a list of predictions, got {type(data).__name__}")
   for i, r in enumerate(data):
     if not isinstance(r, Mapping):
-      raise ValueError(f'results {name}, entry {i}: expected an object, got {type(r).__name__}')
-    missing = [k for k in ('video_id', 'category_id', 'score', 'segmentations') if k not in r]
+      raise ValueError(f"results {name}, entry {i}: expected an object, got {type(r).__name__}")
+    missing = [k for k in ("video_id", "category_id", "score", "segmentations") if k not in r]
     if missing:
-      raise ValueError(f'results {name}, entry {i}: missing field(s) {missing}')
-  unknown = sorted({int(r['video_id']) for r in data} - set(ground_truth.videos))
+      raise ValueError(f"results {name}, entry {i}: missing field(s) {missing}")
+  unknown = sorted({int(r["video_id"]) for r in data} - set(ground_truth.videos))
   if unknown:
-    raise ValueError(f'results {name}: video ids not in the ground truth: {unknown}')
+    raise ValueError(f"results {name}: video ids not in the ground truth: {unknown}")
   tracks = collections.defaultdict(list)
   for i, r in enumerate(data):
-    video_id = int(r['video_id'])
+    video_id = int(r["video_id"])
     height, width, num_frames = ground_truth.videos[video_id]
-    where = f'results {name}, entry {i} (video {video_id})'
-    segs = r['segmentations']
+    where = f"results {name}, entry {i} (video {video_id})"
+    segs = r["segmentations"]
     if len(segs) != num_frames:
-      raise ValueError(f'{where}: {len(segs)} segmentations but video {video_id} has '
-                       f'{num_frames} frames')
-    rles = [_to_compressed_rle(s, height, width, f'{where}, frame {f}') if s else None
-            for f, s in enumerate(segs)]
+      raise ValueError(
+          f"{where}: {len(segs)} segmentations but video {video_id} has " f"{num_frames} frames"
+      )
+    rles = [
+        _to_compressed_rle(s, height, width, f"{where}, frame {f}") if s else None
+        for f, s in enumerate(segs)
+    ]
     areas = [int(mask_utils.area(x)) if x is not None else None for x in rles]
-    tracks[video_id].append(Track(
-        id=i + 1, video_id=video_id, category_id=int(r['category_id']), score=float(r['score']),
-        iscrowd=False, avg_area=_average_area(areas), frame_rles=rles))
+    tracks[video_id].append(
+        Track(
+            id=i + 1,
+            video_id=video_id,
+            category_id=int(r["category_id"]),
+            score=float(r["score"]),
+            iscrowd=False,
+            avg_area=_average_area(areas),
+            frame_rles=rles,
+        )
+    )
   return dict(tracks)
 
 
@@ -269,8 +306,9 @@ def _frame_areas(tracks: Sequence[Track], num_frames: int) -> np.ndarray:
   return areas
 
 
-def track_ious(detections: Sequence[Track], ground_truths: Sequence[Track],
-               num_frames: int) -> np.ndarray:
+def track_ious(
+    detections: Sequence[Track], ground_truths: Sequence[Track], num_frames: int
+) -> np.ndarray:
   """Spatio-temporal mask IoU between every detection and ground-truth track of one video.
 
   Args:
@@ -295,14 +333,16 @@ def track_ious(detections: Sequence[Track], ground_truths: Sequence[Track],
       continue
     # pycocotools' crowd IoU is intersection / detection area, from which the integer intersection
     # is recovered exactly (areas are far below 2^52); one C call per frame instead of D*G merges.
-    ratio = mask_utils.iou([detections[i].frame_rles[f] for i in dt_idx],
-                           [ground_truths[j].frame_rles[f] for j in gt_idx],
-                           [1] * gt_idx.size)
+    ratio = mask_utils.iou(
+        [detections[i].frame_rles[f] for i in dt_idx],
+        [ground_truths[j].frame_rles[f] for j in gt_idx],
+        [1] * gt_idx.size,
+    )
     inter = np.rint(np.asarray(ratio) * dt_areas[dt_idx, f][:, None]).astype(np.int64)
     intersection[np.ix_(dt_idx, gt_idx)] += inter
   union = dt_areas.sum(1)[:, None] + gt_areas.sum(1)[None, :] - intersection
-  with np.errstate(invalid='ignore', divide='ignore'):
-    return np.where(union > 0, intersection / np.maximum(union, 1), 0.)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
 
 
 def mask_iou_video(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
@@ -319,11 +359,16 @@ def mask_iou_video(masks_a: np.ndarray, masks_b: np.ndarray) -> np.ndarray:
   b = np.asarray(masks_b, bool).reshape(len(masks_b), -1).astype(np.float64)
   inter = a @ b.T
   union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-  return np.where(union > 0, inter / np.maximum(union, 1), 0.)
+  return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def _greedy_match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray,
-                  gt_ids: np.ndarray, thresholds: np.ndarray):
+def _greedy_match(
+    ious: np.ndarray,
+    gt_ignore: np.ndarray,
+    gt_crowd: np.ndarray,
+    gt_ids: np.ndarray,
+    thresholds: np.ndarray,
+):
   """Greedy score-ordered matching for all area ranges and IoU thresholds at once.
 
   Args:
@@ -346,7 +391,7 @@ def _greedy_match(ious: np.ndarray, gt_ignore: np.ndarray, gt_crowd: np.ndarray,
   thr = np.minimum(thresholds, 1 - 1e-10)[None, :, None]
   ignore = gt_ignore[:, None, :]
   gt_taken = np.zeros((num_areas, num_thr, num_gt), bool)
-  area_idx, thr_idx = np.meshgrid(np.arange(num_areas), np.arange(num_thr), indexing='ij')
+  area_idx, thr_idx = np.meshgrid(np.arange(num_areas), np.arange(num_thr), indexing="ij")
   for d in range(num_dt):
     iou = ious[d][None, None, :]
     usable = (iou >= thr) & (~gt_taken | gt_crowd[None, None, :])
@@ -374,15 +419,16 @@ class _GroupResult:
 
 def _evaluate_group(dts: Sequence[Track], gts: Sequence[Track], ious: np.ndarray) -> _GroupResult:
   """Matching of one (video, category): detections vs ground truth for every area range."""
-  order = np.argsort([-d.score for d in dts], kind='mergesort')[:MAX_DETECTIONS[-1]]
+  order = np.argsort([-d.score for d in dts], kind="mergesort")[: MAX_DETECTIONS[-1]]
   ious = ious[order]
   scores = np.array([dts[i].score for i in order], np.float64)
   dt_area = np.array([dts[i].avg_area for i in order], np.float64)
   gt_area = np.array([g.avg_area for g in gts], np.float64)
   ranges = np.array(AREA_RANGES, np.float64)
   gt_crowd = np.array([g.iscrowd for g in gts], bool)
-  gt_ignore = gt_crowd[None, :] | (gt_area[None, :] < ranges[:, :1]) | (
-      gt_area[None, :] > ranges[:, 1:])
+  gt_ignore = (
+      gt_crowd[None, :] | (gt_area[None, :] < ranges[:, :1]) | (gt_area[None, :] > ranges[:, 1:])
+  )
   gt_ids = np.array([g.id for g in gts], np.int64)
   dt_gt_id, dt_on_ignored = _greedy_match(ious, gt_ignore, gt_crowd, gt_ids, IOU_THRESHOLDS)
   dt_out_of_range = (dt_area[None, :] < ranges[:, :1]) | (dt_area[None, :] > ranges[:, 1:])
@@ -390,7 +436,7 @@ def _evaluate_group(dts: Sequence[Track], gts: Sequence[Track], ious: np.ndarray
   return _GroupResult(scores, dt_gt_id, dt_ignore, (~gt_ignore).sum(1))
 
 
-def accumulate_ytvis(gt: Union[PathOrDict, GroundTruth], results: PathOrList) -> Accumulation:
+def accumulate_ytvis(gt: PathOrDict | GroundTruth, results: PathOrList) -> Accumulation:
   """Matches results to the ground truth and accumulates precision / recall.
 
   Args:
@@ -417,13 +463,18 @@ def accumulate_ytvis(gt: Union[PathOrDict, GroundTruth], results: PathOrList) ->
     dt_cats = np.array([d.category_id for d in dts], np.int64)
     for cat in sorted(set(gt_cats.tolist()) | set(dt_cats.tolist())):
       gi, di = np.flatnonzero(gt_cats == cat), np.flatnonzero(dt_cats == cat)
-      groups[category_index[cat]].append(_evaluate_group(
-          [dts[i] for i in di], [gts[j] for j in gi], ious[np.ix_(di, gi)]))
-  num_dropped = sum(1 for v in predictions.values() for d in v
-                    if d.category_id not in category_index)
+      groups[category_index[cat]].append(
+          _evaluate_group([dts[i] for i in di], [gts[j] for j in gi], ious[np.ix_(di, gi)])
+      )
+  num_dropped = sum(
+      1 for v in predictions.values() for d in v if d.category_id not in category_index
+  )
   if num_dropped:
-    logging.warning('%d predictions have a category id not in the ground truth; ignored as in '
-                    'the official evaluation', num_dropped)
+    logging.warning(
+        "%d predictions have a category id not in the ground truth; ignored as in "
+        "the official evaluation",
+        num_dropped,
+    )
 
   num_t, num_r = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
   num_k, num_a, num_m = len(category_ids), len(AREA_RANGES), len(MAX_DETECTIONS)
@@ -435,7 +486,7 @@ def accumulate_ytvis(gt: Union[PathOrDict, GroundTruth], results: PathOrList) ->
     num_regular = np.sum([g.num_gt_regular for g in category_groups], axis=0)  # [A]
     for m, max_det in enumerate(MAX_DETECTIONS):
       scores = np.concatenate([g.scores[:max_det] for g in category_groups])
-      order = np.argsort(-scores, kind='mergesort')
+      order = np.argsort(-scores, kind="mergesort")
       gt_id = np.concatenate([g.dt_gt_id[..., :max_det] for g in category_groups], -1)[..., order]
       ignore = np.concatenate([g.dt_ignore[..., :max_det] for g in category_groups], -1)[..., order]
       num_dt = scores.shape[0]
@@ -450,12 +501,14 @@ def accumulate_ytvis(gt: Union[PathOrDict, GroundTruth], results: PathOrList) ->
         # Precision envelope: the best precision at any higher recall.
         pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
         for t in range(num_t):
-          idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side='left')
+          idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
           inside = idx < num_dt
-          precision[t, :, k, a, m] = np.where(inside, pr[t, np.minimum(idx, max(num_dt - 1, 0))]
-                                              if num_dt else 0., 0.)
-  return Accumulation(precision, recall, category_ids,
-                      [ground_truth.categories[c] for c in category_ids])
+          precision[t, :, k, a, m] = np.where(
+              inside, pr[t, np.minimum(idx, max(num_dt - 1, 0))] if num_dt else 0.0, 0.0
+          )
+  return Accumulation(
+      precision, recall, category_ids, [ground_truth.categories[c] for c in category_ids]
+  )
 
 
 def summarize(accumulation: Accumulation) -> dict:
@@ -469,11 +522,11 @@ def summarize(accumulation: Accumulation) -> dict:
       values = values[np.where(iou_thr == IOU_THRESHOLDS)[0]]
     values = values[..., a, m]
     valid = values[values > -1]
-    stats[name] = float(np.mean(valid)) if valid.size else -1.
+    stats[name] = float(np.mean(valid)) if valid.size else -1.0
   return stats
 
 
-def evaluate_ytvis(gt: Union[PathOrDict, GroundTruth], results: PathOrList) -> dict:
+def evaluate_ytvis(gt: PathOrDict | GroundTruth, results: PathOrList) -> dict:
   """YouTube-VIS metrics of `results` against the ground truth `gt`.
 
   Args:
@@ -487,12 +540,14 @@ def evaluate_ytvis(gt: Union[PathOrDict, GroundTruth], results: PathOrList) -> d
     category (area 'all', maxDets 100).
   """
   accumulation = accumulate_ytvis(gt, results)
-  metrics = {name: value * 100 if value >= 0 else float('nan')
-             for name, value in summarize(accumulation).items()}
+  metrics = {
+      name: value * 100 if value >= 0 else float("nan")
+      for name, value in summarize(accumulation).items()
+  }
   for k, name in enumerate(accumulation.category_names):
     values = accumulation.precision[:, :, k, 0, -1]
     values = values[values > -1]
-    metrics[f'AP-{name}'] = float(np.mean(values)) * 100 if values.size else float('nan')
+    metrics[f"AP-{name}"] = float(np.mean(values)) * 100 if values.size else float("nan")
   return metrics
 
 
@@ -506,42 +561,48 @@ def format_table(metrics: Mapping[str, float], columns: int = 3) -> str:
   Returns:
     Multi-line string.
   """
+
   def fmt(v):
-    return 'nan' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.3f}'
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
   names = [n for n in SUMMARY_METRICS if n in metrics]
   widths = [max(len(n), 7) for n in names]
-  lines = ['| ' + ' | '.join(n.ljust(w) for n, w in zip(names, widths)) + ' |',
-           '|' + '|'.join('-' * (w + 2) for w in widths) + '|',
-           '| ' + ' | '.join(fmt(metrics[n]).ljust(w) for n, w in zip(names, widths)) + ' |']
-  per_category = [(k[3:], v) for k, v in metrics.items() if k.startswith('AP-')]
+  lines = [
+      "| " + " | ".join(n.ljust(w) for n, w in zip(names, widths)) + " |",
+      "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+      "| " + " | ".join(fmt(metrics[n]).ljust(w) for n, w in zip(names, widths)) + " |",
+  ]
+  per_category = [(k[3:], v) for k, v in metrics.items() if k.startswith("AP-")]
   if per_category:
     name_width = max(8, max(len(n) for n, _ in per_category))
     cols = max(1, min(columns, len(per_category)))
-    cell = lambda name, value: f'{name.ljust(name_width)} | {value.ljust(7)}'
-    lines += ['', 'Per-category AP:',
-              '| ' + ' | '.join([cell('category', 'AP')] * cols) + ' |',
-              '|' + '|'.join(['-' * (name_width + 2) + '|' + '-' * 9] * cols) + '|']
+    cell = lambda name, value: f"{name.ljust(name_width)} | {value.ljust(7)}"
+    lines += [
+        "",
+        "Per-category AP:",
+        "| " + " | ".join([cell("category", "AP")] * cols) + " |",
+        "|" + "|".join(["-" * (name_width + 2) + "|" + "-" * 9] * cols) + "|",
+    ]
     for start in range(0, len(per_category), cols):
-      row = [cell(n, fmt(v)) for n, v in per_category[start:start + cols]]
-      row += [cell('', '')] * (cols - len(row))
-      lines.append('| ' + ' | '.join(row) + ' |')
-  return '\n'.join(lines)
+      row = [cell(n, fmt(v)) for n, v in per_category[start : start + cols]]
+      row += [cell("", "")] * (cols - len(row))
+      lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description='YouTube-VIS mask AP of a results JSON file.')
-  parser.add_argument('--gt', required=True, help='annotation JSON with segmentations')
-  parser.add_argument('--results', required=True, help='results JSON (submission format)')
-  parser.add_argument('--output', default=None, help='optional JSON file for the metrics')
+  parser = argparse.ArgumentParser(description="YouTube-VIS mask AP of a results JSON file.")
+  parser.add_argument("--gt", required=True, help="annotation JSON with segmentations")
+  parser.add_argument("--results", required=True, help="results JSON (submission format)")
+  parser.add_argument("--output", default=None, help="optional JSON file for the metrics")
   args = parser.parse_args(argv)
   metrics = evaluate_ytvis(args.gt, args.results)
   print(format_table(metrics))
   if args.output:
-    with open(args.output, 'w') as f:
+    with open(args.output, "w") as f:
       json.dump(metrics, f, indent=1)
   return metrics
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -1,4 +1,5 @@
 """Helpers for export / import tests: random model variables without running `model.init`."""
+
 import hashlib
 import math
 from typing import Any
@@ -73,4 +74,3 @@ def state_dict_sha256(state_dict: Any, prefix: str = "") -> str:
     digest.update(np.asarray(array.shape, np.int64).tobytes())
     digest.update(array.tobytes())
   return digest.hexdigest()
-

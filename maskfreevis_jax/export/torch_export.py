@@ -7,11 +7,13 @@ detectron2-style `.pth` ({"model": state_dict}) or as `.safetensors`.
   state_dict, summary = export_state_dict(variables, model_config)
   summary = export_checkpoint(variables, model_config, "model_final.pth")
 """
+
 import dataclasses
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -38,19 +40,22 @@ class ExportSummary:
     path: the file written, or None for an in-memory export.
     fmt: 'pth', 'safetensors' or None.
   """
+
   num_keys: int
   num_parameters: int
   num_elements: int
   dtypes: Mapping[str, int]
   keys: Sequence[str]
-  path: Optional[str] = None
-  fmt: Optional[str] = None
+  path: str | None = None
+  fmt: str | None = None
 
   def __str__(self) -> str:
     where = f" to {self.path} ({self.fmt})" if self.path else ""
     dtypes = ", ".join(f"{n} x {d}" for d, n in sorted(self.dtypes.items()))
-    return (f"exported {self.num_keys} tensors{where}: {self.num_parameters:,} trainable "
-            f"parameters, {self.num_elements:,} elements in all; dtypes: {dtypes}")
+    return (
+        f"exported {self.num_keys} tensors{where}: {self.num_parameters:,} trainable "
+        f"parameters, {self.num_elements:,} elements in all; dtypes: {dtypes}"
+    )
 
 
 def _is_abstract(value: Any) -> bool:
@@ -63,27 +68,42 @@ def _flax_name(entry: official_names.NameMapEntry) -> str:
   return "/".join((entry.collection,) + tuple(entry.flax_path))
 
 
-def _check_against_expected(entries: Sequence[official_names.NameMapEntry],
-                            expected: Mapping[str, Sequence[int]], what: str) -> None:
+def _check_against_expected(
+    entries: Sequence[official_names.NameMapEntry], expected: Mapping[str, Sequence[int]], what: str
+) -> None:
   """Raises ExportError listing official keys without a source and unexported variables."""
   produced = {e.official_key: e for e in entries}
   no_source = [k for k in expected if k not in produced]
-  unexported = [f"{_flax_name(e)} -> {e.official_key!r}" for e in entries
-                if e.collection is not None and e.official_key not in expected]
-  wrong_shape = [f"{k}: expected {tuple(expected[k])}, variables give {produced[k].official_shape}"
-                 f" (from {_flax_name(produced[k])})"
-                 for k in expected if k in produced
-                 and tuple(produced[k].official_shape) != tuple(expected[k])]
+  unexported = [
+      f"{_flax_name(e)} -> {e.official_key!r}"
+      for e in entries
+      if e.collection is not None and e.official_key not in expected
+  ]
+  wrong_shape = [
+      f"{k}: expected {tuple(expected[k])}, variables give {produced[k].official_shape}"
+      f" (from {_flax_name(produced[k])})"
+      for k in expected
+      if k in produced and tuple(produced[k].official_shape) != tuple(expected[k])
+  ]
   problems = []
   if no_source:
-    problems.append(f"{len(no_source)} official keys have no source variable: "
-                    + ", ".join(no_source[:20]) + (" ..." if len(no_source) > 20 else ""))
+    problems.append(
+        f"{len(no_source)} official keys have no source variable: "
+        + ", ".join(no_source[:20])
+        + (" ..." if len(no_source) > 20 else "")
+    )
   if unexported:
-    problems.append(f"{len(unexported)} Flax variables have no official key (left unexported): "
-                    + ", ".join(unexported[:20]) + (" ..." if len(unexported) > 20 else ""))
+    problems.append(
+        f"{len(unexported)} Flax variables have no official key (left unexported): "
+        + ", ".join(unexported[:20])
+        + (" ..." if len(unexported) > 20 else "")
+    )
   if wrong_shape:
-    problems.append(f"{len(wrong_shape)} shapes differ: " + "; ".join(wrong_shape[:20])
-                    + (" ..." if len(wrong_shape) > 20 else ""))
+    problems.append(
+        f"{len(wrong_shape)} shapes differ: "
+        + "; ".join(wrong_shape[:20])
+        + (" ..." if len(wrong_shape) > 20 else "")
+    )
   if problems:
     raise ExportError(f"variables do not match {what}:\n  " + "\n  ".join(problems))
 
@@ -95,10 +115,14 @@ def _get(variables: Mapping[str, Any], collection: str, path: Sequence[str]) -> 
   return node
 
 
-def export_state_dict(variables: Mapping[str, Any], model_config: Any = None, *,
-                      eos_coef: float = 0.1, iteration: int = 0,
-                      expected_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                      ) -> tuple[dict[str, np.ndarray], ExportSummary]:
+def export_state_dict(
+    variables: Mapping[str, Any],
+    model_config: Any = None,
+    *,
+    eos_coef: float = 0.1,
+    iteration: int = 0,
+    expected_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[dict[str, np.ndarray], ExportSummary]:
   """Converts Flax variables to the official state_dict (numpy arrays, PyTorch layouts).
 
   Args:
@@ -119,30 +143,43 @@ def export_state_dict(variables: Mapping[str, Any], model_config: Any = None, *,
       (ShapeDtypeStruct) leaves.
   """
   if not isinstance(variables, Mapping) or "params" not in variables:
-    found = (f"keys {sorted(variables)}" if isinstance(variables, Mapping)
-             else type(variables).__name__)
+    found = (
+        f"keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__
+    )
     raise ExportError(f"variables must be a mapping with a 'params' collection, got {found}")
   entries = official_names.official_name_map(variables)
   if model_config is not None:
     name = model_config.get("name", "model") if hasattr(model_config, "get") else "model"
-    _check_against_expected(entries, official_names.official_shapes(model_config),
-                            f"the official keys of model config {name!r}")
+    _check_against_expected(
+        entries,
+        official_names.official_shapes(model_config),
+        f"the official keys of model config {name!r}",
+    )
   if expected_shapes is not None:
     _check_against_expected(entries, expected_shapes, "the expected state_dict listing")
-  num_classes = next(e.official_shape[0] - 1 for e in entries
-                     if e.official_key == "sem_seg_head.predictor.class_embed.bias")
+  num_classes = next(
+      e.official_shape[0] - 1
+      for e in entries
+      if e.official_key == "sem_seg_head.predictor.class_embed.bias"
+  )
 
   state_dict: dict[str, np.ndarray] = {}
   for entry in entries:
     if entry.collection is None:
       state_dict[entry.official_key] = official_names.constant_value(
-          entry.official_key, num_classes, eos_coef=eos_coef, iteration=iteration,
-          shape=entry.official_shape)
+          entry.official_key,
+          num_classes,
+          eos_coef=eos_coef,
+          iteration=iteration,
+          shape=entry.official_shape,
+      )
       continue
     value = _get(variables, entry.collection, entry.flax_path)
     if _is_abstract(value):
-      raise ExportError(f"variable {_flax_name(entry)} is abstract ({value}); export needs "
-                        "concrete arrays, not jax.eval_shape output")
+      raise ExportError(
+          f"variable {_flax_name(entry)} is abstract ({value}); export needs "
+          "concrete arrays, not jax.eval_shape output"
+      )
     array = official_names.to_torch_array(np.asarray(value), entry.transform)
     state_dict[entry.official_key] = np.ascontiguousarray(array)
 
@@ -153,13 +190,16 @@ def export_state_dict(variables: Mapping[str, Any], model_config: Any = None, *,
       num_keys=len(state_dict),
       num_parameters=official_names.num_official_parameters(entries),
       num_elements=sum(math.prod(a.shape) for a in state_dict.values()),
-      dtypes=dtypes, keys=tuple(state_dict))
+      dtypes=dtypes,
+      keys=tuple(state_dict),
+  )
   return state_dict, summary
 
 
 def to_torch_tensors(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """numpy state_dict -> {key: torch.Tensor} (bfloat16 arrays keep their bits)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   tensors = {}
   for key, array in state_dict.items():
     array = np.ascontiguousarray(array)
@@ -170,8 +210,9 @@ def to_torch_tensors(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return tensors
 
 
-def save_state_dict(state_dict: Mapping[str, np.ndarray], out_path: str | os.PathLike,
-                    fmt: str = "pth") -> str:
+def save_state_dict(
+    state_dict: Mapping[str, np.ndarray], out_path: str | os.PathLike, fmt: str = "pth"
+) -> str:
   """Writes a state_dict as detectron2 `.pth` ({"model": state_dict}) or `.safetensors`."""
   if fmt not in FORMATS:
     raise ValueError(f"export format fmt={fmt!r} not in {FORMATS}")
@@ -184,17 +225,25 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], out_path: str | os.Pat
   tmp_path = path.with_name(path.name + ".tmp")
   if fmt == "pth":
     import torch  # pylint: disable=g-import-not-at-top
+
     torch.save({"model": tensors}, tmp_path)
   else:
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
     save_file(tensors, str(tmp_path), metadata={"format": "pt"})
   os.replace(tmp_path, path)
   return str(path)
 
 
-def export_checkpoint(variables: Mapping[str, Any], model_config: Any,
-                      out_path: str | os.PathLike, *, fmt: str = "pth", eos_coef: float = 0.1,
-                      iteration: int = 0) -> ExportSummary:
+def export_checkpoint(
+    variables: Mapping[str, Any],
+    model_config: Any,
+    out_path: str | os.PathLike,
+    *,
+    fmt: str = "pth",
+    eos_coef: float = 0.1,
+    iteration: int = 0,
+) -> ExportSummary:
   """Exports Flax variables as an official MaskFreeVIS checkpoint that PyTorch loads strictly.
 
   Args:
@@ -215,7 +264,8 @@ def export_checkpoint(variables: Mapping[str, Any], model_config: Any,
   """
   if fmt not in FORMATS:
     raise ValueError(f"export format fmt={fmt!r} not in {FORMATS}")
-  state_dict, summary = export_state_dict(variables, model_config, eos_coef=eos_coef,
-                                          iteration=iteration)
+  state_dict, summary = export_state_dict(
+      variables, model_config, eos_coef=eos_coef, iteration=iteration
+  )
   path = save_state_dict(state_dict, out_path, fmt)
   return dataclasses.replace(summary, path=path, fmt=fmt)

@@ -18,6 +18,7 @@ computes them from its window size (reported as regenerated).
   variables, report = load_pretrained("model_final_3c8ec9.pkl", variables, model_config)
   print(report.summary())
 """
+
 import collections
 import dataclasses
 import io
@@ -26,7 +27,8 @@ import os
 import pathlib
 import pickle
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -38,8 +40,10 @@ _BARE_BACKBONE_KEY = re.compile(r"^(stem|res\d|patch_embed|layers|norm\d)\.")
 # Blocks of a stage: ResNet 'backbone.res4.<j>.', Swin 'backbone.layers.2.blocks.<j>.'.
 _BACKBONE_BLOCK_KEY = re.compile(r"^backbone\.(res\d|layers\.\d+)\.(?:blocks\.)?(\d+)\.")
 # Backbone families, told apart by their top-level module names.
-_BACKBONE_KINDS = (("ResNet", re.compile(r"^backbone\.(stem|res\d)\.")),
-                   ("Swin", re.compile(r"^backbone\.(patch_embed|layers)\.")))
+_BACKBONE_KINDS = (
+    ("ResNet", re.compile(r"^backbone\.(stem|res\d)\.")),
+    ("Swin", re.compile(r"^backbone\.(patch_embed|layers)\.")),
+)
 # Buffers the model computes from static sizes (Swin): never loaded, reported as regenerated.
 _REGENERATED_BUFFER_KEY = re.compile(r"\.(relative_position_index|attn_mask)$")
 # Wrapper keys tried in order when a checkpoint is a dict holding the state_dict.
@@ -62,9 +66,15 @@ class CheckpointError(ValueError):
 
 # Element types of torch's legacy storage classes ('torch.FloatStorage', ...).
 _TORCH_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": np.uint16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": np.uint16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
 
@@ -80,7 +90,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     # Pickles written with numpy < 2 name the private module 'numpy.core'.
     if module.startswith("numpy.core"):
-      module = "numpy._core" + module[len("numpy.core"):]
+      module = "numpy._core" + module[len("numpy.core") :]
     if (module, name) in _PICKLE_ALLOWED:
       return super().find_class(module, name)
     if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
@@ -103,8 +113,12 @@ class _StorageUnpickler(_NumpyOnlyUnpickler):
 
   def persistent_load(self, pid: Any) -> Any:
     # ('storage', storage dtype, key, location, numel[, view metadata])
-    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-            and isinstance(pid[1], np.dtype)):
+    if not (
+        isinstance(pid, tuple)
+        and len(pid) >= 5
+        and pid[0] == "storage"
+        and isinstance(pid[1], np.dtype)
+    ):
       raise pickle.UnpicklingError(f"unsupported torch persistent id {pid!r:.80}")
     return (str(pid[2]), pid[1], int(pid[4]))
 
@@ -118,8 +132,9 @@ def _legacy_storage_array(data: bytes) -> np.ndarray:
   key, dtype, numel = _StorageUnpickler(stream).load()
   stored_keys = _NumpyOnlyUnpickler(stream).load()
   if list(stored_keys) != [key]:
-    raise pickle.UnpicklingError(f"torch storage record holds keys {stored_keys!r}, expected "
-                                 f"[{key!r}]")
+    raise pickle.UnpicklingError(
+        f"torch storage record holds keys {stored_keys!r}, expected " f"[{key!r}]"
+    )
   size = int.from_bytes(stream.read(8), "little")
   if size != numel:
     raise pickle.UnpicklingError(f"torch storage has {size} elements, its header says {numel}")
@@ -132,8 +147,9 @@ def _legacy_storage_array(data: bytes) -> np.ndarray:
   return array
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: Sequence[int],
-                    stride: Sequence[int], *unused_args: Any) -> np.ndarray:
+def _rebuild_tensor(
+    storage: np.ndarray, offset: int, size: Sequence[int], stride: Sequence[int], *unused_args: Any
+) -> np.ndarray:
   """numpy equivalent of torch._utils._rebuild_tensor_v2 (a strided view, copied)."""
   if not isinstance(storage, np.ndarray):
     raise pickle.UnpicklingError(f"tensor storage is a {type(storage).__name__}, not an array")
@@ -142,12 +158,13 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: Sequence[int],
     last = offset + sum((n - 1) * st for n, st in zip(size, stride))
     if offset < 0 or last >= storage.size:
       raise pickle.UnpicklingError(f"tensor view {size} at offset {offset} exceeds its storage")
-  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                         strides=tuple(st * storage.itemsize for st in stride))
+  view = np.lib.stride_tricks.as_strided(
+      storage[offset:], shape=size, strides=tuple(st * storage.itemsize for st in stride)
+  )
   return np.array(view)
 
 
-def _to_numpy(value: Any) -> Optional[np.ndarray]:
+def _to_numpy(value: Any) -> np.ndarray | None:
   """Array-like -> numpy (torch tensors via .numpy(), bfloat16 as float32); None if not one."""
   if isinstance(value, np.ndarray):
     return value
@@ -155,6 +172,7 @@ def _to_numpy(value: Any) -> Optional[np.ndarray]:
     return np.asarray(value)
   if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
     import torch  # pylint: disable=g-import-not-at-top
+
     tensor = value.detach().cpu()
     if tensor.dtype == torch.bfloat16:
       tensor = tensor.float()
@@ -169,12 +187,16 @@ def _read_raw(path: pathlib.Path) -> Any:
       return _NumpyOnlyUnpickler(f, encoding="latin1").load()
   if suffix in (".pth", ".pt"):
     import torch  # pylint: disable=g-import-not-at-top
+
     return torch.load(path, map_location="cpu", weights_only=True)
   if suffix == ".safetensors":
     from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+
     return load_file(str(path), device="cpu")
-  raise CheckpointError(f"checkpoint {path}: unknown suffix {path.suffix!r}; expected .pkl "
-                        "(detectron2), .pth / .pt (PyTorch) or .safetensors")
+  raise CheckpointError(
+      f"checkpoint {path}: unknown suffix {path.suffix!r}; expected .pkl "
+      "(detectron2), .pth / .pt (PyTorch) or .safetensors"
+  )
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -202,17 +224,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # pickle, torch and safetensors each raise their own types for truncated/corrupt files.
-    raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); is the "
-                          "file truncated or not a checkpoint?") from e
+    raise CheckpointError(
+        f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); is the "
+        "file truncated or not a checkpoint?"
+    ) from e
   if not isinstance(raw, Mapping):
-    raise CheckpointError(f"checkpoint {path}: expected a dict (a state_dict or {{'model': "
-                          f"state_dict}}), found {type(raw).__name__}")
+    raise CheckpointError(
+        f"checkpoint {path}: expected a dict (a state_dict or {{'model': "
+        f"state_dict}}), found {type(raw).__name__}"
+    )
   state = raw
   for wrapper in _STATE_DICT_WRAPPERS:
     if wrapper in raw:
       if not isinstance(raw[wrapper], Mapping):
-        raise CheckpointError(f"checkpoint {path}: key {wrapper!r} holds "
-                              f"{type(raw[wrapper]).__name__}, not a state_dict")
+        raise CheckpointError(
+            f"checkpoint {path}: key {wrapper!r} holds "
+            f"{type(raw[wrapper]).__name__}, not a state_dict"
+        )
       state = raw[wrapper]
       break
   if not state:
@@ -223,17 +251,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise CheckpointError(f"checkpoint {path}: state_dict key {key!r} is not a string")
     array = _to_numpy(value)
     if array is None:
-      raise CheckpointError(f"checkpoint {path}: entry {key!r} is a {type(value).__name__}, not "
-                            "an array; not a state_dict (top-level keys: "
-                            f"{sorted(map(str, raw))[:10]})")
+      raise CheckpointError(
+          f"checkpoint {path}: entry {key!r} is a {type(value).__name__}, not "
+          "an array; not a state_dict (top-level keys: "
+          f"{sorted(map(str, raw))[:10]})"
+      )
     arrays[key] = array
   return arrays
 
 
 def normalize_official_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Adds the 'backbone.' prefix to bare detectron2 backbone names ('stem.*', 'res<k>.*')."""
-  return {("backbone." + k if _BARE_BACKBONE_KEY.match(k) else k): v
-          for k, v in state_dict.items()}
+  return {("backbone." + k if _BARE_BACKBONE_KEY.match(k) else k): v for k, v in state_dict.items()}
 
 
 @dataclasses.dataclass
@@ -252,11 +281,13 @@ class ImportReport:
       `attn_mask`); not loaded.
     num_loaded_elements: elements copied.
   """
+
   source: str
   loaded: list[str] = dataclasses.field(default_factory=list)
   skipped: list[str] = dataclasses.field(default_factory=list)
   shape_mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
-      default_factory=list)
+      default_factory=list
+  )
   missing: list[str] = dataclasses.field(default_factory=list)
   regenerated: list[str] = dataclasses.field(default_factory=list)
   num_loaded_elements: int = 0
@@ -268,20 +299,27 @@ class ImportReport:
       shown = ", ".join(keys[:max_names])
       return shown + (f", ... ({len(keys) - max_names} more)" if len(keys) > max_names else "")
 
-    lines = [f"{self.source}: loaded {len(self.loaded)} tensors "
-             f"({self.num_loaded_elements:,} values)"]
+    lines = [
+        f"{self.source}: loaded {len(self.loaded)} tensors "
+        f"({self.num_loaded_elements:,} values)"
+    ]
     if self.shape_mismatched:
-      lines.append(f"  shape mismatch, left initialised ({len(self.shape_mismatched)}): "
-                   + names([f"{k} checkpoint {c} vs model {m}"
-                            for k, c, m in self.shape_mismatched]))
+      lines.append(
+          f"  shape mismatch, left initialised ({len(self.shape_mismatched)}): "
+          + names([f"{k} checkpoint {c} vs model {m}" for k, c, m in self.shape_mismatched])
+      )
     if self.missing:
-      lines.append(f"  missing from checkpoint, left initialised ({len(self.missing)}): "
-                   + names(self.missing))
+      lines.append(
+          f"  missing from checkpoint, left initialised ({len(self.missing)}): "
+          + names(self.missing)
+      )
     if self.skipped:
       lines.append(f"  not in model, skipped ({len(self.skipped)}): " + names(self.skipped))
     if self.regenerated:
-      lines.append(f"  buffers the model regenerates, not loaded ({len(self.regenerated)}): "
-                   + names(self.regenerated))
+      lines.append(
+          f"  buffers the model regenerates, not loaded ({len(self.regenerated)}): "
+          + names(self.regenerated)
+      )
     return "\n".join(lines)
 
   def __str__(self) -> str:
@@ -321,10 +359,11 @@ def _check_backbone_layout(source: str, checkpoint_keys, model_keys, model_name:
       detail = f"first offending key: model key {first!r} is not in the checkpoint"
     raise CheckpointError(
         f"checkpoint {source} is for another backbone: its {stage} has {len(ckpt_blocks)} "
-        f"blocks, model {model_name} has {len(model_blocks)}; {detail}")
+        f"blocks, model {model_name} has {len(model_blocks)}; {detail}"
+    )
 
 
-def _backbone_kind(keys) -> tuple[Optional[str], Optional[str]]:
+def _backbone_kind(keys) -> tuple[str | None, str | None]:
   """(family name, first key that shows it) of the backbone names in `keys`, or (None, None)."""
   for kind, pattern in _BACKBONE_KINDS:
     found = sorted(k for k in keys if pattern.match(k))
@@ -333,8 +372,12 @@ def _backbone_kind(keys) -> tuple[Optional[str], Optional[str]]:
   return None, None
 
 
-def _check_backbone_kind(source: str, arrays: Mapping[str, np.ndarray],
-                         model_shapes: Mapping[str, tuple[int, ...]], model_name: str) -> None:
+def _check_backbone_kind(
+    source: str,
+    arrays: Mapping[str, np.ndarray],
+    model_shapes: Mapping[str, tuple[int, ...]],
+    model_name: str,
+) -> None:
   """Raises when the checkpoint's backbone is of another family or Swin size than the model's.
 
   A ResNet checkpoint in a Swin model (or the reverse) would load only the heads and leave the
@@ -346,11 +389,14 @@ def _check_backbone_kind(source: str, arrays: Mapping[str, np.ndarray],
     raise CheckpointError(
         f"checkpoint {source} holds a {ckpt_kind} backbone (e.g. {ckpt_key!r}) but model "
         f"{model_name} has a {model_kind} backbone (e.g. {model_key!r}); backbone mismatch: "
-        f"use a {model_kind} checkpoint or a {ckpt_kind} preset")
+        f"use a {model_kind} checkpoint or a {ckpt_kind} preset"
+    )
   if ckpt_kind != "Swin" or model_kind != "Swin":
     return
-  checks = (("embed dim", "backbone.patch_embed.proj.weight", 0),
-            ("window", "backbone.layers.0.blocks.0.attn.relative_position_bias_table", None))
+  checks = (
+      ("embed dim", "backbone.patch_embed.proj.weight", 0),
+      ("window", "backbone.layers.0.blocks.0.attn.relative_position_bias_table", None),
+  )
   for what, key, axis in checks:
     if key not in arrays or key not in model_shapes:
       continue
@@ -365,7 +411,8 @@ def _check_backbone_kind(source: str, arrays: Mapping[str, np.ndarray],
     raise CheckpointError(
         f"checkpoint {source} is for another Swin: its {what} is {ckpt_value}, model "
         f"{model_name} has {model_value} (first offending key {key!r}: checkpoint shape "
-        f"{ckpt_shape} vs model {model_shape})")
+        f"{ckpt_shape} vs model {model_shape})"
+    )
 
 
 def _set(tree: dict, path: Sequence[str], value: Any) -> None:
@@ -378,10 +425,14 @@ def _copy_tree(tree: Mapping[str, Any]) -> dict:
   return {k: _copy_tree(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
-def load_state_dict_into_variables(state_dict: Mapping[str, Any], variables: Mapping[str, Any],
-                                   *, source: str = "state_dict",
-                                   model_name: str = "model",
-                                   check_backbone: bool = True) -> tuple[dict, ImportReport]:
+def load_state_dict_into_variables(
+    state_dict: Mapping[str, Any],
+    variables: Mapping[str, Any],
+    *,
+    source: str = "state_dict",
+    model_name: str = "model",
+    check_backbone: bool = True,
+) -> tuple[dict, ImportReport]:
   """Loads official-named tensors into (a copy of) Flax variables.
 
   Args:
@@ -403,8 +454,12 @@ def load_state_dict_into_variables(state_dict: Mapping[str, Any], variables: Map
     raise CheckpointError(
         f"{source}: `variables` must be the model's full variables {{'params': ..., "
         "'frozen_params': ..., 'batch_stats': ...}, got "
-        + (f"a mapping with keys {sorted(variables)[:5]}" if isinstance(variables, Mapping)
-           else type(variables).__name__))
+        + (
+            f"a mapping with keys {sorted(variables)[:5]}"
+            if isinstance(variables, Mapping)
+            else type(variables).__name__
+        )
+    )
   arrays = {}
   for key, value in state_dict.items():
     array = _to_numpy(value)
@@ -417,8 +472,9 @@ def load_state_dict_into_variables(state_dict: Mapping[str, Any], variables: Map
   by_key = {e.official_key: e for e in entries}
   regenerated = {k for k in arrays if _REGENERATED_BUFFER_KEY.search(k)}
   if check_backbone:
-    _check_backbone_kind(source, arrays, {k: e.official_shape for k, e in by_key.items()},
-                         model_name)
+    _check_backbone_kind(
+        source, arrays, {k: e.official_shape for k, e in by_key.items()}, model_name
+    )
     _check_backbone_layout(source, list(arrays), list(by_key), model_name)
 
   new_variables = _copy_tree(variables)
@@ -447,13 +503,19 @@ def load_state_dict_into_variables(state_dict: Mapping[str, Any], variables: Map
     raise CheckpointError(
         f"{source}: no tensor matches model {model_name} (first key {first!r}; "
         f"{len(report.shape_mismatched)} names match with other shapes"
-        + (f", e.g. {report.shape_mismatched[0]}" if report.shape_mismatched else "") + ")")
+        + (f", e.g. {report.shape_mismatched[0]}" if report.shape_mismatched else "")
+        + ")"
+    )
   return new_variables, report
 
 
-def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any],
-                    model_config: Any = None, *,
-                    check_backbone: bool = True) -> tuple[dict, ImportReport]:
+def load_pretrained(
+    path: str | os.PathLike,
+    variables: Mapping[str, Any],
+    model_config: Any = None,
+    *,
+    check_backbone: bool = True,
+) -> tuple[dict, ImportReport]:
   """Initialises Flax variables from an official / detectron2 checkpoint file.
 
   Args:
@@ -476,5 +538,6 @@ def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any],
   if model_config is not None and hasattr(model_config, "get"):
     model_name = repr(model_config.get("name", "model"))
   state_dict = read_checkpoint(path)
-  return load_state_dict_into_variables(state_dict, variables, source=str(path),
-                                        model_name=model_name, check_backbone=check_backbone)
+  return load_state_dict_into_variables(
+      state_dict, variables, source=str(path), model_name=model_name, check_backbone=check_backbone
+  )

@@ -27,9 +27,21 @@ from maskfreevis_jax.losses.mask_free import temporal_knn_patch_loss
 from maskfreevis_jax.losses.mask_free import tk_warmup_factor
 
 __all__ = [
-    "BoxWindows", "ColorAffinities", "MaskFreeLossConfig", "box_masks_at_stride",
-    "box_projection_loss", "box_windows",
-    "compute_color_affinities", "downsample_frames", "frame_pairs", "keep_top_k",
-    "mask_free_losses", "pairwise_color_loss", "rgb_to_lab", "spatial_color_similarity",
-    "temporal_knn_patch_loss", "temporal_patch_similarity", "tk_warmup_factor",
+    "BoxWindows",
+    "ColorAffinities",
+    "MaskFreeLossConfig",
+    "box_masks_at_stride",
+    "box_projection_loss",
+    "box_windows",
+    "compute_color_affinities",
+    "downsample_frames",
+    "frame_pairs",
+    "keep_top_k",
+    "mask_free_losses",
+    "pairwise_color_loss",
+    "rgb_to_lab",
+    "spatial_color_similarity",
+    "temporal_knn_patch_loss",
+    "temporal_patch_similarity",
+    "tk_warmup_factor",
 ]

@@ -5,28 +5,31 @@ instance and every deep-supervision layer. Spatial maps are `[..., K, h, w]` wit
 a window in row-major order; positions outside the frame read as zeros (SAME zero padding).
 """
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-Offset = Tuple[int, int]
+Offset = tuple[int, int]
 
 
-def window_offsets(size: int, dilation: int, include_center: bool) -> Tuple[Offset, ...]:
+def window_offsets(size: int, dilation: int, include_center: bool) -> tuple[Offset, ...]:
   """Row-major (dy, dx) offsets of a `size` x `size` window with the given dilation."""
   if size < 1 or size % 2 == 0:
     raise ValueError(f"window size must be a positive odd number, got {size}")
   radius = size // 2
-  return tuple((dy * dilation, dx * dilation)
-               for dy in range(-radius, radius + 1)
-               for dx in range(-radius, radius + 1)
-               if include_center or (dy, dx) != (0, 0))
+  return tuple(
+      (dy * dilation, dx * dilation)
+      for dy in range(-radius, radius + 1)
+      for dx in range(-radius, radius + 1)
+      if include_center or (dy, dx) != (0, 0)
+  )
 
 
-def shift_spatial(x: jnp.ndarray, offset: Offset, axes: Tuple[int, int] = (-2, -1),
-                  fill: float = 0.0) -> jnp.ndarray:
+def shift_spatial(
+    x: jnp.ndarray, offset: Offset, axes: tuple[int, int] = (-2, -1), fill: float = 0.0
+) -> jnp.ndarray:
   """Returns y with y[..., i, j] = x[..., i + dy, j + dx], `fill` where that falls outside x."""
   dy, dx = offset
   ay, ax = (a % x.ndim for a in axes)
@@ -39,13 +42,14 @@ def shift_spatial(x: jnp.ndarray, offset: Offset, axes: Tuple[int, int] = (-2, -
   return jax.lax.slice(padded, start, [s + n for s, n in zip(start, x.shape)])
 
 
-def inside_frame(shape: Tuple[int, int], offsets: Sequence[Offset]) -> jnp.ndarray:
+def inside_frame(shape: tuple[int, int], offsets: Sequence[Offset]) -> jnp.ndarray:
   """`[K, h, w]` float32: 1 where pixel p + offset_k lies inside an `h` x `w` frame (static)."""
   h, w = shape
   ys = jnp.arange(h)[:, None]
   xs = jnp.arange(w)[None, :]
-  return jnp.stack([((ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w))
-                    for dy, dx in offsets]).astype(jnp.float32)
+  return jnp.stack(
+      [((ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)) for dy, dx in offsets]
+  ).astype(jnp.float32)
 
 
 def spatial_color_similarity(lab: jnp.ndarray, size: int = 3, dilation: int = 2) -> jnp.ndarray:
@@ -70,8 +74,13 @@ def spatial_color_similarity(lab: jnp.ndarray, size: int = 3, dilation: int = 2)
   return jnp.stack(sims, axis=-3)
 
 
-def temporal_patch_similarity(lab_a: jnp.ndarray, lab_b: jnp.ndarray, patch_size: int = 3,
-                              search_size: int = 3, dilation: int = 3) -> jnp.ndarray:
+def temporal_patch_similarity(
+    lab_a: jnp.ndarray,
+    lab_b: jnp.ndarray,
+    patch_size: int = 3,
+    search_size: int = 3,
+    dilation: int = 3,
+) -> jnp.ndarray:
   """Patch similarity between frame b and the candidate positions in frame a (TK-Loss).
 
   For pixel p of frame b and each of the `search_size**2` candidates q = p + d of a dilated window
@@ -93,15 +102,20 @@ def temporal_patch_similarity(lab_a: jnp.ndarray, lab_b: jnp.ndarray, patch_size
     `[..., search_size**2, h, w]` float32 similarities.
   """
   if lab_a.shape != lab_b.shape:
-    raise ValueError(f"lab_a and lab_b must have the same shape, got {lab_a.shape} and {lab_b.shape}")
+    raise ValueError(
+        f"lab_a and lab_b must have the same shape, got {lab_a.shape} and {lab_b.shape}"
+    )
   offsets = window_offsets(search_size, dilation, include_center=True)
   h, w = lab_b.shape[-3:-1]
   r = patch_size // 2
   lead_pad = [(0, 0)] * (lab_b.ndim - 3)
 
   def box_sum(per_pixel):  # [..., h + 2r, w + 2r] -> [..., h, w]
-    return sum(per_pixel[..., oy:oy + h, ox:ox + w]
-               for oy in range(patch_size) for ox in range(patch_size))
+    return sum(
+        per_pixel[..., oy : oy + h, ox : ox + w]
+        for oy in range(patch_size)
+        for ox in range(patch_size)
+    )
 
   # Frame b on the grid [-r, h + r) x [-r, w + r), zero outside the frame.
   padded_b = jnp.pad(lab_b, lead_pad + [(r, r), (r, r), (0, 0)])
@@ -110,8 +124,9 @@ def temporal_patch_similarity(lab_a: jnp.ndarray, lab_b: jnp.ndarray, patch_size
   inside = inside_frame((h, w), offsets)
   sims = []
   for k, offset in enumerate(offsets):
-    shifted_a = shift_spatial(jnp.pad(lab_a, lead_pad + [(r, r), (r, r), (0, 0)]), offset,
-                              axes=(-3, -2))
+    shifted_a = shift_spatial(
+        jnp.pad(lab_a, lead_pad + [(r, r), (r, r), (0, 0)]), offset, axes=(-3, -2)
+    )
     dist_sq = box_sum(jnp.sum(jnp.square(padded_b - shifted_a), axis=-1))
     dist_sq = jnp.where(inside[k] > 0, dist_sq, patch_b_sq)
     sims.append(jnp.exp(-0.5 * jnp.sqrt(dist_sq)))
@@ -128,7 +143,7 @@ def keep_top_k(similarity: jnp.ndarray, k: int, axis: int = -3) -> jnp.ndarray:
   return jnp.moveaxis(jnp.where(keep, moved, 0.0), -1, axis)
 
 
-def frame_pairs(num_frames: int, pairing: str) -> Tuple[Tuple[int, int], ...]:
+def frame_pairs(num_frames: int, pairing: str) -> tuple[tuple[int, int], ...]:
   """Frame pairs (a, b) linked by TK-Loss; b supplies the centre pixel, a the candidates.
 
   'all_pairs': every a < b, as the official release ((0,1), (0,2), (1,2) for 3 frames).
@@ -155,8 +170,9 @@ class ColorAffinities:
       threshold.
     pairs: the P frame pairs (a, b), static.
   """
+
   spatial_similarity: jnp.ndarray
   temporal_similarity: jnp.ndarray
   spatial_affinity: jnp.ndarray
   temporal_affinity: jnp.ndarray
-  pairs: Tuple[Tuple[int, int], ...] = flax.struct.field(pytree_node=False)
+  pairs: tuple[tuple[int, int], ...] = flax.struct.field(pytree_node=False)

@@ -26,7 +26,7 @@ def downsample_frames(frames: jnp.ndarray, stride: int) -> jnp.ndarray:
   """
   *lead, height, width, channels = frames.shape
   h, w = height // stride, width // stride
-  x = frames[..., :h * stride, :w * stride, :]
+  x = frames[..., : h * stride, : w * stride, :]
   x = x.reshape(*lead, h, stride, w, stride, channels)
   if jnp.issubdtype(frames.dtype, jnp.integer):
     total = x.astype(jnp.int32).sum(axis=(-4, -2))

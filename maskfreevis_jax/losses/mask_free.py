@@ -12,7 +12,6 @@ padded to a static N and an `instance_valid [B, N]` mask; padded instances never
 import dataclasses
 import functools
 import math
-from typing import Dict, Optional, Tuple, Union
 
 import flax.struct
 import jax
@@ -51,6 +50,7 @@ class MaskFreeLossConfig:
       only. One compiled branch per fraction plus the whole frame; the smallest that fits runs.
       Values are unchanged (up to float summation order); `()` always uses the whole frame.
   """
+
   stride: int = 4
   pairwise_size: int = 3
   pairwise_dilation: int = 2
@@ -64,25 +64,36 @@ class MaskFreeLossConfig:
   warmup_steps: int = 2000
   frame_pairing: str = "all_pairs"
   lab_reverse_channels: bool = False
-  box_window_fractions: Tuple[float, ...] = (0.5,)
+  box_window_fractions: tuple[float, ...] = (0.5,)
 
   def __post_init__(self):
-    for name in ("stride", "pairwise_size", "patch_size", "temporal_search_size",
-                 "pairwise_dilation", "temporal_dilation", "temporal_topk"):
+    for name in (
+        "stride",
+        "pairwise_size",
+        "patch_size",
+        "temporal_search_size",
+        "pairwise_dilation",
+        "temporal_dilation",
+        "temporal_topk",
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f"MaskFreeLossConfig.{name} must be >= 1, got {getattr(self, name)}")
     for name in ("pairwise_size", "patch_size", "temporal_search_size"):
       if getattr(self, name) % 2 == 0:
         raise ValueError(f"MaskFreeLossConfig.{name} must be odd, got {getattr(self, name)}")
     if self.frame_pairing not in ("all_pairs", "cyclic"):
-      raise ValueError("MaskFreeLossConfig.frame_pairing must be 'all_pairs' or 'cyclic', "
-                       f"got {self.frame_pairing!r}")
+      raise ValueError(
+          "MaskFreeLossConfig.frame_pairing must be 'all_pairs' or 'cyclic', "
+          f"got {self.frame_pairing!r}"
+      )
     if self.warmup_steps < 0:
       raise ValueError(f"MaskFreeLossConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
     fractions = tuple(float(f) for f in self.box_window_fractions)
     if any(not 0.0 < f < 1.0 for f in fractions):
-      raise ValueError("MaskFreeLossConfig.box_window_fractions must lie in (0, 1), "
-                       f"got {self.box_window_fractions}")
+      raise ValueError(
+          "MaskFreeLossConfig.box_window_fractions must lie in (0, 1), "
+          f"got {self.box_window_fractions}"
+      )
     object.__setattr__(self, "box_window_fractions", tuple(sorted(set(fractions))))
 
 
@@ -92,9 +103,9 @@ def _check_rank(name: str, x, rank: int, layout: str):
     raise ValueError(f"{name} must be {layout} (rank {rank}), got shape {got}")
 
 
-def compute_color_affinities(frames: jnp.ndarray,
-                             config: MaskFreeLossConfig = MaskFreeLossConfig()
-                             ) -> affinity_lib.ColorAffinities:
+def compute_color_affinities(
+    frames: jnp.ndarray, config: MaskFreeLossConfig = MaskFreeLossConfig()
+) -> affinity_lib.ColorAffinities:
   """Lab colour affinities of a batch of clips, computed once and shared by all instances/layers.
 
   Frames are pooled to mask stride (truncated to whole numbers), converted to CIE-Lab (after a
@@ -116,27 +127,35 @@ def compute_color_affinities(frames: jnp.ndarray,
   if not (jnp.issubdtype(frames.dtype, jnp.integer) or jnp.issubdtype(frames.dtype, jnp.floating)):
     raise ValueError(f"frames must be uint8 or float RGB in [0, 255], got dtype {frames.dtype}")
   if frames.shape[2] < config.stride or frames.shape[3] < config.stride:
-    raise ValueError(f"frames of {frames.shape[2]}x{frames.shape[3]} are smaller than the mask "
-                     f"stride {config.stride}")
+    raise ValueError(
+        f"frames of {frames.shape[2]}x{frames.shape[3]} are smaller than the mask "
+        f"stride {config.stride}"
+    )
   pairs = affinity_lib.frame_pairs(frames.shape[1], config.frame_pairing)
   frames = jax.lax.stop_gradient(frames)
   if config.lab_reverse_channels:
     frames = frames[..., ::-1]  # The release's `ds_image[[2, 1, 0]]` before `rgb2lab`.
   lab = color.rgb_to_lab(color.downsample_frames(frames, config.stride))  # [B, T, h, w, 3]
-  spatial = affinity_lib.spatial_color_similarity(lab, config.pairwise_size,
-                                                  config.pairwise_dilation)
+  spatial = affinity_lib.spatial_color_similarity(
+      lab, config.pairwise_size, config.pairwise_dilation
+  )
   a_idx = jnp.asarray([a for a, _ in pairs])
   b_idx = jnp.asarray([b for _, b in pairs])
   temporal = affinity_lib.temporal_patch_similarity(
-      lab[:, a_idx], lab[:, b_idx], config.patch_size, config.temporal_search_size,
-      config.temporal_dilation)  # [B, P, Kt, h, w]
+      lab[:, a_idx],
+      lab[:, b_idx],
+      config.patch_size,
+      config.temporal_search_size,
+      config.temporal_dilation,
+  )  # [B, P, Kt, h, w]
   temporal = affinity_lib.keep_top_k(temporal, config.temporal_topk, axis=-3)
   return affinity_lib.ColorAffinities(
       spatial_similarity=spatial,
       temporal_similarity=temporal,
       spatial_affinity=(spatial >= config.pairwise_color_threshold).astype(jnp.float32),
       temporal_affinity=(temporal >= config.temporal_threshold).astype(jnp.float32),
-      pairs=pairs)
+      pairs=pairs,
+  )
 
 
 def _box_profile(lo: jnp.ndarray, hi: jnp.ndarray, full: int, stride: int) -> jnp.ndarray:
@@ -166,8 +185,9 @@ def _box_profile(lo: jnp.ndarray, hi: jnp.ndarray, full: int, stride: int) -> jn
   return (1.0 - frac) * inside(i0) + frac * inside(i1)
 
 
-def box_masks_at_stride(boxes: jnp.ndarray, box_valid: jnp.ndarray, image_size: Tuple[int, int],
-                        stride: int = 4) -> jnp.ndarray:
+def box_masks_at_stride(
+    boxes: jnp.ndarray, box_valid: jnp.ndarray, image_size: tuple[int, int], stride: int = 4
+) -> jnp.ndarray:
   """Box masks at mask stride, equal to rasterising at full size then a bilinear resize.
 
   Computed separably (rows x columns), never at full resolution. Border values are fractional,
@@ -185,8 +205,10 @@ def box_masks_at_stride(boxes: jnp.ndarray, box_valid: jnp.ndarray, image_size: 
   if boxes.shape[-1:] != (4,):
     raise ValueError(f"boxes must be [..., 4] (x1, y1, x2, y2), got shape {boxes.shape}")
   if box_valid.shape != boxes.shape[:-1]:
-    raise ValueError(f"box_valid must have shape {boxes.shape[:-1]} (boxes without the last axis), "
-                     f"got {box_valid.shape}")
+    raise ValueError(
+        f"box_valid must have shape {boxes.shape[:-1]} (boxes without the last axis), "
+        f"got {box_valid.shape}"
+    )
   height, width = image_size
   if height < stride or width < stride:
     raise ValueError(f"image_size {image_size} is smaller than the stride {stride}")
@@ -204,8 +226,9 @@ def _dice_loss(x: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
   return 1.0 - 2.0 * inter / union
 
 
-def box_projection_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
-                        instance_valid: jnp.ndarray) -> jnp.ndarray:
+def box_projection_loss(
+    mask_logits: jnp.ndarray, box_masks: jnp.ndarray, instance_valid: jnp.ndarray
+) -> jnp.ndarray:
   """Dice of the max-projections along y and x, summed, mean over valid instance-frames.
 
   Args:
@@ -218,8 +241,9 @@ def box_projection_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   """
   # sigmoid is monotonic, so the projection of the probabilities is the sigmoid of the
   # projection of the logits: the sigmoid runs on [h + w] values instead of [h * w].
-  per_frame = (_dice_loss(jax.nn.sigmoid(mask_logits.max(axis=-2)), box_masks.max(axis=-2)) +
-               _dice_loss(jax.nn.sigmoid(mask_logits.max(axis=-1)), box_masks.max(axis=-1)))
+  per_frame = _dice_loss(
+      jax.nn.sigmoid(mask_logits.max(axis=-2)), box_masks.max(axis=-2)
+  ) + _dice_loss(jax.nn.sigmoid(mask_logits.max(axis=-1)), box_masks.max(axis=-1))
   weight = jnp.broadcast_to(instance_valid[..., None], per_frame.shape).astype(jnp.float32)
   return jnp.sum(per_frame * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
@@ -228,17 +252,17 @@ def box_projection_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
 _LOGIT_LIMIT = 60.0
 
 
-def _fg_bg_probs(logits: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def _fg_bg_probs(logits: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """sigmoid(x) and sigmoid(-x), each computed directly (1 - p would lose precision near 1)."""
   logits = jnp.clip(logits, -_LOGIT_LIMIT, _LOGIT_LIMIT)
   return jax.nn.sigmoid(logits), jax.nn.sigmoid(-logits)
 
 
 # A block of frame pairs: (frames supplying p, frames supplying p + d_k, rows of the affinity).
-PairBlock = Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]
+PairBlock = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
-def _select(x: jnp.ndarray, frames: Tuple[int, ...], axis: int = 2) -> jnp.ndarray:
+def _select(x: jnp.ndarray, frames: tuple[int, ...], axis: int = 2) -> jnp.ndarray:
   """x's frames `frames` along `axis` through static slices (the whole array when in order)."""
   if frames == tuple(range(x.shape[axis])):
     return x
@@ -258,27 +282,42 @@ def _pair_weights(affinity, pixel_weight, offsets, symmetric):
   """All offsets' weights, materialised once: they do not depend on the predictions, so under a
   vmap over deep-supervision layers they are computed once instead of inside every layer's loop."""
   return jax.lax.optimization_barrier(
-      [_pair_weight(affinity, pixel_weight, k, offset, symmetric)
-       for k, offset in enumerate(offsets)])
+      [
+          _pair_weight(affinity, pixel_weight, k, offset, symmetric)
+          for k, offset in enumerate(offsets)
+      ]
+  )
 
 
 def _agreement(fg_center, bg_center, fg_neighbour, bg_neighbour, offset):
   """P(p) P(p + d) + (1 - P(p)) (1 - P(p + d)); outside the frame the neighbour reads (1, 1)."""
-  return (fg_center * affinity_lib.shift_spatial(fg_neighbour, offset, fill=1.0) +
-          bg_center * affinity_lib.shift_spatial(bg_neighbour, offset, fill=1.0))
+  return fg_center * affinity_lib.shift_spatial(
+      fg_neighbour, offset, fill=1.0
+  ) + bg_center * affinity_lib.shift_spatial(bg_neighbour, offset, fill=1.0)
 
 
 def _block_inputs(fg, bg, affinity, pixel_weight, block):
   centers, neighbours, rows = block
   weight = pixel_weight if pixel_weight.shape[2] == 1 else _select(pixel_weight, rows)
-  return (_select(fg, centers), _select(bg, centers), _select(fg, neighbours),
-          _select(bg, neighbours), _select(affinity, rows, axis=1), weight)
+  return (
+      _select(fg, centers),
+      _select(bg, centers),
+      _select(fg, neighbours),
+      _select(bg, neighbours),
+      _select(affinity, rows, axis=1),
+      weight,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_weight: jnp.ndarray,
-                           blocks: Tuple[PairBlock, ...], offsets: Tuple[Tuple[int, int], ...],
-                           symmetric: bool) -> jnp.ndarray:
+def _weighted_disagreement(
+    logits: jnp.ndarray,
+    affinity: jnp.ndarray,
+    pixel_weight: jnp.ndarray,
+    blocks: tuple[PairBlock, ...],
+    offsets: tuple[tuple[int, int], ...],
+    symmetric: bool,
+) -> jnp.ndarray:
   """Per block of frame pairs (a, b): sum of disagreement(b at p, a at p + d_k) * weight_k(p).
 
   The disagreement is `-log(P(p) P(q) + (1 - P(p)) (1 - P(q)))`, P = sigmoid of the logits: one
@@ -304,8 +343,9 @@ def _weighted_disagreement(logits: jnp.ndarray, affinity: jnp.ndarray, pixel_wei
   Returns:
     `[len(blocks)]` sums, one per block.
   """
-  return _weighted_disagreement_value(*_fg_bg_probs(logits), affinity, pixel_weight, blocks,
-                                     offsets, symmetric)
+  return _weighted_disagreement_value(
+      *_fg_bg_probs(logits), affinity, pixel_weight, blocks, offsets, symmetric
+  )
 
 
 def _weighted_disagreement_value(fg, bg, affinity, pixel_weight, blocks, offsets, symmetric):
@@ -313,8 +353,10 @@ def _weighted_disagreement_value(fg, bg, affinity, pixel_weight, blocks, offsets
   for block in blocks:
     fg_c, bg_c, fg_n, bg_n, aff, weight = _block_inputs(fg, bg, affinity, pixel_weight, block)
     weights = _pair_weights(aff, weight, offsets, symmetric)
-    per_pixel = sum(-jnp.log(_agreement(fg_c, bg_c, fg_n, bg_n, offset)) * w
-                    for offset, w in zip(offsets, weights))
+    per_pixel = sum(
+        -jnp.log(_agreement(fg_c, bg_c, fg_n, bg_n, offset)) * w
+        for offset, w in zip(offsets, weights)
+    )
     totals.append(jnp.sum(per_pixel))
   return jnp.stack(totals)
 
@@ -344,15 +386,17 @@ def _weighted_disagreement_bwd(blocks, offsets, symmetric, residuals, cotangent)
     g = cotangent[block_index]
     # d(-log A)/dA * weight per offset; both gradients read it (the neighbour's shifted back).
     weights = _pair_weights(aff, weight, offsets, symmetric)
-    scales = [-g * w / _agreement(fg_c, bg_c, fg_n, bg_n, offset)
-              for offset, w in zip(offsets, weights)]
+    scales = [
+        -g * w / _agreement(fg_c, bg_c, fg_n, bg_n, offset) for offset, w in zip(offsets, weights)
+    ]
     diff_c, diff_n = fg_c - bg_c, fg_n - bg_n  # dA/dP(p) = P(q) - (1 - P(q))
     grad_c, grad_n = 0.0, 0.0
     for offset, scale in zip(offsets, scales):
       back = (-offset[0], -offset[1])
       grad_c = grad_c + scale * affinity_lib.shift_spatial(diff_n, offset)
-      grad_n = grad_n + (affinity_lib.shift_spatial(scale, back) *
-                         affinity_lib.shift_spatial(diff_c, back))
+      grad_n = grad_n + (
+          affinity_lib.shift_spatial(scale, back) * affinity_lib.shift_spatial(diff_c, back)
+      )
     add(grad_c, block[0])
     add(grad_n, block[1])
   frame_shape = logits.shape[:2] + logits.shape[3:]
@@ -376,19 +420,22 @@ class BoxWindows:
       so that it lies inside the frame).
     sizes: static (height, width) window sizes, smallest first, each smaller than the frame.
   """
+
   size_index: jnp.ndarray
   start_y: jnp.ndarray
   start_x: jnp.ndarray
-  sizes: Tuple[Tuple[int, int], ...] = flax.struct.field(pytree_node=False)
+  sizes: tuple[tuple[int, int], ...] = flax.struct.field(pytree_node=False)
 
 
 def _loss_margin(config: MaskFreeLossConfig) -> int:
   """Largest pixel distance between the two pixels of a pairwise or TK pair."""
-  return max(config.pairwise_dilation * (config.pairwise_size // 2),
-             config.temporal_dilation * (config.temporal_search_size // 2))
+  return max(
+      config.pairwise_dilation * (config.pairwise_size // 2),
+      config.temporal_dilation * (config.temporal_search_size // 2),
+  )
 
 
-def _support_span(support: jnp.ndarray, margin: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def _support_span(support: jnp.ndarray, margin: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """First index and length of the True run of `support [..., n]` grown by `margin`, clipped."""
   n = support.shape[-1]
   first = jnp.argmax(support, axis=-1)
@@ -399,8 +446,9 @@ def _support_span(support: jnp.ndarray, margin: int) -> Tuple[jnp.ndarray, jnp.n
   return jnp.where(present, lo, 0), jnp.where(present, hi - lo, 0)
 
 
-def box_windows(box_masks: jnp.ndarray,
-                config: MaskFreeLossConfig = MaskFreeLossConfig()) -> BoxWindows:
+def box_windows(
+    box_masks: jnp.ndarray, config: MaskFreeLossConfig = MaskFreeLossConfig()
+) -> BoxWindows:
   """Chooses the windows the pairwise and TK costs are computed on (see `box_window_fractions`).
 
   A pair's weight is zero unless one of its pixels lies where the box masks are non-zero, and the
@@ -430,13 +478,21 @@ def box_windows(box_masks: jnp.ndarray,
   start_x, span_x = _support_span(jnp.any(support, axis=-2), margin)
   need_y, need_x = jnp.max(span_y), jnp.max(span_x)
   fits = [(need_y <= sh) & (need_x <= sw) for sh, sw in sizes] + [jnp.asarray(True)]
-  return BoxWindows(size_index=jnp.argmax(jnp.stack(fits)).astype(jnp.int32),
-                    start_y=start_y.astype(jnp.int32), start_x=start_x.astype(jnp.int32),
-                    sizes=tuple(sizes))
+  return BoxWindows(
+      size_index=jnp.argmax(jnp.stack(fits)).astype(jnp.int32),
+      start_y=start_y.astype(jnp.int32),
+      start_x=start_x.astype(jnp.int32),
+      sizes=tuple(sizes),
+  )
 
 
-def _crop(x: jnp.ndarray, start_y: jnp.ndarray, start_x: jnp.ndarray, size: Tuple[int, int],
-          per_instance: bool) -> jnp.ndarray:
+def _crop(
+    x: jnp.ndarray,
+    start_y: jnp.ndarray,
+    start_x: jnp.ndarray,
+    size: tuple[int, int],
+    per_instance: bool,
+) -> jnp.ndarray:
   """Each instance's window: x `[B, N, ..., h, w]` (or `[B, ...]` shared by the N instances of a
   clip when not `per_instance`) -> `[B, N, ..., *size]`; starts `[B, N]`, clamped into the frame."""
   h, w = x.shape[-2:]
@@ -450,8 +506,9 @@ def _crop(x: jnp.ndarray, start_y: jnp.ndarray, start_x: jnp.ndarray, size: Tupl
   return jax.vmap(over_instances)(x, start_y, start_x)
 
 
-def _windowed_disagreement(logits, affinity, pixel_weight, blocks, offsets, symmetric,
-                           windows: BoxWindows):
+def _windowed_disagreement(
+    logits, affinity, pixel_weight, blocks, offsets, symmetric, windows: BoxWindows
+):
   """`_weighted_disagreement` on the instances' windows when they fit, else on whole frames.
 
   Inside a window the sums are the same: every non-zero weight has both pixels in the window; a
@@ -469,20 +526,31 @@ def _windowed_disagreement(logits, affinity, pixel_weight, blocks, offsets, symm
     affinity = crop(affinity, per_instance=False)  # [B, N, J, K, *size]
     pixel_weight = crop(pixel_weight, per_instance=True)  # [B, N, J or 1, *size]
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    return _weighted_disagreement(flat(logits)[:, None], flat(affinity),
-                                  flat(pixel_weight)[:, None], blocks, offsets, symmetric)
+    return _weighted_disagreement(
+        flat(logits)[:, None],
+        flat(affinity),
+        flat(pixel_weight)[:, None],
+        blocks,
+        offsets,
+        symmetric,
+    )
 
   if not windows.sizes:
     return whole_frame(logits, affinity, pixel_weight, None, None)
   branches = [functools.partial(in_windows, size) for size in windows.sizes] + [whole_frame]
-  return jax.lax.switch(windows.size_index, branches, logits, affinity, pixel_weight,
-                        windows.start_y, windows.start_x)
+  return jax.lax.switch(
+      windows.size_index, branches, logits, affinity, pixel_weight, windows.start_y, windows.start_x
+  )
 
 
-def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
-                        instance_valid: jnp.ndarray, affinities: affinity_lib.ColorAffinities,
-                        config: MaskFreeLossConfig = MaskFreeLossConfig(),
-                        windows: Optional[BoxWindows] = None) -> jnp.ndarray:
+def pairwise_color_loss(
+    mask_logits: jnp.ndarray,
+    box_masks: jnp.ndarray,
+    instance_valid: jnp.ndarray,
+    affinities: affinity_lib.ColorAffinities,
+    config: MaskFreeLossConfig = MaskFreeLossConfig(),
+    windows: BoxWindows | None = None,
+) -> jnp.ndarray:
   """Spatial colour-affinity loss (BoxInst pairwise term), one ratio over the whole batch.
 
   Weight of pixel p and neighbour q: [similarity(p, q) >= threshold] * box_mask(p).
@@ -499,8 +567,9 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   Returns:
     Scalar float32.
   """
-  offsets = affinity_lib.window_offsets(config.pairwise_size, config.pairwise_dilation,
-                                        include_center=False)
+  offsets = affinity_lib.window_offsets(
+      config.pairwise_size, config.pairwise_dilation, include_center=False
+  )
   weight = box_masks * instance_valid[:, :, None, None, None]  # [B, N, T, h, w]
   similar = affinities.spatial_affinity  # [B, T, K, h, w]
   # The cost and the similarity are symmetric in (p, p + d), so the pair seen from p with offset d
@@ -510,18 +579,29 @@ def pairwise_color_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   every_frame = tuple(range(mask_logits.shape[2]))
   if windows is None:
     windows = box_windows(box_masks, config)
-  numerator = jnp.sum(_windowed_disagreement(mask_logits, similar, weight,
-                                             ((every_frame, every_frame, every_frame),),
-                                             offsets[:half], True, windows))
+  numerator = jnp.sum(
+      _windowed_disagreement(
+          mask_logits,
+          similar,
+          weight,
+          ((every_frame, every_frame, every_frame),),
+          offsets[:half],
+          True,
+          windows,
+      )
+  )
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * weight)
   return numerator / jnp.maximum(denominator, 1.0)
 
 
-def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
-                            instance_valid: jnp.ndarray,
-                            affinities: affinity_lib.ColorAffinities,
-                            config: MaskFreeLossConfig = MaskFreeLossConfig(),
-                            windows: Optional[BoxWindows] = None) -> jnp.ndarray:
+def temporal_knn_patch_loss(
+    mask_logits: jnp.ndarray,
+    box_masks: jnp.ndarray,
+    instance_valid: jnp.ndarray,
+    affinities: affinity_lib.ColorAffinities,
+    config: MaskFreeLossConfig = MaskFreeLossConfig(),
+    windows: BoxWindows | None = None,
+) -> jnp.ndarray:
   """Temporal KNN-patch loss (TK-Loss), before its weight and warm-up.
 
   For each frame pair (a, b) and pixel p of frame b: the cost of disagreement between the mask at
@@ -540,16 +620,18 @@ def temporal_knn_patch_loss(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   Returns:
     Scalar float32, the sum over frame pairs.
   """
-  offsets = affinity_lib.window_offsets(config.temporal_search_size, config.temporal_dilation,
-                                        include_center=True)
+  offsets = affinity_lib.window_offsets(
+      config.temporal_search_size, config.temporal_dilation, include_center=True
+  )
   union = (jnp.sum(box_masks, axis=2) >= 1.0).astype(jnp.float32)
   union = union * instance_valid[:, :, None, None]  # [B, N, h, w]
   similar = affinities.temporal_affinity  # [B, P, K, h, w]
   blocks = tuple(((b,), (a,), (j,)) for j, (a, b) in enumerate(affinities.pairs))
   if windows is None:
     windows = box_windows(box_masks, config)
-  numerator = _windowed_disagreement(mask_logits, similar, union[:, :, None], blocks, offsets,
-                                     False, windows)  # [P]
+  numerator = _windowed_disagreement(
+      mask_logits, similar, union[:, :, None], blocks, offsets, False, windows
+  )  # [P]
   denominator = jnp.sum(jnp.sum(similar, axis=2)[:, None] * union[:, :, None], axis=(0, 1, 3, 4))
   return jnp.sum(numerator / jnp.maximum(denominator, 1.0))
 
@@ -561,10 +643,14 @@ def tk_warmup_factor(step, warmup_steps: int) -> jnp.ndarray:
   return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
 
 
-def mask_free_losses(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
-                     instance_valid: jnp.ndarray, affinities: affinity_lib.ColorAffinities,
-                     step: Union[int, jnp.ndarray],
-                     config: MaskFreeLossConfig = MaskFreeLossConfig()) -> Dict[str, jnp.ndarray]:
+def mask_free_losses(
+    mask_logits: jnp.ndarray,
+    box_masks: jnp.ndarray,
+    instance_valid: jnp.ndarray,
+    affinities: affinity_lib.ColorAffinities,
+    step: int | jnp.ndarray,
+    config: MaskFreeLossConfig = MaskFreeLossConfig(),
+) -> dict[str, jnp.ndarray]:
   """All three MaskFreeVIS losses for the matched instances of a batch of clips.
 
   Example:
@@ -587,18 +673,23 @@ def mask_free_losses(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   """
   _check_rank("mask_logits", mask_logits, 5, "[B, N, T, h, w]")
   if box_masks.shape != mask_logits.shape:
-    raise ValueError(f"box_masks must have the shape of mask_logits {mask_logits.shape}, "
-                     f"got {box_masks.shape}")
+    raise ValueError(
+        f"box_masks must have the shape of mask_logits {mask_logits.shape}, "
+        f"got {box_masks.shape}"
+    )
   batch, num_inst, num_frames, h, w = mask_logits.shape
   if instance_valid.shape != (batch, num_inst):
-    raise ValueError(f"instance_valid must be [B, N] = {(batch, num_inst)}, "
-                     f"got {instance_valid.shape}")
+    raise ValueError(
+        f"instance_valid must be [B, N] = {(batch, num_inst)}, " f"got {instance_valid.shape}"
+    )
   if num_frames < 2:
     raise ValueError(f"mask_logits must have T >= 2 frames for TK-Loss, got T={num_frames}")
   expected = (batch, num_frames, affinities.spatial_affinity.shape[2], h, w)
   if affinities.spatial_affinity.shape != expected:
-    raise ValueError(f"affinities were computed for [B, T, K, h, w] = "
-                     f"{affinities.spatial_affinity.shape}, but mask_logits imply {expected}")
+    raise ValueError(
+        f"affinities were computed for [B, T, K, h, w] = "
+        f"{affinities.spatial_affinity.shape}, but mask_logits imply {expected}"
+    )
   if max(max(p) for p in affinities.pairs) >= num_frames:
     raise ValueError(f"affinities pair frames {affinities.pairs} beyond T={num_frames}")
   # From the masks as given, so that under a vmap over layers (whose matchings differ) the
@@ -611,8 +702,8 @@ def mask_free_losses(mask_logits: jnp.ndarray, box_masks: jnp.ndarray,
   tk = temporal_knn_patch_loss(mask_logits, box_masks, valid, affinities, config, windows)
   return {
       "loss_mask_proj": box_projection_loss(mask_logits, box_masks, valid),
-      "loss_bound": pairwise_color_loss(mask_logits, box_masks, valid, affinities, config,
-                                        windows),
-      "loss_bound_neighbor": tk * config.temporal_weight * tk_warmup_factor(
-          step, config.warmup_steps),
+      "loss_bound": pairwise_color_loss(mask_logits, box_masks, valid, affinities, config, windows),
+      "loss_bound_neighbor": tk
+      * config.temporal_weight
+      * tk_warmup_factor(step, config.warmup_steps),
   }

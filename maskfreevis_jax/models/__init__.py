@@ -1,12 +1,23 @@
 """maskfreevis_jax.models: the Flax VideoMaskFormer (Mask2Former for video) and its presets."""
+
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 
 from maskfreevis_jax.models.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
-from maskfreevis_jax.models.presets import (PRESETS, get_model_config, r50, r101, swinb, swinl,
-                                            swint, tiny, tiny_fpn, tiny_swin)
+from maskfreevis_jax.models.presets import (
+    PRESETS,
+    get_model_config,
+    r50,
+    r101,
+    swinb,
+    swinl,
+    swint,
+    tiny,
+    tiny_fpn,
+    tiny_swin,
+)
 from maskfreevis_jax.models.remat import REMAT_POLICIES, check_policy
 from maskfreevis_jax.models.resnet import ResNet
 from maskfreevis_jax.models.swin import SwinTransformer
@@ -27,8 +38,10 @@ def _field(config: Any, path: str):
 
 def _remat_policy(part_config: Any, part: str) -> str:
   if "remat_encoder_layers" in part_config:
-    raise ValueError(f"model config {part}.remat_encoder_layers was replaced by {part}.remat "
-                     f"(one of {sorted(REMAT_POLICIES)})")
+    raise ValueError(
+        f"model config {part}.remat_encoder_layers was replaced by {part}.remat "
+        f"(one of {sorted(REMAT_POLICIES)})"
+    )
   policy = part_config.get("remat", "none")
   check_policy(policy, f"model config {part}.remat")
   return policy
@@ -42,46 +55,90 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
   dtype = _DTYPES[dtype_name]
   bb = _field(model_config, "backbone")
   if bb.name == "resnet":
-    backbone = ResNet(block_counts=tuple(bb.block_counts), stem_features=bb.stem_features,
-                      bottleneck_features=bb.bottleneck_features,
-                      stride_in_1x1=bb.stride_in_1x1, norm=bb.norm,
-                      num_groups=bb.get("num_groups", 32), dtype=dtype,
-                      remat=_remat_policy(bb, "backbone"))
+    backbone = ResNet(
+        block_counts=tuple(bb.block_counts),
+        stem_features=bb.stem_features,
+        bottleneck_features=bb.bottleneck_features,
+        stride_in_1x1=bb.stride_in_1x1,
+        norm=bb.norm,
+        num_groups=bb.get("num_groups", 32),
+        dtype=dtype,
+        remat=_remat_policy(bb, "backbone"),
+    )
   elif bb.name == "swin":
     backbone = SwinTransformer(
-        embed_dim=bb.embed_dim, depths=tuple(bb.depths), num_heads=tuple(bb.num_heads),
-        window_size=bb.window_size, patch_size=bb.patch_size, mlp_ratio=bb.mlp_ratio,
-        qkv_bias=bb.qkv_bias, drop_path_rate=bb.drop_path_rate, patch_norm=bb.patch_norm,
-        dtype=dtype, remat=_remat_policy(bb, "backbone"))
+        embed_dim=bb.embed_dim,
+        depths=tuple(bb.depths),
+        num_heads=tuple(bb.num_heads),
+        window_size=bb.window_size,
+        patch_size=bb.patch_size,
+        mlp_ratio=bb.mlp_ratio,
+        qkv_bias=bb.qkv_bias,
+        drop_path_rate=bb.drop_path_rate,
+        patch_norm=bb.patch_norm,
+        dtype=dtype,
+        remat=_remat_policy(bb, "backbone"),
+    )
   else:
     raise ValueError(f"model config backbone.name {bb.name!r} not in 'resnet', 'swin'")
   pd = _field(model_config, "pixel_decoder")
   if pd.name == "msdeformattn":
     pixel_decoder = MSDeformAttnPixelDecoder(
-        conv_dim=pd.conv_dim, mask_dim=pd.mask_dim, num_groups=pd.num_groups,
-        num_encoder_layers=pd.num_encoder_layers, num_heads=pd.num_heads,
-        num_points=pd.num_points, ffn_dim=pd.ffn_dim, dtype=dtype,
+        conv_dim=pd.conv_dim,
+        mask_dim=pd.mask_dim,
+        num_groups=pd.num_groups,
+        num_encoder_layers=pd.num_encoder_layers,
+        num_heads=pd.num_heads,
+        num_points=pd.num_points,
+        ffn_dim=pd.ffn_dim,
+        dtype=dtype,
         force_float32=pd.get("force_float32", True),
         packed_gather=pd.get("packed_gather", False),
-        remat=_remat_policy(pd, "pixel_decoder"))
+        remat=_remat_policy(pd, "pixel_decoder"),
+    )
   elif pd.name == "fpn":
-    pixel_decoder = FPNPixelDecoder(conv_dim=pd.conv_dim, mask_dim=pd.mask_dim,
-                                    num_groups=pd.num_groups, dtype=dtype)
+    pixel_decoder = FPNPixelDecoder(
+        conv_dim=pd.conv_dim, mask_dim=pd.mask_dim, num_groups=pd.num_groups, dtype=dtype
+    )
   else:
     raise ValueError(f"model config pixel_decoder.name {pd.name!r} not in 'msdeformattn', 'fpn'")
   dec = _field(model_config, "decoder")
   predictor = VideoMultiScaleMaskedTransformerDecoder(
-      num_classes=_field(model_config, "num_classes"), hidden_dim=dec.hidden_dim,
-      num_queries=dec.num_queries, num_heads=dec.num_heads, ffn_dim=dec.ffn_dim,
-      num_layers=dec.num_layers, mask_dim=pd.mask_dim,
-      enforce_input_proj=dec.enforce_input_proj, dtype=dtype,
-      remat=_remat_policy(dec, "decoder"))
-  return VideoMaskFormer(backbone=backbone, pixel_decoder=pixel_decoder, predictor=predictor,
-                         pixel_mean=tuple(model_config.pixel_mean),
-                         pixel_std=tuple(model_config.pixel_std),
-                         size_divisibility=model_config.get("size_divisibility", 32))
+      num_classes=_field(model_config, "num_classes"),
+      hidden_dim=dec.hidden_dim,
+      num_queries=dec.num_queries,
+      num_heads=dec.num_heads,
+      ffn_dim=dec.ffn_dim,
+      num_layers=dec.num_layers,
+      mask_dim=pd.mask_dim,
+      enforce_input_proj=dec.enforce_input_proj,
+      dtype=dtype,
+      remat=_remat_policy(dec, "decoder"),
+  )
+  return VideoMaskFormer(
+      backbone=backbone,
+      pixel_decoder=pixel_decoder,
+      predictor=predictor,
+      pixel_mean=tuple(model_config.pixel_mean),
+      pixel_std=tuple(model_config.pixel_std),
+      size_divisibility=model_config.get("size_divisibility", 32),
+  )
 
 
-__all__ = ["build_model", "get_model_config", "PRESETS", "REMAT_POLICIES", "r50", "r101", "tiny", "tiny_fpn",
-           "swint", "swinb", "swinl", "tiny_swin", "SwinTransformer", "VideoMaskFormer",
-           "NON_TRAINABLE_COLLECTIONS"]
+__all__ = [
+    "build_model",
+    "get_model_config",
+    "PRESETS",
+    "REMAT_POLICIES",
+    "r50",
+    "r101",
+    "tiny",
+    "tiny_fpn",
+    "swint",
+    "swinb",
+    "swinl",
+    "tiny_swin",
+    "SwinTransformer",
+    "VideoMaskFormer",
+    "NON_TRAINABLE_COLLECTIONS",
+]

@@ -5,8 +5,9 @@ via `F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`,
 weighted sum over levels and points) with index gathers: no custom kernels, static shapes,
 jit/vmap/grad friendly. Only the loop over the (static, few) feature levels is in Python.
 """
+
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -14,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _bilinear_corners(locations: jax.Array, height: int,
-                      width: int) -> tuple[jax.Array, jax.Array]:
+def _bilinear_corners(locations: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
   """Flat indices and weights of the 4 bilinear corners (grid_sample, align_corners=False).
 
   Args:
@@ -44,8 +44,9 @@ def _bilinear_corners(locations: jax.Array, height: int,
   return indices, jnp.where(inside, weights, 0.0)
 
 
-def _attend_level(value: jax.Array, height: int, width: int, locations: jax.Array,
-                  weights: jax.Array) -> jax.Array:
+def _attend_level(
+    value: jax.Array, height: int, width: int, locations: jax.Array, weights: jax.Array
+) -> jax.Array:
   """Weighted sum of bilinear samples of one level.
 
   Args:
@@ -64,8 +65,14 @@ def _attend_level(value: jax.Array, height: int, width: int, locations: jax.Arra
   # One row gather (all corners and points) from a flat [N*M*H*W, D] table; its transpose
   # in the backward pass is a single row scatter-add.
   offsets = (jnp.arange(n * m, dtype=jnp.int32) * hw).reshape(n, m, 1, 1, 1)
-  rows = jnp.take(value.reshape(n * m * hw, d), (indices + offsets).reshape(-1), axis=0,
-                  mode="clip", unique_indices=False, indices_are_sorted=False)
+  rows = jnp.take(
+      value.reshape(n * m * hw, d),
+      (indices + offsets).reshape(-1),
+      axis=0,
+      mode="clip",
+      unique_indices=False,
+      indices_are_sorted=False,
+  )
   rows = rows.reshape(n, m, lq, p * 4, d)
   total_weights = (corner_weights * weights[..., None]).reshape(n, m, lq, p * 4)
   # Multiply + reduce over the 4P samples (a dot with such a tiny contraction is slower),
@@ -88,12 +95,15 @@ def pack_corners(value: jax.Array, height: int, width: int) -> jax.Array:
   """
   n, m, _, d = value.shape
   padded = jnp.pad(value.reshape(n, m, height, width, d), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
-  corners = [padded[:, :, dy:dy + height + 1, dx:dx + width + 1] for dy in (0, 1) for dx in (0, 1)]
+  corners = [
+      padded[:, :, dy : dy + height + 1, dx : dx + width + 1] for dy in (0, 1) for dx in (0, 1)
+  ]
   return jnp.concatenate(corners, -1).reshape(n, m, (height + 1) * (width + 1), 4 * d)
 
 
-def _attend_level_packed(table: jax.Array, height: int, width: int, locations: jax.Array,
-                         weights: jax.Array) -> jax.Array:
+def _attend_level_packed(
+    table: jax.Array, height: int, width: int, locations: jax.Array, weights: jax.Array
+) -> jax.Array:
   """`_attend_level` reading `pack_corners` rows: one gathered index per sample, not four.
 
   Args:
@@ -120,10 +130,16 @@ def _attend_level_packed(table: jax.Array, height: int, width: int, locations: j
   # A top-left corner in [-1, H-1] x [-1, W-1] has at least one corner on the map; the padding
   # zeros the others. Beyond that every corner is outside: weight 0.
   inside = (x0 >= -1) & (x0 < width) & (y0 >= -1) & (y0 < height)
-  index = (jnp.clip(y0 + 1, 0, height) * (width + 1) + jnp.clip(x0 + 1, 0, width))
+  index = jnp.clip(y0 + 1, 0, height) * (width + 1) + jnp.clip(x0 + 1, 0, width)
   offsets = (jnp.arange(n * m, dtype=jnp.int32) * rows_per_map).reshape(n, m, 1, 1)
-  rows = jnp.take(table.reshape(n * m * rows_per_map, d4), (index + offsets).reshape(-1), axis=0,
-                  mode="clip", unique_indices=False, indices_are_sorted=False)
+  rows = jnp.take(
+      table.reshape(n * m * rows_per_map, d4),
+      (index + offsets).reshape(-1),
+      axis=0,
+      mode="clip",
+      unique_indices=False,
+      indices_are_sorted=False,
+  )
   rows = rows.reshape(n, m, lq, p * 4, d4 // 4)
   total_weights = jnp.where(inside[..., None], corner_weights * weights[..., None], 0.0)
   total_weights = total_weights.reshape(n, m, lq, p * 4)
@@ -138,8 +154,14 @@ def _attend_level_packed(table: jax.Array, height: int, width: int, locations: j
 _GATHERED_FLOATS_PER_CHUNK = 1 << 23
 
 
-def _attend_level_chunked(value: jax.Array, height: int, width: int, locations: jax.Array,
-                          weights: jax.Array, packed: bool = False) -> jax.Array:
+def _attend_level_chunked(
+    value: jax.Array,
+    height: int,
+    width: int,
+    locations: jax.Array,
+    weights: jax.Array,
+    packed: bool = False,
+) -> jax.Array:
   """`_attend_level` (or, if `packed`, `_attend_level_packed`) over query chunks with per-chunk
   rematerialisation (same result)."""
   n, m, _, d = value.shape
@@ -148,8 +170,7 @@ def _attend_level_chunked(value: jax.Array, height: int, width: int, locations: 
   if packed:
     # Built once per level (outside the chunks), so the backward pass does not rebuild it.
     value = pack_corners(value, height, width)
-  attend = jax.checkpoint(_attend_level_packed if packed else _attend_level,
-                          static_argnums=(1, 2))
+  attend = jax.checkpoint(_attend_level_packed if packed else _attend_level, static_argnums=(1, 2))
   if chunk >= lq:
     return attend(value, height, width, locations, weights)
   num_chunks = -(-lq // chunk)
@@ -164,9 +185,13 @@ def _attend_level_chunked(value: jax.Array, height: int, width: int, locations: 
   return out[:, :, :lq]
 
 
-def ms_deform_attn_core(value: jax.Array, spatial_shapes: Sequence[tuple[int, int]],
-                        sampling_locations: jax.Array, attention_weights: jax.Array,
-                        packed: bool = False) -> jax.Array:
+def ms_deform_attn_core(
+    value: jax.Array,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: jax.Array,
+    attention_weights: jax.Array,
+    packed: bool = False,
+) -> jax.Array:
   """Multi-scale deformable attention core.
 
   Args:
@@ -183,8 +208,9 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: Sequence[tuple[int, in
   n, s, m, d = value.shape
   _, lq, _, num_levels, num_points, _ = sampling_locations.shape
   if len(spatial_shapes) != num_levels:
-    raise ValueError(f"spatial_shapes has {len(spatial_shapes)} levels, sampling_locations "
-                     f"has {num_levels}")
+    raise ValueError(
+        f"spatial_shapes has {len(spatial_shapes)} levels, sampling_locations " f"has {num_levels}"
+    )
   if sum(h * w for h, w in spatial_shapes) != s:
     raise ValueError(f"spatial_shapes {tuple(spatial_shapes)} do not add up to the {s} values")
   value = jnp.transpose(value, (0, 2, 1, 3))  # [N, M, S, D]
@@ -193,10 +219,11 @@ def ms_deform_attn_core(value: jax.Array, spatial_shapes: Sequence[tuple[int, in
   output = None
   start = 0
   for level, (height, width) in enumerate(spatial_shapes):
-    level_value = value[:, :, start:start + height * width]
+    level_value = value[:, :, start : start + height * width]
     start += height * width
-    attended = _attend_level_chunked(level_value, height, width, locations[:, :, :, level],
-                                     weights[:, :, :, level], packed)
+    attended = _attend_level_chunked(
+        level_value, height, width, locations[:, :, :, level], weights[:, :, :, level], packed
+    )
     output = attended if output is None else output + attended
   return jnp.transpose(output, (0, 2, 1, 3)).reshape(n, lq, m * d)
 
@@ -230,6 +257,7 @@ class MSDeformAttn(nn.Module):
     dtype: compute dtype (the sampling locations and bilinear weights stay float32).
     packed_gather: gather packed 4-corner rows (`ms_deform_attn_core(packed=True)`).
   """
+
   d_model: int = 256
   num_levels: int = 4
   num_heads: int = 8
@@ -238,9 +266,14 @@ class MSDeformAttn(nn.Module):
   packed_gather: bool = False
 
   @nn.compact
-  def __call__(self, query: jax.Array, reference_points: jax.Array, input_flatten: jax.Array,
-               spatial_shapes: Sequence[tuple[int, int]],
-               input_padding_mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self,
+      query: jax.Array,
+      reference_points: jax.Array,
+      input_flatten: jax.Array,
+      spatial_shapes: Sequence[tuple[int, int]],
+      input_padding_mask: jax.Array | None = None,
+  ) -> jax.Array:
     """Attends from queries to sampled points of the multi-scale input.
 
     Args:
@@ -260,22 +293,30 @@ class MSDeformAttn(nn.Module):
     m, num_levels, p = self.num_heads, self.num_levels, self.num_points
     xavier = nn.initializers.xavier_uniform()
     dense = lambda features, name, kernel_init, bias_init=nn.initializers.zeros: nn.Dense(
-        features, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype, name=name)
+        features, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype, name=name
+    )
 
     value = dense(self.d_model, "value_proj", xavier)(input_flatten)
     if input_padding_mask is not None:
       value = jnp.where(input_padding_mask[..., None], 0, value)
     value = value.reshape(n, s, m, self.d_model // m)
-    offsets = dense(m * num_levels * p * 2, "sampling_offsets", nn.initializers.zeros,
-                    _sampling_offsets_bias_init(m, num_levels, p))(query)
+    offsets = dense(
+        m * num_levels * p * 2,
+        "sampling_offsets",
+        nn.initializers.zeros,
+        _sampling_offsets_bias_init(m, num_levels, p),
+    )(query)
     offsets = offsets.reshape(n, lq, m, num_levels, p, 2).astype(jnp.float32)
     logits = dense(m * num_levels * p, "attention_weights", nn.initializers.zeros)(query)
     weights = jax.nn.softmax(logits.reshape(n, lq, m, num_levels * p).astype(jnp.float32), -1)
     weights = weights.reshape(n, lq, m, num_levels, p)
     # Offsets are in pixels of each level; normalise by (W_l, H_l).
     normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], jnp.float32)
-    locations = (reference_points[:, :, None, :, None, :].astype(jnp.float32)
-                 + offsets / normalizer[None, None, None, :, None, :])
-    output = ms_deform_attn_core(value, spatial_shapes, locations, weights,
-                                 packed=self.packed_gather)
+    locations = (
+        reference_points[:, :, None, :, None, :].astype(jnp.float32)
+        + offsets / normalizer[None, None, None, :, None, :]
+    )
+    output = ms_deform_attn_core(
+        value, spatial_shapes, locations, weights, packed=self.packed_gather
+    )
     return dense(self.d_model, "output_proj", xavier)(output)

@@ -21,10 +21,12 @@ block's `relative_position_bias_table` [(2w-1)^2, heads] and written from
 Collections: trainable weights are in 'params'; the FrozenBatchNorm affine parameters of the
 backbone are in 'frozen_params' and its running statistics in 'batch_stats'.
 """
+
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -85,9 +87,10 @@ class NameMapEntry:
     flax_shape: Flax shape; () for constants.
     transform: CONV, DENSE, NONE or CONSTANT.
   """
+
   official_key: str
   official_shape: tuple[int, ...]
-  collection: Optional[str]
+  collection: str | None
   flax_path: tuple[str, ...]
   flax_shape: tuple[int, ...]
   transform: str
@@ -157,9 +160,13 @@ def from_torch_array(array: Any, transform: str) -> np.ndarray:
   return to_torch_array(array, transform)
 
 
-def constant_value(official_key: str, num_classes: int, eos_coef: float = 0.1,
-                   iteration: int = 0,
-                   shape: Optional[Sequence[int]] = None) -> np.ndarray:
+def constant_value(
+    official_key: str,
+    num_classes: int,
+    eos_coef: float = 0.1,
+    iteration: int = 0,
+    shape: Sequence[int] | None = None,
+) -> np.ndarray:
   """Value of a constant-written official key (criterion buffers, Swin position indices).
 
   Args:
@@ -176,6 +183,7 @@ def constant_value(official_key: str, num_classes: int, eos_coef: float = 0.1,
     if shape is None or len(shape) != 2 or math.isqrt(int(shape[0])) ** 2 != int(shape[0]):
       raise ValueError(f"{official_key!r} needs its [w*w, w*w] shape, got shape={shape}")
     from maskfreevis_jax.models import swin  # pylint: disable=g-import-not-at-top
+
     return swin.relative_position_index(math.isqrt(int(shape[0])))
   if official_key == "criterion.empty_weight":
     weight = np.ones(num_classes + 1, np.float32)
@@ -190,6 +198,7 @@ def _abstract_variables(model_config) -> Mapping[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
   model = build_model(model_config)
   # Parameter shapes do not depend on the input size; use a small clip.
   frames = jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8)
@@ -224,8 +233,10 @@ def official_name_map(variables_or_config: Any) -> list[NameMapEntry]:
   elif isinstance(variables_or_config, Mapping):
     variables = variables_or_config
   else:
-    raise ValueError("official_name_map expects model variables (a mapping of collections) or "
-                     f"a model config, got {type(variables_or_config).__name__}")
+    raise ValueError(
+        "official_name_map expects model variables (a mapping of collections) or "
+        f"a model config, got {type(variables_or_config).__name__}"
+    )
   entries: list[NameMapEntry] = []
   seen: dict[str, tuple[str, ...]] = {}
   num_classes = None
@@ -237,20 +248,21 @@ def official_name_map(variables_or_config: Any) -> list[NameMapEntry]:
     if key in seen:
       raise ValueError(f"Flax variables {seen[key]} and {full_path} both map to {key!r}")
     seen[key] = full_path
-    entries.append(NameMapEntry(key, to_torch_shape(shape, transform), collection, path, shape,
-                                transform))
+    entries.append(
+        NameMapEntry(key, to_torch_shape(shape, transform), collection, path, shape, transform)
+    )
     if key == "sem_seg_head.predictor.class_embed.bias":
       num_classes = shape[0] - 1
     if key.endswith(_RELATIVE_POSITION_TABLE_SUFFIX) and len(shape) == 2:
       # Table rows = (2w - 1)^2 for window side w; the index buffer is [w*w, w*w].
       window = (math.isqrt(shape[0]) + 1) // 2
-      index_key = key[:-len(_RELATIVE_POSITION_TABLE_SUFFIX)] + RELATIVE_POSITION_INDEX_SUFFIX
-      entries.append(NameMapEntry(index_key, (window * window, window * window), None, (), (),
-                                  CONSTANT))
+      index_key = key[: -len(_RELATIVE_POSITION_TABLE_SUFFIX)] + RELATIVE_POSITION_INDEX_SUFFIX
+      entries.append(
+          NameMapEntry(index_key, (window * window, window * window), None, (), (), CONSTANT)
+      )
   if num_classes is None:
     raise ValueError("variables have no predictor/class_embed/bias; not a VideoMaskFormer")
-  entries.append(NameMapEntry("criterion.empty_weight", (num_classes + 1,), None, (), (),
-                              CONSTANT))
+  entries.append(NameMapEntry("criterion.empty_weight", (num_classes + 1,), None, (), (), CONSTANT))
   entries.append(NameMapEntry("criterion._iter", (1,), None, (), (), CONSTANT))
   return entries
 

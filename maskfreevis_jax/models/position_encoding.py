@@ -4,6 +4,7 @@ The official model never passes a padding mask to these encodings, so every posi
 valid and the encodings depend only on the static feature shape. We therefore compute them with
 numpy at trace time; they enter the jitted graph as constants.
 """
+
 import math
 
 import numpy as np
@@ -29,9 +30,13 @@ def _sin_cos_interleaved(positions: np.ndarray, num_feats: int, temperature: flo
   return encoded
 
 
-def sine_position_encoding_2d(height: int, width: int, num_feats: int,
-                              temperature: float = 10000.0,
-                              scale: float = 2 * math.pi) -> np.ndarray:
+def sine_position_encoding_2d(
+    height: int,
+    width: int,
+    num_feats: int,
+    temperature: float = 10000.0,
+    scale: float = 2 * math.pi,
+) -> np.ndarray:
   """Normalised 2D sine encoding of an all-valid map.
 
   Args:
@@ -51,9 +56,14 @@ def sine_position_encoding_2d(height: int, width: int, num_feats: int,
   return np.concatenate([y, x], axis=-1).astype(np.float32)
 
 
-def sine_position_encoding_3d(frames: int, height: int, width: int, num_feats: int,
-                              temperature: float = 10000.0,
-                              scale: float = 2 * math.pi) -> np.ndarray:
+def sine_position_encoding_3d(
+    frames: int,
+    height: int,
+    width: int,
+    num_feats: int,
+    temperature: float = 10000.0,
+    scale: float = 2 * math.pi,
+) -> np.ndarray:
   """Normalised (T, H, W) sine encoding used by the video transformer decoder.
 
   The spatial part is the 2D encoding (y then x, num_feats channels each); the temporal part
@@ -72,6 +82,5 @@ def sine_position_encoding_3d(frames: int, height: int, width: int, num_feats: i
     float32 array [frames, height, width, 2 * num_feats].
   """
   spatial = sine_position_encoding_2d(height, width, num_feats, temperature, scale)
-  temporal = _sin_cos_interleaved(_normalized_cumulative(frames, scale), 2 * num_feats,
-                                  temperature)
+  temporal = _sin_cos_interleaved(_normalized_cumulative(frames, scale), 2 * num_feats, temperature)
   return (spatial[None] + temporal[:, None, None, :]).astype(np.float32)

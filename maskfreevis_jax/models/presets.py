@@ -17,6 +17,7 @@ Fields (all presets):
            enforce_input_proj, remat (per attention / FFN layer)
 Every `remat` is a rematerialisation policy name: 'none', 'full' or 'dots' (see remat.py).
 """
+
 import ml_collections
 
 from maskfreevis_jax.models.resnet import RESNET_BLOCK_COUNTS
@@ -24,22 +25,48 @@ from maskfreevis_jax.models.resnet import RESNET_BLOCK_COUNTS
 
 def _resnet_mask2former(depth: int, num_classes: int) -> ml_collections.ConfigDict:
   """Official sizes of video_maskformer2_R{depth}_bs16_8ep (YouTube-VIS 2019: 40 classes)."""
-  return ml_collections.ConfigDict(dict(
-      name=f"r{depth}",
-      num_classes=num_classes,
-      dtype="float32",
-      pixel_mean=(123.675, 116.28, 103.53),
-      pixel_std=(58.395, 57.12, 57.375),
-      size_divisibility=32,
-      backbone=dict(name="resnet", block_counts=RESNET_BLOCK_COUNTS[depth], stem_features=64,
-                    bottleneck_features=64, stride_in_1x1=False, norm="frozen_bn",
-                    num_groups=32, remat="none"),
-      pixel_decoder=dict(name="msdeformattn", conv_dim=256, mask_dim=256, num_groups=32,
-                         num_encoder_layers=6, num_heads=8, num_points=4, ffn_dim=1024,
-                         force_float32=True, packed_gather=False, remat="none"),
-      decoder=dict(hidden_dim=256, num_queries=100, num_heads=8, ffn_dim=2048, num_layers=9,
-                   enforce_input_proj=False, remat="none"),
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          name=f"r{depth}",
+          num_classes=num_classes,
+          dtype="float32",
+          pixel_mean=(123.675, 116.28, 103.53),
+          pixel_std=(58.395, 57.12, 57.375),
+          size_divisibility=32,
+          backbone=dict(
+              name="resnet",
+              block_counts=RESNET_BLOCK_COUNTS[depth],
+              stem_features=64,
+              bottleneck_features=64,
+              stride_in_1x1=False,
+              norm="frozen_bn",
+              num_groups=32,
+              remat="none",
+          ),
+          pixel_decoder=dict(
+              name="msdeformattn",
+              conv_dim=256,
+              mask_dim=256,
+              num_groups=32,
+              num_encoder_layers=6,
+              num_heads=8,
+              num_points=4,
+              ffn_dim=1024,
+              force_float32=True,
+              packed_gather=False,
+              remat="none",
+          ),
+          decoder=dict(
+              hidden_dim=256,
+              num_queries=100,
+              num_heads=8,
+              ffn_dim=2048,
+              num_layers=9,
+              enforce_input_proj=False,
+              remat="none",
+          ),
+      )
+  )
 
 
 def r50(num_classes: int = 40) -> ml_collections.ConfigDict:
@@ -60,8 +87,15 @@ def tiny(num_classes: int = 40) -> ml_collections.ConfigDict:
   config.backbone.block_counts = (1, 1, 1, 1)
   config.backbone.stem_features = 16
   config.backbone.bottleneck_features = 16
-  config.pixel_decoder.update(conv_dim=64, mask_dim=64, num_groups=8, num_encoder_layers=2,
-                              num_heads=4, num_points=4, ffn_dim=128)
+  config.pixel_decoder.update(
+      conv_dim=64,
+      mask_dim=64,
+      num_groups=8,
+      num_encoder_layers=2,
+      num_heads=4,
+      num_points=4,
+      ffn_dim=128,
+  )
   config.decoder.update(hidden_dim=64, num_queries=16, num_heads=4, ffn_dim=128, num_layers=3)
   return config
 
@@ -78,12 +112,30 @@ def tiny_fpn(num_classes: int = 40) -> ml_collections.ConfigDict:
 # (video_maskformer2_swin_large_IN21k_384_bs16_8ep, 200 queries); Swin-T / Swin-B as Mask2Former
 # configures them (swin_tiny_patch4_window7_224 / swin_base_patch4_window12_384_22k weights).
 _SWIN_SIZES = {
-    "swint": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
-                  pretrain_img_size=224, num_queries=100),
-    "swinb": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
-                  pretrain_img_size=384, num_queries=100),
-    "swinl": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12,
-                  pretrain_img_size=384, num_queries=200),
+    "swint": dict(
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        pretrain_img_size=224,
+        num_queries=100,
+    ),
+    "swinb": dict(
+        embed_dim=128,
+        depths=(2, 2, 18, 2),
+        num_heads=(4, 8, 16, 32),
+        window_size=12,
+        pretrain_img_size=384,
+        num_queries=100,
+    ),
+    "swinl": dict(
+        embed_dim=192,
+        depths=(2, 2, 18, 2),
+        num_heads=(6, 12, 24, 48),
+        window_size=12,
+        pretrain_img_size=384,
+        num_queries=200,
+    ),
 }
 
 
@@ -95,9 +147,18 @@ def _swin_mask2former(variant: str, num_classes: int) -> ml_collections.ConfigDi
   config.decoder.num_queries = sizes.pop("num_queries")
   # pretrain_img_size only sizes the absolute position embedding, which the release turns off
   # (APE: False); it is kept to name the ImageNet weights the preset expects.
-  config.backbone = ml_collections.ConfigDict(dict(
-      name="swin", patch_size=4, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.3,
-      patch_norm=True, remat="none", **sizes))
+  config.backbone = ml_collections.ConfigDict(
+      dict(
+          name="swin",
+          patch_size=4,
+          mlp_ratio=4.0,
+          qkv_bias=True,
+          drop_path_rate=0.3,
+          patch_norm=True,
+          remat="none",
+          **sizes,
+      )
+  )
   return config
 
 
@@ -121,13 +182,26 @@ def tiny_swin(num_classes: int = 40) -> ml_collections.ConfigDict:
   config = tiny(num_classes)
   config.name = "tiny_swin"
   config.backbone = swint(num_classes).backbone
-  config.backbone.update(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
-                         window_size=4, pretrain_img_size=224)
+  config.backbone.update(
+      embed_dim=16,
+      depths=(2, 2, 2, 2),
+      num_heads=(1, 2, 2, 4),
+      window_size=4,
+      pretrain_img_size=224,
+  )
   return config
 
 
-PRESETS = {"r50": r50, "r101": r101, "tiny": tiny, "tiny_fpn": tiny_fpn, "swint": swint,
-           "swinb": swinb, "swinl": swinl, "tiny_swin": tiny_swin}
+PRESETS = {
+    "r50": r50,
+    "r101": r101,
+    "tiny": tiny,
+    "tiny_fpn": tiny_fpn,
+    "swint": swint,
+    "swinb": swinb,
+    "swinl": swinl,
+    "tiny_swin": tiny_swin,
+}
 
 
 def get_model_config(name: str, num_classes: int = 40) -> ml_collections.ConfigDict:

@@ -11,12 +11,14 @@ Policies (config value -> what a block keeps for the backward pass):
           einsums, norms and elementwise ops are. ResNet convolutions are not matmuls, so for
           the backbone 'dots' is the same as 'full'.
 """
-from typing import Any, Callable, Optional, Sequence
+
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 
-REMAT_POLICIES: dict[str, Optional[Callable[..., Any]]] = {
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,

@@ -12,8 +12,10 @@ Norm layers (`norm` argument):
                with train=True the caller must pass mutable=['batch_stats']).
   'gn':        GroupNorm(32) with trainable scale/bias in 'params'.
 """
+
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +42,7 @@ class FrozenBatchNorm(nn.Module):
     epsilon: added to the variance.
     dtype: output dtype.
   """
+
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
@@ -59,8 +62,12 @@ class FrozenBatchNorm(nn.Module):
 
 def _conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x,
+      kernel,
+      window_strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -89,11 +96,13 @@ def _conv2d_bwd(stride, pad, residuals, grad_out):
   taps = []
   for a in range(kh):
     for b in range(kw):
-      window = jax.lax.slice(padded, (0, a, b, 0),
-                             (padded.shape[0], a + stride * (out_h - 1) + 1,
-                              b + stride * (out_w - 1) + 1, cin), (1, stride, stride, 1))
-      taps.append(jnp.dot(window.reshape(-1, cin).T, grad_2d,
-                          preferred_element_type=jnp.float32))
+      window = jax.lax.slice(
+          padded,
+          (0, a, b, 0),
+          (padded.shape[0], a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1, cin),
+          (1, stride, stride, 1),
+      )
+      taps.append(jnp.dot(window.reshape(-1, cin).T, grad_2d, preferred_element_type=jnp.float32))
   grad_kernel = jnp.stack(taps).reshape(kh, kw, cin, cout).astype(kernel.dtype)
   return grad_x, grad_kernel
 
@@ -101,16 +110,18 @@ def _conv2d_bwd(stride, pad, residuals, grad_out):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def make_norm(norm: Optional[str], train: bool, dtype: Dtype, name: str = "norm",
-              num_groups: int = 32) -> Optional[nn.Module]:
+def make_norm(
+    norm: str | None, train: bool, dtype: Dtype, name: str = "norm", num_groups: int = 32
+) -> nn.Module | None:
   """Builds the norm layer selected by name ('frozen_bn', 'bn', 'gn', '' / None)."""
   if not norm:
     return None
   if norm == "frozen_bn":
     return FrozenBatchNorm(dtype=dtype, name=name)
   if norm == "bn":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+    )
   if norm == "gn":
     return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, dtype=dtype, name=name)
   raise ValueError(f"unknown norm {norm!r}; expected 'frozen_bn', 'bn', 'gn' or ''")
@@ -132,11 +143,12 @@ class Conv2dNorm(nn.Module):
     kernel_init: conv kernel initialiser.
     dtype: compute dtype; parameters stay float32.
   """
+
   features: int
   kernel_size: int = 1
   stride: int = 1
   use_bias: bool = False
-  norm: Optional[str] = None
+  norm: str | None = None
   activation: bool = False
   kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
   num_groups: int = 32
@@ -145,11 +157,13 @@ class Conv2dNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [N, H, W, C_in] -> [N, H', W', features]."""
-    kernel = self.param("kernel", self.kernel_init,
-                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
-                        jnp.float32)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-               self.kernel_size // 2)
+    kernel = self.param(
+        "kernel",
+        self.kernel_init,
+        (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+        jnp.float32,
+    )
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.kernel_size // 2)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -163,6 +177,7 @@ class Conv2dNorm(nn.Module):
 
 class BasicStem(nn.Module):
   """7x7 stride-2 conv + norm + ReLU + 3x3 stride-2 max pool (overall stride 4)."""
+
   features: int = 64
   norm: str = "frozen_bn"
   num_groups: int = 32
@@ -171,8 +186,16 @@ class BasicStem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [N, H, W, 3] -> [N, H/4, W/4, features]."""
-    x = Conv2dNorm(self.features, kernel_size=7, stride=2, norm=self.norm, activation=True,
-                   num_groups=self.num_groups, dtype=self.dtype, name="conv1")(x, train)
+    x = Conv2dNorm(
+        self.features,
+        kernel_size=7,
+        stride=2,
+        norm=self.norm,
+        activation=True,
+        num_groups=self.num_groups,
+        dtype=self.dtype,
+        name="conv1",
+    )(x, train)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -185,6 +208,7 @@ class BottleneckBlock(nn.Module):
     stride: spatial stride of the block.
     stride_in_1x1: put the stride on the first 1x1 conv (MSRA) instead of the 3x3 conv.
   """
+
   features: int
   bottleneck_features: int
   stride: int = 1
@@ -196,8 +220,9 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x [N, H, W, C_in] -> [N, H/stride, W/stride, features]."""
-    conv = functools.partial(Conv2dNorm, norm=self.norm, num_groups=self.num_groups,
-                             dtype=self.dtype)
+    conv = functools.partial(
+        Conv2dNorm, norm=self.norm, num_groups=self.num_groups, dtype=self.dtype
+    )
     stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     if x.shape[-1] != self.features:
       shortcut = conv(self.features, 1, self.stride, name="shortcut")(x, train)
@@ -224,6 +249,7 @@ class ResNet(nn.Module):
     remat: rematerialisation policy of every bottleneck block ('none', 'full', 'dots'; see
       `maskfreevis_jax.models.remat`).
   """
+
   block_counts: Sequence[int] = (3, 4, 6, 3)
   stem_features: int = 64
   bottleneck_features: int = 64
@@ -237,8 +263,13 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """x [N, H, W, 3] (normalised) -> {'res2': [N, H/4, W/4, C2], ..., 'res5': [N, H/32, W/32, C5]}."""
-    x = BasicStem(self.stem_features, norm=self.norm, num_groups=self.num_groups,
-                  dtype=self.dtype, name="stem")(x, train)
+    x = BasicStem(
+        self.stem_features,
+        norm=self.norm,
+        num_groups=self.num_groups,
+        dtype=self.dtype,
+        name="stem",
+    )(x, train)
     # `train` (argument 2, counting self) is static under remat.
     block_cls = remat_module(BottleneckBlock, self.remat, static_argnums=(2,))
     features = {}
@@ -249,14 +280,21 @@ class ResNet(nn.Module):
         stride = 2 if (block_index == 0 and stage_index > 0) else 1
         x = block_cls(
             features=bottleneck * self.out_features_multiplier,
-            bottleneck_features=bottleneck, stride=stride,
-            stride_in_1x1=self.stride_in_1x1, norm=self.norm, num_groups=self.num_groups,
-            dtype=self.dtype, name=f"{stage_name}_{block_index}")(x, train)
+            bottleneck_features=bottleneck,
+            stride=stride,
+            stride_in_1x1=self.stride_in_1x1,
+            norm=self.norm,
+            num_groups=self.num_groups,
+            dtype=self.dtype,
+            name=f"{stage_name}_{block_index}",
+        )(x, train)
       features[stage_name] = x
       bottleneck *= 2
     return features
 
   def output_channels(self) -> dict[str, int]:
     """Channels of res2..res5."""
-    return {f"res{i + 2}": self.bottleneck_features * self.out_features_multiplier * 2 ** i
-            for i in range(len(self.block_counts))}
+    return {
+        f"res{i + 2}": self.bottleneck_features * self.out_features_multiplier * 2**i
+        for i in range(len(self.block_counts))
+    }

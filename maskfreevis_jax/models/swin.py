@@ -17,9 +17,11 @@ The relative-position index and the shifted-window attention mask are not variab
 depend only on static sizes and are computed with numpy at trace time (`relative_position_index`,
 `shifted_window_mask`). Exports write the index as the official buffer; imports skip it.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -63,8 +65,7 @@ def window_partition(x: jax.Array, window_size: int) -> jax.Array:
 def window_reverse(windows: jax.Array, window_size: int, height: int, width: int) -> jax.Array:
   """Inverse of `window_partition`: [B * nW, window_size**2, C] -> [B, H, W, C]."""
   c = windows.shape[-1]
-  x = windows.reshape(-1, height // window_size, width // window_size, window_size, window_size,
-                      c)
+  x = windows.reshape(-1, height // window_size, width // window_size, window_size, window_size, c)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, height, width, c)
 
 
@@ -110,8 +111,13 @@ def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
 
 
 def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                  kernel_init=nn.initializers.truncated_normal(0.02))
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      name=name,
+      kernel_init=nn.initializers.truncated_normal(0.02),
+  )
 
 
 class WindowAttention(nn.Module):
@@ -124,6 +130,7 @@ class WindowAttention(nn.Module):
     qkv_bias: bias on the packed q/k/v projection.
     dtype: compute dtype (softmax in float32).
   """
+
   dim: int
   num_heads: int
   window_size: int
@@ -131,17 +138,21 @@ class WindowAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, windows: jax.Array, mask: Optional[np.ndarray] = None) -> jax.Array:
+  def __call__(self, windows: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
     """windows [B * nW, w*w, C], mask [nW, w*w, w*w] additive or None -> [B * nW, w*w, C]."""
     num_windows_total, n, c = windows.shape
     head_dim = c // self.num_heads
-    table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
-                       ((2 * self.window_size - 1) ** 2, self.num_heads), jnp.float32)
+    table = self.param(
+        "relative_position_bias_table",
+        nn.initializers.truncated_normal(0.02),
+        ((2 * self.window_size - 1) ** 2, self.num_heads),
+        jnp.float32,
+    )
     # q | k | v blocks of C columns, each split into heads: torch's reshape(B, N, 3, nH, hd).
     qkv = _dense(3 * c, "qkv", self.dtype, self.qkv_bias)(windows)
     qkv = qkv.reshape(num_windows_total, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B*nW, N, nH, hd]
-    q = q * (head_dim ** -0.5)
+    q = q * (head_dim**-0.5)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     index = relative_position_index(self.window_size).reshape(-1)
     bias = table[index].reshape(n, n, self.num_heads).transpose(2, 0, 1)  # [nH, N, N]
@@ -158,6 +169,7 @@ class WindowAttention(nn.Module):
 
 class Mlp(nn.Module):
   """fc1 -> exact (erf) GELU -> fc2, as torch nn.GELU()."""
+
   hidden_dim: int
   dtype: Dtype = jnp.float32
 
@@ -180,6 +192,7 @@ class SwinBlock(nn.Module):
     drop_path_rate: stochastic depth rate of both residual branches.
     dtype: compute dtype.
   """
+
   num_heads: int
   window_size: int
   shift_size: int = 0
@@ -202,8 +215,9 @@ class SwinBlock(nn.Module):
     if self.shift_size > 0:
       x = jnp.roll(x, (-self.shift_size, -self.shift_size), axis=(1, 2))
       mask = shifted_window_mask(hp, wp, ws, self.shift_size)
-    attended = WindowAttention(c, self.num_heads, ws, self.qkv_bias, self.dtype,
-                               name="attn")(window_partition(x, ws), mask)
+    attended = WindowAttention(c, self.num_heads, ws, self.qkv_bias, self.dtype, name="attn")(
+        window_partition(x, ws), mask
+    )
     x = window_reverse(attended, ws, hp, wp)
     if self.shift_size > 0:
       x = jnp.roll(x, (self.shift_size, self.shift_size), axis=(1, 2))
@@ -215,14 +229,16 @@ class SwinBlock(nn.Module):
 
 class PatchMerging(nn.Module):
   """2x2 patch merging: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     _, h, w, c = x.shape
     x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
-                         x[:, 1::2, 1::2]], axis=-1)
+    x = jnp.concatenate(
+        [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
+    )
     x = _layer_norm("norm", self.dtype)(x)
     return _dense(2 * c, "reduction", self.dtype, use_bias=False)(x)
 
@@ -230,6 +246,7 @@ class PatchMerging(nn.Module):
 class PatchEmbed(nn.Module):
   """Non-overlapping patch_size x patch_size conv (+ LayerNorm): [B, H, W, 3] ->
   [B, ceil(H/p), ceil(W/p), embed_dim]; the image is zero-padded bottom/right to multiples of p."""
+
   embed_dim: int
   patch_size: int = 4
   patch_norm: bool = True
@@ -240,8 +257,9 @@ class PatchEmbed(nn.Module):
     p = self.patch_size
     _, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, (-h) % p), (0, (-w) % p), (0, 0)))
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="proj")(x)
+    x = nn.Conv(
+        self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj"
+    )(x)
     if self.patch_norm:
       x = _layer_norm("norm", self.dtype)(x)
     return x
@@ -260,6 +278,7 @@ class BasicLayer(nn.Module):
     dtype: compute dtype.
     remat: rematerialisation policy of every block (see `maskfreevis_jax.models.remat`).
   """
+
   depth: int
   num_heads: int
   window_size: int
@@ -276,11 +295,16 @@ class BasicLayer(nn.Module):
     # `deterministic` (argument 2, counting self) is static under remat.
     block_cls = remat_module(SwinBlock, self.remat, static_argnums=(2,))
     for i in range(self.depth):
-      x = block_cls(num_heads=self.num_heads, window_size=self.window_size,
-                    shift_size=0 if i % 2 == 0 else self.window_size // 2,
-                    mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
-                    drop_path_rate=float(self.drop_path_rates[i]), dtype=self.dtype,
-                    name=f"blocks_{i}")(x, deterministic)
+      x = block_cls(
+          num_heads=self.num_heads,
+          window_size=self.window_size,
+          shift_size=0 if i % 2 == 0 else self.window_size // 2,
+          mlp_ratio=self.mlp_ratio,
+          qkv_bias=self.qkv_bias,
+          drop_path_rate=float(self.drop_path_rates[i]),
+          dtype=self.dtype,
+          name=f"blocks_{i}",
+      )(x, deterministic)
     if not self.downsample:
       return x, x
     return x, PatchMerging(self.dtype, name="downsample")(x)
@@ -303,6 +327,7 @@ class SwinTransformer(nn.Module):
     dtype: compute dtype (parameters float32).
     remat: rematerialisation policy of every block.
   """
+
   embed_dim: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
   num_heads: Sequence[int] = (3, 6, 12, 24)
@@ -320,20 +345,29 @@ class SwinTransformer(nn.Module):
     """x [N, H, W, 3] (normalised) -> {'res2': [N, H/4, W/4, C], 'res3': [N, H/8, W/8, 2C],
     'res4': [..., 4C], 'res5': [N, H/32, W/32, 8C]} (sizes rounded up), each LayerNorm-ed."""
     if len(self.depths) != len(self.num_heads):
-      raise ValueError(f"Swin depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} "
-                       "must have the same length")
-    x = PatchEmbed(self.embed_dim, self.patch_size, self.patch_norm, self.dtype,
-                   name="patch_embed")(x.astype(self.dtype))
+      raise ValueError(
+          f"Swin depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} "
+          "must have the same length"
+      )
+    x = PatchEmbed(
+        self.embed_dim, self.patch_size, self.patch_norm, self.dtype, name="patch_embed"
+    )(x.astype(self.dtype))
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     outputs = {}
     start = 0
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       stage_out, x = BasicLayer(
-          depth=depth, num_heads=heads, window_size=self.window_size, mlp_ratio=self.mlp_ratio,
-          qkv_bias=self.qkv_bias, drop_path_rates=tuple(float(r) for r in
-                                                        rates[start:start + depth]),
-          downsample=i < len(self.depths) - 1, dtype=self.dtype, remat=self.remat,
-          name=f"layers_{i}")(x, not train)
+          depth=depth,
+          num_heads=heads,
+          window_size=self.window_size,
+          mlp_ratio=self.mlp_ratio,
+          qkv_bias=self.qkv_bias,
+          drop_path_rates=tuple(float(r) for r in rates[start : start + depth]),
+          downsample=i < len(self.depths) - 1,
+          dtype=self.dtype,
+          remat=self.remat,
+          name=f"layers_{i}",
+      )(x, not train)
       start += depth
       outputs[f"res{i + 2}"] = _layer_norm(f"norm{i}", self.dtype)(stage_out)
     return outputs

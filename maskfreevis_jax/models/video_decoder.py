@@ -12,7 +12,9 @@ Attention parameters are packed like torch.nn.MultiheadAttention: `in_proj` hold
 kernel and a [3D] bias whose three D-wide blocks are the query, key and value projections, so
 the torch `in_proj_weight` is just its transpose.
 """
-from typing import Any, Optional, Sequence
+
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -31,18 +33,24 @@ TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 
 class PackedInProjection(nn.Module):
   """Query/key/value input projections stored as one [D, 3D] kernel and one [3D] bias."""
+
   features: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, query: jax.Array, key: jax.Array,
-               value: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(
+      self, query: jax.Array, key: jax.Array, value: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Projects query [..., D], key [..., D], value [..., D] with their own blocks."""
     d = self.features
-    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (query.shape[-1], 3 * d),
-                        jnp.float32).astype(self.dtype)
+    kernel = self.param(
+        "kernel", nn.initializers.xavier_uniform(), (query.shape[-1], 3 * d), jnp.float32
+    ).astype(self.dtype)
     bias = self.param("bias", nn.initializers.zeros, (3 * d,), jnp.float32).astype(self.dtype)
-    project = lambda x, i: x.astype(self.dtype) @ kernel[:, i * d:(i + 1) * d] + bias[i * d:(i + 1) * d]
+    project = (
+        lambda x, i: x.astype(self.dtype) @ kernel[:, i * d : (i + 1) * d]
+        + bias[i * d : (i + 1) * d]
+    )
     return project(query, 0), project(key, 1), project(value, 2)
 
 
@@ -54,13 +62,15 @@ class MultiheadAttention(nn.Module):
     num_heads: number of heads.
     dtype: compute dtype (softmax always in float32).
   """
+
   features: int
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
-               blocked: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self, query: jax.Array, key: jax.Array, value: jax.Array, blocked: jax.Array | None = None
+  ) -> jax.Array:
     """Attends.
 
     Args:
@@ -77,18 +87,20 @@ class MultiheadAttention(nn.Module):
     head_dim = self.features // self.num_heads
     q, k, v = PackedInProjection(self.features, dtype=self.dtype, name="in_proj")(query, key, value)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, head_dim))
-    q, k, v = split(q) * (head_dim ** -0.5), split(k), split(v)
+    q, k, v = split(q) * (head_dim**-0.5), split(k), split(v)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     if blocked is not None:
       logits = jnp.where(blocked, jnp.finfo(jnp.float32).min, logits)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(query.shape[:-1] + (self.features,))
-    return nn.Dense(self.features, kernel_init=TORCH_LINEAR_INIT, dtype=self.dtype,
-                    name="out_proj")(out)
+    return nn.Dense(
+        self.features, kernel_init=TORCH_LINEAR_INIT, dtype=self.dtype, name="out_proj"
+    )(out)
 
 
 class SelfAttentionLayer(nn.Module):
   """Post-norm self-attention among queries: x = norm(x + attn(x + pos, x + pos, x))."""
+
   features: int
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -96,27 +108,37 @@ class SelfAttentionLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, query_pos: jax.Array) -> jax.Array:
     q = x + query_pos
-    out = MultiheadAttention(self.features, self.num_heads, dtype=self.dtype,
-                             name="self_attn")(q, q, x)
+    out = MultiheadAttention(self.features, self.num_heads, dtype=self.dtype, name="self_attn")(
+        q, q, x
+    )
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + out)
 
 
 class CrossAttentionLayer(nn.Module):
   """Post-norm masked cross-attention: x = norm(x + attn(x + qpos, mem + pos, mem, mask))."""
+
   features: int
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, memory: jax.Array, pos: jax.Array, query_pos: jax.Array,
-               blocked: Optional[jax.Array]) -> jax.Array:
-    out = MultiheadAttention(self.features, self.num_heads, dtype=self.dtype,
-                             name="multihead_attn")(x + query_pos, memory + pos, memory, blocked)
+  def __call__(
+      self,
+      x: jax.Array,
+      memory: jax.Array,
+      pos: jax.Array,
+      query_pos: jax.Array,
+      blocked: jax.Array | None,
+  ) -> jax.Array:
+    out = MultiheadAttention(
+        self.features, self.num_heads, dtype=self.dtype, name="multihead_attn"
+    )(x + query_pos, memory + pos, memory, blocked)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + out)
 
 
 class FFNLayer(nn.Module):
   """Post-norm feed-forward block with ReLU: x = norm(x + linear2(relu(linear1(x))))."""
+
   features: int
   ffn_dim: int
   dtype: Dtype = jnp.float32
@@ -124,14 +146,16 @@ class FFNLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     xavier = nn.initializers.xavier_uniform()
-    hidden = nn.relu(nn.Dense(self.ffn_dim, kernel_init=xavier, dtype=self.dtype,
-                              name="linear1")(x))
+    hidden = nn.relu(
+        nn.Dense(self.ffn_dim, kernel_init=xavier, dtype=self.dtype, name="linear1")(x)
+    )
     out = nn.Dense(self.features, kernel_init=xavier, dtype=self.dtype, name="linear2")(hidden)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x + out)
 
 
 class MLP(nn.Module):
   """Dense layers layers_0..layers_{n-1} with ReLU between them."""
+
   hidden_dim: int
   output_dim: int
   num_layers: int = 3
@@ -141,15 +165,18 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
-      x = nn.Dense(self.output_dim if last else self.hidden_dim, kernel_init=TORCH_LINEAR_INIT,
-                   dtype=self.dtype, name=f"layers_{i}")(x)
+      x = nn.Dense(
+          self.output_dim if last else self.hidden_dim,
+          kernel_init=TORCH_LINEAR_INIT,
+          dtype=self.dtype,
+          name=f"layers_{i}",
+      )(x)
       if not last:
         x = nn.relu(x)
     return x
 
 
-def attention_mask_from_predictions(mask_logits: jax.Array, height: int,
-                                    width: int) -> jax.Array:
+def attention_mask_from_predictions(mask_logits: jax.Array, height: int, width: int) -> jax.Array:
   """Cross-attention block mask from the previous mask prediction.
 
   Args:
@@ -185,6 +212,7 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
     remat: rematerialisation policy of every cross-attention, self-attention and FFN layer
       ('none', 'full', 'dots'; see `maskfreevis_jax.models.remat`; same results).
   """
+
   num_classes: int = 40
   hidden_dim: int = 256
   num_queries: int = 100
@@ -198,8 +226,9 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, multi_scale_features: Sequence[jax.Array], mask_features: jax.Array,
-               num_frames: int) -> dict[str, jax.Array]:
+  def __call__(
+      self, multi_scale_features: Sequence[jax.Array], mask_features: jax.Array, num_frames: int
+  ) -> dict[str, jax.Array]:
     """Decodes queries into per-clip class logits and mask logits.
 
     Args:
@@ -212,45 +241,61 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
       pred_embeds float32 [B, Q, D] (the final prediction's normalised query embeddings).
     """
     if len(multi_scale_features) != self.num_feature_levels:
-      raise ValueError(f"expected {self.num_feature_levels} feature levels, got "
-                       f"{len(multi_scale_features)}")
+      raise ValueError(
+          f"expected {self.num_feature_levels} feature levels, got " f"{len(multi_scale_features)}"
+      )
     bt, mask_h, mask_w, mask_c = mask_features.shape
     if bt % num_frames:
       raise ValueError(f"{bt} frames are not a multiple of num_frames={num_frames}")
     b, t, d = bt // num_frames, num_frames, self.hidden_dim
     mask_features = mask_features.reshape(b, t, mask_h, mask_w, mask_c).astype(self.dtype)
 
-    level_embed = nn.Embed(self.num_feature_levels, d, embedding_init=nn.initializers.normal(1.0),
-                           name="level_embed").embedding
+    level_embed = nn.Embed(
+        self.num_feature_levels, d, embedding_init=nn.initializers.normal(1.0), name="level_embed"
+    ).embedding
     sources, positions, sizes = [], [], []
     for i, x in enumerate(multi_scale_features):
       _, h, w, c = x.shape
       if c != d or self.enforce_input_proj:
-        x = Conv2dNorm(d, 1, use_bias=True, kernel_init=C2_XAVIER_FILL, dtype=self.dtype,
-                       name=f"input_proj_{i}")(x)
+        x = Conv2dNorm(
+            d,
+            1,
+            use_bias=True,
+            kernel_init=C2_XAVIER_FILL,
+            dtype=self.dtype,
+            name=f"input_proj_{i}",
+        )(x)
       sizes.append((h, w))
-      sources.append(x.reshape(b, t * h * w, d).astype(self.dtype)
-                     + level_embed[i].astype(self.dtype))
-      positions.append(jnp.asarray(sine_position_encoding_3d(t, h, w, d // 2)
-                                   ).reshape(1, t * h * w, d).astype(self.dtype))
+      sources.append(
+          x.reshape(b, t * h * w, d).astype(self.dtype) + level_embed[i].astype(self.dtype)
+      )
+      positions.append(
+          jnp.asarray(sine_position_encoding_3d(t, h, w, d // 2))
+          .reshape(1, t * h * w, d)
+          .astype(self.dtype)
+      )
 
-    query_embed = nn.Embed(self.num_queries, d, embedding_init=nn.initializers.normal(1.0),
-                           name="query_embed").embedding
-    query_feat = nn.Embed(self.num_queries, d, embedding_init=nn.initializers.normal(1.0),
-                          name="query_feat").embedding
+    query_embed = nn.Embed(
+        self.num_queries, d, embedding_init=nn.initializers.normal(1.0), name="query_embed"
+    ).embedding
+    query_feat = nn.Embed(
+        self.num_queries, d, embedding_init=nn.initializers.normal(1.0), name="query_feat"
+    ).embedding
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (b, self.num_queries, d))
     output = jnp.broadcast_to(query_feat.astype(self.dtype)[None], (b, self.num_queries, d))
 
     decoder_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm")
-    class_embed = nn.Dense(self.num_classes + 1, kernel_init=TORCH_LINEAR_INIT, dtype=self.dtype,
-                           name="class_embed")
+    class_embed = nn.Dense(
+        self.num_classes + 1, kernel_init=TORCH_LINEAR_INIT, dtype=self.dtype, name="class_embed"
+    )
     mask_embed = MLP(d, self.mask_dim, 3, dtype=self.dtype, name="mask_embed")
 
     def predict(queries):
       normed = decoder_norm(queries)
       logits = class_embed(normed).astype(jnp.float32)
-      masks = jnp.einsum("bqc,bthwc->bqthw", mask_embed(normed), mask_features,
-                         preferred_element_type=jnp.float32)
+      masks = jnp.einsum(
+          "bqc,bthwc->bqthw", mask_embed(normed), mask_features, preferred_element_type=jnp.float32
+      )
       return logits, masks
 
     # Wrapping each layer (not a layer group) keeps the official parameter paths.
@@ -264,18 +309,22 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
     for i in range(self.num_layers):
       level = i % self.num_feature_levels
       blocked = attention_mask_from_predictions(masks, *sizes[level])
-      output = cross_attention_cls(d, self.num_heads, dtype=self.dtype,
-                                   name=f"transformer_cross_attention_layers_{i}")(
-                                       output, sources[level], positions[level], query_pos,
-                                       blocked)
-      output = self_attention_cls(d, self.num_heads, dtype=self.dtype,
-                                  name=f"transformer_self_attention_layers_{i}")(output, query_pos)
-      output = ffn_cls(d, self.ffn_dim, dtype=self.dtype,
-                        name=f"transformer_ffn_layers_{i}")(output)
+      output = cross_attention_cls(
+          d, self.num_heads, dtype=self.dtype, name=f"transformer_cross_attention_layers_{i}"
+      )(output, sources[level], positions[level], query_pos, blocked)
+      output = self_attention_cls(
+          d, self.num_heads, dtype=self.dtype, name=f"transformer_self_attention_layers_{i}"
+      )(output, query_pos)
+      output = ffn_cls(d, self.ffn_dim, dtype=self.dtype, name=f"transformer_ffn_layers_{i}")(
+          output
+      )
       logits, masks = predict(output)
       all_logits.append(logits)
       all_masks.append(masks)
     # The final normalised query embeddings identify objects across windows (MinVIS-style
     # association at inference); unused in training, so XLA drops them there.
-    return {"pred_logits": jnp.stack(all_logits), "pred_masks": jnp.stack(all_masks),
-            "pred_embeds": decoder_norm(output).astype(jnp.float32)}
+    return {
+        "pred_logits": jnp.stack(all_logits),
+        "pred_masks": jnp.stack(all_masks),
+        "pred_embeds": decoder_norm(output).astype(jnp.float32),
+    }

@@ -1,5 +1,7 @@
 """VideoMaskFormer: ResNet backbone + pixel decoder + video masked-attention decoder."""
-from typing import Any, Optional, Sequence
+
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -25,6 +27,7 @@ class VideoMaskFormer(nn.Module):
     pixel_std: RGB std the frames are divided by.
     size_divisibility: H and W must be multiples of it.
   """
+
   backbone: nn.Module
   pixel_decoder: nn.Module
   predictor: nn.Module
@@ -32,8 +35,9 @@ class VideoMaskFormer(nn.Module):
   pixel_std: Sequence[float] = (58.395, 57.12, 57.375)
   size_divisibility: int = 32
 
-  def __call__(self, frames: jax.Array, image_valid: Optional[jax.Array] = None,
-               train: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+      self, frames: jax.Array, image_valid: jax.Array | None = None, train: bool = False
+  ) -> dict[str, jax.Array]:
     """Runs the model on video clips.
 
     Args:
@@ -53,8 +57,10 @@ class VideoMaskFormer(nn.Module):
       raise ValueError(f"frames must be [B, T, H, W, 3], got shape {frames.shape}")
     b, t, h, w, _ = frames.shape
     if h % self.size_divisibility or w % self.size_divisibility:
-      raise ValueError(f"frame size {h}x{w} is not a multiple of {self.size_divisibility}; "
-                       "pad the frames (and mark the padding in image_valid)")
+      raise ValueError(
+          f"frame size {h}x{w} is not a multiple of {self.size_divisibility}; "
+          "pad the frames (and mark the padding in image_valid)"
+      )
     mean = jnp.asarray(self.pixel_mean, jnp.float32)
     std = jnp.asarray(self.pixel_std, jnp.float32)
     x = (frames.astype(jnp.float32) - mean) / std

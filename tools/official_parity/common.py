@@ -7,6 +7,7 @@ Each generator module has up to two halves, run by two interpreters:
     `mask2former_video`): reads the work directory, runs the official code, writes the fixture.
 This module imports neither jax nor torch at the top, so both interpreters can import it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,8 @@ import json
 import os
 import pathlib
 import random
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,8 +73,11 @@ def write_r50_inputs(workdir: pathlib.Path) -> None:
   variables = testing.random_variables(config, seed=R50_VARIABLES_SEED)
   state_dict, _ = export.export_state_dict(variables, config)
   export.save_state_dict(state_dict, workdir / "r50.pth")
-  np.savez(workdir / "inputs.npz", **r50_parity_batch(),
-           state_dict_sha256=testing.state_dict_sha256(state_dict))
+  np.savez(
+      workdir / "inputs.npz",
+      **r50_parity_batch(),
+      state_dict_sha256=testing.state_dict_sha256(state_dict),
+  )
 
 
 def seed_everything(seed: int) -> None:
@@ -100,6 +105,7 @@ def official_cfg(config_file: str = R50_YTVIS19_CONFIG, opts: Sequence[str] = ()
   from detectron2.projects.deeplab import add_deeplab_config  # pylint: disable=g-import-not-at-top
   from mask2former import add_maskformer2_config  # pylint: disable=g-import-not-at-top
   from mask2former_video import add_maskformer2_video_config  # pylint: disable=g-import-not-at-top
+
   cfg = get_cfg()
   add_deeplab_config(cfg)
   add_maskformer2_config(cfg)
@@ -115,7 +121,7 @@ def official_cfg(config_file: str = R50_YTVIS19_CONFIG, opts: Sequence[str] = ()
   return cfg
 
 
-def build_official_model(cfg: Any, checkpoint: Optional[str | os.PathLike] = None) -> Any:
+def build_official_model(cfg: Any, checkpoint: str | os.PathLike | None = None) -> Any:
   """The official model (`detectron2.modeling.build_model`), loading `checkpoint` strictly.
 
   Args:
@@ -127,6 +133,7 @@ def build_official_model(cfg: Any, checkpoint: Optional[str | os.PathLike] = Non
   """
   import torch  # pylint: disable=g-import-not-at-top
   from detectron2.modeling import build_model  # pylint: disable=g-import-not-at-top
+
   model = build_model(cfg)
   if checkpoint is not None:
     state_dict = torch.load(checkpoint, map_location="cpu")["model"]
@@ -137,14 +144,19 @@ def build_official_model(cfg: Any, checkpoint: Optional[str | os.PathLike] = Non
 def official_optimizer_groups(cfg: Any, model: Any) -> tuple[Any, dict[str, list[float]]]:
   """The release's `build_optimizer` for `model`, and {parameter name: [lr, weight decay]}."""
   import train_net_video  # pylint: disable=g-import-not-at-top
+
   optimizer = train_net_video.Trainer.build_optimizer(cfg, model)
   name_of = {id(p): n for n, p in model.named_parameters()}
-  return optimizer, {name_of[id(param)]: [group["lr"], group["weight_decay"]]
-                     for group in optimizer.param_groups for param in group["params"]}
+  return optimizer, {
+      name_of[id(param)]: [group["lr"], group["weight_decay"]]
+      for group in optimizer.param_groups
+      for param in group["params"]
+  }
 
 
-def save_fixture(path: str | os.PathLike, arrays: Mapping[str, Any],
-                 meta: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
+def save_fixture(
+    path: str | os.PathLike, arrays: Mapping[str, Any], meta: Mapping[str, Any] | None = None
+) -> pathlib.Path:
   """Writes a compressed `.npz`: the arrays plus `meta`, a JSON string (provenance, settings)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,12 +179,16 @@ def load_fixture(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
 def official_provenance() -> dict[str, str]:
   """What produced a fixture: torch version and the official tree's location."""
   import torch  # pylint: disable=g-import-not-at-top
+
   return {"official_src": str(OFFICIAL_SRC), "torch": torch.__version__}
 
 
-def stage_main(description: str, make_inputs: Optional[Callable[[pathlib.Path], None]],
-               run_official: Callable[[pathlib.Path, pathlib.Path], None],
-               argv: Optional[Sequence[str]] = None) -> None:
+def stage_main(
+    description: str,
+    make_inputs: Callable[[pathlib.Path], None] | None,
+    run_official: Callable[[pathlib.Path, pathlib.Path], None],
+    argv: Sequence[str] | None = None,
+) -> None:
   """Command line of a generator module: `--stage inputs|official --workdir DIR --out DIR`.
 
   Args:
@@ -184,10 +200,15 @@ def stage_main(description: str, make_inputs: Optional[Callable[[pathlib.Path], 
   """
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--stage", choices=("inputs", "official"), required=True)
-  parser.add_argument("--workdir", type=pathlib.Path, required=True,
-                      help="scratch folder shared by the two stages")
-  parser.add_argument("--out", type=pathlib.Path, default=FIXTURES_DIR,
-                      help="fixture folder (default tests/fixtures)")
+  parser.add_argument(
+      "--workdir", type=pathlib.Path, required=True, help="scratch folder shared by the two stages"
+  )
+  parser.add_argument(
+      "--out",
+      type=pathlib.Path,
+      default=FIXTURES_DIR,
+      help="fixture folder (default tests/fixtures)",
+  )
   args = parser.parse_args(argv)
   args.workdir.mkdir(parents=True, exist_ok=True)
   if args.stage == "inputs":

@@ -21,6 +21,7 @@ Usage, from the repository root (`bash tools/official_parity/make_fixtures.sh cr
   .venv/bin/python -m tools.official_parity.criterion --stage inputs --workdir /tmp/parity
   /tmp/official/python -m tools.official_parity.criterion --stage official --workdir /tmp/parity
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,9 @@ def dequantize(q: np.ndarray) -> np.ndarray:
   return q.astype(np.float32) / LOGIT_SCALE
 
 
-def _frames(rng: np.random.Generator, boxes: np.ndarray, box_valid: np.ndarray,
-            num_frames: int) -> np.ndarray:
+def _frames(
+    rng: np.random.Generator, boxes: np.ndarray, box_valid: np.ndarray, num_frames: int
+) -> np.ndarray:
   """uint8 [T, H, W, 3]: a smooth background with textured rectangles at the given boxes."""
   yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
   base = np.stack([60 + xx, 40 + 2 * yy, 200 - xx], -1).astype(np.float32)
@@ -95,8 +97,14 @@ def _blob_logits(rng: np.random.Generator, box: np.ndarray | None, num_frames: i
   return out
 
 
-def _outputs(rng: np.random.Generator, boxes: np.ndarray, box_valid: np.ndarray,
-             labels: np.ndarray, real: np.ndarray, num_frames: int) -> dict[str, np.ndarray]:
+def _outputs(
+    rng: np.random.Generator,
+    boxes: np.ndarray,
+    box_valid: np.ndarray,
+    labels: np.ndarray,
+    real: np.ndarray,
+    num_frames: int,
+) -> dict[str, np.ndarray]:
   """Quantized [L, B, Q, C + 1] class and [L, B, Q, T, h, w] mask logits.
 
   In each layer a random subset of the queries is placed near the real instances (with the
@@ -117,8 +125,9 @@ def _outputs(rng: np.random.Generator, boxes: np.ndarray, box_valid: np.ndarray,
         if n is None or not box_valid[b, n].any():
           masks[layer, b, q] = _blob_logits(rng, None, num_frames)
           continue
-        frame_boxes = np.where(box_valid[b, n][:, None], boxes[b, n],
-                               boxes[b, n][np.argmax(box_valid[b, n])])
+        frame_boxes = np.where(
+            box_valid[b, n][:, None], boxes[b, n], boxes[b, n][np.argmax(box_valid[b, n])]
+        )
         masks[layer, b, q] = _blob_logits(rng, frame_boxes, num_frames)
         logits[layer, b, q, labels[b, n]] += rng.uniform(0.0, 3.0)
   return {"pred_logits_q": _quantize(logits), "pred_masks_q": _quantize(masks)}
@@ -164,11 +173,16 @@ def make_box_inputs(workdir: pathlib.Path) -> None:
     boxes[b, n] = (-1e4, -1e4, 1e4, 1e4)
     box_valid[b, n] = True
     labels[b, n] = 12345
-  frames = np.stack([_frames(rng, boxes[b], box_valid[b] & instance_valid[b, :, None], num_frames)
-                     for b in range(batch)])
+  frames = np.stack(
+      [
+          _frames(rng, boxes[b], box_valid[b] & instance_valid[b, :, None], num_frames)
+          for b in range(batch)
+      ]
+  )
   real = instance_valid & box_valid.any(-1)
-  arrays = dict(frames=frames, boxes=boxes, box_valid=box_valid, labels=labels,
-                instance_valid=instance_valid)
+  arrays = dict(
+      frames=frames, boxes=boxes, box_valid=box_valid, labels=labels, instance_valid=instance_valid
+  )
   arrays.update(_outputs(rng, boxes, box_valid & real[..., None], labels, real, num_frames))
   np.savez_compressed(workdir / "criterion_box_inputs.npz", **arrays)
 
@@ -193,8 +207,10 @@ def make_mask_inputs(workdir: pathlib.Path) -> None:
     rect = _rect(rng, num_frames, block=STRIDE) / STRIDE
     for t in range(num_frames):
       x1, y1, x2, y2 = rect[t]
-      ellipse = (((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2 +
-                 ((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2) <= 1.0
+      ellipse = (
+          ((xx - (x1 + x2) / 2) / ((x2 - x1) / 2)) ** 2
+          + ((yy - (y1 + y2) / 2) / ((y2 - y1) / 2)) ** 2
+      ) <= 1.0
       masks[b, n, t] = np.kron(ellipse, np.ones((STRIDE, STRIDE), bool))
     instance_valid[b, n] = True
     labels[b, n] = rng.integers(0, NUM_CLASSES)
@@ -208,26 +224,38 @@ def make_mask_inputs(workdir: pathlib.Path) -> None:
   for b, n, t in zip(*np.nonzero(box_valid)):
     ys, xs = np.nonzero(masks[b, n, t])
     boxes[b, n, t] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-  frames = np.stack([_frames(rng, boxes[b], box_valid[b] & instance_valid[b, :, None], num_frames)
-                     for b in range(batch)])
+  frames = np.stack(
+      [
+          _frames(rng, boxes[b], box_valid[b] & instance_valid[b, :, None], num_frames)
+          for b in range(batch)
+      ]
+  )
   real = instance_valid & box_valid.any(-1)
-  arrays = dict(frames=frames, masks_packed=np.packbits(masks, axis=-1), boxes=boxes,
-                box_valid=box_valid, labels=labels, instance_valid=instance_valid)
+  arrays = dict(
+      frames=frames,
+      masks_packed=np.packbits(masks, axis=-1),
+      boxes=boxes,
+      box_valid=box_valid,
+      labels=labels,
+      instance_valid=instance_valid,
+  )
   arrays.update(_outputs(rng, boxes, box_valid & real[..., None], labels, real, num_frames))
   # Given points for the release's point-sampled mask loss, and uniform draws for its importance
   # sampling (a separate generator, so the arrays above do not depend on these).
   points_rng = np.random.default_rng(MASK_SEED + 1)
   # Multiples of 1/1024 (plus half a step): exact in float32 and small once compressed.
-  arrays["points_coords"] = ((points_rng.integers(0, 1024, (batch, slots, num_frames,
-                                                            LOSS_POINTS, 2)) + 0.5)
-                             / 1024).astype(np.float32)
+  arrays["points_coords"] = (
+      (points_rng.integers(0, 1024, (batch, slots, num_frames, LOSS_POINTS, 2)) + 0.5) / 1024
+  ).astype(np.float32)
   rows = arrays["pred_masks_q"][-1, 0, :IMPORTANCE_ROWS, 0]  # [R, h, w] final layer, clip 0
   arrays["importance_logits_q"] = rows
   num_uncertain = int(IMPORTANCE_RATIO * IMPORTANCE_POINTS)
   arrays["importance_candidates"] = points_rng.uniform(
-      size=(IMPORTANCE_ROWS, int(IMPORTANCE_POINTS * OVERSAMPLE), 2)).astype(np.float32)
+      size=(IMPORTANCE_ROWS, int(IMPORTANCE_POINTS * OVERSAMPLE), 2)
+  ).astype(np.float32)
   arrays["importance_random"] = points_rng.uniform(
-      size=(IMPORTANCE_ROWS, IMPORTANCE_POINTS - num_uncertain, 2)).astype(np.float32)
+      size=(IMPORTANCE_ROWS, IMPORTANCE_POINTS - num_uncertain, 2)
+  ).astype(np.float32)
   np.savez_compressed(workdir / "criterion_mask_inputs.npz", **arrays)
 
 
@@ -272,10 +300,16 @@ def _official_model(num_frames: int) -> Any:
       del features
       return self.outputs
 
-  cfg = common.official_cfg(opts=[
-      "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(NUM_CLASSES),
-      "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", str(NUM_QUERIES),
-      "INPUT.SAMPLING_FRAME_NUM", str(num_frames)])
+  cfg = common.official_cfg(
+      opts=[
+          "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+          str(NUM_CLASSES),
+          "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES",
+          str(NUM_QUERIES),
+          "INPUT.SAMPLING_FRAME_NUM",
+          str(num_frames),
+      ]
+  )
   # from_config builds the R50 backbone and head too; they are replaced right away.
   kwargs = VideoMaskFormer.from_config(cfg)
   kwargs["backbone"] = StubBackbone()
@@ -287,16 +321,24 @@ def _official_model(num_frames: int) -> Any:
 def official_outputs(pred_logits: np.ndarray, pred_masks: np.ndarray) -> dict[str, Any]:
   """This project's stacked [L, ...] outputs as the official head returns them."""
   import torch  # pylint: disable=g-import-not-at-top
+
   logits, masks = torch.from_numpy(pred_logits), torch.from_numpy(pred_masks)
   return {
-      "pred_logits": logits[-1], "pred_masks": masks[-1],
-      "aux_outputs": [{"pred_logits": logits[i], "pred_masks": masks[i]}
-                      for i in range(logits.shape[0] - 1)],
+      "pred_logits": logits[-1],
+      "pred_masks": masks[-1],
+      "aux_outputs": [
+          {"pred_logits": logits[i], "pred_masks": masks[i]} for i in range(logits.shape[0] - 1)
+      ],
   }
 
 
-def _batched_inputs(frames: np.ndarray, masks: np.ndarray, labels: np.ndarray,
-                    instance_valid: np.ndarray, reverse_channels: bool) -> tuple[list, list]:
+def _batched_inputs(
+    frames: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    instance_valid: np.ndarray,
+    reverse_channels: bool,
+) -> tuple[list, list]:
   """The official mapper's output for each clip, and the slot kept as each official instance.
 
   Frame t of clip b holds every valid slot of the clip, in slot order: absent ones (no mask in
@@ -305,6 +347,7 @@ def _batched_inputs(frames: np.ndarray, masks: np.ndarray, labels: np.ndarray,
   """
   import torch  # pylint: disable=g-import-not-at-top
   from detectron2.structures import BitMasks, Instances  # pylint: disable=g-import-not-at-top
+
   batched, kept_slots = [], []
   for b in range(frames.shape[0]):
     slots = np.flatnonzero(instance_valid[b])
@@ -324,8 +367,12 @@ def _batched_inputs(frames: np.ndarray, masks: np.ndarray, labels: np.ndarray,
 
 
 @contextlib.contextmanager
-def _recording(model: Any, grid_points: bool, loss_coords: np.ndarray | None = None,
-               kept_slots: list | None = None):
+def _recording(
+    model: Any,
+    grid_points: bool,
+    loss_coords: np.ndarray | None = None,
+    kept_slots: list | None = None,
+):
   """Records the matcher's cost matrices and indices; optionally samples cell-centre points.
 
   With `grid_points`, the matcher's `torch.rand` points and the mask loss's uncertainty-sampled
@@ -370,9 +417,12 @@ def _recording(model: Any, grid_points: bool, loss_coords: np.ndarray | None = N
     if loss_coords is None:
       return grid.expand(coarse_logits.shape[0], -1, -1).clone()
     # Rows: clips in order, each clip's matched (query, target) pairs by query, then frames.
-    rows = [loss_coords[b, kept_slots[b][j], t]
-            for b, (_, targets) in enumerate(record["indices"][-1]) for j in targets
-            for t in range(loss_coords.shape[2])]
+    rows = [
+        loss_coords[b, kept_slots[b][j], t]
+        for b, (_, targets) in enumerate(record["indices"][-1])
+        for j in targets
+        for t in range(loss_coords.shape[2])
+    ]
     assert len(rows) == coarse_logits.shape[0], (len(rows), coarse_logits.shape)
     return torch.from_numpy(np.stack(rows))
 
@@ -421,22 +471,37 @@ def _matching_arrays(record: dict, kept_slots: list, num_slots: int) -> tuple[np
   return query, cost
 
 
-def _run(model: Any, inputs: dict, masks: np.ndarray, *, grid_points: bool,
-         reverse_channels: bool, start_iter: int = 0, seed: int = 0,
-         loss_coords: np.ndarray | None = None) -> dict[str, Any]:
+def _run(
+    model: Any,
+    inputs: dict,
+    masks: np.ndarray,
+    *,
+    grid_points: bool,
+    reverse_channels: bool,
+    start_iter: int = 0,
+    seed: int = 0,
+    loss_coords: np.ndarray | None = None,
+) -> dict[str, Any]:
   """One official training forward: weighted loss dict, matchings and warm-up counters."""
   import torch  # pylint: disable=g-import-not-at-top
+
   common.seed_everything(seed)
-  batched, kept_slots = _batched_inputs(inputs["frames"], masks, inputs["labels"],
-                                        inputs["instance_valid"], reverse_channels)
-  model.sem_seg_head.outputs = official_outputs(dequantize(inputs["pred_logits_q"]),
-                                                dequantize(inputs["pred_masks_q"]))
+  batched, kept_slots = _batched_inputs(
+      inputs["frames"], masks, inputs["labels"], inputs["instance_valid"], reverse_channels
+  )
+  model.sem_seg_head.outputs = official_outputs(
+      dequantize(inputs["pred_logits_q"]), dequantize(inputs["pred_masks_q"])
+  )
   model.criterion._iter.fill_(start_iter)  # pylint: disable=protected-access
   with _recording(model, grid_points, loss_coords, kept_slots) as record, torch.no_grad():
     losses = model(batched)
   query, cost = _matching_arrays(record, kept_slots, inputs["labels"].shape[1])
-  return {"losses": {k: float(v) for k, v in losses.items()}, "query_index": query,
-          "costs": cost, "iters": np.asarray(_stacking_order(record["iters"]), np.int32)}
+  return {
+      "losses": {k: float(v) for k, v in losses.items()},
+      "query_index": query,
+      "costs": cost,
+      "iters": np.asarray(_stacking_order(record["iters"]), np.int32),
+  }
 
 
 def _loss_table(runs: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -449,7 +514,7 @@ def box_masks_full(boxes: np.ndarray, box_valid: np.ndarray) -> np.ndarray:
   out = np.zeros(boxes.shape[:-1] + (HEIGHT, WIDTH), bool)
   for index in zip(*np.nonzero(box_valid)):
     x1, y1, x2, y2 = boxes[index].astype(int)
-    out[index][max(y1, 0):y2, max(x1, 0):x2] = True
+    out[index][max(y1, 0) : y2, max(x1, 0) : x2] = True
   return out
 
 
@@ -463,8 +528,10 @@ def run_official_box(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   # The official forward gets the RGB frames (INPUT.FORMAT RGB) and computes Lab after reversing
   # their channels: this project's `mask_free.lab_reverse_channels=True`. The `bgr_input` run feeds
   # it BGR frames instead, so its Lab is that of the true colours (`lab_reverse_channels=False`).
-  runs = [_run(model, inputs, masks, grid_points=True, reverse_channels=False, start_iter=it)
-          for it in WARMUP_START_ITERS]
+  runs = [
+      _run(model, inputs, masks, grid_points=True, reverse_channels=False, start_iter=it)
+      for it in WARMUP_START_ITERS
+  ]
   sampled = _run(model, inputs, masks, grid_points=False, reverse_channels=False, seed=0)
   bgr_input = _run(model, inputs, masks, grid_points=True, reverse_channels=True)
   names, table = _loss_table(runs)
@@ -472,15 +539,24 @@ def run_official_box(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   cost_noise = np.nanmax(np.abs(sampled["costs"] - runs[0]["costs"]))
   arrays = dict(inputs)
   arrays.update(
-      official_losses=table, official_iters=np.stack([r["iters"] for r in runs]),
-      official_query_index=runs[0]["query_index"], official_costs=runs[0]["costs"],
-      sampled_query_index=sampled["query_index"], sampled_costs=sampled["costs"],
-      sampled_losses=sampled_table[0], bgr_input_losses=sampled_table[1])
-  meta = dict(common.official_provenance(), loss_names=names,
-              warmup_start_iters=list(WARMUP_START_ITERS), logit_scale=LOGIT_SCALE,
-              lab_input="official_losses: RGB frames (Lab of BGR, lab_reverse_channels=True); "
-              "bgr_input_losses: BGR frames (Lab of RGB, lab_reverse_channels=False)",
-              sampled_cost_max_abs_diff=float(cost_noise))
+      official_losses=table,
+      official_iters=np.stack([r["iters"] for r in runs]),
+      official_query_index=runs[0]["query_index"],
+      official_costs=runs[0]["costs"],
+      sampled_query_index=sampled["query_index"],
+      sampled_costs=sampled["costs"],
+      sampled_losses=sampled_table[0],
+      bgr_input_losses=sampled_table[1],
+  )
+  meta = dict(
+      common.official_provenance(),
+      loss_names=names,
+      warmup_start_iters=list(WARMUP_START_ITERS),
+      logit_scale=LOGIT_SCALE,
+      lab_input="official_losses: RGB frames (Lab of BGR, lab_reverse_channels=True); "
+      "bgr_input_losses: BGR frames (Lab of RGB, lab_reverse_channels=False)",
+      sampled_cost_max_abs_diff=float(cost_noise),
+  )
   common.save_fixture(out_dir / "parity_criterion_box.npz", arrays, meta)
   _report("box", names, table[0], sampled_table[:1], cost_noise, runs[0], sampled)
 
@@ -493,10 +569,18 @@ def run_official_mask(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   masks &= inputs["instance_valid"][:, :, None, None, None]
   model = _official_model(num_frames=4)
   grid = _run(model, inputs, masks, grid_points=True, reverse_channels=False)
-  sampled = [_run(model, inputs, masks, grid_points=False, reverse_channels=False, seed=s)
-             for s in range(3)]
-  given = _run(model, inputs, masks, grid_points=True, reverse_channels=False,
-               loss_coords=inputs["points_coords"])
+  sampled = [
+      _run(model, inputs, masks, grid_points=False, reverse_channels=False, seed=s)
+      for s in range(3)
+  ]
+  given = _run(
+      model,
+      inputs,
+      masks,
+      grid_points=True,
+      reverse_channels=False,
+      loss_coords=inputs["points_coords"],
+  )
   names, table = _loss_table([grid])
   _, sampled_table = _loss_table(sampled)
   _, given_table = _loss_table([given])
@@ -504,14 +588,26 @@ def run_official_mask(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   cost_noise = np.nanmax(np.abs(sampled[0]["costs"] - grid["costs"]))
   arrays = dict(inputs)
   arrays.update(
-      official_losses=table, official_query_index=grid["query_index"],
-      official_costs=grid["costs"], sampled_query_index=sampled[0]["query_index"],
-      sampled_costs=sampled[0]["costs"], sampled_losses=sampled_table,
-      points_losses=given_table[0], importance_coords=importance_coords)
-  meta = dict(common.official_provenance(), loss_names=names, logit_scale=LOGIT_SCALE,
-              sampled_cost_max_abs_diff=float(cost_noise),
-              importance=dict(num_points=IMPORTANCE_POINTS, oversample_ratio=OVERSAMPLE,
-                              importance_sample_ratio=IMPORTANCE_RATIO))
+      official_losses=table,
+      official_query_index=grid["query_index"],
+      official_costs=grid["costs"],
+      sampled_query_index=sampled[0]["query_index"],
+      sampled_costs=sampled[0]["costs"],
+      sampled_losses=sampled_table,
+      points_losses=given_table[0],
+      importance_coords=importance_coords,
+  )
+  meta = dict(
+      common.official_provenance(),
+      loss_names=names,
+      logit_scale=LOGIT_SCALE,
+      sampled_cost_max_abs_diff=float(cost_noise),
+      importance=dict(
+          num_points=IMPORTANCE_POINTS,
+          oversample_ratio=OVERSAMPLE,
+          importance_sample_ratio=IMPORTANCE_RATIO,
+      ),
+  )
   common.save_fixture(out_dir / "parity_criterion_mask.npz", arrays, meta)
   _report("mask", names, table[0], sampled_table, cost_noise, grid, sampled[0])
 
@@ -521,34 +617,55 @@ def _official_importance_coords(inputs: dict) -> np.ndarray:
   import torch  # pylint: disable=g-import-not-at-top
   from detectron2.projects.point_rend import point_features  # pylint: disable=g-import-not-at-top
   from mask2former_video.modeling import criterion as criterion_module  # pylint: disable=g-import-not-at-top
-  draws = [torch.from_numpy(inputs["importance_candidates"]),
-           torch.from_numpy(inputs["importance_random"])]
+
+  draws = [
+      torch.from_numpy(inputs["importance_candidates"]),
+      torch.from_numpy(inputs["importance_random"]),
+  ]
   original_rand = torch.rand
   torch.rand = lambda *shape, **kw: draws.pop(0)
   try:
     coords = point_features.get_uncertain_point_coords_with_randomness(
         torch.from_numpy(dequantize(inputs["importance_logits_q"]))[:, None],
-        criterion_module.calculate_uncertainty, IMPORTANCE_POINTS, OVERSAMPLE, IMPORTANCE_RATIO)
+        criterion_module.calculate_uncertainty,
+        IMPORTANCE_POINTS,
+        OVERSAMPLE,
+        IMPORTANCE_RATIO,
+    )
   finally:
     torch.rand = original_rand
   assert not draws
   return coords.numpy()
 
 
-def _report(mode: str, names: list, dense: np.ndarray, sampled: np.ndarray, cost_noise: float,
-            grid_run: dict, sampled_run: dict) -> None:
+def _report(
+    mode: str,
+    names: list,
+    dense: np.ndarray,
+    sampled: np.ndarray,
+    cost_noise: float,
+    grid_run: dict,
+    sampled_run: dict,
+) -> None:
   """Prints the measured size of the point-sampling differences (for docs/parity.md)."""
   nonzero = np.abs(dense) > 0
   rel = np.abs(sampled - dense)[:, nonzero] / np.abs(dense[nonzero])
-  same = np.mean((grid_run["query_index"] == sampled_run["query_index"])[
-      grid_run["query_index"] >= 0])
-  print(json.dumps({
-      "mode": mode, "sampled_cost_max_abs_diff": round(float(cost_noise), 5),
-      "sampled_loss_rel_diff_max": round(float(rel.max()), 5),
-      "sampled_loss_rel_diff_median": round(float(np.median(rel)), 5),
-      "matches_equal_fraction": round(float(same), 4),
-      "worst_terms": [names[i] for i in np.argsort(-rel.max(0))[:3]] if rel.size else [],
-  }), flush=True)
+  same = np.mean(
+      (grid_run["query_index"] == sampled_run["query_index"])[grid_run["query_index"] >= 0]
+  )
+  print(
+      json.dumps(
+          {
+              "mode": mode,
+              "sampled_cost_max_abs_diff": round(float(cost_noise), 5),
+              "sampled_loss_rel_diff_max": round(float(rel.max()), 5),
+              "sampled_loss_rel_diff_median": round(float(np.median(rel)), 5),
+              "matches_equal_fraction": round(float(same), 4),
+              "worst_terms": [names[i] for i in np.argsort(-rel.max(0))[:3]] if rel.size else [],
+          }
+      ),
+      flush=True,
+  )
 
 
 def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:

@@ -8,6 +8,7 @@ mode with a stub backbone and head returning those outputs (the upsampling to th
 crop and the resize to the original size, top-10 and thresholding all run as released) and writes
 `tests/fixtures/parity_inference.npz`.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -48,6 +49,7 @@ def make_inputs(workdir: pathlib.Path) -> None:
 
 def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   import torch  # pylint: disable=g-import-not-at-top
+
   with np.load(workdir / "inference_inputs.npz") as data:
     inputs = {k: data[k] for k in data.files}
   model = criterion_case._official_model(num_frames=NUM_FRAMES).eval()  # pylint: disable=protected-access
@@ -56,8 +58,10 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
     logits = criterion_case.dequantize(inputs[f"{name}_pred_logits_q"])
     masks = criterion_case.dequantize(inputs[f"{name}_pred_masks_q"])
     # The official eval forward takes the first clip of the batch: [1, Q, ...].
-    model.sem_seg_head.outputs = {"pred_logits": torch.from_numpy(logits[None]),
-                                  "pred_masks": torch.from_numpy(masks[None])}
+    model.sem_seg_head.outputs = {
+        "pred_logits": torch.from_numpy(logits[None]),
+        "pred_masks": torch.from_numpy(masks[None]),
+    }
     frames = [torch.zeros((3,) + image_size, dtype=torch.uint8) for _ in range(NUM_FRAMES)]
     batched = [{"image": frames, "height": original_size[0], "width": original_size[1]}]
     with torch.no_grad():
@@ -68,8 +72,12 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
     arrays[f"{name}_labels"] = np.asarray(out["pred_labels"], np.int32)[order]
     arrays[f"{name}_masks_packed"] = np.packbits(out_masks, axis=-1)
     arrays[f"{name}_sizes"] = np.asarray([image_size, original_size, PADDED_SIZE], np.int32)
-  meta = dict(common.official_provenance(), cases=list(CASES), logit_scale=criterion_case.LOGIT_SCALE,
-              sizes="rows: resized image size, original size, padded input size")
+  meta = dict(
+      common.official_provenance(),
+      cases=list(CASES),
+      logit_scale=criterion_case.LOGIT_SCALE,
+      sizes="rows: resized image size, original size, padded input size",
+  )
   common.save_fixture(out_dir / "parity_inference.npz", arrays, meta)
 
 

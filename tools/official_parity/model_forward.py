@@ -9,6 +9,7 @@ part of the frames: its own normalisation and `ImageList` padding to a multiple 
 `sem_seg_head` records the raw outputs of all 10 predictions. Writes
 tests/fixtures/parity_model_forward.npz.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -23,8 +24,9 @@ FIXTURE_NAME = "parity_model_forward.npz"
 MASK_QUERIES = (0, 14, 28, 42, 57, 71, 85, 99)
 
 
-def official_raw_outputs(model, frames: np.ndarray, valid_size: tuple[int, int]
-                         ) -> dict[str, np.ndarray]:
+def official_raw_outputs(
+    model, frames: np.ndarray, valid_size: tuple[int, int]
+) -> dict[str, np.ndarray]:
   """One clip through the official eval forward; the head's outputs, predictions stacked.
 
   Args:
@@ -36,6 +38,7 @@ def official_raw_outputs(model, frames: np.ndarray, valid_size: tuple[int, int]
     pred_logits [L, Q, C + 1] and pred_masks [L, Q, T, h, w] (layer L - 1 is the final one).
   """
   import torch  # pylint: disable=g-import-not-at-top
+
   height, width = valid_size
   captured = {}
   hook = model.sem_seg_head.register_forward_hook(lambda m, i, out: captured.update(out))
@@ -61,13 +64,22 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
     out = official_raw_outputs(model, clip, valid_size)
     logits.append(out["pred_logits"])
     masks.append(out["pred_masks"][:, list(MASK_QUERIES)])
-  common.save_fixture(out_dir / FIXTURE_NAME, {
-      "frames": inputs["frames"], "image_valid": inputs["image_valid"],
-      "pred_logits": np.stack(logits, 1),  # [L, B, Q, C + 1]
-      "pred_masks": np.stack(masks, 1),  # [L, B, len(MASK_QUERIES), T, H/4, W/4]
-      "mask_queries": np.asarray(MASK_QUERIES, np.int32),
-  }, {"config": common.R50_YTVIS19_CONFIG, "variables_seed": common.R50_VARIABLES_SEED,
-      "state_dict_sha256": str(inputs["state_dict_sha256"]), **common.official_provenance()})
+  common.save_fixture(
+      out_dir / FIXTURE_NAME,
+      {
+          "frames": inputs["frames"],
+          "image_valid": inputs["image_valid"],
+          "pred_logits": np.stack(logits, 1),  # [L, B, Q, C + 1]
+          "pred_masks": np.stack(masks, 1),  # [L, B, len(MASK_QUERIES), T, H/4, W/4]
+          "mask_queries": np.asarray(MASK_QUERIES, np.int32),
+      },
+      {
+          "config": common.R50_YTVIS19_CONFIG,
+          "variables_seed": common.R50_VARIABLES_SEED,
+          "state_dict_sha256": str(inputs["state_dict_sha256"]),
+          **common.official_provenance(),
+      },
+  )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Official python only:
 
   python -m tools.official_parity.state_dict --stage official --workdir /tmp/op --out tests/fixtures
 """
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,13 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
       "state_dict": state_dict,
       "optimizer": {
           "type": type(optimizer).__mro__[1].__name__,  # AdamW under the clipping wrapper
-          "base_lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
+          "base_lr": cfg.SOLVER.BASE_LR,
+          "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
           "backbone_multiplier": cfg.SOLVER.BACKBONE_MULTIPLIER,
-          "clip_gradients": {"type": cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
-                             "value": cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE},
+          "clip_gradients": {
+              "type": cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
+              "value": cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE,
+          },
           "groups": groups,
       },
       "provenance": common.official_provenance(),

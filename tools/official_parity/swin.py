@@ -16,17 +16,21 @@ Two stages (the project's python makes the weights and inputs, the official pyth
   cd /tmp/official/src/mfvis && PYTHONPATH=/work/main /tmp/official/python \\
       -m tools.official_parity.swin --stage official --workdir /tmp/op_swin --out /work/main/tests/fixtures
 """
+
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
 from tools.official_parity import common
 
-SWINL_YTVIS19_CONFIG = "configs/youtubevis_2019/swin/video_maskformer2_swin_large_IN21k_384_bs16_8ep.yaml"
+SWINL_YTVIS19_CONFIG = (
+    "configs/youtubevis_2019/swin/video_maskformer2_swin_large_IN21k_384_bs16_8ep.yaml"
+)
 STATE_DICT_FIXTURE = "official_swinl_ytvis19_state_dict.json"
 
 # backbone: D2SwinTransformer alone on normalised images [N, 3, H, W];
@@ -34,15 +38,23 @@ STATE_DICT_FIXTURE = "official_swinl_ytvis19_state_dict.json"
 # Sizes are not multiples of the window (x patch 4): every stage pads, the shifted blocks mask
 # padded windows, patch merging pads odd sizes; 70 x 102 is not even a multiple of the patch.
 CASES = {
-    "swint_backbone": dict(preset="swint", part="backbone", seed=7, height=70, width=102,
-                           frames=1),
+    "swint_backbone": dict(preset="swint", part="backbone", seed=7, height=70, width=102, frames=1),
     "swinl_model": dict(preset="swinl", part="model", seed=11, height=64, width=96, frames=2),
 }
 # MODEL.SWIN overrides that turn the Swin-L config into the preset's backbone.
 _SWIN_OPTS = {
-    "swint": ["MODEL.SWIN.EMBED_DIM", "96", "MODEL.SWIN.DEPTHS", "[2, 2, 6, 2]",
-              "MODEL.SWIN.NUM_HEADS", "[3, 6, 12, 24]", "MODEL.SWIN.WINDOW_SIZE", "7",
-              "MODEL.SWIN.PRETRAIN_IMG_SIZE", "224"],
+    "swint": [
+        "MODEL.SWIN.EMBED_DIM",
+        "96",
+        "MODEL.SWIN.DEPTHS",
+        "[2, 2, 6, 2]",
+        "MODEL.SWIN.NUM_HEADS",
+        "[3, 6, 12, 24]",
+        "MODEL.SWIN.WINDOW_SIZE",
+        "7",
+        "MODEL.SWIN.PRETRAIN_IMG_SIZE",
+        "224",
+    ],
     "swinl": [],
 }
 
@@ -61,6 +73,7 @@ def case_state_dict(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
   from maskfreevis_jax import export  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.export import testing  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.models import get_model_config  # pylint: disable=g-import-not-at-top
+
   config = get_model_config(case["preset"])
   variables = testing.random_variables(config, seed=case["seed"])
   state_dict, _ = export.export_state_dict(variables, config)
@@ -70,18 +83,23 @@ def case_state_dict(case: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def make_inputs(workdir: pathlib.Path) -> None:
   from maskfreevis_jax import export  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax.export import testing  # pylint: disable=g-import-not-at-top
+
   for name, case in CASES.items():
     state_dict = case_state_dict(case)
     prefix = "backbone." if case["part"] == "backbone" else ""
     state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     export.save_state_dict(state_dict, workdir / f"{name}.pth")
-    (workdir / f"{name}.json").write_text(json.dumps(
-        {"sha256": testing.state_dict_sha256(state_dict), "num_tensors": len(state_dict)}))
+    (workdir / f"{name}.json").write_text(
+        json.dumps(
+            {"sha256": testing.state_dict_sha256(state_dict), "num_tensors": len(state_dict)}
+        )
+    )
     print(f"{name}: {len(state_dict)} tensors", flush=True)
 
 
 def _normalised(frames: np.ndarray, cfg: Any) -> Any:
   import torch  # pylint: disable=g-import-not-at-top
+
   x = torch.from_numpy(frames.astype(np.float32)).permute(0, 3, 1, 2)
   mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
   std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
@@ -90,6 +108,7 @@ def _normalised(frames: np.ndarray, cfg: Any) -> Any:
 
 def _write_state_dict_listing(out_dir: pathlib.Path) -> None:
   import torch  # pylint: disable=g-import-not-at-top
+
   common.seed_everything(0)
   cfg = common.official_cfg(SWINL_YTVIS19_CONFIG)
   model = common.build_official_model(cfg)
@@ -100,10 +119,17 @@ def _write_state_dict_listing(out_dir: pathlib.Path) -> None:
       "num_parameters": sum(p.numel() for p in model.parameters()),
       "num_state_keys": len(state),
       "state_dict": {k: list(v.shape) for k, v in state.items()},
-      "non_float32": {k: str(v.dtype).replace("torch.", "") for k, v in state.items()
-                      if v.dtype != torch.float32},
-      "optimizer": {"base_lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
-                    "backbone_multiplier": cfg.SOLVER.BACKBONE_MULTIPLIER, "groups": groups},
+      "non_float32": {
+          k: str(v.dtype).replace("torch.", "")
+          for k, v in state.items()
+          if v.dtype != torch.float32
+      },
+      "optimizer": {
+          "base_lr": cfg.SOLVER.BASE_LR,
+          "weight_decay": cfg.SOLVER.WEIGHT_DECAY,
+          "backbone_multiplier": cfg.SOLVER.BACKBONE_MULTIPLIER,
+          "groups": groups,
+      },
       "provenance": common.official_provenance(),
   }
   path = out_dir / STATE_DICT_FIXTURE
@@ -114,6 +140,7 @@ def _write_state_dict_listing(out_dir: pathlib.Path) -> None:
 def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   from mask2former.modeling.backbone.swin import D2SwinTransformer  # pylint: disable=g-import-not-at-top
+
   out_dir.mkdir(parents=True, exist_ok=True)
   _write_state_dict_listing(out_dir)
   for name, case in CASES.items():
@@ -128,8 +155,9 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
       if case["part"] == "backbone":
         backbone = D2SwinTransformer(cfg, None)
         backbone.eval()  # its train() override returns None, so no chaining
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in state_dict.items()},
-                                 strict=True)
+        backbone.load_state_dict(
+            {k[len("backbone.") :]: v for k, v in state_dict.items()}, strict=True
+        )
         for key, value in backbone(x).items():
           arrays[key] = value.permute(0, 2, 3, 1).numpy()  # NHWC like the Flax backbone
       else:
@@ -137,11 +165,18 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
         model.load_state_dict(state_dict, strict=True)
         outputs = model.sem_seg_head(model.backbone(x))  # eval: the T frames form one clip
         arrays["pred_logits"] = torch.stack(
-            [o["pred_logits"] for o in outputs["aux_outputs"]] + [outputs["pred_logits"]]).numpy()
+            [o["pred_logits"] for o in outputs["aux_outputs"]] + [outputs["pred_logits"]]
+        ).numpy()
         arrays["pred_masks_final"] = outputs["pred_masks"].numpy()  # [1, Q, T, H/4, W/4]
-    meta = dict(case, name=name, sha256=info["sha256"], num_tensors=info["num_tensors"],
-                config=SWINL_YTVIS19_CONFIG, swin_opts=_SWIN_OPTS[case["preset"]],
-                **common.official_provenance())
+    meta = dict(
+        case,
+        name=name,
+        sha256=info["sha256"],
+        num_tensors=info["num_tensors"],
+        config=SWINL_YTVIS19_CONFIG,
+        swin_opts=_SWIN_OPTS[case["preset"]],
+        **common.official_provenance(),
+    )
     common.save_fixture(out_dir / f"parity_swin_{name}.npz", arrays, meta)
 
 

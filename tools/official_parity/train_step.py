@@ -15,6 +15,7 @@ the Hungarian matching has near-ties, so a flipped match would swamp the optimiz
 (class log-probabilities and mask probabilities of every layer, weighted by fixed random
 coefficients); `tests/test_parity_model.py` computes the same formula in jax.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -42,14 +43,19 @@ TRACKED_PARAMETERS = (
 )
 
 
-def loss_coefficients(num_queries: int, num_classes: int, num_frames: int, height: int,
-                      width: int) -> dict[str, np.ndarray]:
+def loss_coefficients(
+    num_queries: int, num_classes: int, num_frames: int, height: int, width: int
+) -> dict[str, np.ndarray]:
   """Fixed random coefficients of the parity loss (float32, from LOSS_SEED)."""
   rng = np.random.default_rng(LOSS_SEED)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-  return {"class_weights": normal(num_queries, num_classes + 1),
-          "query_weights": normal(num_queries), "frame_weights": normal(num_frames),
-          "row_weights": normal(height), "col_weights": normal(width)}
+  return {
+      "class_weights": normal(num_queries, num_classes + 1),
+      "query_weights": normal(num_queries),
+      "frame_weights": normal(num_frames),
+      "row_weights": normal(height),
+      "col_weights": normal(width),
+  }
 
 
 def parity_loss_torch(pred_logits, pred_masks, coefficients):
@@ -62,9 +68,11 @@ def parity_loss_torch(pred_logits, pred_masks, coefficients):
       = query_weights[q] * frame_weights[t] * row_weights[y] * col_weights[x].
   """
   import torch  # pylint: disable=g-import-not-at-top
+
   c = {k: torch.as_tensor(v) for k, v in coefficients.items()}
-  mask_weights = torch.einsum("q,t,y,x->qtyx", c["query_weights"], c["frame_weights"],
-                              c["row_weights"], c["col_weights"])
+  mask_weights = torch.einsum(
+      "q,t,y,x->qtyx", c["query_weights"], c["frame_weights"], c["row_weights"], c["col_weights"]
+  )
   class_term = (torch.log_softmax(pred_logits, -1) * c["class_weights"]).mean((1, 2, 3))
   mask_term = (torch.sigmoid(pred_masks) * mask_weights).mean((1, 2, 3, 4, 5))
   return (class_term + mask_term).sum()
@@ -95,8 +103,9 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   layers = list(outputs["aux_outputs"]) + [outputs]
   pred_logits = torch.stack([o["pred_logits"] for o in layers])
   pred_masks = torch.stack([o["pred_masks"] for o in layers])
-  coefficients = loss_coefficients(pred_masks.shape[2], pred_logits.shape[-1] - 1,
-                                   *pred_masks.shape[3:])
+  coefficients = loss_coefficients(
+      pred_masks.shape[2], pred_logits.shape[-1] - 1, *pred_masks.shape[3:]
+  )
   loss = parity_loss_torch(pred_logits, pred_masks, coefficients)
   optimizer.zero_grad()
   loss.backward()
@@ -109,19 +118,28 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   optimizer.step()  # clips the full model's gradients to norm 0.01, then AdamW
   group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
-  arrays = {"frames": inputs["frames"], "image_valid": inputs["image_valid"],
-            "loss": np.float64(loss.item()), "grad_norm": np.float64(grad_norm.item()),
-            **coefficients}
+  arrays = {
+      "frames": inputs["frames"],
+      "image_valid": inputs["image_valid"],
+      "loss": np.float64(loss.item()),
+      "grad_norm": np.float64(grad_norm.item()),
+      **coefficients,
+  }
   for key in TRACKED_PARAMETERS:
     arrays[f"grad/{key}"] = grads[key].numpy()
     arrays[f"update/{key}"] = (params[key].detach() - before[key]).numpy()
   meta = {
-      "config": common.R50_YTVIS19_CONFIG, "variables_seed": common.R50_VARIABLES_SEED,
+      "config": common.R50_YTVIS19_CONFIG,
+      "variables_seed": common.R50_VARIABLES_SEED,
       "state_dict_sha256": str(inputs["state_dict_sha256"]),
-      "num_parameters_with_grad": len(with_grad), "num_parameters": len(params),
-      "groups": {k: [group_of[id(params[k])]["lr"], group_of[id(params[k])]["weight_decay"]]
-                 for k in TRACKED_PARAMETERS},
-      **common.official_provenance()}
+      "num_parameters_with_grad": len(with_grad),
+      "num_parameters": len(params),
+      "groups": {
+          k: [group_of[id(params[k])]["lr"], group_of[id(params[k])]["weight_decay"]]
+          for k in TRACKED_PARAMETERS
+      },
+      **common.official_provenance(),
+  }
   common.save_fixture(out_dir / FIXTURE_NAME, arrays, meta)
 
 

@@ -9,6 +9,7 @@ first) with fixed parameters, to the frame (`apply_image`), the mask
 (`apply_segmentation`) and the boxes (`detection_utils.transform_instance_annotations`), and writes
 `tests/fixtures/parity_transforms.npz`.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -29,12 +30,14 @@ CASES = {
     "crop_rotate_flip": (False, 96, 768, True, -7.75, (0.52, 0.47), (150, (21, 37), (100, 140))),
 }
 # x1, y1, x2, y2 in the 90x120 landscape frame; the last one reaches out of the frame once rotated.
-BOXES = np.array([[10.0, 12.0, 50.0, 70.0], [60.5, 30.25, 110.0, 60.0], [0.0, 0.0, 120.0, 90.0]],
-                 np.float32)
+BOXES = np.array(
+    [[10.0, 12.0, 50.0, 70.0], [60.5, 30.25, 110.0, 60.0], [0.0, 0.0, 120.0, 90.0]], np.float32
+)
 
 
 def make_inputs(workdir: pathlib.Path) -> None:
   from skimage import data  # pylint: disable=g-import-not-at-top
+
   frame = np.ascontiguousarray(data.coffee()[150:240, 240:360])  # [90, 120, 3]
   mask = np.zeros(frame.shape[:2], np.uint8)
   yy, xx = np.mgrid[0:90, 0:120]
@@ -45,8 +48,11 @@ def make_inputs(workdir: pathlib.Path) -> None:
 def _oriented(frame: np.ndarray, mask: np.ndarray, boxes: np.ndarray, transpose: bool):
   if not transpose:
     return frame, mask, boxes
-  return (np.ascontiguousarray(frame.transpose(1, 0, 2)), np.ascontiguousarray(mask.T),
-          boxes[:, [1, 0, 3, 2]])
+  return (
+      np.ascontiguousarray(frame.transpose(1, 0, 2)),
+      np.ascontiguousarray(mask.T),
+      boxes[:, [1, 0, 3, 2]],
+  )
 
 
 def oriented_inputs(arrays: dict, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,6 +65,7 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
   from detectron2.data import transforms as T  # pylint: disable=g-import-not-at-top
   from detectron2.structures import BoxMode  # pylint: disable=g-import-not-at-top
   from mask2former_video.data_video import augmentation  # pylint: disable=g-import-not-at-top
+
   with np.load(workdir / "transforms_inputs.npz") as data:
     inputs = {k: data[k] for k in data.files}
   arrays = dict(inputs)
@@ -81,20 +88,29 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
       transforms.append(T.HFlipTransform(new_w))
     if angle:
       # RandomRotationClip: centre drawn relative to the frame, made absolute (x, y).
-      transforms.append(T.RotationTransform(new_h, new_w, angle, expand=False,
-                                            center=(new_w * center[0], new_h * center[1])))
+      transforms.append(
+          T.RotationTransform(
+              new_h, new_w, angle, expand=False, center=(new_w * center[0], new_h * center[1])
+          )
+      )
     transform_list = T.TransformList(transforms)
-    annos = [{"bbox": box.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}
-             for box in boxes]
-    out_boxes = [detection_utils.transform_instance_annotations(a, transform_list, (new_h, new_w))
-                 ["bbox"] for a in annos]
+    annos = [
+        {"bbox": box.tolist(), "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0} for box in boxes
+    ]
+    out_boxes = [
+        detection_utils.transform_instance_annotations(a, transform_list, (new_h, new_w))["bbox"]
+        for a in annos
+    ]
     arrays[f"{name}_frame"] = transform_list.apply_image(frame)
     arrays[f"{name}_mask"] = transform_list.apply_segmentation(mask)
     arrays[f"{name}_boxes"] = np.asarray(out_boxes, np.float64)
     arrays[f"{name}_size"] = np.asarray([height, width, new_h, new_w], np.int32)
-  meta = dict(common.official_provenance(), cases={k: list(v[1:]) for k, v in CASES.items()},
-              case_fields="short side, max size, flip, angle, centre (x, y) relative, crop "
-              "(pre-resize short side, (y, x), (h, w)) or null")
+  meta = dict(
+      common.official_provenance(),
+      cases={k: list(v[1:]) for k, v in CASES.items()},
+      case_fields="short side, max size, flip, angle, centre (x, y) relative, crop "
+      "(pre-resize short side, (y, x), (h, w)) or null",
+  )
   common.save_fixture(out_dir / "parity_transforms.npz", arrays, meta)
 
 
