@@ -174,6 +174,8 @@ def main(argv=None) -> None:
   if args.child:
     run_one(args)
     return
+  if args.videos < 1:
+    parser.error(f"--videos must be at least 1, got {args.videos}")
   if not args.random_init and not args.workdir:
     parser.error("pass --workdir of a trained run, or --random_init for a smoke check")
 
