@@ -53,11 +53,16 @@ _BOOKKEEPING = (
 
 
 def stage1_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What stage-1 weights depend on: the model, criterion, optimizer, data and image set."""
+  """What stage-1 weights depend on: the model, criterion, optimizer, data, image set and the
+  still-image generator's format version."""
   keep = {k: config[k] for k in ("model", "criterion", "train", "data") if k in config}
   fingerprint = json.loads(ml_collections.ConfigDict(keep).to_json_best_effort(sort_keys=True))
   for key in _BOOKKEEPING:
     fingerprint.get("train", {}).pop(key, None)
+  # The generator's format too: weights trained on stills of an older format are stale.
+  from maskfreevis_jax.data import synthetic_images  # pylint: disable=g-import-not-at-top
+
+  fingerprint["stills_format_version"] = synthetic_images.FORMAT_VERSION
   return fingerprint
 
 

@@ -316,3 +316,46 @@ def test_synthetic_object_textures_never_come_from_the_background_photo(monkeypa
     renderer.video(np.random.default_rng(seed), length=2, max_objects=4)
   assert calls and all(index != excluded for index, excluded in calls)
   assert all(0 <= excluded < len(backgrounds) for _, excluded in calls)
+
+
+def _render_visible_objects(source: str, seed: int):
+  """(pixels uint8 [N, 3], label) of every object visible in one rendered sample of `source`."""
+  from maskfreevis_jax.data import synthetic_images  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  if source == "video":
+    frames, masks, labels = synthetic._Renderer(64, 64).video(rng, length=2, max_objects=4)
+    return [
+        (frames[t][m], labels[k])
+        for k, clip in enumerate(masks)
+        for t, m in enumerate(clip)
+        if m.sum() > 30
+    ]
+  if source == "long_video":
+    video = synthetic.LongVideo(3, seed=seed, frame_size=(64, 64), num_residents=3)
+    return [
+        (frame[visible[k]], video.labels[k])
+        for frame, visible in video.frames()
+        for k in range(len(video.labels))
+        if visible[k].sum() > 30
+    ]
+  pixels, masks, labels = synthetic_images._StillRenderer(64, 64).image(rng, max_objects=4)
+  return [(pixels[m], labels[k]) for k, m in enumerate(masks) if m.sum() > 30]
+
+
+@pytest.mark.parametrize("source", ["video", "long_video", "still"])
+def test_synthetic_objects_carry_their_class_hue(source):
+  # Classes differ in colour as real categories do (synthetic.CLASS_HUES): every visible object's
+  # median hue lies within the jitter (plus JPEG-free rounding) of its class's hue, and not
+  # within it of any other class's.
+  from skimage import color  # pylint: disable=g-import-not-at-top
+
+  objects = [o for seed in range(6) for o in _render_visible_objects(source, seed)]
+  assert len({label for _, label in objects}) >= 3, "too few classes drawn to test"
+  for pixels, label in objects:
+    hsv = color.rgb2hsv(pixels[None].astype(np.float64) / 255.0)[0]
+    saturated = hsv[:, 1] > 0.3  # near-grey pixels (dark texture) have no meaningful hue
+    hue = np.median(hsv[saturated, 0])
+    distance = np.abs((hue - np.asarray(synthetic.CLASS_HUES) + 0.5) % 1.0 - 0.5)
+    assert distance[label] <= synthetic.HUE_JITTER + 0.02, (label, hue)
+    assert np.argmin(distance) == label

@@ -145,6 +145,11 @@ def test_stage1_cache_is_reused(tmp_path, monkeypatch):
   two_stage.ensure_stage1(config, tmp_path / "stage1")
   assert len(calls) == 2 and first.read_bytes() != first_bytes
 
+  # Stills of a new generator format make the cached weights stale too.
+  assert two_stage.stage1_is_cached(tmp_path / "stage1", config)
+  monkeypatch.setattr(synthetic_images, "FORMAT_VERSION", synthetic_images.FORMAT_VERSION + 1)
+  assert not two_stage.stage1_is_cached(tmp_path / "stage1", config)
+
 
 @pytest.mark.slow
 def test_stage1_trains_and_exports(tmp_path):

@@ -6,8 +6,9 @@ the synthetic *videos* from boxes. So that the validation videos stay unseen, th
 other photographs than the video set (the grey scikit-image photos, colourised with a random
 two-colour map per image), another seed stream and their own placements. The objects are the
 same six shape classes as `synthetic.SHAPE_CLASSES` (same category names and ids, so the class
-head carries over), filled with a flat shaded colour or a texture from another photograph than
-the background, occluding each other and cut by the image border.
+head carries over) and the same class hues (`synthetic.paint_object`), filled with a flat shaded
+colour or a texture from another photograph than the background, occluding each other and cut by
+the image border.
 
 Layout written by `write_coco_instances`::
 
@@ -40,7 +41,7 @@ from maskfreevis_jax.data import ytvis_json
 STILL_PHOTOS = ("camera", "moon", "page", "text", "clock", "coins", "cell", "microaneurysms")
 MARKER_FILE = "_COMPLETE.json"
 JSON_NAME = "instances.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each class has its own hue (synthetic.CLASS_HUES)
 # Salt of the per-image seed stream: video seeds are [seed, split (0/1), index].
 _SEED_SALT = 0x51111
 
@@ -112,15 +113,15 @@ class _StillRenderer:
       mask = synthetic._shape_mask(synthetic.SHAPE_CLASSES[label], u, v, aspect)  # pylint: disable=protected-access
       labels.append(label)
       full[k] = mask
+      colouring = synthetic.object_colouring(rng, label)
       if rng.uniform() < 0.5:
         # Texture from another photo than the background's (never camouflaged in its own).
         other = synthetic._other_index(rng, len(self.photos), bg_index)  # pylint: disable=protected-access
         texture = self._crop(rng, other, h, w)
-        pixels[mask] = texture[mask]
+        pixels[mask] = synthetic.paint_object(colouring, None, texture[mask])
       else:
-        colour = rng.integers(0, 256, size=3).astype(np.float32)
         shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
-        pixels[mask] = (colour[None] * shade[:, None]).astype(np.uint8)
+        pixels[mask] = synthetic.paint_object(colouring, shade)
     # Later objects are drawn on top: visible mask = own mask minus everything above it.
     visible = full.copy()
     above = np.zeros((h, w), bool)
