@@ -359,3 +359,16 @@ def test_synthetic_objects_carry_their_class_hue(source):
     distance = np.abs((hue - np.asarray(synthetic.CLASS_HUES) + 0.5) % 1.0 - 0.5)
     assert distance[label] <= synthetic.HUE_JITTER + 0.02, (label, hue)
     assert np.argmin(distance) == label
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [
+        pytest.param({}, id="neither"),
+        pytest.param({"shade": np.ones(2), "texture": np.zeros((2, 3), np.uint8)}, id="both"),
+    ],
+)
+def test_paint_object_needs_exactly_one_fill(fill):
+  colouring = synthetic.object_colouring(np.random.default_rng(0), 0)
+  with pytest.raises(ValueError, match="exactly one of shade"):
+    synthetic.paint_object(colouring, **fill)

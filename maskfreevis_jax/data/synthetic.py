@@ -114,19 +114,24 @@ def object_colouring(rng: np.random.Generator, label: int) -> dict[str, float]:
 
 
 def paint_object(
-    colouring: dict[str, float], shade: np.ndarray, texture: np.ndarray | None = None
+    colouring: dict[str, float],
+    *,
+    shade: np.ndarray | None = None,
+    texture: np.ndarray | None = None,
 ) -> np.ndarray:
   """RGB of an object's N pixels in its colouring (`object_colouring`).
 
   Args:
     colouring: hue, saturation and value in [0, 1].
-    shade: float [N], the brightness factor of a flat fill.
-    texture: uint8 [N, 3] texture pixels (their brightness keeps the photo's detail), or None for
-      a flat fill of the colouring's value times `shade`.
+    shade: float [N], a flat fill: the colouring's value times `shade`.
+    texture: uint8 [N, 3] texture pixels instead: their brightness (keeping the photo's detail)
+      in the colouring's hue and saturation.
 
   Returns:
     uint8 [N, 3].
   """
+  if (shade is None) == (texture is None):
+    raise ValueError("paint_object needs exactly one of shade (flat fill) and texture")
   from skimage import color  # pylint: disable=g-import-not-at-top
 
   if texture is None:
@@ -230,10 +235,10 @@ class _Renderer:
           tex = self.textures[obj["texture"]]
           ty = (np.rint(v * radius).astype(int) + obj["tex_offset"][0]) % tex.shape[0]
           tx = (np.rint(u * radius).astype(int) + obj["tex_offset"][1]) % tex.shape[1]
-          frame[mask] = paint_object(obj["colouring"], None, tex[ty[mask], tx[mask]])
+          frame[mask] = paint_object(obj["colouring"], texture=tex[ty[mask], tx[mask]])
         else:
           shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
-          frame[mask] = paint_object(obj["colouring"], shade)
+          frame[mask] = paint_object(obj["colouring"], shade=shade)
       frames[t] = frame
     # Visible mask = own mask minus everything drawn above it.
     visible = full.copy()
@@ -665,10 +670,10 @@ class LongVideo:
           tex = renderer.textures[p["texture"]]
           ty = (np.rint(v * p["radius"]).astype(int) + p["tex_offset"][0]) % tex.shape[0]
           tx = (np.rint(u * p["radius"]).astype(int) + p["tex_offset"][1]) % tex.shape[1]
-          frame[mask] = paint_object(p["colouring"], None, tex[ty[mask], tx[mask]])
+          frame[mask] = paint_object(p["colouring"], texture=tex[ty[mask], tx[mask]])
         else:
           shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
-          frame[mask] = paint_object(p["colouring"], shade)
+          frame[mask] = paint_object(p["colouring"], shade=shade)
         visible[:, mask] = False
         visible[k] = mask
       yield frame, visible

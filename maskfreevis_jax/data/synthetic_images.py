@@ -118,10 +118,10 @@ class _StillRenderer:
         # Texture from another photo than the background's (never camouflaged in its own).
         other = synthetic._other_index(rng, len(self.photos), bg_index)  # pylint: disable=protected-access
         texture = self._crop(rng, other, h, w)
-        pixels[mask] = synthetic.paint_object(colouring, None, texture[mask])
+        pixels[mask] = synthetic.paint_object(colouring, texture=texture[mask])
       else:
         shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
-        pixels[mask] = synthetic.paint_object(colouring, shade)
+        pixels[mask] = synthetic.paint_object(colouring, shade=shade)
     # Later objects are drawn on top: visible mask = own mask minus everything above it.
     visible = full.copy()
     above = np.zeros((h, w), bool)
