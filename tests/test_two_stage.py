@@ -153,8 +153,11 @@ def test_stage1_cache_is_reused(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_stage1_trains_and_exports(tmp_path):
-  """The real stage 1 (3 steps, mask-supervised on 4 stills) exports weights stage 2 loads."""
+  """The real stage 1 (3 steps, mask-supervised on 8 stills) exports weights stage 2 loads."""
   config = _small_stage1_config()
+  # train() shards the batch over every device (8 forced CPU devices in the suite).
+  config.train.batch_size = jax.device_count()
+  config.data.stills.num_images = 8
   weights = two_stage.ensure_stage1(config, tmp_path / "stage1")
   stage2 = _small_stage2_config(tmp_path)
   iterator = train.build_train_iterator(stage2)
