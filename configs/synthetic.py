@@ -50,8 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.criterion.weights.loss_bound = 1.0
 
   config.train = train.default_train_config()
-  # 3200 steps: about 11 min at ~20 clips/s on 2 cores; the whole default (data generation,
-  # evaluation and overlays included) took 12.5 of its 15 minutes, AP 42.5 (docs/ablation.md).
+  # 3200 steps: about 8 min at ~25 clips/s on 2 cores; the whole default from a fresh clone (data
+  # generation, evaluation and overlays included) took 10.5 of its 15 minutes, AP 42.5
+  # (docs/ablation.md).
   config.train.steps = 3200
   config.train.batch_size = 4
   config.train.lr = 2e-4
