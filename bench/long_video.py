@@ -210,7 +210,8 @@ def main(argv=None) -> None:
   rows = []
   for length in args.lengths:
     datas = [
-        pathlib.Path(args.data_dir) / f"seed{seed}_{length}"
+        # The generator's format in the name: videos of an older format are not reused.
+        pathlib.Path(args.data_dir) / f"v{synthetic.FORMAT_VERSION}_seed{seed}_{length}"
         for seed in range(args.seed, args.seed + args.videos)
     ]
     gts = []
