@@ -162,6 +162,38 @@ class _Renderer:
     self.textures = [_resize_to_cover(p, tex_size, tex_size, margin=0.0) for p in photos]
     self.grid_y, self.grid_x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
 
+  def draw_object(
+      self,
+      frame: np.ndarray,
+      label: int,
+      appearance: dict[str, Any],
+      cy: float,
+      cx: float,
+      angle: float,
+      radius: float,
+  ) -> np.ndarray:
+    """Draws one object into `frame` (uint8 [H, W, 3], in place); returns its bool [H, W] mask.
+
+    `appearance` holds the object's aspect, colouring, texture index (-1: flat fill) and
+    texture offset.
+    """
+    dy, dx = self.grid_y - cy, self.grid_x - cx
+    cos, sin = np.cos(angle), np.sin(angle)
+    u = (cos * dx + sin * dy) / radius
+    v = (-sin * dx + cos * dy) / radius
+    mask = _shape_mask(SHAPE_CLASSES[label], u, v, appearance["aspect"])
+    if not mask.any():
+      return mask
+    if appearance["texture"] >= 0:
+      tex = self.textures[appearance["texture"]]
+      ty = (np.rint(v * radius).astype(int) + appearance["tex_offset"][0]) % tex.shape[0]
+      tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
+      frame[mask] = paint_object(appearance["colouring"], texture=tex[ty[mask], tx[mask]])
+    else:
+      shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
+      frame[mask] = paint_object(appearance["colouring"], shade=shade)
+    return mask
+
   def video(self, rng: np.random.Generator, length: int, max_objects: int):
     """Renders one video.
 
@@ -223,22 +255,7 @@ class _Renderer:
         radius = obj["radius"] * (1.0 + obj["growth"] * t)
         cy, cx = obj["cy"] + obj["vy"] * t, obj["cx"] + obj["vx"] * t
         angle = obj["angle"] + obj["spin"] * t
-        dy, dx = self.grid_y - cy, self.grid_x - cx
-        cos, sin = np.cos(angle), np.sin(angle)
-        u = (cos * dx + sin * dy) / radius
-        v = (-sin * dx + cos * dy) / radius
-        mask = _shape_mask(SHAPE_CLASSES[obj["label"]], u, v, obj["aspect"])
-        if not mask.any():
-          continue
-        full[k, t] = mask
-        if obj["texture"] >= 0:
-          tex = self.textures[obj["texture"]]
-          ty = (np.rint(v * radius).astype(int) + obj["tex_offset"][0]) % tex.shape[0]
-          tx = (np.rint(u * radius).astype(int) + obj["tex_offset"][1]) % tex.shape[1]
-          frame[mask] = paint_object(obj["colouring"], texture=tex[ty[mask], tx[mask]])
-        else:
-          shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
-          frame[mask] = paint_object(obj["colouring"], shade=shade)
+        full[k, t] = self.draw_object(frame, obj["label"], obj, cy, cx, angle, radius)
       frames[t] = frame
     # Visible mask = own mask minus everything drawn above it.
     visible = full.copy()
@@ -659,21 +676,9 @@ class LongVideo:
         p = obj.params
         cy, cx = self._centre(obj, t)
         angle = p["angle"] + p["spin"] * t
-        dy, dx = renderer.grid_y - cy, renderer.grid_x - cx
-        cos, sin = np.cos(angle), np.sin(angle)
-        u = (cos * dx + sin * dy) / p["radius"]
-        v = (-sin * dx + cos * dy) / p["radius"]
-        mask = _shape_mask(SHAPE_CLASSES[obj.label], u, v, p["aspect"])
+        mask = renderer.draw_object(frame, obj.label, p, cy, cx, angle, p["radius"])
         if not mask.any():
           continue
-        if p["texture"] >= 0:
-          tex = renderer.textures[p["texture"]]
-          ty = (np.rint(v * p["radius"]).astype(int) + p["tex_offset"][0]) % tex.shape[0]
-          tx = (np.rint(u * p["radius"]).astype(int) + p["tex_offset"][1]) % tex.shape[1]
-          frame[mask] = paint_object(p["colouring"], texture=tex[ty[mask], tx[mask]])
-        else:
-          shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
-          frame[mask] = paint_object(p["colouring"], shade=shade)
         visible[:, mask] = False
         visible[k] = mask
       yield frame, visible
