@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
 
 
@@ -29,7 +30,7 @@ def main() -> None:
   parser.add_argument("--with_masks", action="store_true")
   args = parser.parse_args()
 
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.synthetic.update(
       cache_dir=args.cache_dir,
       frame_size=(360, 640),

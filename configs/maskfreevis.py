@@ -44,42 +44,26 @@ from collections.abc import Callable
 
 import ml_collections
 
-from maskfreevis_jax import criterion
-from maskfreevis_jax import models
-from maskfreevis_jax import train
-from maskfreevis_jax.data import input_pipeline
+from maskfreevis_jax import defaults
 
-# Official DATASET_RATIO of train_net_video.py for DATASETS.TRAIN (COCO, video): [1.0, 0.75].
-COCO_STEP_FRACTION = 1.0 / (1.0 + 0.75)
+COCO_STEP_FRACTION = defaults.COCO_STEP_FRACTION
 
 
 def _base(num_classes: int, backbone: str, init_weights: str) -> ml_collections.ConfigDict:
   """Settings every release config shares (Base-YouTubeVIS-VideoInstanceSegmentation*.yaml)."""
-  config = ml_collections.ConfigDict()
-  config.mode = "train_and_evaluate"
-  config.init_from = ""  # A checkpoint file (.pkl / .pth / .safetensors) or 'none'.
+  config = defaults.get_config(backbone, num_classes)  # AdamW 1e-4, wd 0.05, backbone x0.1, ...
   # The release starts every row from COCO weights: the file it names (set per variant). A run
   # without init_from stops and names it.
   config.init_from_required = init_weights
-
-  config.model = models.get_model_config(backbone, num_classes=num_classes)
-  config.criterion = criterion.default_criterion_config()
-  config.criterion.num_classes = config.model.get_ref("num_classes")
   # Release quirk: Lab of `ds_image[[2, 1, 0]]` of RGB frames (docs/criterion.md).
   config.criterion.mask_free.lab_reverse_channels = True
-
-  config.train = train.default_train_config()  # AdamW 1e-4, wd 0.05, backbone x0.1, clip 0.01
   config.train.batch_size = 16  # SOLVER.IMS_PER_BATCH
   config.train.seed = 29118357  # SEED
-
-  config.data = input_pipeline.official_ytvis_data_config("", "", "", "")
+  config.data = defaults.official_ytvis_data()
   config.data.batch_size = config.train.get_ref("batch_size")
   config.data.num_frames = 3  # INPUT.SAMPLING_FRAME_NUM (mask2former_video/config.py)
   config.data.frame_range = 5  # INPUT.SAMPLING_FRAME_RANGE
   config.data.shuffle_frames = True  # INPUT.SAMPLING_FRAME_SHUFFLE
-
-  config.eval = train.default_eval_config()
-  config.sharding = train.default_sharding_config()
   return config
 
 

@@ -16,10 +16,7 @@ import pathlib
 
 import ml_collections
 
-from maskfreevis_jax import criterion
-from maskfreevis_jax import models
-from maskfreevis_jax import train
-from maskfreevis_jax.data import input_pipeline
+from maskfreevis_jax import defaults
 from maskfreevis_jax.data import synthetic
 
 NUM_CLASSES = len(synthetic.SHAPE_CLASSES)
@@ -30,17 +27,13 @@ FRAME_SIZE = 96  # frames, canvas and test size: 96x96 trains ~1.8x faster than 
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.mode = "train_and_evaluate"
+  config = defaults.get_config("tiny", NUM_CLASSES)
   config.init_from = str(STAGE1_WEIGHTS)  # 'none': from scratch
 
-  config.model = models.get_model_config("tiny", num_classes=NUM_CLASSES)
   # GroupNorm (8 groups: the stem has 16 channels), as in stage 1: there are no COCO statistics
   # to freeze, and FrozenBN would leave a from-scratch backbone unnormalised.
   config.model.backbone.norm = "gn"
   config.model.backbone.num_groups = 8
-  config.criterion = criterion.default_criterion_config()
-  config.criterion.num_classes = config.model.get_ref("num_classes")
   # Short run: the TK-loss warm-up (official 2000 layer calls = 200 of 6000 iterations for L=10)
   # is scaled to 400 layer calls = 100 iterations for the L=4 tiny model.
   config.criterion.mask_free.warmup_steps = 400
@@ -49,7 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
   # pairwise term, keeps them trainable (tests/test_tiny_training.py).
   config.criterion.weights.loss_bound = 1.0
 
-  config.train = train.default_train_config()
   # 3200 steps: about 8 min at ~25 clips/s on 2 cores; the whole default from a fresh clone (data
   # generation, evaluation and overlays included) took 10.5 of its 15 minutes, AP 42.5
   # (docs/ablation.md).
@@ -65,13 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.image_every = 0
 
-  config.data = input_pipeline.default_data_config()  # synthetic videos, 3 frames per clip
-  config.data.batch_size = config.train.get_ref("batch_size")
+  # Synthetic videos (the schema's default source), 3 frames per clip.
+  config.data.class_names = tuple(synthetic.SHAPE_CLASSES)
   config.data.synthetic.frame_size = (FRAME_SIZE, FRAME_SIZE)
   config.data.pad_size = (FRAME_SIZE, FRAME_SIZE)
   config.data.min_size_train = (64, 80, 96)
   config.data.min_size_test = FRAME_SIZE
-
-  config.eval = train.default_eval_config()
-  config.sharding = train.default_sharding_config()
   return config

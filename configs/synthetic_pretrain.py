@@ -12,26 +12,19 @@ through `init_from`:
 
 import ml_collections
 
-from maskfreevis_jax import criterion
-from maskfreevis_jax import models
-from maskfreevis_jax import train
-from maskfreevis_jax.data import input_pipeline
+from maskfreevis_jax import defaults
 from maskfreevis_jax.data import synthetic
 
 NUM_CLASSES = len(synthetic.SHAPE_CLASSES)
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+  config = defaults.get_config("tiny", NUM_CLASSES)
   config.mode = "train"
-  config.init_from = ""
 
   # Same model as stage 2 (configs/synthetic.py), so every tensor carries over.
-  config.model = models.get_model_config("tiny", num_classes=NUM_CLASSES)
   config.model.backbone.norm = "gn"
   config.model.backbone.num_groups = 8
-  config.criterion = criterion.default_criterion_config()
-  config.criterion.num_classes = config.model.get_ref("num_classes")
   config.criterion.mode = "mask"
   # Class weight 5 (official 2) in the loss and in the matching cost. With 2, the class
   # probabilities of the tiny model stay near uniform, so the matching is decided by the masks
@@ -42,7 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.criterion.weights.loss_ce = 5.0
   config.criterion.matcher.class_weight = 5.0
 
-  config.train = train.default_train_config()
   config.train.steps = 3000
   config.train.batch_size = 8
   config.train.lr = 6e-4
@@ -56,9 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 50
   config.train.image_every = 0
 
-  config.data = input_pipeline.default_data_config()
   config.data.name = "coco_pseudo"
-  config.data.batch_size = config.train.get_ref("batch_size")
+  config.data.class_names = tuple(synthetic.SHAPE_CLASSES)
   config.data.with_masks = True
   # Still images: one frame per clip, as the official COCO image pretraining.
   config.data.num_frames = 1
@@ -66,9 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.pad_size = (96, 96)
   # Generated still-image set (maskfreevis_jax.data.synthetic_images); `coco.json` is set by
   # maskfreevis_jax.two_stage to the generated instances.json.
-  config.data.stills = ml_collections.ConfigDict(
-      dict(num_images=4000, size=(96, 96), seed=0, max_objects=4)
-  )
+  config.data.stills.num_images = 4000
+  config.data.stills.size = (96, 96)
   config.data.coco.json = ""
   config.data.coco.min_size_train = (64, 80, 96)
   config.data.coco.max_size_train = 96
@@ -77,7 +67,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.coco.crop_size = (72, 96)
   config.data.coco.pseudo_length = (6, 10)
   config.data.coco.frame_range = 5
-
-  config.eval = train.default_eval_config()
-  config.sharding = train.default_sharding_config()
   return config

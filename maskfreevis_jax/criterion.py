@@ -35,64 +35,6 @@ BOX_TERMS = ("loss_ce", "loss_mask_proj", "loss_bound", "loss_bound_neighbor")
 MASK_TERMS = ("loss_ce", "loss_mask", "loss_dice")
 
 
-def default_criterion_config() -> ml_collections.ConfigDict:
-  """Criterion settings of the official R50 YouTube-VIS 2019 MaskFreeVIS recipe."""
-  config = ml_collections.ConfigDict()
-  config.num_classes = 40
-  # 'box': mask-free training from boxes; 'mask': fully mask-supervised upper bound.
-  config.mode = "box"
-  # Relative class weight of "no object" in the cross-entropy.
-  config.eos_coef = 0.1
-  # Loss weights (official weight_dict: CLASS_WEIGHT 2, MASK_WEIGHT 5 for loss_mask,
-  # loss_mask_proj, loss_bound, loss_bound_neighbor; DICE_WEIGHT 5 for loss_dice).
-  config.weights = ml_collections.ConfigDict(
-      {
-          "loss_ce": 2.0,
-          "loss_mask_proj": 5.0,
-          "loss_bound": 5.0,
-          "loss_bound_neighbor": 5.0,
-          "loss_mask": 5.0,
-          "loss_dice": 5.0,
-      }
-  )
-  # Matching cost weights (official: cost_class=CLASS_WEIGHT, cost_mask=MASK_WEIGHT,
-  # cost_dice=DICE_WEIGHT; the box branch uses only class and dice).
-  config.matcher = ml_collections.ConfigDict(
-      {
-          "class_weight": 2.0,
-          "mask_weight": 5.0,
-          "dice_weight": 5.0,
-      }
-  )
-  # Supervise every stacked prediction (True) or only the final one.
-  config.deep_supervision = True
-  # The official criterion advances its TK-Loss warm-up counter once per loss call, i.e. once per
-  # supervised layer (L = 10 times per iteration for R50), so the warm-up ends after
-  # warmup_steps / L iterations. True mirrors that; False counts optimizer steps.
-  config.warmup_counts_layer_calls = True
-  # How the L supervised layers are looped: 'vmap' (all layers at once, fastest) or 'map'
-  # (lax.map with rematerialisation: one layer's loss intermediates alive at a time, for
-  # large N x T x h x w on small-memory accelerators; the matchings are saved, not re-solved).
-  config.layer_loop = "vmap"
-  # Mask mode's loss_mask and loss_dice: 'dense' (every stride-4 cell against the 4x4-pooled
-  # target, the expectation of uniform points) or 'importance' (the release: per instance-frame
-  # `num_points` points, `importance_sample_ratio` of them the most uncertain (|logit| smallest)
-  # of `oversample_ratio` times as many uniform ones, the rest uniform; targets read bilinearly
-  # at full resolution). The points come from `seed`, the step and the layer.
-  config.mask_points = ml_collections.ConfigDict(
-      {
-          "sampling": "dense",
-          "num_points": 20000,  # TRAIN_NUM_POINTS of the R50 recipe
-          "oversample_ratio": 3.0,
-          "importance_sample_ratio": 0.75,
-          "seed": 0,
-      }
-  )
-  # Settings of the mask-free losses (fields of maskfreevis_jax.losses.MaskFreeLossConfig).
-  config.mask_free = ml_collections.ConfigDict(dataclasses.asdict(mask_free.MaskFreeLossConfig()))
-  return config
-
-
 def mask_free_config(config: ml_collections.ConfigDict) -> Any:
   """Builds the `MaskFreeLossConfig` from the criterion config's `mask_free` sub-dict."""
   known = {f.name for f in dataclasses.fields(mask_free.MaskFreeLossConfig)}
@@ -320,7 +262,7 @@ def criterion_layer_losses(
     batch: input batch (common brief): 'labels', 'instance_valid', 'box_valid' and, in 'box' mode,
       'frames' and 'boxes', in 'mask' mode 'masks'.
     step: int scalar, optimizer updates done so far (drives the TK-Loss warm-up).
-    config: see `default_criterion_config`.
+    config: `config.criterion` (`defaults.criterion_defaults` lists its fields).
 
   Returns:
     (terms, matching): terms maps each loss name to float32 [L'] (L' = L with deep supervision,
@@ -458,7 +400,7 @@ def set_criterion(
     outputs: model outputs, 'pred_logits' [L, B, Q, C + 1] and 'pred_masks' [L, B, Q, T, h, w].
     batch: input batch as in `criterion_layer_losses`.
     step: int scalar, optimizer updates done so far.
-    config: see `default_criterion_config`.
+    config: `config.criterion` (`defaults.criterion_defaults` lists its fields).
 
   Returns:
     (total, terms): terms are WEIGHTED scalars (as the official model returns them), named

@@ -37,30 +37,6 @@ NORM_MODULE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm, nn.RMSNorm)
 EMBED_MODULE_TYPES = (nn.Embed,)
 
 
-def default_optimizer_fields(config: ml_collections.ConfigDict) -> None:
-  """Adds the optimizer fields (official recipe) to a `config.train` ConfigDict in place."""
-  config.lr = 1e-4
-  config.weight_decay = 0.05
-  config.weight_decay_norm = 0.0
-  config.weight_decay_embed = 0.0
-  config.backbone_lr_multiplier = 0.1
-  config.clip_grad_norm = 0.01  # <= 0 disables clipping.
-  config.adam_b1 = 0.9
-  config.adam_b2 = 0.999
-  config.adam_eps = 1e-8
-  config.warmup_steps = 10
-  config.warmup_factor = 1.0
-  config.lr_decay_steps = (4000,)
-  config.lr_decay_factor = 0.1
-  # Regexes on the '/'-joined parameter path (e.g. 'backbone/res2_0/conv1/kernel').
-  config.backbone_regex = r"(^|/)backbone(/|$)"
-  # Extra no-decay parameters on top of the ones found by module type (norm layers, nn.Embed).
-  # The decoder's learnable query / level embeddings are nn.Embedding in the official code; Swin's
-  # relative position bias tables get none by name in the official build_optimizer.
-  config.no_decay_regex = r"(^|/)(query_feat|query_embed|decoder_level_embed)(/|$)|(^|/)predictor/level_embed(/|$)|(^|/)relative_position_bias_table$"
-  config.frozen_regex = ""
-
-
 def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
   """Returns detectron2's WarmupMultiStepLR (linear warm-up) as an optax schedule."""
   base_lr = float(train_config.lr)
@@ -131,7 +107,7 @@ def param_labels(
 
   Args:
     params: the 'params' collection (pytree of arrays or ShapeDtypeStructs).
-    train_config: `config.train` with the regex fields of `default_optimizer_fields`.
+    train_config: `config.train` (`defaults.train_defaults` lists its fields).
     module_types: optional output of `module_types_by_path`; parameters owned directly by a norm
       or embedding module get no weight decay.
   """
@@ -163,7 +139,7 @@ def create_optimizer(
   """Builds the full gradient transformation (frozen masking, clipping, grouped AdamW, schedule).
 
   Args:
-    train_config: `config.train` (see `default_optimizer_fields`).
+    train_config: `config.train` (`defaults.train_defaults` lists its fields).
     labels: output of `param_labels` for the params the optimizer will see.
   """
   schedule = learning_rate_schedule(train_config)
@@ -214,7 +190,6 @@ __all__ = [
     "param_labels",
     "create_optimizer",
     "module_types_by_path",
-    "default_optimizer_fields",
     "label_counts",
     "DEFAULT",
     "NO_DECAY",

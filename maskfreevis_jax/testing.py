@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from maskfreevis_jax import optimizer as optimizer_lib
+from maskfreevis_jax import defaults
 
 NUM_CLASSES, NUM_QUERIES, NUM_INSTANCES = 3, 4, 2
 T, H, W = 2, 32, 32
@@ -132,8 +132,7 @@ def make_config(**train_overrides) -> ml_collections.ConfigDict:
   """A full config (model / train / sharding / init_from) for the stand-in model."""
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict({"name": "stand_in", "width": 8})
-  config.train = ml_collections.ConfigDict()
-  optimizer_lib.default_optimizer_fields(config.train)
+  config.train = defaults.train_defaults()
   config.train.update(
       dict(
           steps=6,

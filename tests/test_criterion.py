@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax import criterion
 from maskfreevis_jax import losses
 from maskfreevis_jax import matcher
@@ -19,7 +20,7 @@ h, w = H // 4, W // 4
 
 
 def _config(mode="box", **overrides):
-  config = criterion.default_criterion_config()
+  config = defaults.criterion_defaults()
   config.num_classes = NUM_CLASSES
   config.mode = mode
   for key, value in overrides.items():

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax.data import input_pipeline as ip
 from maskfreevis_jax.data import testing
 from maskfreevis_jax.data import ytvis_json
 
 
 def _config(json_path, image_root, **overrides):
-  c = ip.default_data_config()
+  c = defaults.data_defaults()
   c.name = "ytvis"
   c.train_json, c.train_image_root = json_path, image_root
   c.val_json, c.val_image_root = json_path, image_root
@@ -220,11 +221,11 @@ def test_frame_size_disagreeing_with_json_names_file(tmp_path):
 
 
 def test_bad_config_values_are_named():
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.pad_size = (100, 128)
   with pytest.raises(ValueError, match="data.pad_size"):
     ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.name = "kinetics"
   with pytest.raises(ValueError, match="kinetics"):
     ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax.data import coco_pseudo
 from maskfreevis_jax.data import input_pipeline as ip
 from maskfreevis_jax.data import testing
@@ -95,7 +96,7 @@ def test_table_against_the_wrong_video_dataset_is_an_error():
 
 def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
   path, root = coco_folder
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.name = "coco_pseudo"
   cfg.coco.update(
       json=path,
@@ -138,7 +139,7 @@ def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
 
 def test_pseudo_clips_rotate_each_frame_boxes_enclose_objects(coco_folder):
   path, root = coco_folder
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.name = "coco_pseudo"
   cfg.coco.update(
       json=path,
@@ -174,7 +175,7 @@ def _joint_config(
   json_path, image_root = testing.write_ytvis_folder(
       str(tmp_path / "videos"), videos, categories=categories
   )
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.name = "ytvis+coco_pseudo"
   cfg.train_json, cfg.train_image_root = json_path, image_root
   cfg.coco.update(

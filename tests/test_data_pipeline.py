@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax.data import input_pipeline as ip
 from maskfreevis_jax.data import synthetic
 from maskfreevis_jax.data import testing
@@ -14,7 +15,7 @@ from maskfreevis_jax.data import ytvis_json
 
 
 def _ytvis_config(json_path, image_root, **overrides):
-  c = ip.default_data_config()
+  c = defaults.data_defaults()
   c.name = "ytvis"
   c.train_json, c.train_image_root = json_path, image_root
   c.val_json, c.val_image_root = json_path, image_root
@@ -263,7 +264,7 @@ def test_synthetic_marker_regenerates_half_written(tmp_path):
 
 
 def test_synthetic_training_and_eval(tmp_path):
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.synthetic.update(
       cache_dir=str(tmp_path), num_train_videos=6, num_val_videos=2, frames_per_video=(4, 6)
   )

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax.data import input_pipeline as ip
 from maskfreevis_jax.data import synthetic
 from maskfreevis_jax.data import tfds_builders
@@ -57,7 +58,7 @@ def test_tfds_build_matches_json(built):
 
 def test_pipeline_reads_tfds_build(built):
   src, out, _ = built
-  cfg = ip.default_data_config()
+  cfg = defaults.data_defaults()
   cfg.source = "tfds"
   cfg.tfds.name = "maskfreevis_vis/synthetic"
   cfg.tfds.data_dir = out

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax import criterion
 from maskfreevis_jax import losses
 from maskfreevis_jax import matcher
@@ -44,7 +45,7 @@ def _fixture(mode: str):
 
 
 def _config(mode: str):
-  config = criterion.default_criterion_config()
+  config = defaults.criterion_defaults()
   config.num_classes = 40
   config.mode = mode
   # The official forward computes Lab after reversing its RGB input's channels.

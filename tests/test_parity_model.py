@@ -18,6 +18,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax import export
 from maskfreevis_jax import optimizer as optimizer_lib
 from maskfreevis_jax import sharding as sharding_lib
@@ -140,7 +141,7 @@ def trainer(train_fixture):
   """The project's real trainer (`build_trainer`, the official optimizer recipe) for R50."""
   data, _ = train_fixture
   config = ml_collections.ConfigDict(
-      {"model": get_model_config("r50"), "train": train_lib.default_train_config()}
+      {"model": get_model_config("r50"), "train": defaults.train_defaults()}
   )
   coefficients = {
       k: data[k]
@@ -222,7 +223,7 @@ def test_train_step_clipped_gradient_matches_official(
       if any(getattr(p, "key", None) == label for p in path)
   ]
   assert len(moments) == 1, (key, label)
-  train_config = train_lib.default_train_config()
+  train_config = defaults.train_defaults()
   ours = _ours_in_torch_layout(moments[0], key) / (1.0 - train_config.adam_b1)
   # torch.nn.utils.clip_grad_norm_ scales every gradient by max_norm / total norm.
   official = data[f"grad/{key}"] * train_config.clip_grad_norm / float(data["grad_norm"])
@@ -242,10 +243,10 @@ def test_train_step_update_matches_official(r50, train_step_result, train_fixtur
   new_params, _, _ = train_step_result
   data, meta = train_fixture
   lr, _ = meta["groups"][key]
-  eps = train_lib.default_train_config().adam_eps
+  eps = defaults.train_defaults().adam_eps
   ours = _ours_in_torch_layout(new_params, key) - _ours_in_torch_layout(variables["params"], key)
   official = data[f"update/{key}"]
-  clip_norm = train_lib.default_train_config().clip_grad_norm
+  clip_norm = defaults.train_defaults().clip_grad_norm
   clipped_grad = np.abs(data[f"grad/{key}"]) * clip_norm / float(data["grad_norm"])
   grad_tolerance = 1e-3 * clipped_grad.max()
   bound = lr * (1e-2 + eps * grad_tolerance / (clipped_grad + eps) ** 2)
@@ -262,7 +263,7 @@ def test_train_step_update_matches_official(r50, train_step_result, train_fixtur
 def test_optimizer_groups_match_official(trainer, official_r50_reference):
   """All 345 trainable parameters: our group's (lr multiplier, weight decay) is the official one."""
   reference = official_r50_reference["optimizer"]
-  base_lr, train_config = reference["base_lr"], train_lib.default_train_config()
+  base_lr, train_config = reference["base_lr"], defaults.train_defaults()
   group_settings = {
       optimizer_lib.DEFAULT: (1.0, train_config.weight_decay),
       optimizer_lib.NO_DECAY: (1.0, train_config.weight_decay_norm),

@@ -14,8 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from maskfreevis_jax import criterion
-from maskfreevis_jax import optimizer as optimizer_lib
+from maskfreevis_jax import defaults
 from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train as train_lib
 from maskfreevis_jax.data import input_pipeline
@@ -73,11 +72,11 @@ def joint_config(tmp_path_factory):
   config = ml_collections.ConfigDict()
   config.init_from = ""
   config.model = ml_collections.ConfigDict({"name": "stand_in"})
-  config.criterion = criterion.default_criterion_config()
+  config.criterion = defaults.criterion_defaults()
   config.criterion.num_classes = NUM_CLASSES
   config.criterion.mask_free.lab_reverse_channels = True
   config.criterion.mask_free.box_window_fractions = ()  # one branch: a faster compile
-  config.data = input_pipeline.default_data_config()
+  config.data = defaults.data_defaults()
   config.data.update(
       name="ytvis+coco_pseudo",
       train_json=video_json,
@@ -103,8 +102,7 @@ def joint_config(tmp_path_factory):
       crop_size=(24, 40),
       rotation_degrees=15.0,
   )
-  config.train = ml_collections.ConfigDict()
-  optimizer_lib.default_optimizer_fields(config.train)
+  config.train = defaults.train_defaults()
   config.train.update(
       dict(
           steps=6,

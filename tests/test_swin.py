@@ -14,10 +14,10 @@ import re
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from maskfreevis_jax import defaults
 from maskfreevis_jax import export
 from maskfreevis_jax import optimizer as optimizer_lib
 from maskfreevis_jax.export import testing
@@ -83,8 +83,7 @@ def test_swin_optimizer_groups_match_official(fixtures_dir):
   for key, group in reference["groups"].items():
     official.setdefault(re.sub(r"\.\d+\.", ".#.", key), set()).add(tuple(group))
   config, shapes = _abstract_variables("tiny_swin")
-  train_config = ml_collections.ConfigDict()
-  optimizer_lib.default_optimizer_fields(train_config)
+  train_config = defaults.train_defaults()
   frames = jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8)
   module_types = optimizer_lib.module_types_by_path(
       build_model(config), jax.random.PRNGKey(0), frames

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from conftest import load_config
+from maskfreevis_jax import defaults
 from maskfreevis_jax import criterion
 from maskfreevis_jax import models
 from maskfreevis_jax.data import input_pipeline
@@ -17,7 +18,7 @@ from maskfreevis_jax.data import synthetic
 @pytest.mark.slow  # the recipe test below checks the same in the default suite
 def test_tiny_box_supervised_loss_goes_down(tmp_path):
   config = ml_collections.ConfigDict()
-  config.data = input_pipeline.default_data_config()
+  config.data = defaults.data_defaults()
   config.data.batch_size = 2
   config.data.synthetic.cache_dir = str(tmp_path / "synthetic")
   config.data.synthetic.num_train_videos = 4
@@ -31,7 +32,7 @@ def test_tiny_box_supervised_loss_goes_down(tmp_path):
   variables = model.init(jax.random.PRNGKey(0), batch["frames"])
   params = variables["params"]
   others = {k: v for k, v in variables.items() if k != "params"}
-  crit = criterion.default_criterion_config()
+  crit = defaults.criterion_defaults()
   crit.num_classes = model_config.num_classes
   tx = optax.adamw(1e-3, weight_decay=0.05)
   opt_state = tx.init(params)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from maskfreevis_jax.models.pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
-from maskfreevis_jax.models.presets import (
+from maskfreevis_jax.model_presets import (
     PRESETS,
     get_model_config,
     r50,

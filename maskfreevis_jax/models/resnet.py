@@ -29,11 +29,6 @@ Dtype = Any
 FROZEN_PARAMS_COLLECTION = "frozen_params"
 BATCH_STATS_COLLECTION = "batch_stats"
 
-RESNET_BLOCK_COUNTS = {
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-}
-
 
 class FrozenBatchNorm(nn.Module):
   """Batch norm with fixed statistics and fixed affine parameters (detectron2 semantics).

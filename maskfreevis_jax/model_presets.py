@@ -1,4 +1,6 @@
-"""Model configurations ('r50', 'r101', 'tiny', 'tiny_fpn', 'swint', 'swinb', 'swinl',
+"""Model presets (`config.model`): pure configuration, importable without JAX.
+
+Model configurations ('r50', 'r101', 'tiny', 'tiny_fpn', 'swint', 'swinb', 'swinl',
 'tiny_swin') as ml_collections.ConfigDicts.
 
 Fields (all presets):
@@ -20,7 +22,11 @@ Every `remat` is a rematerialisation policy name: 'none', 'full' or 'dots' (see 
 
 import ml_collections
 
-from maskfreevis_jax.models.resnet import RESNET_BLOCK_COUNTS
+# Bottleneck blocks per ResNet stage, by depth (models/resnet.py builds them).
+RESNET_BLOCK_COUNTS = {
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+}
 
 
 def _resnet_mask2former(depth: int, num_classes: int) -> ml_collections.ConfigDict:
