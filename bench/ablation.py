@@ -239,9 +239,9 @@ def main(argv=None) -> None:
       print(shlex.join(run_command(arm, seed, workdir, extra)))
     return
 
-  from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-  gt_json = os.path.join(input_pipeline.ensure_synthetic(config), "valid.json")
+  gt_json = os.path.join(sources.ensure_synthetic(config), "valid.json")
 
   def attempt(job):
     try:

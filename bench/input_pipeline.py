@@ -18,7 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskfreevis_jax import defaults
-from maskfreevis_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+from maskfreevis_jax.data import iterators  # pylint: disable=g-import-not-at-top
+from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
 
 
 def main() -> None:
@@ -30,7 +31,8 @@ def main() -> None:
   parser.add_argument("--with_masks", action="store_true")
   args = parser.parse_args()
 
-  cfg = defaults.data_defaults()
+  config = defaults.get_config()
+  cfg = config.data
   cfg.synthetic.update(
       cache_dir=args.cache_dir,
       frame_size=(360, 640),
@@ -46,9 +48,9 @@ def main() -> None:
   cfg.max_instances = 25
   cfg.with_masks = args.with_masks
   start = time.time()
-  data_dir = ip.ensure_synthetic(cfg)
+  data_dir = sources.ensure_synthetic(config)
   print(f"synthetic 640x360 data ready in {time.time() - start:.1f}s at {data_dir}")
-  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(config, seed=0, process_index=0, process_count=1)
   start = time.time()
   next(it)
   print(f"first batch (startup) {time.time() - start:.1f}s")

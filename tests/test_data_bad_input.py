@@ -9,13 +9,16 @@ import pytest
 from PIL import Image
 
 from maskfreevis_jax import defaults
-from maskfreevis_jax.data import input_pipeline as ip
+from maskfreevis_jax.data import eval_dataset
+from maskfreevis_jax.data import iterators
+from maskfreevis_jax.data import sources
 from maskfreevis_jax.data import testing
 from maskfreevis_jax.data import ytvis_json
 
 
 def _config(json_path, image_root, **overrides):
-  c = defaults.data_defaults()
+  config = defaults.get_config()
+  c = config.data
   c.name = "ytvis"
   c.train_json, c.train_image_root = json_path, image_root
   c.val_json, c.val_image_root = json_path, image_root
@@ -25,7 +28,7 @@ def _config(json_path, image_root, **overrides):
   c.num_parallel_calls = 1
   for k, v in overrides.items():
     setattr(c, k, v)
-  return c
+  return config
 
 
 def _folder(tmp_path, num_videos=2, **kwargs):
@@ -112,9 +115,9 @@ def test_boxes_outside_or_empty_are_clipped_or_dropped_and_logged(tmp_path, capl
   np.testing.assert_array_equal(track.boxes[0], [0, 0, 15, 7])
   assert track.box_valid.tolist() == [True, False, False, True]
   # The pipeline only ever emits the surviving boxes.
-  ip._load_json_cached.cache_clear()
+  sources.clear_json_cache()
   batch = next(
-      ip.create_train_iterator(
+      iterators.create_train_iterator(
           _config(json_path, image_root), seed=0, process_index=0, process_count=1
       )
   )
@@ -132,9 +135,9 @@ def test_video_with_only_empty_annotations_is_skipped(tmp_path, caplog):
         ann["segmentations"] = [None] * 4
 
   _edit_json(json_path, edit)
-  ip._load_json_cached.cache_clear()
+  sources.clear_json_cache()
   with caplog.at_level(logging.WARNING):
-    it = ip.create_train_iterator(
+    it = iterators.create_train_iterator(
         _config(json_path, image_root, batch_size=4), seed=0, process_index=0, process_count=1
     )
   assert "skipped 1 videos whose every annotation is empty (video ids [2])" in caplog.text
@@ -142,9 +145,9 @@ def test_video_with_only_empty_annotations_is_skipped(tmp_path, caplog):
   assert ids == {1, 3}
   # Nothing usable at all: a clear error.
   _edit_json(json_path, lambda d: [a.update(bboxes=[None] * 4) for a in d["annotations"]])
-  ip._load_json_cached.cache_clear()
+  sources.clear_json_cache()
   with pytest.raises(ValueError, match="no video has a non-empty box"):
-    ip.create_train_iterator(
+    iterators.create_train_iterator(
         _config(json_path, image_root), seed=0, process_index=0, process_count=1
     )
 
@@ -160,25 +163,25 @@ def test_missing_or_corrupt_jpeg(tmp_path, damage, caplog):
       f.seek(200)
       f.write(b"\x00" * 64)
       f.truncate(300)
-  ip._load_json_cached.cache_clear()
+  sources.clear_json_cache()
   cfg = _config(json_path, image_root, frame_range=10, num_frames=4, batch_size=1)
-  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r"cannot read frame .*v0001/00002\.jpg"):
     next(it)
   # Eval reads every frame: same clear error.
   with pytest.raises(ValueError, match=r"v0001/00002\.jpg"):
-    next(iter(ip.create_eval_dataset(cfg, process_index=0, process_count=1)))
+    next(iter(eval_dataset.create_eval_dataset(cfg, process_index=0, process_count=1)))
 
 
 def test_corrupt_frames_can_be_skipped_with_a_warning(tmp_path, caplog):
   json_path, image_root = _folder(tmp_path, num_videos=2)
   for t in (1, 2, 3):  # any clip of video 1 holds one of these (the others differ from ref)
     os.remove(os.path.join(image_root, "v0001", f"0000{t}.jpg"))
-  ip._load_json_cached.cache_clear()
+  sources.clear_json_cache()
   cfg = _config(
       json_path, image_root, frame_range=10, num_frames=2, batch_size=2, skip_corrupt_frames=True
   )
-  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
   with caplog.at_level(logging.WARNING):
     batch = next(it)
   assert (batch["video_id"] == 2).all()  # video 1 replaced by the next video
@@ -203,9 +206,9 @@ def test_grayscale_and_rgba_frames_are_converted(tmp_path, mode):
   }
   json_path, image_root = testing.write_ytvis_folder(str(tmp_path), [video], image_format="png")
   assert Image.open(os.path.join(image_root, "v0001", "00000.png")).mode == mode
-  ip._load_json_cached.cache_clear()
+  sources.clear_json_cache()
   cfg = _config(json_path, image_root, batch_size=1, min_size_train=(32,), random_flip=False)
-  batch = next(ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
+  batch = next(iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
   frame = batch["frames"][0, 0]
   assert frame.shape == (64, 96, 3)
   np.testing.assert_array_equal(frame[:h, :w], rgb[0])
@@ -214,18 +217,18 @@ def test_grayscale_and_rgba_frames_are_converted(tmp_path, mode):
 def test_frame_size_disagreeing_with_json_names_file(tmp_path):
   json_path, image_root = _folder(tmp_path, num_videos=1)
   _edit_json(json_path, lambda d: d["videos"][0].update(height=70))
-  ip._load_json_cached.cache_clear()
+  sources.clear_json_cache()
   cfg = _config(json_path, image_root, batch_size=1)
   with pytest.raises(ValueError, match=r"v0001/0000\d\.jpg is 64x96 but video id 1 declares 70x96"):
-    next(ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
+    next(iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
 
 
 def test_bad_config_values_are_named():
-  cfg = defaults.data_defaults()
-  cfg.pad_size = (100, 128)
+  cfg = defaults.get_config()
+  cfg.data.pad_size = (100, 128)
   with pytest.raises(ValueError, match="data.pad_size"):
-    ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
-  cfg = defaults.data_defaults()
-  cfg.name = "kinetics"
+    iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  cfg = defaults.get_config()
+  cfg.data.name = "kinetics"
   with pytest.raises(ValueError, match="kinetics"):
-    ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+    iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from maskfreevis_jax import defaults
 from maskfreevis_jax.data import coco_pseudo
-from maskfreevis_jax.data import input_pipeline as ip
+from maskfreevis_jax.data import iterators
 from maskfreevis_jax.data import testing
 
 COLOURS = {1: (230, 40, 40), 2: (40, 230, 40), 3: (40, 40, 230)}
@@ -96,7 +96,8 @@ def test_table_against_the_wrong_video_dataset_is_an_error():
 
 def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
   path, root = coco_folder
-  cfg = defaults.data_defaults()
+  config = defaults.get_config()
+  cfg = config.data
   cfg.name = "coco_pseudo"
   cfg.coco.update(
       json=path,
@@ -111,7 +112,7 @@ def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
   cfg.pad_size = (128, 256)
   cfg.batch_size = 4
   cfg.num_parallel_calls = 1
-  it = ip.create_train_iterator(cfg, seed=1, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(config, seed=1, process_index=0, process_count=1)
   assert it.class_names == ["car", "frisbee", "toaster"]
   moved = False
   for _ in range(2):
@@ -139,7 +140,8 @@ def test_pseudo_clips_carry_boxes_through_crops(coco_folder):
 
 def test_pseudo_clips_rotate_each_frame_boxes_enclose_objects(coco_folder):
   path, root = coco_folder
-  cfg = defaults.data_defaults()
+  config = defaults.get_config()
+  cfg = config.data
   cfg.name = "coco_pseudo"
   cfg.coco.update(
       json=path,
@@ -153,7 +155,7 @@ def test_pseudo_clips_rotate_each_frame_boxes_enclose_objects(coco_folder):
   cfg.pad_size = (128, 256)
   cfg.batch_size = 2
   cfg.num_parallel_calls = 1
-  batch = next(ip.create_train_iterator(cfg, seed=3, process_index=0, process_count=1))
+  batch = next(iterators.create_train_iterator(config, seed=3, process_index=0, process_count=1))
   for b in range(2):
     frames = batch["frames"][b]
     assert not np.array_equal(frames[0], frames[1])  # one angle per frame
@@ -175,7 +177,8 @@ def _joint_config(
   json_path, image_root = testing.write_ytvis_folder(
       str(tmp_path / "videos"), videos, categories=categories
   )
-  cfg = defaults.data_defaults()
+  config = defaults.get_config()
+  cfg = config.data
   cfg.name = "ytvis+coco_pseudo"
   cfg.train_json, cfg.train_image_root = json_path, image_root
   cfg.coco.update(
@@ -194,13 +197,13 @@ def _joint_config(
   cfg.batch_size = 2
   cfg.num_parallel_calls = 1
   cfg.prefetch = 1
-  return cfg
+  return config
 
 
 def test_joint_batches_per_source(coco_folder, tmp_path):
   """Video batches: 3 frames, boxes only. COCO batches: 4 frames with masks, labels by name."""
   cfg = _joint_config(tmp_path, *coco_folder)
-  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
   seen = set()
   for _ in range(6):
     batch = next(it)
@@ -209,7 +212,7 @@ def test_joint_batches_per_source(coco_folder, tmp_path):
       assert batch["frames"].shape == (2, 3, 64, 96, 3) and "masks" not in batch
     else:
       assert batch["frames"].shape == (2, 4, 96, 128, 3)
-      assert batch["masks"].shape[:3] == (2, cfg.max_instances, 4)
+      assert batch["masks"].shape[:3] == (2, cfg.data.max_instances, 4)
       valid = batch["instance_valid"]
       assert batch["masks"][valid].any(axis=(-1, -2)).all()  # every kept instance has a mask
       # 'toaster' has no counterpart: only labels 0 (car) and 1 (frisbee).
@@ -220,7 +223,7 @@ def test_joint_batches_per_source(coco_folder, tmp_path):
 def test_joint_source_proportion_is_the_release_ratio(coco_folder, tmp_path):
   """Official DATASET_RATIO [1.0, 0.75] for (COCO, video): COCO on 4/7 of the steps."""
   cfg = _joint_config(tmp_path, *coco_folder)
-  it = ip.create_train_iterator(cfg, seed=3, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(cfg, seed=3, process_index=0, process_count=1)
   draws = [it.source_of_step(s) for s in range(7000)]
   # 4 standard deviations of a binomial proportion over 7000 steps is 0.024.
   assert abs(draws.count("coco") / len(draws) - 4 / 7) < 0.024
@@ -230,7 +233,7 @@ def test_joint_source_proportion_is_the_release_ratio(coco_folder, tmp_path):
 
 def test_joint_resume_mid_run_gives_the_same_batches(coco_folder, tmp_path):
   cfg = _joint_config(tmp_path, *coco_folder)
-  make = lambda: ip.create_train_iterator(cfg, seed=5, process_index=0, process_count=1)
+  make = lambda: iterators.create_train_iterator(cfg, seed=5, process_index=0, process_count=1)
   straight = [next(it) for it in [make()] for _ in range(7)]
   first = make()
   for _ in range(3):
@@ -262,9 +265,9 @@ def test_joint_labels_through_the_release_table(tmp_path):
       match=r"instances\.json: annotation id 101: category_id 74 "
       r"\('mouse'\) is not in the release's 'ytvis_2019' table",
   ):
-    ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
-  cfg.coco.skip_unmapped_categories = True
-  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+    iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  cfg.data.coco.skip_unmapped_categories = True
+  it = iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
   batch = next(it.coco)
   labels = batch["labels"][batch["instance_valid"]]
   assert labels.size == 2 and set(labels) == {5}  # sedan; the mouse annotations were dropped

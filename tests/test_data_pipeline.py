@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from maskfreevis_jax import defaults
-from maskfreevis_jax.data import input_pipeline as ip
+from maskfreevis_jax.data import eval_dataset
+from maskfreevis_jax.data import iterators
 from maskfreevis_jax.data import synthetic
 from maskfreevis_jax.data import testing
 from maskfreevis_jax.data import transforms
@@ -15,14 +16,15 @@ from maskfreevis_jax.data import ytvis_json
 
 
 def _ytvis_config(json_path, image_root, **overrides):
-  c = defaults.data_defaults()
+  config = defaults.get_config()
+  c = config.data
   c.name = "ytvis"
   c.train_json, c.train_image_root = json_path, image_root
   c.val_json, c.val_image_root = json_path, image_root
   c.num_parallel_calls = 2
   for k, v in overrides.items():
     setattr(c, k, v)
-  return c
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_boxes_follow_resize_and_flip_and_clip_shares_one_transform(rect_folder)
       batch_size=8,
       max_instances=3,
   )
-  it = ip.create_train_iterator(cfg, seed=3, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(cfg, seed=3, process_index=0, process_count=1)
   seen_flip = seen_noflip = False
   sizes = set()
   for _ in range(3):
@@ -113,7 +115,7 @@ def test_padding_is_inert(moving_folder):
       max_instances=5,
       with_masks=True,
   )
-  batch = next(ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
+  batch = next(iterators.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
   assert batch["frames"].shape == (4, 3, 96, 128, 3)
   assert batch["masks"].shape == (4, 5, 3, 96, 128)
   outside = ~batch["image_valid"]
@@ -145,7 +147,7 @@ def test_host_sharding_is_disjoint_and_covers_an_epoch(moving_folder):
   cfg = _ytvis_config(json_path, image_root, min_size_train=(32,), pad_size=(64, 96))
   per_host = []
   for host in range(2):
-    it = ip.create_train_iterator(
+    it = iterators.create_train_iterator(
         cfg, seed=5, global_batch_size=4, process_index=host, process_count=2
     )
     ids = [int(v) for _ in range(2) for v in next(it)["video_id"]]  # 2 steps x 2 clips
@@ -159,9 +161,9 @@ def test_same_seed_same_stream_and_restore(moving_folder):
   cfg = _ytvis_config(
       json_path, image_root, min_size_train=(32, 48), pad_size=(64, 96), batch_size=2
   )
-  a = ip.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
-  b = ip.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
-  c = ip.create_train_iterator(cfg, seed=12, process_index=0, process_count=1)
+  a = iterators.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
+  b = iterators.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
+  c = iterators.create_train_iterator(cfg, seed=12, process_index=0, process_count=1)
   stream_a = [next(a) for _ in range(3)]
   state = a.get_state()
   json.dumps(state)  # JSON-able for the checkpoint
@@ -176,7 +178,7 @@ def test_same_seed_same_stream_and_restore(moving_folder):
       or not np.array_equal(x["video_id"], y["video_id"])
       for x, y in zip(stream_a, stream_c)
   )
-  restored = ip.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
+  restored = iterators.create_train_iterator(cfg, seed=11, process_index=0, process_count=1)
   restored.set_state(state)
   for x in after:
     y = next(restored)
@@ -264,19 +266,20 @@ def test_synthetic_marker_regenerates_half_written(tmp_path):
 
 
 def test_synthetic_training_and_eval(tmp_path):
-  cfg = defaults.data_defaults()
+  config = defaults.get_config()
+  cfg = config.data
   cfg.synthetic.update(
       cache_dir=str(tmp_path), num_train_videos=6, num_val_videos=2, frames_per_video=(4, 6)
   )
   cfg.batch_size = 4
   cfg.num_parallel_calls = 2
-  it = ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+  it = iterators.create_train_iterator(config, seed=0, process_index=0, process_count=1)
   batch = next(it)
   assert batch["frames"].shape == (4, 3, 128, 128, 3) and batch["frames"].dtype == np.uint8
   assert batch["boxes"].shape == (4, 10, 3, 4) and "masks" not in batch
   assert batch["instance_valid"].any(axis=1).all()
   assert it.class_names == list(synthetic.SHAPE_CLASSES)
-  ev = ip.create_eval_dataset(cfg, process_index=0, process_count=1)
+  ev = eval_dataset.create_eval_dataset(config, process_index=0, process_count=1)
   assert len(ev) == 2
   ex = next(iter(ev))
   video = ev.dataset.videos[0]

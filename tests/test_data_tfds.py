@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from maskfreevis_jax import defaults
-from maskfreevis_jax.data import input_pipeline as ip
+from maskfreevis_jax.data import clips
+from maskfreevis_jax.data import eval_dataset
+from maskfreevis_jax.data import iterators
+from maskfreevis_jax.data import sources
 from maskfreevis_jax.data import synthetic
 from maskfreevis_jax.data import tfds_builders
 from maskfreevis_jax.data import ytvis_json
@@ -32,7 +35,7 @@ def test_tfds_build_matches_json(built):
   assert builder.info.splits["valid"].num_examples == 2
   assert builder.info.metadata["class_names"] == list(synthetic.SHAPE_CLASSES)
   for split in ("train", "valid"):
-    js = ip.JsonVideoSource(ytvis_json.load_ytvis_json(f"{src}/{split}.json"))
+    js = sources.JsonVideoSource(ytvis_json.load_ytvis_json(f"{src}/{split}.json"))
     by_id = {v.id: i for i, v in enumerate(js.videos)}
     tf_src = tfds_builders.TfdsVideoSource("maskfreevis_vis/synthetic", split, data_dir=out)
     assert len(tf_src) == len(js)
@@ -58,7 +61,8 @@ def test_tfds_build_matches_json(built):
 
 def test_pipeline_reads_tfds_build(built):
   src, out, _ = built
-  cfg = defaults.data_defaults()
+  config = defaults.get_config()
+  cfg = config.data
   cfg.source = "tfds"
   cfg.tfds.name = "maskfreevis_vis/synthetic"
   cfg.tfds.data_dir = out
@@ -67,20 +71,20 @@ def test_pipeline_reads_tfds_build(built):
   cfg.pad_size = (64, 64)
   cfg.min_size_train = (48,)
   cfg.num_parallel_calls = 1
-  batch = next(ip.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
+  batch = next(iterators.create_train_iterator(config, seed=0, process_index=0, process_count=1))
   assert batch["frames"].shape == (2, 3, 64, 64, 3)
   assert batch["masks"].shape == (2, 10, 3, 64, 64)
   assert batch["instance_valid"].any(axis=1).all()
   # The same clip drawn from the JSON folder is identical.
-  js = ip.JsonVideoSource(ytvis_json.load_ytvis_json(f"{src}/train.json"))
+  js = sources.JsonVideoSource(ytvis_json.load_ytvis_json(f"{src}/train.json"))
   tf_src = tfds_builders.TfdsVideoSource("maskfreevis_vis/synthetic", "train", data_dir=out)
   vid = tf_src.video(0).id
   j = [v.id for v in js.videos].index(vid)
-  a = ip.video_training_clip(tf_src, 0, np.random.default_rng(4), cfg)
-  b = ip.video_training_clip(js, j, np.random.default_rng(4), cfg)
+  a = clips.video_training_clip(tf_src, 0, np.random.default_rng(4), config)
+  b = clips.video_training_clip(js, j, np.random.default_rng(4), config)
   for field in ("frames", "boxes", "box_valid", "labels", "track_ids", "masks", "frame_index"):
     np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-  ev = ip.create_eval_dataset(cfg, process_index=0, process_count=1)
+  ev = eval_dataset.create_eval_dataset(config, process_index=0, process_count=1)
   ex = next(iter(ev))
   assert ex["frames"].shape[0] == len(ex["file_names"]) and "masks" in ex
 

@@ -10,7 +10,7 @@ from conftest import load_config
 from maskfreevis_jax import models
 from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train as train_lib
-from maskfreevis_jax.data import input_pipeline
+from maskfreevis_jax.data import iterators
 
 _REMAT_PARTS = ("backbone", "pixel_decoder", "decoder")
 
@@ -103,7 +103,7 @@ def _synthetic_run(tmp_path, dtype: str, steps: int, num_batches: int):
   config.model.dtype = dtype
   # The whole network in the compute dtype (the default keeps the pixel decoder float32).
   config.model.pixel_decoder.force_float32 = False
-  iterator = input_pipeline.create_train_iterator(config, seed=0, global_batch_size=2)
+  iterator = iterators.create_train_iterator(config, seed=0, global_batch_size=2)
   batches = [dict(next(iterator)) for _ in range(num_batches)]
   trainer = train_lib.build_trainer(
       config,

@@ -17,7 +17,7 @@ import pytest
 from maskfreevis_jax import defaults
 from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train as train_lib
-from maskfreevis_jax.data import input_pipeline
+from maskfreevis_jax.data import iterators
 from maskfreevis_jax.data import testing
 from maskfreevis_jax.data import transforms
 
@@ -143,7 +143,7 @@ def test_coco_steps_get_mask_losses_and_video_steps_box_losses(joint_config, tmp
   """train() routes each batch to its source's step: the mask terms can only come from COCO
   steps (video batches hold no masks) and the box terms only from video steps."""
   config = joint_config
-  draws = input_pipeline.create_train_iterator(
+  draws = iterators.create_train_iterator(
       config, seed=config.train.seed, process_index=0, process_count=1
   )
   sources = [draws.source_of_step(s) for s in range(config.train.steps)]

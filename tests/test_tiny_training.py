@@ -11,7 +11,7 @@ from conftest import load_config
 from maskfreevis_jax import defaults
 from maskfreevis_jax import criterion
 from maskfreevis_jax import models
-from maskfreevis_jax.data import input_pipeline
+from maskfreevis_jax.data import iterators
 from maskfreevis_jax.data import synthetic
 
 
@@ -23,7 +23,7 @@ def test_tiny_box_supervised_loss_goes_down(tmp_path):
   config.data.synthetic.cache_dir = str(tmp_path / "synthetic")
   config.data.synthetic.num_train_videos = 4
   config.data.synthetic.num_val_videos = 1
-  batch = next(input_pipeline.create_train_iterator(config, seed=0))
+  batch = next(iterators.create_train_iterator(config, seed=0))
   assert batch["instance_valid"].any(), "the clips must hold box-annotated instances"
   assert "masks" not in batch  # box-only supervision
 
@@ -79,7 +79,7 @@ def box_recipe_mask_saturation(config, steps: int) -> tuple[float, list[float], 
   from maskfreevis_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from maskfreevis_jax import train as train_lib  # pylint: disable=g-import-not-at-top
 
-  iterator = input_pipeline.create_train_iterator(config, seed=0, global_batch_size=2)
+  iterator = iterators.create_train_iterator(config, seed=0, global_batch_size=2)
   batch = dict(next(iterator))
   trainer = train_lib.build_trainer(
       config, train_lib.abstract_batch(batch), mesh=sharding_lib.create_mesh(1, jax.devices()[:1])

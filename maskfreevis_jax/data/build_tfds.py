@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
+from maskfreevis_jax import console
 from maskfreevis_jax.data import tfds_builders
 
 
@@ -26,10 +27,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--file_format", default="array_record", choices=["array_record", "tfrecord"])
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
+  console.enable_echo()
   builder = tfds_builders.build_dataset(
       args.manual_dir, args.data_dir, args.config, file_format=args.file_format
   )
-  print(builder.info.splits)
+  console.report(str(builder.info.splits))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from maskfreevis_jax.data import clips
 from maskfreevis_jax.data import transforms
 from maskfreevis_jax.data import ytvis_json
 
@@ -177,6 +178,81 @@ class CocoImage:
   segmentations: list[Any]
 
 
+def _coco_categories(data: dict[str, Any], path: str) -> dict[int, str]:
+  """The file's categories, id -> name."""
+  cats = {}
+  for i, cat in enumerate(ytvis_json.require_field(data, "categories", list, path, "top level")):
+    cats[ytvis_json.require_field(cat, "id", int, path, f"categories[{i}]")] = (
+        ytvis_json.require_field(cat, "name", str, path, f"categories[{i}]")
+    )
+  return cats
+
+
+def _coco_images(data: dict[str, Any], path: str, image_root: str) -> dict[int, dict[str, Any]]:
+  """Image id -> its path, size and (empty) lists of kept boxes, labels, ids, segmentations."""
+  images = {}
+  for i, img in enumerate(ytvis_json.require_field(data, "images", list, path, "top level")):
+    image_id = ytvis_json.require_field(img, "id", int, path, f"images[{i}]")
+    where = f"image id {image_id}"
+    images[image_id] = dict(
+        path=os.path.join(image_root, ytvis_json.require_field(img, "file_name", str, path, where)),
+        height=ytvis_json.require_field(img, "height", int, path, where),
+        width=ytvis_json.require_field(img, "width", int, path, where),
+        boxes=[],
+        labels=[],
+        ids=[],
+        segms=[],
+    )
+  return images
+
+
+def _add_annotations(
+    data: dict[str, Any],
+    path: str,
+    images: dict[int, dict[str, Any]],
+    cats: dict[int, str],
+    mapping: dict[int, int],
+    category_map: str,
+    skip_unmapped: bool,
+) -> int:
+  """Appends each usable annotation to its image in `images`; returns the empty boxes dropped."""
+  dropped = 0
+  for i, ann in enumerate(ytvis_json.require_field(data, "annotations", list, path, "top level")):
+    ann_id = ytvis_json.require_field(ann, "id", int, path, f"annotations[{i}]")
+    where = f"annotation id {ann_id}"
+    image_id = ytvis_json.require_field(ann, "image_id", int, path, where)
+    if image_id not in images:
+      raise ValueError(f"{path}: {where}: image_id {image_id} is not in 'images'")
+    cat_id = ytvis_json.require_field(ann, "category_id", int, path, where)
+    if cat_id not in cats:
+      raise ValueError(f"{path}: {where}: category_id {cat_id} is not in 'categories'")
+    if ann.get("iscrowd", 0):
+      continue
+    if cat_id not in mapping:
+      if category_map in CATEGORY_TABLES and not skip_unmapped:
+        raise ValueError(
+            f"{path}: {where}: category_id {cat_id} ({cats[cat_id]!r}) is not in the release's "
+            f"{category_map!r} table (data.coco.category_map); use a file filtered to the table "
+            "or set data.coco.skip_unmapped_categories=True"
+        )
+      continue
+    bbox = ytvis_json.parse_box(
+        ytvis_json.require_field(ann, "bbox", list, path, where), path, where
+    )
+    im = images[image_id]
+    x, y, w, h = bbox
+    x1, y1 = min(max(x, 0.0), im["width"]), min(max(y, 0.0), im["height"])
+    x2, y2 = min(max(x + w, 0.0), im["width"]), min(max(y + h, 0.0), im["height"])
+    if x2 - x1 <= ytvis_json.MIN_BOX_SIDE or y2 - y1 <= ytvis_json.MIN_BOX_SIDE:
+      dropped += 1
+      continue
+    im["boxes"].append((x1, y1, x2, y2))
+    im["labels"].append(mapping[cat_id])
+    im["ids"].append(ann_id)
+    im["segms"].append(ann.get("segmentation"))
+  return dropped
+
+
 def load_coco_instances(
     path: str,
     image_root: str | None = None,
@@ -194,70 +270,23 @@ def load_coco_instances(
     skip_unmapped: with a table, drop annotations of categories outside it instead of failing.
 
   Returns:
-    Images with at least one usable box, and the class names labels refer to.
+    Images with at least one usable box (boxes float32 [N, 4] x1, y1, x2, y2), and the class
+    names labels refer to.
   """
   data = ytvis_json.read_json(path)
   if not isinstance(data, dict):
     raise ValueError(f"{path}: top level: expected a JSON object")
-  req = ytvis_json._require  # pylint: disable=protected-access
   if image_root is None:
     image_root = os.path.dirname(path)
-  cats = {}
-  for i, cat in enumerate(req(data, "categories", list, path, "top level")):
-    cats[req(cat, "id", int, path, f"categories[{i}]")] = req(
-        cat, "name", str, path, f"categories[{i}]"
-    )
+  cats = _coco_categories(data, path)
   mapping = category_mapping(cats, target_class_names, category_map, target_category_ids, path)
   class_names = (
       list(target_class_names)
       if target_class_names is not None
       else [cats[c] for c in sorted(cats)]
   )
-  images = {}
-  for i, img in enumerate(req(data, "images", list, path, "top level")):
-    image_id = req(img, "id", int, path, f"images[{i}]")
-    where = f"image id {image_id}"
-    images[image_id] = dict(
-        path=os.path.join(image_root, req(img, "file_name", str, path, where)),
-        height=req(img, "height", int, path, where),
-        width=req(img, "width", int, path, where),
-        boxes=[],
-        labels=[],
-        ids=[],
-        segms=[],
-    )
-  dropped = 0
-  for i, ann in enumerate(req(data, "annotations", list, path, "top level")):
-    ann_id = req(ann, "id", int, path, f"annotations[{i}]")
-    where = f"annotation id {ann_id}"
-    image_id = req(ann, "image_id", int, path, where)
-    if image_id not in images:
-      raise ValueError(f"{path}: {where}: image_id {image_id} is not in 'images'")
-    cat_id = req(ann, "category_id", int, path, where)
-    if cat_id not in cats:
-      raise ValueError(f"{path}: {where}: category_id {cat_id} is not in 'categories'")
-    if ann.get("iscrowd", 0):
-      continue
-    if cat_id not in mapping:
-      if category_map in CATEGORY_TABLES and not skip_unmapped:
-        raise ValueError(
-            f"{path}: {where}: category_id {cat_id} ({cats[cat_id]!r}) is not in the release's "
-            f"{category_map!r} table (data.coco.category_map); use a file filtered to the table "
-            "or set data.coco.skip_unmapped_categories=True"
-        )
-      continue
-    bbox = ytvis_json._parse_box(req(ann, "bbox", list, path, where), path, where)  # pylint: disable=protected-access
-    im = images[image_id]
-    x, y, w, h = bbox
-    x1, y1 = min(max(x, 0.0), im["width"]), min(max(y, 0.0), im["height"])
-    x2, y2 = min(max(x + w, 0.0), im["width"]), min(max(y + h, 0.0), im["height"])
-    if x2 - x1 <= ytvis_json.MIN_BOX_SIDE or y2 - y1 <= ytvis_json.MIN_BOX_SIDE:
-      dropped += 1
-      continue
-    im["boxes"].append((x1, y1, x2, y2))
-    im["labels"].append(mapping[cat_id])
-    im["ids"].append(ann_id)
-    im["segms"].append(ann.get("segmentation"))
+  images = _coco_images(data, path, image_root)
+  dropped = _add_annotations(data, path, images, cats, mapping, category_map, skip_unmapped)
   out = [
       CocoImage(
           id=k,
@@ -273,7 +302,7 @@ def load_coco_instances(
       if v["boxes"]
   ]
   logging.info(
-      "%s: %d of %d images have usable boxes (%d categories mapped, %d empty boxes " "dropped)",
+      "%s: %d of %d images have usable boxes (%d categories mapped, %d empty boxes dropped)",
       path,
       len(out),
       len(images),
@@ -307,69 +336,37 @@ class CocoPseudoClipSource:
     return len(self.images)
 
   def training_clip(
-      self, index: int, rng: np.random.Generator, cfg: ml_collections.ConfigDict, stats=None
-  ):
-    """One augmented pseudo clip (`input_pipeline.Clip`) of image ``index``."""
-    from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+      self,
+      index: int,
+      rng: np.random.Generator,
+      config: ml_collections.ConfigDict,
+      stats: clips.ClipStats | None = None,
+  ) -> clips.Clip:
+    """One augmented pseudo clip of image ``index``.
 
-    coco = cfg.coco
+    Args:
+      index: the image's position.
+      rng: draws the pretend frame indices, the crop, the size, the flip and the rotation.
+      config: the full config; `config.data` (its ``num_frames``, ``pad_size``,
+        ``random_flip``, ``with_masks`` and ``coco.*``) sets the clip.
+      stats: counts the boxes the transforms empty.
+
+    Returns:
+      The clip: frames uint8 [T, h, w, 3], boxes float32 [N, T, 4], box_valid bool [N, T],
+      masks uint8 [N, T, h, w] with ``data.with_masks`` (N: the image's usable boxes).
+    """
+    data, coco = config.data, config.data.coco
     image = self.images[index]
-    num_t = int(cfg.num_frames)
+    num_t = int(data.num_frames)
     # Frame indices of a pretend video, as the official pseudo-video sampler reports them.
     length = int(rng.integers(coco.pseudo_length[0], coco.pseudo_length[1] + 1))
     frame_idx = transforms.sample_clip_frame_indices(rng, length, num_t, coco.frame_range)
-    h, w = image.height, image.width
-    crop_windows = None
-    if rng.uniform() < coco.crop_prob:
-      pre_short = int(rng.choice(np.asarray(coco.crop_pre_sizes)))
-      ph, pw = transforms.resized_shape(h, w, pre_short, 1333)
-      lo, hi = int(coco.crop_size[0]), int(coco.crop_size[1])
-      ch = int(rng.integers(min(ph, lo), min(ph, hi) + 1))
-      cw = int(rng.integers(min(pw, lo), min(pw, hi) + 1))
-      y0, x0 = int(rng.integers(ph - ch + 1)), int(rng.integers(pw - cw + 1))
-      y1, x1 = int(rng.integers(y0, ph - ch + 1)), int(rng.integers(x0, pw - cw + 1))
-      frac = np.sort(rng.uniform(size=num_t))
-      if rng.uniform() < 0.5:
-        frac = frac[::-1]
-      # Windows in pixels of the pre-resized image, as the release crops it (then resizes).
-      ys = np.rint(y0 * frac + y1 * (1 - frac)).astype(int)
-      xs = np.rint(x0 * frac + x1 * (1 - frac)).astype(int)
-      crop_windows = [(int(y), int(x)) for y, x in zip(ys, xs)]
-      pre_hw, src_hw = (ph, pw), (ch, cw)
-    else:
-      pre_hw, src_hw = None, (h, w)
-    short = int(rng.choice(np.asarray(coco.min_size_train)))
-    flip = bool(cfg.random_flip) and bool(rng.uniform() < 0.5)
-    out_hw = transforms.resized_shape(
-        src_hw[0], src_hw[1], short, coco.max_size_train, canvas=tuple(cfg.pad_size)
-    )
-    # The release's RandomRotationClip: sorted angles in [-deg, deg] (reversed half the time),
-    # one per frame, about a centre drawn per clip within 40-60% of the frame.
-    angles, center_xy = np.zeros(num_t), None
-    rotation_degrees = float(coco.rotation_degrees)
-    if rotation_degrees > 0:
-      angles = np.sort(rng.uniform(-rotation_degrees, rotation_degrees, size=num_t))
-      if rng.uniform() < 0.5:
-        angles = angles[::-1]
-      center_xy = (out_hw[1] * rng.uniform(0.4, 0.6), out_hw[0] * rng.uniform(0.4, 0.6))
-    frame_transforms = [
-        transforms.ClipTransform(
-            (h, w),
-            out_hw,
-            flip,
-            crop_yx=crop_windows[t] if crop_windows else (0, 0),
-            crop_hw=src_hw if crop_windows else None,
-            angle=float(angles[t]),
-            center_xy=center_xy,
-            pre_hw=pre_hw,
-        )
-        for t in range(num_t)
-    ]
+    frame_transforms = _frame_transforms(rng, data, (image.height, image.width), num_t)
     pixels = transforms.read_rgb(image.path)
-    if pixels.shape[:2] != (h, w):
+    if pixels.shape[:2] != (image.height, image.width):
       raise ValueError(
           f"image {image.path} is {pixels.shape[0]}x{pixels.shape[1]} but the "
-          f"annotation file declares {h}x{w}"
+          f"annotation file declares {image.height}x{image.width}"
       )
     frames = np.stack([tr.apply_image(pixels) for tr in frame_transforms])
     n = len(image.labels)
@@ -379,13 +376,13 @@ class CocoPseudoClipSource:
       stats.add("boxes_dropped_after_transform", int((~valid).sum()))
     boxes = np.where(valid[..., None], boxes, 0).astype(np.float32).reshape(n, num_t, 4)
     masks = None
-    if cfg.with_masks:
-      masks = np.zeros((n, num_t) + out_hw, np.uint8)
+    if data.with_masks:
+      masks = np.zeros((n, num_t) + frames.shape[1:3], np.uint8)
       for k, segm in enumerate(image.segmentations):
-        full = ytvis_json.decode_segmentation(segm, h, w)
+        full = ytvis_json.decode_segmentation(segm, image.height, image.width)
         for t, tr in enumerate(frame_transforms):
           masks[k, t] = tr.apply_mask(full) * valid[k, t]
-    return input_pipeline.Clip(
+    return clips.Clip(
         frames=frames,
         boxes=boxes,
         box_valid=valid,
@@ -394,5 +391,72 @@ class CocoPseudoClipSource:
         masks=masks,
         video_id=image.id,
         frame_index=frame_idx,
-        orig_size=(h, w),
+        orig_size=(image.height, image.width),
     )
+
+
+def _crop_windows(
+    rng: np.random.Generator, coco: ml_collections.ConfigDict, hw: tuple[int, int], num_t: int
+) -> tuple[list[tuple[int, int]], tuple[int, int], tuple[int, int]]:
+  """A crop window drifting across the frames (the release's pseudo-video crop).
+
+  Returns:
+    The (y, x) corner of each frame's window in pixels of the pre-resized image, that image's
+    (H, W) and the window's (h, w).
+  """
+  h, w = hw
+  pre_short = int(rng.choice(np.asarray(coco.crop_pre_sizes)))
+  ph, pw = transforms.resized_shape(h, w, pre_short, 1333)
+  lo, hi = int(coco.crop_size[0]), int(coco.crop_size[1])
+  ch = int(rng.integers(min(ph, lo), min(ph, hi) + 1))
+  cw = int(rng.integers(min(pw, lo), min(pw, hi) + 1))
+  y0, x0 = int(rng.integers(ph - ch + 1)), int(rng.integers(pw - cw + 1))
+  y1, x1 = int(rng.integers(y0, ph - ch + 1)), int(rng.integers(x0, pw - cw + 1))
+  frac = np.sort(rng.uniform(size=num_t))
+  if rng.uniform() < 0.5:
+    frac = frac[::-1]
+  # Windows in pixels of the pre-resized image, as the release crops it (then resizes).
+  ys = np.rint(y0 * frac + y1 * (1 - frac)).astype(int)
+  xs = np.rint(x0 * frac + x1 * (1 - frac)).astype(int)
+  return [(int(y), int(x)) for y, x in zip(ys, xs)], (ph, pw), (ch, cw)
+
+
+def _frame_transforms(
+    rng: np.random.Generator, data: ml_collections.ConfigDict, hw: tuple[int, int], num_t: int
+) -> list[transforms.ClipTransform]:
+  """Each frame's transform of a pseudo clip of an (H, W) = `hw` image.
+
+  Draws, in order: the crop (with probability ``coco.crop_prob``), the short side, the flip and
+  the rotation (``coco.rotation_degrees`` > 0).
+  """
+  coco = data.coco
+  crop_windows, pre_hw, src_hw = None, None, hw
+  if rng.uniform() < coco.crop_prob:
+    crop_windows, pre_hw, src_hw = _crop_windows(rng, coco, hw, num_t)
+  short = int(rng.choice(np.asarray(coco.min_size_train)))
+  flip = bool(data.random_flip) and bool(rng.uniform() < 0.5)
+  out_hw = transforms.resized_shape(
+      src_hw[0], src_hw[1], short, coco.max_size_train, canvas=tuple(data.pad_size)
+  )
+  # The release's RandomRotationClip: sorted angles in [-deg, deg] (reversed half the time),
+  # one per frame, about a centre drawn per clip within 40-60% of the frame.
+  angles, center_xy = np.zeros(num_t), None
+  rotation_degrees = float(coco.rotation_degrees)
+  if rotation_degrees > 0:
+    angles = np.sort(rng.uniform(-rotation_degrees, rotation_degrees, size=num_t))
+    if rng.uniform() < 0.5:
+      angles = angles[::-1]
+    center_xy = (out_hw[1] * rng.uniform(0.4, 0.6), out_hw[0] * rng.uniform(0.4, 0.6))
+  return [
+      transforms.ClipTransform(
+          hw,
+          out_hw,
+          flip,
+          crop_yx=crop_windows[t] if crop_windows else (0, 0),
+          crop_hw=src_hw if crop_windows else None,
+          angle=float(angles[t]),
+          center_xy=center_xy,
+          pre_hw=pre_hw,
+      )
+      for t in range(num_t)
+  ]

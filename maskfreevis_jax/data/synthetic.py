@@ -35,6 +35,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from maskfreevis_jax import console
 from maskfreevis_jax.data import ytvis_json
 
 SHAPE_CLASSES = ("ellipse", "ring", "star", "l_shape", "thin_bar", "crescent")
@@ -272,6 +273,55 @@ def _box_from_mask(mask: np.ndarray) -> list[float]:
   return [float(xs[0]), float(ys[0]), float(xs[-1] + 1 - xs[0]), float(ys[-1] + 1 - ys[0])]
 
 
+def _video_annotations(
+    visible: np.ndarray, labels: list[int], video_id: int, first_id: int, height: int, width: int
+) -> list[dict[str, Any]]:
+  """YouTube-VIS annotations of a video's visible masks (bool [K, L, H, W]), ids from
+  `first_id`; an object never visible is no instance."""
+  annotations = []
+  length = visible.shape[1]
+  for k, label in enumerate(labels):
+    if not visible[k].any():
+      continue  # never visible: not an annotated instance
+    bboxes, segms, areas = [], [], []
+    for t in range(length):
+      if visible[k, t].any():
+        bboxes.append(_box_from_mask(visible[k, t]))
+        segms.append(ytvis_json.encode_mask(visible[k, t]))
+        areas.append(int(visible[k, t].sum()))
+      else:
+        bboxes.append(None)
+        segms.append(None)
+        areas.append(None)
+    annotations.append(
+        {
+            "id": first_id + len(annotations),
+            "video_id": video_id,
+            "category_id": label + 1,
+            "iscrowd": 0,
+            "bboxes": bboxes,
+            "segmentations": segms,
+            "areas": areas,
+            "height": height,
+            "width": width,
+        }
+    )
+  return annotations
+
+
+def _dataset_json(description: str, videos: list[Any], annotations: list[Any]) -> dict[str, Any]:
+  """A YouTube-VIS JSON object of the shape classes."""
+  return {
+      "info": {"description": description},
+      "licenses": [],
+      "categories": [
+          {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)
+      ],
+      "videos": videos,
+      "annotations": annotations,
+  }
+
+
 def _write_split(
     out_dir: str,
     split: str,
@@ -285,7 +335,6 @@ def _write_split(
 ) -> dict[str, Any]:
   split_index = {"train": 0, "valid": 1}[split]
   videos, annotations = [], []
-  ann_id = 1
   for i in range(num_videos):
     rng = np.random.default_rng([seed, split_index, i])
     length = int(rng.integers(frames_range[0], frames_range[1] + 1))
@@ -313,44 +362,12 @@ def _write_split(
             "file_names": file_names,
         }
     )
-    for k, label in enumerate(labels):
-      if not visible[k].any():
-        continue  # never visible: not an annotated instance
-      bboxes, segms, areas = [], [], []
-      for t in range(length):
-        if visible[k, t].any():
-          bboxes.append(_box_from_mask(visible[k, t]))
-          segms.append(ytvis_json.encode_mask(visible[k, t]))
-          areas.append(int(visible[k, t].sum()))
-        else:
-          bboxes.append(None)
-          segms.append(None)
-          areas.append(None)
-      annotations.append(
-          {
-              "id": ann_id,
-              "video_id": video_id,
-              "category_id": label + 1,
-              "iscrowd": 0,
-              "bboxes": bboxes,
-              "segmentations": segms,
-              "areas": areas,
-              "height": renderer.height,
-              "width": renderer.width,
-          }
-      )
-      ann_id += 1
-  data = {
-      "info": {"description": f"maskfreevis_jax synthetic VIS ({split}), seed {seed}"},
-      "licenses": [],
-      "categories": [
-          {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)
-      ],
-      "videos": videos,
-      "annotations": annotations,
-  }
+    annotations += _video_annotations(
+        visible, labels, video_id, len(annotations) + 1, renderer.height, renderer.width
+    )
+  description = f"maskfreevis_jax synthetic VIS ({split}), seed {seed}"
   with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
-    json.dump(data, f)
+    json.dump(_dataset_json(description, videos, annotations), f)
   return {"videos": len(videos), "instances": len(annotations)}
 
 
@@ -577,12 +594,20 @@ class LongVideo:
           f"not {height}x{width}"
       )
     rng = np.random.default_rng([seed, 2])
-    size = min(height, width)
     self.background = int(rng.integers(len(self.renderer.backgrounds)))
     bg = self.renderer.backgrounds[self.background]
     self.spare = np.array([bg.shape[0] - height, bg.shape[1] - width], np.float64)
     self.pan_phase = rng.uniform(0, 2 * np.pi, size=2)
     self.pan_period = rng.uniform(200, 400, size=2)
+    self.objects = self._residents(rng, num_residents) + self._visitors(
+        rng, visit_every, visit_frames
+    )
+    # Random depth order (later = on top), residents included.
+    self.depth = rng.permutation(len(self.objects))
+
+  def _residents(self, rng: np.random.Generator, num_residents: int) -> list[LongVideoObject]:
+    """Objects present in every frame, on Lissajous paths around the centre."""
+    height, width = self.height, self.width
     objects = []
     for _ in range(num_residents):
       label = int(rng.integers(len(SHAPE_CLASSES)))
@@ -591,7 +616,7 @@ class LongVideo:
               label=label,
               start=0,
               end=self.length,
-              params=self._appearance(rng, size, label)
+              params=self._appearance(rng, min(height, width), label)
               | dict(
                   kind="resident",
                   amplitude=rng.uniform(0.2, 0.32, size=2) * (height, width),
@@ -600,6 +625,16 @@ class LongVideo:
               ),
           )
       )
+    return objects
+
+  def _visitors(
+      self, rng: np.random.Generator, visit_every: int, visit_frames: Sequence[int]
+  ) -> list[LongVideoObject]:
+    """Objects crossing the frame from one border to the opposite one, one every ~visit_every
+    frames."""
+    height, width = self.height, self.width
+    size = min(height, width)
+    objects = []
     t = int(rng.integers(0, visit_every))
     while t < self.length:
       duration = int(rng.integers(visit_frames[0], visit_frames[1] + 1))
@@ -628,9 +663,7 @@ class LongVideo:
           )
       )
       t += int(rng.integers(visit_every // 2, 3 * visit_every // 2 + 1))
-    self.objects = objects
-    # Random depth order (later = on top), residents included.
-    self.depth = rng.permutation(len(objects))
+    return objects
 
   def _appearance(self, rng, size, label, radius=None) -> dict:
     fill_texture = rng.uniform() < 0.5
@@ -715,21 +748,10 @@ def write_long_video(
   name = f"long_{length:05d}"
   frames_dir = os.path.join(out_dir, "valid", "JPEGImages", name)
   os.makedirs(frames_dir, exist_ok=True)
-  segmentations = [[] for _ in video.objects]
-  bboxes = [[] for _ in video.objects]
-  areas = [[] for _ in video.objects]
-  file_names = []
-  for t, (frame, visible) in enumerate(video.frames()):
-    Image.fromarray(frame).save(os.path.join(frames_dir, f"{t:05d}.jpg"), quality=jpeg_quality)
-    file_names.append(f"{name}/{t:05d}.jpg")
-    for k, mask in enumerate(visible):
-      present = mask.sum() >= min_visible_pixels
-      segmentations[k].append(ytvis_json.encode_mask(mask) if present else None)
-      bboxes[k].append(_box_from_mask(mask) if present else None)
-      areas[k].append(int(mask.sum()) if present else None)
+  tracks = _write_long_frames(video, frames_dir, jpeg_quality, min_visible_pixels)
   annotations = []
   for k, label in enumerate(video.labels):
-    if all(s is None for s in segmentations[k]):
+    if all(s is None for s in tracks["segmentations"][k]):
       continue
     annotations.append(
         {
@@ -737,36 +759,44 @@ def write_long_video(
             "video_id": 1,
             "category_id": label + 1,
             "iscrowd": 0,
-            "segmentations": segmentations[k],
-            "bboxes": bboxes[k],
-            "areas": areas[k],
+            "segmentations": tracks["segmentations"][k],
+            "bboxes": tracks["bboxes"][k],
+            "areas": tracks["areas"][k],
             "height": video.height,
             "width": video.width,
         }
     )
-  data = {
-      "info": {
-          "description": f"maskfreevis_jax long synthetic video, {length} frames, " f"seed {seed}"
-      },
-      "licenses": [],
-      "categories": [
-          {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)
-      ],
-      "videos": [
-          {
-              "id": 1,
-              "width": video.width,
-              "height": video.height,
-              "length": length,
-              "file_names": file_names,
-          }
-      ],
-      "annotations": annotations,
-  }
+  file_names = [f"{name}/{t:05d}.jpg" for t in range(length)]
+  description = f"maskfreevis_jax long synthetic video, {length} frames, seed {seed}"
+  videos = [
+      {
+          "id": 1,
+          "width": video.width,
+          "height": video.height,
+          "length": length,
+          "file_names": file_names,
+      }
+  ]
   json_path = os.path.join(out_dir, "valid.json")
   with open(json_path, "w") as f:
-    json.dump(data, f)
+    json.dump(_dataset_json(description, videos, annotations), f)
   return {"json": json_path, "frames_dir": frames_dir, "instances": len(annotations)}
+
+
+def _write_long_frames(
+    video: LongVideo, frames_dir: str, jpeg_quality: int, min_visible_pixels: int
+) -> dict[str, list[list[Any]]]:
+  """Writes the frames of `video`; returns each instance's per-frame 'segmentations' (RLE),
+  'bboxes' and 'areas' (None where it shows fewer than `min_visible_pixels`)."""
+  tracks = {key: [[] for _ in video.objects] for key in ("segmentations", "bboxes", "areas")}
+  for t, (frame, visible) in enumerate(video.frames()):
+    Image.fromarray(frame).save(os.path.join(frames_dir, f"{t:05d}.jpg"), quality=jpeg_quality)
+    for k, mask in enumerate(visible):
+      present = mask.sum() >= min_visible_pixels
+      tracks["segmentations"][k].append(ytvis_json.encode_mask(mask) if present else None)
+      tracks["bboxes"][k].append(_box_from_mask(mask) if present else None)
+      tracks["areas"][k].append(int(mask.sum()) if present else None)
+  return tracks
 
 
 def default_cache_dir() -> str:
@@ -795,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--max_objects", type=int, default=4)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
+  console.enable_echo()
   summary = generate(
       args.out_dir,
       args.seed,
@@ -804,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       frames_per_video=args.frames_per_video,
       max_objects=args.max_objects,
   )
-  print(json.dumps(summary))
+  console.report(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from maskfreevis_jax import console
 from maskfreevis_jax.data import synthetic
 from maskfreevis_jax.data import ytvis_json
 
@@ -290,11 +291,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--max_objects", type=int, default=4)
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
-  print(
-      write_coco_instances(
-          args.out_dir, args.num_images, args.size, args.seed, max_objects=args.max_objects
-      )
+  console.enable_echo()
+  json_path = write_coco_instances(
+      args.out_dir, args.num_images, args.size, args.seed, max_objects=args.max_objects
   )
+  console.report(json_path)
 
 
 if __name__ == "__main__":

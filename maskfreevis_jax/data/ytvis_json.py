@@ -122,15 +122,13 @@ class YtvisDataset:
   def class_names(self) -> list[str]:
     return [c.name for c in self.categories]
 
-  def label_of_category_id(self) -> dict[int, int]:
-    return {c.id: c.label for c in self.categories}
-
 
 def _fail(path: str, where: str, message: str) -> ValueError:
   return ValueError(f"{path}: {where}: {message}")
 
 
-def _require(obj: Any, key: str, types: type | tuple[type, ...], path: str, where: str) -> Any:
+def require_field(obj: Any, key: str, types: type | tuple[type, ...], path: str, where: str) -> Any:
+  """``obj[key]`` checked to be of `types`; else a ValueError naming `path`, `where` and `key`."""
   if not isinstance(obj, dict):
     raise _fail(path, where, f"expected a JSON object, got {type(obj).__name__}")
   if key not in obj:
@@ -165,7 +163,8 @@ def read_json(path: str) -> Any:
     raise ValueError(f"{path}: not UTF-8 text at byte {e.start}: {e.reason}") from None
 
 
-def _parse_box(box: Any, path: str, where: str) -> list[float] | None:
+def parse_box(box: Any, path: str, where: str) -> list[float] | None:
+  """A JSON ``[x, y, w, h]`` box as floats (None for null); else a ValueError naming `where`."""
   if box is None:
     return None
   if (
@@ -193,63 +192,36 @@ def _check_segmentation(segm: Any, path: str, where: str) -> None:
   )
 
 
-def load_ytvis_json(
-    path: str, image_root: str | None = None, *, keep_segmentations: bool = True
-) -> YtvisDataset:
-  """Reads and validates a YouTube-VIS / OVIS annotation file.
-
-  Args:
-    path: the JSON file.
-    image_root: directory holding the frames (``file_names`` are relative to it). Defaults to
-      ``<dir of json>/<json stem>/JPEGImages`` when that exists, else the JSON's directory.
-    keep_segmentations: keep the raw per-frame segmentations (RLE/polygons) for later
-      decoding; training on boxes only can pass False to save memory.
-
-  Returns:
-    The validated dataset, videos and categories sorted by id.
-
-  Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: malformed JSON or a missing/ill-typed field; the message names the file and
-      the video/annotation id and field.
-  """
-  path = os.fspath(path)
-  data = read_json(path)
-  if not isinstance(data, dict):
-    raise _fail(path, "top level", f"expected a JSON object, got {type(data).__name__}")
-  if image_root is None:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    guess = os.path.join(os.path.dirname(path), stem, "JPEGImages")
-    image_root = guess if os.path.isdir(guess) else os.path.dirname(path)
-
-  raw_categories = _require(data, "categories", list, path, "top level")
+def _categories(data: dict[str, Any], path: str) -> list[Category]:
+  """The file's categories sorted by id, labelled 0, 1, ... in that order."""
   seen_cat_ids = set()
   cat_entries = []
-  for i, cat in enumerate(raw_categories):
+  for i, cat in enumerate(require_field(data, "categories", list, path, "top level")):
     where = f"categories[{i}]"
-    cid = _require(cat, "id", int, path, where)
-    name = _require(cat, "name", str, path, where)
+    cid = require_field(cat, "id", int, path, where)
+    name = require_field(cat, "name", str, path, where)
     if cid in seen_cat_ids:
       raise _fail(path, where, f"duplicate category id {cid}")
     seen_cat_ids.add(cid)
     cat_entries.append((cid, name))
   cat_entries.sort()
-  categories = [Category(id=cid, name=name, label=i) for i, (cid, name) in enumerate(cat_entries)]
-  label_of = {c.id: c.label for c in categories}
+  return [Category(id=cid, name=name, label=i) for i, (cid, name) in enumerate(cat_entries)]
 
-  raw_videos = _require(data, "videos", list, path, "top level")
+
+def _videos(data: dict[str, Any], path: str, image_root: str) -> dict[int, Video]:
+  """Video id -> the video (without tracks), file names joined to `image_root`."""
   videos: dict[int, Video] = {}
-  for i, vid in enumerate(raw_videos):
+  for i, vid in enumerate(require_field(data, "videos", list, path, "top level")):
     where = f"videos[{i}]"
-    vid_id = _require(vid, "id", int, path, where)
+    vid_id = require_field(vid, "id", int, path, where)
     where = f"video id {vid_id}"
     if vid_id in videos:
       raise _fail(path, where, "duplicate video id")
-    file_names = _require(vid, "file_names", list, path, where)
+    file_names = require_field(vid, "file_names", list, path, where)
     if not file_names or not all(isinstance(f, str) for f in file_names):
       raise _fail(path, where, "'file_names' must be a non-empty list of strings")
-    height = _require(vid, "height", int, path, where)
-    width = _require(vid, "width", int, path, where)
+    height = require_field(vid, "height", int, path, where)
+    width = require_field(vid, "width", int, path, where)
     if height <= 0 or width <= 0:
       raise _fail(path, where, f"non-positive frame size {height}x{width}")
     length = vid.get("length", len(file_names))
@@ -264,17 +236,66 @@ def load_ytvis_json(
         file_names=[os.path.join(image_root, f) for f in file_names],
         tracks=[],
     )
+  return videos
 
-  has_annotations = "annotations" in data
+
+def _check_segmentations(segms: Any, video: Video, path: str, where: str) -> None:
+  if segms is None:
+    return
+  if not isinstance(segms, list) or len(segms) != video.length:
+    got = len(segms) if isinstance(segms, list) else type(segms).__name__
+    raise _fail(
+        path,
+        where,
+        f"'segmentations' has {got} entries but the video has "
+        f"{video.length} frames (file_names)",
+    )
+  for t, s in enumerate(segms):
+    _check_segmentation(s, path, f"{where}, frame {t}")
+
+
+def _track_boxes(
+    bboxes: list[Any], video: Video, path: str, where: str
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+  """Per-frame JSON boxes -> (boxes float32 [L, 4] x1, y1, x2, y2 clipped to the frame,
+  valid bool [L], boxes clipped, empty boxes dropped)."""
+  boxes = np.zeros((video.length, 4), np.float32)
+  valid = np.zeros((video.length,), bool)
+  num_clipped = num_dropped = 0
+  for t, b in enumerate(bboxes):
+    box = parse_box(b, path, f"{where}, frame {t}")
+    if box is None:
+      continue
+    x, y, w, h = box
+    x1, y1, x2, y2 = x, y, x + w, y + h
+    cx1, cy1 = min(max(x1, 0.0), video.width), min(max(y1, 0.0), video.height)
+    cx2, cy2 = min(max(x2, 0.0), video.width), min(max(y2, 0.0), video.height)
+    if cx2 - cx1 <= MIN_BOX_SIDE or cy2 - cy1 <= MIN_BOX_SIDE:
+      num_dropped += 1
+      continue
+    if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+      num_clipped += 1
+    boxes[t] = (cx1, cy1, cx2, cy2)
+    valid[t] = True
+  return boxes, valid, num_clipped, num_dropped
+
+
+def _add_tracks(
+    data: dict[str, Any],
+    path: str,
+    videos: dict[int, Video],
+    label_of: dict[int, int],
+    keep_segmentations: bool,
+) -> tuple[int, int]:
+  """Appends each annotation to its video's tracks; returns (boxes clipped, boxes dropped)."""
   num_clipped = num_dropped = 0
   raw_annotations = data.get("annotations") or []
   if not isinstance(raw_annotations, list):
     raise _fail(path, "top level", "field 'annotations' must be a list")
   seen_track_ids = set()
   for i, ann in enumerate(raw_annotations):
-    where = f"annotations[{i}]"
-    ann_id = _require(ann, "id", int, path, where)
-    vid_id = _require(ann, "video_id", int, path, f"annotation id {ann_id}")
+    ann_id = require_field(ann, "id", int, path, f"annotations[{i}]")
+    vid_id = require_field(ann, "video_id", int, path, f"annotation id {ann_id}")
     where = f"video id {vid_id}, annotation id {ann_id}"
     if ann_id in seen_track_ids:
       raise _fail(path, where, "duplicate annotation id")
@@ -282,10 +303,10 @@ def load_ytvis_json(
     if vid_id not in videos:
       raise _fail(path, where, "refers to a video id that is not in 'videos'")
     video = videos[vid_id]
-    cat_id = _require(ann, "category_id", int, path, where)
+    cat_id = require_field(ann, "category_id", int, path, where)
     if cat_id not in label_of:
       raise _fail(path, where, f"category_id {cat_id} is not in 'categories'")
-    bboxes = _require(ann, "bboxes", list, path, where)
+    bboxes = require_field(ann, "bboxes", list, path, where)
     if len(bboxes) != video.length:
       raise _fail(
           path,
@@ -294,47 +315,56 @@ def load_ytvis_json(
           f"{video.length} frames (file_names)",
       )
     segms = ann.get("segmentations")
-    if segms is not None:
-      if not isinstance(segms, list) or len(segms) != video.length:
-        got = len(segms) if isinstance(segms, list) else type(segms).__name__
-        raise _fail(
-            path,
-            where,
-            f"'segmentations' has {got} entries but the video has "
-            f"{video.length} frames (file_names)",
-        )
-      for t, s in enumerate(segms):
-        _check_segmentation(s, path, f"{where}, frame {t}")
-    boxes = np.zeros((video.length, 4), np.float32)
-    valid = np.zeros((video.length,), bool)
-    for t, b in enumerate(bboxes):
-      box = _parse_box(b, path, f"{where}, frame {t}")
-      if box is None:
-        continue
-      x, y, w, h = box
-      x1, y1, x2, y2 = x, y, x + w, y + h
-      cx1, cy1 = min(max(x1, 0.0), video.width), min(max(y1, 0.0), video.height)
-      cx2, cy2 = min(max(x2, 0.0), video.width), min(max(y2, 0.0), video.height)
-      if cx2 - cx1 <= MIN_BOX_SIDE or cy2 - cy1 <= MIN_BOX_SIDE:
-        num_dropped += 1
-        continue
-      if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-        num_clipped += 1
-      boxes[t] = (cx1, cy1, cx2, cy2)
-      valid[t] = True
-    iscrowd = ann.get("iscrowd", 0)
+    _check_segmentations(segms, video, path, where)
+    boxes, valid, clipped, dropped = _track_boxes(bboxes, video, path, where)
+    num_clipped, num_dropped = num_clipped + clipped, num_dropped + dropped
     video.tracks.append(
         Track(
             id=ann_id,
             category_id=cat_id,
             label=label_of[cat_id],
-            iscrowd=bool(iscrowd),
+            iscrowd=bool(ann.get("iscrowd", 0)),
             boxes=boxes,
             box_valid=valid,
             segmentations=segms if (keep_segmentations and segms is not None) else None,
         )
     )
+  return num_clipped, num_dropped
 
+
+def load_ytvis_json(
+    path: str, image_root: str | None = None, *, keep_segmentations: bool = True
+) -> YtvisDataset:
+  """Reads and validates a YouTube-VIS / OVIS annotation file.
+
+  Args:
+    path: the JSON file.
+    image_root: directory holding the frames (``file_names`` are relative to it). Defaults to
+      ``<dir of json>/<json stem>/JPEGImages`` when that exists, else the JSON's directory.
+    keep_segmentations: keep the raw per-frame segmentations (RLE/polygons) for later
+      decoding; training on boxes only can pass False to save memory.
+
+  Returns:
+    The validated dataset, videos and categories sorted by id; each track's boxes float32
+    [L, 4] (x1, y1, x2, y2 pixels) and box_valid bool [L].
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: malformed JSON or a missing/ill-typed field; the message names the file and
+      the video/annotation id and field.
+  """
+  path = os.fspath(path)
+  data = read_json(path)
+  if not isinstance(data, dict):
+    raise _fail(path, "top level", f"expected a JSON object, got {type(data).__name__}")
+  if image_root is None:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    guess = os.path.join(os.path.dirname(path), stem, "JPEGImages")
+    image_root = guess if os.path.isdir(guess) else os.path.dirname(path)
+  categories = _categories(data, path)
+  videos = _videos(data, path, image_root)
+  label_of = {c.id: c.label for c in categories}
+  num_clipped, num_dropped = _add_tracks(data, path, videos, label_of, keep_segmentations)
   for video in videos.values():
     video.tracks.sort(key=lambda t: t.id)
   if num_clipped or num_dropped:
@@ -350,7 +380,7 @@ def load_ytvis_json(
       image_root=image_root,
       categories=categories,
       videos=[videos[k] for k in sorted(videos)],
-      has_annotations=has_annotations,
+      has_annotations="annotations" in data,
       num_clipped_boxes=num_clipped,
       num_dropped_boxes=num_dropped,
   )
