@@ -32,9 +32,10 @@ import time
 import jax
 import numpy as np
 
+from maskfreevis_jax import train_step
+from maskfreevis_jax import experiment
 from maskfreevis_jax import models
 from maskfreevis_jax import sharding as sharding_lib
-from maskfreevis_jax import train
 
 RECIPES = pathlib.Path(__file__).resolve().parents[1] / "configs" / "maskfreevis.py"
 
@@ -252,7 +253,9 @@ def main():
       args.max_instances,
       args.instances,
   )
-  trainer = train.build_trainer(config, train.abstract_batch(batch, process_count=1), mesh=mesh)
+  trainer = experiment.build_experiment(config, mesh=mesh).trainer(
+      train_step.abstract_batch(batch, process_count=1)
+  )
   print(
       f"preset={args.preset} dtype={args.dtype} pixel_decoder="
       f"{'float32' if config.model.pixel_decoder.force_float32 else args.dtype} "
@@ -264,7 +267,7 @@ def main():
   )
 
   start = time.perf_counter()
-  abstract = train.abstract_batch(batch, process_count=1)
+  abstract = train_step.abstract_batch(batch, process_count=1)
   compiled = trainer.train_step.lower(trainer.abstract_state, abstract).compile()
   compile_s = time.perf_counter() - start
   print(f"compile: {compile_s:.1f} s", flush=True)

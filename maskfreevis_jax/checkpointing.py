@@ -3,7 +3,9 @@
 Layout: `<workdir>/checkpoints/<step>/{state, data_iterator, config}`.
   * state: the TrainState pytree (saved sharded, restored straight into the target shardings);
   * data_iterator: every host's iterator state (JSON), so a resumed run reads the same stream;
-  * config: the model/param fingerprint used to explain a mismatching checkpoint clearly.
+  * config: the resolved experiment config (`defaults.load_config` reads it back: evaluate,
+    predict and export need only `--workdir`) and the model fingerprint that explains a
+    mismatching checkpoint clearly. Checkpoints of earlier versions hold the fingerprint alone.
 Saves are asynchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it
 when complete), so a process killed mid-save leaves the previous checkpoints intact; the partial
 directory is removed by the next run.
@@ -35,8 +37,11 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+from maskfreevis_jax import sharding as sharding_lib
 
 _STATE = "state"
 _ITERATOR = "data_iterator"
@@ -79,7 +84,8 @@ class _Damage(Exception):
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  """'a/b/0' for a pytree key path."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _describe_error(error: BaseException, root: pathlib.Path | None = None) -> str:
@@ -120,6 +126,15 @@ class _OrbaxOSErrorTracebacks(std_logging.Filter):
     return True
 
 
+class _OrbaxReadOnlyNotices(std_logging.Filter):
+  """Drops Orbax's warnings that a read-only manager is read-only (evaluate, predict, export)."""
+
+  _NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self._NOTICES)
+
+
 def _ignore_late_read_callbacks(unraisable) -> None:
   """`sys.unraisablehook` that drops "Event loop is closed" from abandoned TensorStore reads.
 
@@ -137,29 +152,26 @@ _previous_unraisablehook = sys.unraisablehook
 
 
 def _quiet_orbax_failures() -> None:
-  """Installs the two filters above once per process."""
+  """Installs the filters above once per process."""
   if sys.unraisablehook is not _ignore_late_read_callbacks:
     global _previous_unraisablehook
     _previous_unraisablehook = sys.unraisablehook
     sys.unraisablehook = _ignore_late_read_callbacks
   absl_logger = logging.get_absl_logger()
-  if not any(isinstance(f, _OrbaxOSErrorTracebacks) for f in absl_logger.filters):
-    absl_logger.addFilter(_OrbaxOSErrorTracebacks())
+  for quiet in (_OrbaxOSErrorTracebacks, _OrbaxReadOnlyNotices):
+    if not any(isinstance(f, quiet) for f in absl_logger.filters):
+      absl_logger.addFilter(quiet())
 
 
 def _all_processes_agree(ok: bool) -> bool:
   """True only when `ok` holds on every process (identity on a single host)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   return bool(np.min(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))))
 
 
 def _sync_processes(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     multihost_utils.sync_global_devices(name)
 
 
@@ -183,21 +195,61 @@ def _decode_iterator_state(encoded: dict) -> Any:
   raise ValueError(f"unknown data iterator state kind {kind!r} in checkpoint")
 
 
-def _gather_host_strings(text: str) -> list[str]:
-  """All hosts' strings, in process order (identity on a single host)."""
-  if jax.process_count() == 1:
-    return [text]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+def _fingerprint_of(saved: Any) -> dict:
+  """The fingerprint of a saved config item (earlier versions saved the fingerprint alone)."""
+  if isinstance(saved, dict) and set(saved) == {"fingerprint", "config"}:
+    return saved["fingerprint"] or {}
+  return saved or {}
 
-  data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-  lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
-  padded = np.zeros([int(np.max(lengths))], np.uint8)
-  padded[: data.size] = data
-  everything = multihost_utils.process_allgather(padded)
-  return [
-      bytes(row[: int(n)]).decode("utf-8")
-      for row, n in zip(np.asarray(everything), np.asarray(lengths).reshape(-1))
-  ]
+
+def _config_of(saved: Any) -> dict | None:
+  """The resolved config of a saved config item; None for earlier versions' checkpoints."""
+  if isinstance(saved, dict) and set(saved) == {"fingerprint", "config"}:
+    return saved["config"]
+  return None
+
+
+def restore_variables(directory: str | pathlib.Path, step: int | None = None) -> tuple[dict, int]:
+  """Model variables of the checkpoint `step` (None, 0 or -1: newest readable) in `directory`.
+
+  Params and model state only, on this host's first device; nothing in the directory changes.
+
+  Raises:
+    FileNotFoundError: naming the directory when it has no checkpoint, or the step when there is
+      no checkpoint of that step.
+    DamagedCheckpointError: the checkpoint of `step` cannot be read.
+    NoReadableCheckpointError: no checkpoint in the directory can be read.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(
+        f"no checkpoints in {directory}: train first (--mode train) or pass --workdir of a "
+        "trained run"
+    )
+  checkpointer = Checkpointer(directory, read_only=True)
+  try:
+    found = checkpointer.restore_variables(None if step is None or int(step) <= 0 else int(step))
+  finally:
+    checkpointer.close()
+  if found is None:
+    raise FileNotFoundError(f"no finished checkpoint in {directory}")
+  variables, found_step, _ = found
+  return variables, int(found_step)
+
+
+def saved_config(directory: str | pathlib.Path, step: int | None = None) -> dict | None:
+  """The resolved config saved with checkpoint `step` (default newest) in `directory`, or None.
+
+  None: there is no checkpoint, or it was written before configs were saved with checkpoints.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return None
+  checkpointer = Checkpointer(directory, read_only=True)
+  try:
+    return checkpointer.saved_config(step)
+  finally:
+    checkpointer.close()
 
 
 class PreemptionFlag:
@@ -267,6 +319,7 @@ class Checkpointer:
       keep: int = 3,
       save_every: int = 1,
       fingerprint: dict | None = None,
+      config: dict | None = None,
       async_save: bool = True,
       max_consecutive_failed_saves: int = 3,
       read_only: bool = False,
@@ -279,6 +332,7 @@ class Checkpointer:
         <= 0 keeps all.
       save_every: `save` writes at multiples of this step.
       fingerprint: flat config values saved with each checkpoint (for clear mismatch errors).
+      config: the resolved config (`ConfigDict.to_dict()`), saved with each checkpoint.
       async_save: write in a background thread (the train loop goes on meanwhile).
       max_consecutive_failed_saves: stop (`CheckpointSaveError`) after this many failed saves
         in a row; earlier failures are logged and training goes on.
@@ -288,10 +342,12 @@ class Checkpointer:
     self.keep = int(keep)
     self.save_every = max(int(save_every), 1)
     self.fingerprint = fingerprint or {}
+    self.config = config
     self.async_save = bool(async_save)
     self.max_consecutive_failed_saves = max(int(max_consecutive_failed_saves), 1)
     self.read_only = bool(read_only)
     self.failed_saves_in_a_row = 0
+    self._partial_manager: ocp.CheckpointManager | None = None
     self._pending_step: int | None = None
     _quiet_orbax_failures()
     if not read_only and jax.process_index() == 0:
@@ -412,7 +468,9 @@ class Checkpointer:
     self._settle()
     if step in self.manager.all_steps():
       return False
-    host_states = _gather_host_strings(json.dumps(_encode_iterator_state(iterator_state)))
+    host_states = sharding_lib.gather_host_strings(
+        json.dumps(_encode_iterator_state(iterator_state))
+    )
     try:
       saved = self.manager.save(
           step,
@@ -422,7 +480,9 @@ class Checkpointer:
                   _ITERATOR: ocp.args.JsonSave(
                       {"per_process": [json.loads(s) for s in host_states]}
                   ),
-                  _CONFIG: ocp.args.JsonSave(self.fingerprint),
+                  _CONFIG: ocp.args.JsonSave(
+                      {"fingerprint": self.fingerprint, "config": self.config}
+                  ),
               }
           ),
           force=True,
@@ -569,7 +629,7 @@ class Checkpointer:
         raise damage(item, e) from e
 
     iterator_states = (restore_item(_ITERATOR, ocp.args.JsonRestore()) or {}).get("per_process", [])
-    saved_fingerprint = restore_item(_CONFIG, ocp.args.JsonRestore()) or {}
+    saved_fingerprint = _fingerprint_of(restore_item(_CONFIG, ocp.args.JsonRestore()))
     try:
       metadata = self.manager.item_metadata(step)[_STATE]
     except Exception as e:  # pylint: disable=broad-except
@@ -577,8 +637,6 @@ class Checkpointer:
     if metadata is None:
       raise _Damage(_STATE, "its tree metadata cannot be read")
     if abstract_state is None:  # Evaluation: every array as saved, replicated on this host.
-      from maskfreevis_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-
       replicated = sharding_lib.replicated(sharding_lib.create_mesh(1))
       abstract_state = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), dict(metadata)
@@ -627,6 +685,44 @@ class Checkpointer:
       NoReadableCheckpointError: there are checkpoints (or quarantined ones) but none reads.
       CheckpointMismatchError: the newest readable checkpoint belongs to another model.
     """
+    found = self._restore_with(lambda s: self._try_read(s, abstract_state), step)
+    return None if found is None else (*found[0], found[1])
+
+  def restore_variables(self, step: int | None = None) -> tuple[dict, int, dict | None] | None:
+    """Model variables only (params and model state), on this host's first device.
+
+    For the modes that only infer: the optimizer state is not read. Damaged checkpoints are
+    passed over as in `restore` (a damaged optimizer slot is not noticed here).
+
+    Returns:
+      ({'params': ..., other collections}, step, the saved resolved config or None for
+      checkpoints written before configs were saved); None if there is no checkpoint.
+    """
+    found = self._restore_with(self._try_read_variables, step)
+    if found is None:
+      return None
+    (variables, config), found_step = found
+    return variables, found_step, config
+
+  def saved_config(self, step: int | None = None) -> dict | None:
+    """The resolved config saved with checkpoint `step` (default: the newest committed one)."""
+    steps = self.all_steps()
+    step = steps[-1] if step is None and steps else step
+    if step is None:
+      return None
+    try:
+      saved = self.manager.restore(
+          step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
+      )[_CONFIG]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          f"the config saved with checkpoint {self.directory / str(step)} cannot be read: "
+          f"{_describe_error(e, self.directory / str(step))}"
+      ) from e
+    return _config_of(saved)
+
+  def _restore_with(self, try_read, step: int | None) -> tuple[Any, int] | None:
+    """(result, step) of `try_read` on `step`, or on the newest readable checkpoint."""
     self._settle()
     steps = self.all_steps()
     if step is not None:
@@ -635,37 +731,42 @@ class Checkpointer:
             f"no checkpoint of step {step} in {self.directory} (committed steps: "
             f"{', '.join(map(str, steps)) or 'none'})"
         )
-      result, damage = self._try_read(step, abstract_state)
+      result, damage = try_read(step)
       if damage is not None:
         raise DamagedCheckpointError(
             f"checkpoint {self.directory / str(step)} cannot be read: first unreadable item "
             f"{damage}. Choose another step (committed: {', '.join(map(str, steps))})."
         )
       logging.info("restored checkpoint of step %d from %s", step, self.directory)
-      return (*result, step)
-
+      return result, step
     damaged: list[tuple[int, _Damage]] = []
     for candidate in reversed(steps):
-      result, damage = self._try_read(candidate, abstract_state)
+      result, damage = try_read(candidate)
       if damage is not None:
         damaged.append((candidate, damage))
         continue
-      for bad_step, bad in damaged:
-        where = "left in place" if self.read_only else self._quarantine(bad_step)
-        logging.warning(
-            "checkpoint of step %d in %s cannot be read (first unreadable item %s); "
-            "%s, using step %d",
-            bad_step,
-            self.directory,
-            bad,
-            where,
-            candidate,
-        )
-      if damaged and not self.read_only:
-        self.manager.reload()
+      self._set_aside(damaged, candidate)
       logging.info("restored checkpoint of step %d from %s", candidate, self.directory)
-      return (*result, candidate)
+      return result, candidate
+    self._raise_none_readable(damaged)
+    return None
 
+  def _set_aside(self, damaged: list[tuple[int, _Damage]], used_step: int) -> None:
+    """Logs each damaged newer checkpoint in one line; quarantines it unless read-only."""
+    for bad_step, bad in damaged:
+      where = "left in place" if self.read_only else self._quarantine(bad_step)
+      logging.warning(
+          "checkpoint of step %d in %s cannot be read (first unreadable item %s); %s, using step %d",
+          bad_step,
+          self.directory,
+          bad,
+          where,
+          used_step,
+      )
+    if damaged and not self.read_only:
+      self.manager.reload()
+
+  def _raise_none_readable(self, damaged: list[tuple[int, _Damage]]) -> None:
     if damaged:
       newest_step, newest_damage = damaged[0]
       raise NoReadableCheckpointError(
@@ -680,7 +781,60 @@ class Checkpointer:
           f"({', '.join(p.name for p in quarantined)}); remove them, or use a fresh --workdir, "
           "to start from scratch."
       )
-    return None
+
+  def _try_read_variables(self, step: int) -> tuple[Any, _Damage | None]:
+    """(({'params', collections}, saved config), None), or (None, damage)."""
+    try:
+      return self._read_variables(step), None
+    except _Damage as e:
+      return None, e
+
+  def _read_variables(self, step: int) -> tuple[dict, dict | None]:
+    """Reads only `params` and `model_state` of `step` through a partial PyTree restore."""
+    step_dir = self.directory / str(step)
+    if not (step_dir / _COMMIT_RECORD).is_file():
+      raise _Damage(_COMMIT_RECORD, "missing (the save did not complete)")
+    try:
+      config = self.saved_config(step)
+    except DamagedCheckpointError as e:
+      raise _Damage(_CONFIG, str(e)) from e
+    device = jax.local_devices()[0]
+    try:
+      metadata = dict(self._variables_manager().item_metadata(step)[_STATE])
+      wanted = {k: metadata[k] for k in ("params", "model_state") if k in metadata}
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+      restore_args = jax.tree.map(
+          lambda _: ocp.ArrayRestoreArgs(sharding=jax.sharding.SingleDeviceSharding(device)), target
+      )
+      state = self._variables_manager().restore(
+          step,
+          args=ocp.args.Composite(
+              **{
+                  _STATE: ocp.args.PyTreeRestore(
+                      item=target, restore_args=restore_args, partial_restore=True
+                  )
+              }
+          ),
+      )[_STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      array = _unreadable_array(e)
+      raise _Damage(f"{_STATE}/{array}" if array else _STATE, _describe_error(e, step_dir)) from e
+    if "params" not in state:
+      raise _Damage(_STATE, "it holds no 'params'")
+    return {"params": state["params"], **dict(state.get("model_state") or {})}, config
+
+  def _variables_manager(self) -> ocp.CheckpointManager:
+    """A read-only manager whose state handler can restore a part of the tree."""
+    if self._partial_manager is None:
+      self._partial_manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+          item_handlers={
+              _STATE: ocp.PyTreeCheckpointHandler(),
+              _CONFIG: ocp.JsonCheckpointHandler(),
+          },
+      )
+    return self._partial_manager
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight is written (failures are counted as in `save`)."""
@@ -694,3 +848,5 @@ class Checkpointer:
       logging.error("%s", e)
     finally:
       self.manager.close()
+      if self._partial_manager is not None:
+        self._partial_manager.close()

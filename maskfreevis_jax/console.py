@@ -8,6 +8,8 @@ prints nothing.
 
 from __future__ import annotations
 
+import pathlib
+
 from absl import logging
 
 _echo = False
@@ -29,3 +31,33 @@ def report(message: str) -> None:
     print(message, flush=True)
   else:
     logging.info("%s", message)
+
+
+# Exceptions the library raises for a person's mistake: a bad flag or config field, a missing or
+# malformed file. Raised by this package's own code they get one line; anything else (and these
+# types raised inside a dependency, e.g. a JAX shape error) is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError)
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def raised_here(error: BaseException) -> bool:
+  """Whether the innermost frame of `error`'s traceback is this package's code."""
+  tb = error.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  return pathlib.Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def user_error_line(error: BaseException, expected: tuple[type, ...] = ()) -> str | None:
+  """'error: <message>' for an expected user error raised by this package, else None.
+
+  Args:
+    error: the exception a command caught.
+    expected: further exception types that are user errors wherever this package raised them
+      (e.g. `checkpointing.CheckpointError`).
+  """
+  if isinstance(error, EXPECTED_ERRORS + tuple(expected)) and raised_here(error):
+    return f"error: {error}"
+  return None

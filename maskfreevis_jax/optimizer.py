@@ -21,7 +21,6 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -38,35 +37,28 @@ EMBED_MODULE_TYPES = (nn.Embed,)
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Returns detectron2's WarmupMultiStepLR (linear warm-up) as an optax schedule."""
-  base_lr = float(train_config.lr)
+  """detectron2's WarmupMultiStepLR as an optax schedule.
+
+  lr(step) = lr * warm-up factor (linear from `warmup_factor` to 1 over `warmup_steps`) *
+  `lr_decay_factor` ** (number of `lr_decay_steps` <= step).
+  """
   warmup_steps = int(train_config.warmup_steps)
-  warmup_factor = float(train_config.warmup_factor)
-  decay_steps = jnp.asarray(
-      sorted(int(s) for s in train_config.lr_decay_steps) or [2**31 - 1], dtype=jnp.int32
+  # A boundary b counts from step b on in both (detectron2's bisect_right).
+  decays = optax.piecewise_constant_schedule(
+      float(train_config.lr),
+      {int(s): float(train_config.lr_decay_factor) for s in train_config.lr_decay_steps},
   )
-  decay_factor = float(train_config.lr_decay_factor)
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.int32)
-    alpha = jnp.clip(step.astype(jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
-    warmup = jnp.where(step < warmup_steps, warmup_factor * (1.0 - alpha) + alpha, 1.0)
-    num_decays = jnp.sum(step >= decay_steps)  # bisect_right over the milestones.
-    return base_lr * warmup * decay_factor ** num_decays.astype(jnp.float32)
-
-  return schedule
+  if warmup_steps <= 0:
+    return decays
+  # A ramp from 0 (not a schedule from the factor to 1): no float32 cancellation at step 0.
+  factor = float(train_config.warmup_factor)
+  ramp = optax.linear_schedule(0.0, 1.0 - factor, warmup_steps)
+  return lambda step: (factor + ramp(step)) * decays(step)
 
 
 def _path_str(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  """'a/b/0' for a pytree key path."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def module_types_by_path(model: nn.Module, *init_args, **init_kwargs) -> dict[str, type]:

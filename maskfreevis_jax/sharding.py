@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -55,15 +56,23 @@ def maybe_initialize_distributed(force: bool = False) -> None:
 
 
 def create_mesh(model_axis_size: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 2-D mesh ('data', 'model') over `devices` (default: all devices)."""
+  """A 2-D mesh ('data', 'model') over `devices` (default: all devices).
+
+  `jax.make_mesh` orders the devices by the physical topology on TPU (neighbours on the 'model'
+  axis); both axes use automatic (GSPMD) sharding.
+  """
   devices = list(jax.devices() if devices is None else devices)
   if model_axis_size < 1 or len(devices) % model_axis_size:
     raise ValueError(
         f"config.sharding.model_axis_size={model_axis_size} must divide the number "
         f"of devices ({len(devices)})"
     )
-  grid = np.asarray(devices, dtype=object).reshape(len(devices) // model_axis_size, model_axis_size)
-  return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
+  return jax.make_mesh(
+      (len(devices) // model_axis_size, model_axis_size),
+      (DATA_AXIS, MODEL_AXIS),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+      devices=devices,
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -118,3 +127,18 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   return {
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
   }
+
+
+def gather_host_strings(text: str) -> list[str]:
+  """All hosts' strings, in process order (identity on a single host)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+  lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
+  padded = np.zeros([int(np.max(lengths))], np.uint8)
+  padded[: data.size] = data
+  everything = multihost_utils.process_allgather(padded)
+  return [
+      bytes(row[: int(n)]).decode("utf-8")
+      for row, n in zip(np.asarray(everything), np.asarray(lengths).reshape(-1))
+  ]

@@ -129,10 +129,9 @@ class StandInIterator:
 
 
 def make_config(**train_overrides) -> ml_collections.ConfigDict:
-  """A full config (model / train / sharding / init_from) for the stand-in model."""
-  config = ml_collections.ConfigDict()
+  """A full config (the schema's) with `model` describing the stand-in model."""
+  config = defaults.get_config()
   config.model = ml_collections.ConfigDict({"name": "stand_in", "width": 8})
-  config.train = defaults.train_defaults()
   config.train.update(
       dict(
           steps=6,
@@ -151,8 +150,6 @@ def make_config(**train_overrides) -> ml_collections.ConfigDict:
       )
   )
   config.train.update(train_overrides)
-  config.sharding = ml_collections.ConfigDict({"model_axis_size": 1, "min_shard_size": 2**18})
-  config.init_from = ""
   return config
 
 

@@ -32,9 +32,19 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
+
+from maskfreevis_jax import checkpointing
+from maskfreevis_jax import console
+from maskfreevis_jax import defaults
+from maskfreevis_jax import evaluate
+from maskfreevis_jax import experiment as experiment_lib
+from maskfreevis_jax import export
+from maskfreevis_jax import train
+from maskfreevis_jax.data import synthetic_images
+from maskfreevis_jax.evaluation import visualize
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGE1_FILE = "stage1.safetensors"
@@ -55,13 +65,12 @@ _BOOKKEEPING = (
 def stage1_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What stage-1 weights depend on: the model, criterion, optimizer, data, image set and the
   still-image generator's format version."""
-  keep = {k: config[k] for k in ("model", "criterion", "train", "data") if k in config}
+  keep = {k: config[k] for k in ("model", "criterion", "train", "data")}
   fingerprint = json.loads(ml_collections.ConfigDict(keep).to_json_best_effort(sort_keys=True))
   for key in _BOOKKEEPING:
-    fingerprint.get("train", {}).pop(key, None)
+    fingerprint["train"].pop(key, None)
+  fingerprint["data"].pop("class_names", None)  # labels only: the weights do not depend on them
   # The generator's format too: weights trained on stills of an older format are stale.
-  from maskfreevis_jax.data import synthetic_images  # pylint: disable=g-import-not-at-top
-
   fingerprint["stills_format_version"] = synthetic_images.FORMAT_VERSION
   return fingerprint
 
@@ -79,6 +88,27 @@ def stage1_is_cached(workdir: str | pathlib.Path, config: ml_collections.ConfigD
   return stored == stage1_fingerprint(config)
 
 
+def _train_stage1(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> train.TrainResult:
+  """Generates the still images into `workdir/stills` and trains on them (resumable)."""
+  stills = config.data.stills
+  console.report(
+      f"Stage 1: generating {stills.num_images} still images, then {config.train.steps} "
+      f"mask-supervised steps into {workdir}"
+  )
+  config = defaults.config_from_dict(config.to_dict(), source="stage-1 config")  # a copy
+  config.data.coco.json = synthetic_images.write_coco_instances(
+      str(workdir / "stills"),
+      int(stills.num_images),
+      tuple(stills.size),
+      int(stills.seed),
+      max_objects=int(stills.max_objects),
+  )
+  result = train.train(experiment_lib.build_experiment(config), workdir)
+  if result.preempted:
+    raise RuntimeError(f"stage 1 was interrupted at step {result.step}; rerun to resume it")
+  return result
+
+
 def ensure_stage1(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """Runs stage 1 into `workdir` unless a matching run is cached there; returns its weights.
 
@@ -93,138 +123,46 @@ def ensure_stage1(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   Returns:
     Path of the exported weights.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import export  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.data import synthetic_images  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir)
   weights = workdir / STAGE1_FILE
   if stage1_is_cached(workdir, config):
-    print(f"Stage 1: reusing {weights} (same stage-1 config)", flush=True)
+    console.report(f"Stage 1: reusing {weights} (same stage-1 config)")
     return weights
   start = time.perf_counter()
   fingerprint = stage1_fingerprint(config)
-  stills = config.data.stills
-  print(
-      f"Stage 1: generating {stills.num_images} still images, then {config.train.steps} "
-      f"mask-supervised steps into {workdir}",
-      flush=True,
-  )
-  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-  config.data.coco.json = synthetic_images.write_coco_instances(
-      str(workdir / "stills"),
-      int(stills.num_images),
-      tuple(stills.size),
-      int(stills.seed),
-      max_objects=int(stills.max_objects),
-  )
-  result = train.train(config, workdir)
-  if result.preempted:
-    raise RuntimeError(f"stage 1 was interrupted at step {result.step}; rerun to resume it")
+  result = _train_stage1(config, workdir)
   state = jax.device_get(result.state)
   variables = {"params": state.params, **dict(state.model_state)}
   export.export_checkpoint(
       variables, config.model, weights, fmt="safetensors", iteration=result.step
   )
-  marker = {
-      "fingerprint": fingerprint,
-      "step": result.step,
-      "seconds": round(time.perf_counter() - start, 1),
-  }
+  seconds = round(time.perf_counter() - start, 1)
+  marker = {"fingerprint": fingerprint, "step": result.step, "seconds": seconds}
   (workdir / STAGE1_MARKER).write_text(json.dumps(marker, indent=1))
-  print(
-      f"Stage 1: {result.step} steps in {marker['seconds']:.0f} s, weights in {weights}", flush=True
-  )
+  console.report(f"Stage 1: {result.step} steps in {seconds:.0f} s, weights in {weights}")
   return weights
 
 
 def overlay_videos(
-    config: ml_collections.ConfigDict,
+    experiment: experiment_lib.Experiment,
     variables: Any,
     out_dir: str | pathlib.Path,
     num_videos: int = 3,
-    score_threshold: float = 0.3,
 ) -> dict[str, str]:
   """Overlays of the first validation videos: ground truth (left) and prediction (right).
 
   Writes `out_dir/overlay.gif` and `overlay.mp4` (videos stacked top to bottom) and
-  `overlay_frame.png` (its middle frame).
-
-  Returns:
-    {'gif': ..., 'mp4': ... (when an MP4 writer is installed), 'png': ...} paths.
+  `overlay_frame.png` (its middle frame); returns their paths by kind.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.data import ytvis_json  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.evaluation import visualize  # pylint: disable=g-import-not-at-top
-
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  dataset = input_pipeline.create_eval_dataset(config, split=config.eval.get("split", "valid"))
-  model = models.build_model(config.model)
-  predictor = evaluation.VideoPredictor.from_config(model.apply, config.eval)
-  class_names = list(dataset.class_names)
-  rows = []
-  for i in range(min(num_videos, len(dataset))):
-    video = dataset.video_example(dataset.indices[i])
-    prediction = predictor(
-        variables,
-        video["frames"],
-        image_valid=video["image_valid"],
-        image_size=video["resized_size"],
-        output_size=video["orig_size"],
-    )
-    frames = np.asarray(dataset.source.read_frames(dataset.indices[i], video["frame_index"]))
-    source_video = dataset.source.video(dataset.indices[i])
-    gt_masks, gt_labels = [], []
-    for track in source_video.tracks:
-      if track.segmentations is None:
-        continue
-      gt_masks.append(
-          np.stack(
-              [
-                  ytvis_json.decode_segmentation(s, *frames.shape[1:3]) > 0
-                  for s in track.segmentations
-              ]
-          )
-      )
-      gt_labels.append(track.label)
-    gt_masks = np.stack(gt_masks) if gt_masks else np.zeros((0,) + frames.shape[:3], bool)
-    truth = visualize.overlay_frames(
-        frames,
-        gt_masks,
-        gt_labels,
-        np.ones(len(gt_labels)),
-        class_names,
-        show_scores=False,
-        title="ground truth",
-    )
-    predicted = visualize.overlay_frames(
-        frames,
-        prediction.masks,
-        prediction.labels,
-        prediction.scores,
-        class_names,
-        score_threshold=score_threshold,
-        title="prediction",
-    )
-    rows.append(np.concatenate([truth, predicted], axis=2))
-  length = max(r.shape[0] for r in rows)
-  # Shorter videos hold their last frame.
-  rows = [np.concatenate([r, np.repeat(r[-1:], length - r.shape[0], axis=0)]) for r in rows]
-  width = max(r.shape[2] for r in rows)
-  rows = [np.pad(r, ((0, 0), (0, 0), (0, width - r.shape[2]), (0, 0))) for r in rows]
-  grid = np.concatenate(rows, axis=1)
-  paths = {"gif": visualize.save_animation(out_dir / "overlay.gif", grid, fps=4)}
-  if visualize.mp4_writer_available():
-    paths["mp4"] = visualize.save_animation(out_dir / "overlay.mp4", grid, fps=4)
-  png = out_dir / "overlay_frame.png"
-  Image.fromarray(grid[length // 2]).save(png)
-  paths["png"] = str(png)
-  return paths
+  return visualize.write_eval_overlays(
+      experiment.eval_dataset(),
+      experiment.video_predictor(),
+      variables,
+      out_dir,
+      num_videos=num_videos,
+      class_names=experiment.config.data.class_names,
+      score_threshold=float(experiment.config.predict.score_threshold),
+  )
 
 
 # ------------------------------------------------------------------------------ command line
@@ -233,13 +171,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config",
     str(REPO_ROOT / "configs" / "synthetic.py"),
     "Stage-2 config (boxes, videos).",
-    lock_config=False,
+    lock_config=True,
 )
 _PRETRAIN_CONFIG = config_flags.DEFINE_config_file(
     "pretrain_config",
     str(REPO_ROOT / "configs" / "synthetic_pretrain.py"),
     "Stage-1 config (masks, still images).",
-    lock_config=False,
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic", "Run directory.")
 _STAGE1 = flags.DEFINE_enum(
@@ -256,6 +194,24 @@ _OUTPUT = flags.DEFINE_string("output", None, "--stage1_only: also copy the weig
 _OVERLAY_VIDEOS = flags.DEFINE_integer("overlay_videos", 3, "Validation videos in the overlay.")
 
 
+def _stage1_weights(
+    config: ml_collections.ConfigDict,
+    pretrain_config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    stage1: str,
+) -> str:
+  """The stage-1 weights stage 2 starts from: the committed file, or stage 1 trained here."""
+  init_from = config.init_from
+  if stage1 == "train" or not init_from or not pathlib.Path(init_from).is_file():
+    if init_from and stage1 == "auto":
+      console.report(f"Stage 1: {init_from} not found; training stage 1 instead")
+    return str(ensure_stage1(pretrain_config, workdir / "stage1"))
+  console.report(
+      f"Stage 1: committed weights {init_from} (made by bash scripts/make_stage1_weights.sh)"
+  )
+  return init_from
+
+
 def run(
     config: ml_collections.ConfigDict,
     pretrain_config: ml_collections.ConfigDict,
@@ -264,35 +220,31 @@ def run(
     num_overlay_videos: int = 3,
 ) -> dict:
   """Both stages, evaluation and overlays; returns the metrics (percent) and output paths."""
-  from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
-  init_from = config.get("init_from", "")
-  if stage1 == "train" or not init_from or not pathlib.Path(init_from).is_file():
-    if init_from and stage1 == "auto":
-      print(f"Stage 1: {init_from} not found; training stage 1 instead", flush=True)
-    config.init_from = str(ensure_stage1(pretrain_config, workdir / "stage1"))
-  else:
-    print(
-        f"Stage 1: committed weights {init_from} (made by bash scripts/make_stage1_weights.sh)",
-        flush=True,
-    )
-  print(f"Stage 2: box-supervised video training from {config.init_from}", flush=True)
-  result = train.train(config, workdir)
+  config.init_from = _stage1_weights(config, pretrain_config, workdir, stage1)
+  console.report(f"Stage 2: box-supervised video training from {config.init_from}")
+  experiment = experiment_lib.build_experiment(config)
+  result = train.train(experiment, workdir)
   if result.preempted:
     return {}
-  metrics = evaluate.evaluate(config, workdir, step=result.step)
-  variables, _ = evaluate.restore_variables(workdir)
-  paths = overlay_videos(config, variables, workdir / "overlays", num_videos=num_overlay_videos)
-  print(
+  metrics = evaluate.evaluate(experiment, workdir, step=result.step)
+  variables, _ = experiment.restore_variables(workdir)
+  paths = overlay_videos(experiment, variables, workdir / "overlays", num_overlay_videos)
+  console.report(
       f"Overlays of {num_overlay_videos} validation videos (ground truth | prediction): "
-      f"{', '.join(paths.values())}",
-      flush=True,
+      f"{', '.join(paths.values())}"
   )
-  print(f"Done in {time.perf_counter() - start:.0f} s", flush=True)
+  console.report(f"Done in {time.perf_counter() - start:.0f} s")
   return {"metrics": metrics, "overlays": paths}
+
+
+def _stage1_only(pretrain_config: ml_collections.ConfigDict, workdir: str, output: str | None):
+  weights = ensure_stage1(pretrain_config, workdir)
+  if output:
+    pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, output)
+    console.report(f"Copied the stage-1 weights to {output}")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -300,26 +252,17 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from maskfreevis_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
-
+  console.enable_echo()
   try:
     if _STAGE1_ONLY.value:
-      weights = ensure_stage1(_PRETRAIN_CONFIG.value, _WORKDIR.value)
-      if _OUTPUT.value:
-        pathlib.Path(_OUTPUT.value).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, _OUTPUT.value)
-        print(f"Copied the stage-1 weights to {_OUTPUT.value}", flush=True)
+      _stage1_only(_PRETRAIN_CONFIG.value, _WORKDIR.value, _OUTPUT.value)
       return
     run(_CONFIG.value, _PRETRAIN_CONFIG.value, _WORKDIR.value, _STAGE1.value, _OVERLAY_VIDEOS.value)
-  except (
-      train.NonFiniteLossError,
-      checkpointing.CheckpointMismatchError,
-      FileNotFoundError,
-      ValueError,
-      RuntimeError,
-  ) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    line = console.user_error_line(e, (train.NonFiniteLossError, checkpointing.CheckpointError))
+    if line is None:
+      raise
+    print(line, file=sys.stderr, flush=True)
     sys.exit(1)
 
 

@@ -27,8 +27,9 @@ from orbax.checkpoint._src.path import async_path
 from orbax.checkpoint._src.path import atomicity
 import pytest
 
+from maskfreevis_jax import train_step
+from maskfreevis_jax import experiment
 from maskfreevis_jax import checkpointing
-from maskfreevis_jax import evaluate
 from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import testing
 from maskfreevis_jax import train as train_lib
@@ -68,12 +69,14 @@ def _train(workdir, steps: int, iterator=None, **train_overrides):
   """Trains (or resumes) the stand-in to `steps`; returns (TrainResult, the iterator)."""
   iterator = iterator if iterator is not None else testing.StandInIterator(BATCH, seed=1)
   result = train_lib.train(
-      _config(steps, **train_overrides),
+      experiment.build_experiment(
+          _config(steps, **train_overrides),
+          model=testing.StandInModel(width=WIDTH),
+          loss_fn=testing.stand_in_loss,
+          train_iterator=iterator,
+          mesh=_mesh(),
+      ),
       workdir,
-      model=testing.StandInModel(width=WIDTH),
-      loss_fn=testing.stand_in_loss,
-      train_iterator=iterator,
-      mesh=_mesh(),
   )
   return result, iterator
 
@@ -90,14 +93,13 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def restore_target():
   """The sharded TrainState shapes `train()` restores into."""
-  spec = train_lib.abstract_batch(next(testing.StandInIterator(BATCH)))
-  trainer = train_lib.build_trainer(
+  spec = train_step.abstract_batch(next(testing.StandInIterator(BATCH)))
+  trainer = experiment.build_experiment(
       _config(6),
-      spec,
       model=testing.StandInModel(width=WIDTH),
       loss_fn=testing.stand_in_loss,
       mesh=_mesh(),
-  )
+  ).trainer(spec)
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       trainer.abstract_state,
@@ -374,7 +376,7 @@ def test_evaluate_takes_the_newest_readable_checkpoint_and_warns(trained, tmp_pa
   checkpoints = workdir / "checkpoints"
   _remove_commit_record(checkpoints / "6")
   with caplog.at_level(logging.WARNING):
-    variables, step = evaluate.restore_variables(workdir)
+    variables, step = checkpointing.restore_variables(workdir / "checkpoints")
   assert step == 4
   lines = _messages(caplog, "cannot be read")
   assert len(lines) == 1 and "checkpoint of step 6" in lines[0], lines
@@ -385,10 +387,10 @@ def test_evaluate_takes_the_newest_readable_checkpoint_and_warns(trained, tmp_pa
 
 def test_evaluate_step_selects_the_checkpoint(trained):
   workdir, final_params = trained
-  newest, newest_step = evaluate.restore_variables(workdir, step=-1)
+  newest, newest_step = checkpointing.restore_variables(workdir / "checkpoints", step=-1)
   assert newest_step == 6
   chex.assert_trees_all_close(jax.device_get(newest["params"]), final_params)
-  older, older_step = evaluate.restore_variables(workdir, step=2)
+  older, older_step = checkpointing.restore_variables(workdir / "checkpoints", step=2)
   assert older_step == 2
   assert not np.array_equal(older["params"]["query_feat"], final_params["query_feat"])
 
@@ -397,7 +399,7 @@ def test_evaluate_damaged_step_is_a_one_line_error(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   _truncate_array_files(workdir / "checkpoints" / "6")
   with pytest.raises(checkpointing.DamagedCheckpointError) as info:
-    evaluate.restore_variables(workdir, step=6)
+    checkpointing.restore_variables(workdir / "checkpoints", step=6)
   message = str(info.value)
   assert message.startswith(
       f"checkpoint {workdir / 'checkpoints' / '6'} cannot be read: first " "unreadable item state/"
@@ -410,7 +412,7 @@ def test_evaluate_missing_step_names_the_committed_ones(trained):
       FileNotFoundError,
       match=r"no checkpoint of step 5 in .*checkpoints " r"\(committed steps: 2, 4, 6\)",
   ):
-    evaluate.restore_variables(trained[0], step=5)
+    checkpointing.restore_variables(trained[0] / "checkpoints", step=5)
 
 
 def _run_main(*args) -> subprocess.CompletedProcess:

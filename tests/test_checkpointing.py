@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from maskfreevis_jax import experiment
 from maskfreevis_jax import checkpointing  # noqa: E402
 from maskfreevis_jax import sharding as sharding_lib  # noqa: E402
 from maskfreevis_jax import testing  # noqa: E402
@@ -43,12 +44,14 @@ def run_training(workdir, delay_s: float = 0.0, width: int = 8, devices=None, st
   config.model.width = width
   mesh = sharding_lib.create_mesh(1, devices)
   return train_lib.train(
-      config,
+      experiment.build_experiment(
+          config,
+          model=testing.StandInModel(width=width),
+          loss_fn=testing.stand_in_loss,
+          train_iterator=testing.StandInIterator(8, seed=1, delay_s=delay_s),
+          mesh=mesh,
+      ),
       workdir,
-      model=testing.StandInModel(width=width),
-      loss_fn=testing.stand_in_loss,
-      train_iterator=testing.StandInIterator(8, seed=1, delay_s=delay_s),
-      mesh=mesh,
   )
 
 
@@ -88,12 +91,14 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
   reference = run_training(tmp_path / "reference", devices=devices, steps=6)
   config = testing.make_config(steps=3, checkpoint_every=2, keep=2, log_every=1)
   first = train_lib.train(
-      config,
+      experiment.build_experiment(
+          config,
+          model=testing.StandInModel(),
+          loss_fn=testing.stand_in_loss,
+          train_iterator=testing.StandInIterator(8, seed=1),
+          mesh=sharding_lib.create_mesh(1, devices),
+      ),
       tmp_path / "split",
-      model=testing.StandInModel(),
-      loss_fn=testing.stand_in_loss,
-      train_iterator=testing.StandInIterator(8, seed=1),
-      mesh=sharding_lib.create_mesh(1, devices),
   )
   assert first.step == 3 and _finished_steps(tmp_path / "split")[-1] == 3
   # A fresh iterator at position 0: the checkpoint must move it to batch 3.
@@ -147,20 +152,24 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(tmp_path):
 def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
   config = testing.make_config(steps=2, checkpoint_every=2)
   train_lib.train(
-      config,
+      experiment.build_experiment(
+          config,
+          model=testing.StandInModel(width=8),
+          loss_fn=testing.stand_in_loss,
+          train_iterator=testing.StandInIterator(8),
+      ),
       tmp_path,
-      model=testing.StandInModel(width=8),
-      loss_fn=testing.stand_in_loss,
-      train_iterator=testing.StandInIterator(8),
   )
   config.model.width = 16
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
     train_lib.train(
-        config,
+        experiment.build_experiment(
+            config,
+            model=testing.StandInModel(width=16),
+            loss_fn=testing.stand_in_loss,
+            train_iterator=testing.StandInIterator(8),
+        ),
         tmp_path,
-        model=testing.StandInModel(width=16),
-        loss_fn=testing.stand_in_loss,
-        train_iterator=testing.StandInIterator(8),
     )
   message = str(info.value)
   found = re.search(

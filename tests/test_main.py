@@ -13,7 +13,16 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from absl import app
 from conftest import load_config
+from maskfreevis_jax import cli
+from maskfreevis_jax import console
+from maskfreevis_jax import workdir_config
+from maskfreevis_jax import checkpointing
+from maskfreevis_jax import evaluation
+from maskfreevis_jax import experiment
+from maskfreevis_jax import train
+from pycocotools import mask as mask_utils
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = (
@@ -167,11 +176,62 @@ def test_config_differences():
 
 def test_help_lists_the_flags():
   result = _run_main("--help", timeout=300)
-  assert result.returncode in (0, 1), result.stderr  # absl exits 1 after printing help.
+  assert result.returncode == 1, result.stderr  # absl's --help exits with status 1.
   text = result.stdout + result.stderr
   for flag in ("--config", "--workdir", "--mode", "--input"):
     assert flag in text
   assert "train_and_evaluate" in text
+
+
+MODE_FLAG_CASES = {
+    "input with train": ("train", {"input": "frames/", "output": None}, "--input is not used"),
+    "output with evaluate": ("evaluate", {"input": None, "output": "o"}, "--output is not used"),
+    "predict without input": ("predict", {"input": None, "output": None}, "needs --input"),
+}
+
+
+@pytest.mark.parametrize("case", MODE_FLAG_CASES.values(), ids=MODE_FLAG_CASES.keys())
+def test_a_flag_the_mode_does_not_read_is_an_error(case):
+  mode, given, message = case
+  with pytest.raises(app.UsageError, match=message):
+    cli.check_mode_flags(mode, given)
+
+
+@pytest.mark.parametrize(
+    "mode,given",
+    [("predict", {"input": "f", "output": "o"}), ("export", {"input": None, "output": "m.pth"})],
+    ids=["predict", "export"],
+)
+def test_the_flags_a_mode_reads_are_accepted(mode, given):
+  cli.check_mode_flags(mode, given)  # raises on a flag the mode does not read
+  assert set(cli.MODE_FLAGS[mode]) >= {k for k, v in given.items() if v}
+
+
+def test_without_config_the_workdir_config_is_used():
+  argv = cli.with_saved_config(["main.py", "--workdir", "/runs/a", "--mode", "evaluate"])
+  assert argv[1] == f"--config={workdir_config.__file__}:/runs/a", argv
+  explicit = ["main.py", "--config=configs/synthetic.py", "--workdir=/runs/a"]
+  assert cli.with_saved_config(explicit) == explicit
+
+
+def test_a_workdir_without_saved_config_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="holds no checkpoint with a saved config"):
+    workdir_config.get_config(str(tmp_path))
+
+
+def _raise_in_numpy():
+  np.zeros(2).reshape(3)  # ValueError raised inside numpy: a bug, not a user error
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback():
+  with pytest.raises(ValueError) as ours:
+    experiment.init_from_path(load_config("maskfreevis:ytvis19_r50"))
+  line = console.user_error_line(ours.value)
+  assert line is not None and line.startswith("error: config.init_from is not set")
+  with pytest.raises(ValueError) as theirs:
+    _raise_in_numpy()
+  assert console.user_error_line(theirs.value) is None
+  assert console.user_error_line(RuntimeError("XLA out of memory")) is None
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
@@ -234,8 +294,6 @@ def test_missing_dataset_path_is_named(tmp_path):
 
 
 def test_missing_init_from_is_a_one_line_error(tmp_path):
-  from maskfreevis_jax import train  # pylint: disable=g-import-not-at-top
-
   config = load_config("maskfreevis:ytvis19_r50")
   with pytest.raises(
       ValueError,
@@ -243,23 +301,18 @@ def test_missing_init_from_is_a_one_line_error(tmp_path):
       r"from pretrained weights \(model_final_3c8ec9\.pkl, "
       r"config\.init_from_required\): .*--config\.init_from=none",
   ) as error:
-    train.train(config, tmp_path)
+    train.train(experiment.build_experiment(config), tmp_path)
   assert "\n" not in str(error.value)
   config.init_from = "None"
-  assert train.init_from_path(config) is None  # from scratch on purpose
+  assert experiment.init_from_path(config) is None  # from scratch on purpose
 
 
 def test_evaluate_without_checkpoint_names_the_directory(tmp_path):
-  from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
-
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "checkpoints")):
-    evaluate.restore_variables(tmp_path)
+    checkpointing.restore_variables(tmp_path / "checkpoints")
 
 
 def test_results_for_unknown_videos_raise():
-  from maskfreevis_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from pycocotools import mask as mask_utils  # pylint: disable=g-import-not-at-top
-
   rle = mask_utils.encode(np.asfortranarray(np.ones((4, 4), np.uint8)))
   rle["counts"] = rle["counts"].decode()
   gt = {

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from maskfreevis_jax import train_step
+from maskfreevis_jax import experiment
 from maskfreevis_jax import models
 from maskfreevis_jax import sharding as sharding_lib
-from maskfreevis_jax import train as train_lib
 from maskfreevis_jax.data import iterators
 
 _REMAT_PARTS = ("backbone", "pixel_decoder", "decoder")
@@ -105,11 +106,9 @@ def _synthetic_run(tmp_path, dtype: str, steps: int, num_batches: int):
   config.model.pixel_decoder.force_float32 = False
   iterator = iterators.create_train_iterator(config, seed=0, global_batch_size=2)
   batches = [dict(next(iterator)) for _ in range(num_batches)]
-  trainer = train_lib.build_trainer(
-      config,
-      train_lib.abstract_batch(batches[0]),
-      mesh=sharding_lib.create_mesh(1, jax.devices()[:1]),
-  )
+  trainer = experiment.build_experiment(
+      config, mesh=sharding_lib.create_mesh(1, jax.devices()[:1])
+  ).trainer(train_step.abstract_batch(batches[0]))
   state = trainer.init_state(jax.random.key(0))
   history = []
   for step in range(steps):

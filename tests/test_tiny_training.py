@@ -8,6 +8,8 @@ import optax
 import pytest
 
 from conftest import load_config
+from maskfreevis_jax import train_step
+from maskfreevis_jax import experiment
 from maskfreevis_jax import defaults
 from maskfreevis_jax import criterion
 from maskfreevis_jax import models
@@ -77,14 +79,12 @@ def box_recipe_mask_saturation(config, steps: int) -> tuple[float, list[float], 
   on fresh clips; returns the fraction of saturated (|logit| > 6) final-layer mask logits of the
   last batch, the projection losses and the total losses."""
   from maskfreevis_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import train as train_lib  # pylint: disable=g-import-not-at-top
 
   iterator = iterators.create_train_iterator(config, seed=0, global_batch_size=2)
   batch = dict(next(iterator))
-  trainer = train_lib.build_trainer(
-      config, train_lib.abstract_batch(batch), mesh=sharding_lib.create_mesh(1, jax.devices()[:1])
-  )
-  state, step_fn = train_lib.initial_train_state(trainer, config), trainer.train_step
+  exp = experiment.build_experiment(config, mesh=sharding_lib.create_mesh(1, jax.devices()[:1]))
+  trainer = exp.trainer(train_step.abstract_batch(batch))
+  state, step_fn = exp.initial_state(trainer), trainer.train_step
   model = trainer.model
   projections, totals = [], []
   for _ in range(steps):

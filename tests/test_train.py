@@ -14,20 +14,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maskfreevis_jax import train_step
+from maskfreevis_jax import experiment
 from maskfreevis_jax import optimizer as optimizer_lib
 from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train as train_lib
+from maskfreevis_jax.evaluation import visualize
 from maskfreevis_jax.testing import StandInIterator, StandInModel, make_config, stand_in_loss
 
 
 def _setup(mesh, config, min_shard_size=2**18):
-  """The real trainer (`train.build_trainer`) around the stand-in model and loss."""
+  """The real trainer (`Experiment.trainer`) around the stand-in model and loss."""
   config.sharding.min_shard_size = min_shard_size
-  spec = train_lib.abstract_batch(next(StandInIterator(config.train.batch_size)))
-  trainer = train_lib.build_trainer(
-      config, spec, model=StandInModel(), loss_fn=stand_in_loss, mesh=mesh
-  )
-  return train_lib.initial_train_state(trainer, config), trainer.train_step, trainer.param_labels
+  spec = train_step.abstract_batch(next(StandInIterator(config.train.batch_size)))
+  exp = experiment.build_experiment(config, model=StandInModel(), loss_fn=stand_in_loss, mesh=mesh)
+  trainer = exp.trainer(spec)
+  return exp.initial_state(trainer), trainer.train_step, trainer.param_labels
 
 
 def test_sharding_equivalence_one_vs_eight_devices():
@@ -90,7 +92,10 @@ def test_training_stops_after_consecutive_nonfinite_steps(tmp_path):
   stream = StandInIterator(8, poison_steps={1, 2, 3, 4, 5, 6, 7, 8, 9})
   with pytest.raises(train_lib.NonFiniteLossError, match=r"NaN/inf for 3 consecutive steps"):
     train_lib.train(
-        config, tmp_path, model=StandInModel(), loss_fn=stand_in_loss, train_iterator=stream
+        experiment.build_experiment(
+            config, model=StandInModel(), loss_fn=stand_in_loss, train_iterator=stream
+        ),
+        tmp_path,
     )
   # Stopped soon after the 3rd bad step (one step of look-behind), not at the end.
   assert stream.index <= 6
@@ -100,7 +105,10 @@ def test_isolated_nonfinite_steps_do_not_stop_training(tmp_path):
   config = make_config(steps=6, max_consecutive_nonfinite=2)
   stream = StandInIterator(8, poison_steps={1, 3})
   result = train_lib.train(
-      config, tmp_path, model=StandInModel(), loss_fn=stand_in_loss, train_iterator=stream
+      experiment.build_experiment(
+          config, model=StandInModel(), loss_fn=stand_in_loss, train_iterator=stream
+      ),
+      tmp_path,
   )
   assert result.step == 6
   assert int(result.state.nonfinite_total) == 2
@@ -119,7 +127,7 @@ def test_optimizer_groups_and_official_recipe():
   )
   model = StandInModel()
   batch = next(StandInIterator(2))
-  variables = jax.jit(lambda b: train_lib.init_variables(model, b, jax.random.key(0)))(batch)
+  variables = jax.jit(lambda b: train_step.init_variables(model, b, jax.random.key(0)))(batch)
   params = variables["params"]
   types = optimizer_lib.module_types_by_path(model, {"params": jax.random.key(0)}, batch["frames"])
   labels = optimizer_lib.param_labels(params, config.train, types)
@@ -181,6 +189,6 @@ def test_progress_line_and_overlay():
   masks[1, :, 0, 0] = 5.0
   logits = np.zeros((3, 4), np.float32)
   logits[1, 0] = 9.0
-  image = train_lib.mask_overlay_image(frames, logits, masks, top_k=1)
+  image = visualize.mask_overlay_image(frames, logits, masks, top_k=1)
   assert image.shape == (8, 16, 3)
   assert image[:4, :4].any() and not image[4:, 4:8].any()
