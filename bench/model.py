@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskfreevis_jax.models import build_model, get_model_config
+from maskfreevis_jax import defaults
+from maskfreevis_jax import experiment
 
 
 def _median_seconds(fn, runs):
@@ -41,9 +42,9 @@ def main():
   parser.add_argument("--skip_backward", action="store_true")
   args = parser.parse_args()
 
-  config = get_model_config(args.preset)
-  config.dtype = args.dtype
-  model = build_model(config)
+  config = defaults.get_config(args.preset)
+  config.model.dtype = args.dtype
+  model = experiment.build_experiment(config).model
   rng = np.random.default_rng(0)
   frames = jnp.asarray(
       rng.integers(0, 256, (args.batch, args.frames, args.height, args.width, 3), dtype=np.uint8)

@@ -337,10 +337,11 @@ def config_from_dict(
   config = get_config()
   with config.unlocked():
     config.model = ml_collections.ConfigDict(_tuples_like(values.get("model", {}), None))
+  # The criterion's class count follows the (new) model's, as in every config; data.batch_size
+  # already follows train.batch_size.
+  if "num_classes" in config.model:
+    config.criterion.num_classes = config.model.get_ref("num_classes")
   _update(config, {k: v for k, v in values.items() if k != "model"}, "", source)
-  # The criterion's class count follows the model's, as in every config.
-  config.criterion.num_classes = config.model.get_ref("num_classes")
-  config.data.batch_size = config.train.get_ref("batch_size")
   return config
 
 
@@ -384,5 +385,5 @@ def _update(node: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: 
       if not isinstance(value, Mapping):
         raise ValueError(f"{source}: field {name!r} must be a mapping, got {value!r}")
       _update(current, value, f"{name}.", source)
-    else:
+    elif _tuples_like(value, current) != current:  # equal values: keep a tied field tied
       node[key] = _tuples_like(value, current)
