@@ -226,7 +226,7 @@ def short_run(tmp_path_factory):
 def test_every_checkpoint_saves_the_resolved_config(short_run, step):
   workdir, config, _ = short_run
   saved = checkpointing.saved_config(workdir / "checkpoints", step)
-  assert saved == config.to_dict()
+  assert saved == json.loads(json.dumps(config.to_dict()))  # as JSON: tuples are lists
   restored = defaults.config_from_dict(saved)
   assert restored.eval.window_size == 24 and restored.to_dict() == config.to_dict()
 
@@ -470,7 +470,7 @@ def short_run(tmp_path_factory):
 def test_every_checkpoint_saves_the_resolved_config(short_run, step):
   workdir, config, _ = short_run
   saved = checkpointing.saved_config(workdir / "checkpoints", step)
-  assert saved == config.to_dict()
+  assert saved == json.loads(json.dumps(config.to_dict()))  # as JSON: tuples are lists
   restored = defaults.config_from_dict(saved)
   assert restored.eval.window_size == 24 and restored.to_dict() == config.to_dict()
 
