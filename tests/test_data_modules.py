@@ -1,6 +1,6 @@
-"""The data package's structure (imports) and its source registry (`data.sources`)."""
+"""The data package: each module imports alone without TensorFlow; the source registry
+(`data.sources`). The import rules of the whole package: tests/test_architecture.py."""
 
-import ast
 import pathlib
 import subprocess
 import sys
@@ -15,60 +15,6 @@ from maskfreevis_jax.data import sources
 
 DATA_DIR = pathlib.Path(sources.__file__).resolve().parent
 DATA_MODULES = sorted(p.stem for p in DATA_DIR.glob("*.py") if p.stem != "__init__")
-
-
-def _project_imports(node: ast.AST) -> list[str]:
-  """The maskfreevis_jax modules an import statement imports ('' for other imports)."""
-  if isinstance(node, ast.Import):
-    return [a.name for a in node.names if a.name.split(".")[0] == "maskfreevis_jax"]
-  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-    if node.module.split(".")[0] == "maskfreevis_jax":
-      return [f"{node.module}.{a.name}" for a in node.names]
-  return []
-
-
-def _tree(module: str) -> ast.Module:
-  return ast.parse((DATA_DIR / f"{module}.py").read_text())
-
-
-@pytest.mark.parametrize("module", DATA_MODULES, ids=DATA_MODULES)
-def test_no_function_local_import_of_project_modules(module):
-  tree = _tree(module)
-  top_level = {id(node) for node in tree.body}
-  local = [
-      f"line {node.lineno}: {name}"
-      for node in ast.walk(tree)
-      if id(node) not in top_level
-      for name in _project_imports(node)
-  ]
-  assert not local, f"maskfreevis_jax/data/{module}.py imports project modules locally: {local}"
-
-
-def test_data_modules_import_each_other_without_a_cycle():
-  graph = {
-      module: {
-          name.rsplit(".", 1)[-1]
-          for node in _tree(module).body
-          for name in _project_imports(node)
-          if name.startswith("maskfreevis_jax.data.") and name.rsplit(".", 1)[-1] in DATA_MODULES
-      }
-      for module in DATA_MODULES
-  }
-  assert graph["coco_pseudo"] and graph["iterators"], graph  # the graph is read, not empty
-  done, path = set(), []
-
-  def visit(module):
-    assert module not in path, f"import cycle: {' -> '.join(path + [module])}"
-    if module in done:
-      return
-    path.append(module)
-    for dep in sorted(graph[module]):
-      visit(dep)
-    path.pop()
-    done.add(module)
-
-  for module in DATA_MODULES:
-    visit(module)
 
 
 @pytest.mark.parametrize("module", DATA_MODULES, ids=DATA_MODULES)
