@@ -24,6 +24,8 @@ real model's embeddings and masks: the trained model keeps each slot on its obje
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -32,15 +34,29 @@ import subprocess
 import sys
 import time
 
+from flax import serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from maskfreevis_jax import models
+from maskfreevis_jax import predict
+from maskfreevis_jax.data import synthetic
+from maskfreevis_jax.evaluation import inference
+from maskfreevis_jax.evaluation import tracking
+from maskfreevis_jax.evaluation import ytvis_eval
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("whole", "windows", "associated")
+HEADER = (
+    f"{'frames':>6} {'mode':>10} {'peak RSS MB':>11} {'device MB':>9} {'s/frame':>7} "
+    f"{'ID sw/100f':>10} {'at bounds':>10} {'matched':>7} {'AP':>6}"
+)
 
 
-def _config(args, mode: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
+def _config(args, mode: str) -> ml_collections.ConfigDict:
+  """configs/synthetic.py with the windowing of `mode`."""
   spec = importlib.util.spec_from_file_location("bench_config", REPO / "configs" / "synthetic.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -54,13 +70,7 @@ def _config(args, mode: str):
 
 
 def run_one(args) -> None:
-  """Child process: predicts one video in one mode, prints a JSON line of measurements."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax import predict  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
+  """Child process: predicts the videos in one mode, prints a JSON line of measurements."""
   config = _config(args, args.mode)
   model = models.build_model(config.model)
   if args.random_init:
@@ -74,32 +84,25 @@ def run_one(args) -> None:
   for frames_dir, out_dir in zip(args.frames_dir, args.out):
     out = predict.predict(
         config,
-        out_dir,
         frames_dir,
         out_dir,
         variables=variables,
         model=model,
-        class_names=synthetic.SHAPE_CLASSES,
         overlay=False,
         progress_every=60.0,
     )
     results.append(out["results"])
   seconds = time.perf_counter() - start
   stats = jax.local_devices()[0].memory_stats() or {}
-  print(
-      "RESULT "
-      + json.dumps(
-          {
-              "seconds": seconds,
-              "results": results,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "device_peak_mb": (
-                  stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
-              ),
-          }
+  measured = {
+      "seconds": seconds,
+      "results": results,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "device_peak_mb": (
+          stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
       ),
-      flush=True,
-  )
+  }
+  print("RESULT " + json.dumps(measured), flush=True)
 
 
 class _QueryShufflingModel:
@@ -115,9 +118,6 @@ class _QueryShufflingModel:
     self.model = model
 
   def apply(self, variables, frames, **kwargs):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
     outputs = dict(self.model.apply(variables, frames, **kwargs))
     key = jax.random.fold_in(jax.random.PRNGKey(0), jnp.sum(frames[0, 0], dtype=jnp.int32))
     order = jax.random.permutation(key, outputs["pred_logits"].shape[2])
@@ -141,7 +141,7 @@ def _merged_ground_truth(gts: list[dict]) -> dict:
   return merged
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="", help="training run whose latest checkpoint is used")
   parser.add_argument(
@@ -170,6 +170,118 @@ def main(argv=None) -> None:
   parser.add_argument("--frames_dir", nargs="+", help=argparse.SUPPRESS)
   parser.add_argument("--out", nargs="+", help=argparse.SUPPRESS)
   parser.add_argument("--variables", help=argparse.SUPPRESS)
+  return parser
+
+
+def _save_variables(args) -> pathlib.Path:
+  """The checkpoint's variables as plain msgpack for the children (Orbax is slow on a busy
+  machine: restored once here)."""
+  variables_path = pathlib.Path(args.data_dir) / "variables.msgpack"
+  if not args.random_init:
+    # Imported here only: it pulls in TensorFlow, which would add ~500 MB to every measured
+    # child's peak RSS.
+    from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+    variables, step = evaluate.restore_variables(args.workdir)
+    variables_path.parent.mkdir(parents=True, exist_ok=True)
+    variables_path.write_bytes(serialization.msgpack_serialize(jax.device_get(variables)))
+    print(f"restored step {step}", flush=True)
+  return variables_path
+
+
+def _long_videos(args, length: int) -> tuple[list[pathlib.Path], dict]:
+  """The `--videos` long videos of `length` frames (written once) and their merged ground truth."""
+  seeds = range(args.seed, args.seed + args.videos)
+  # The generator's format in the name: videos of an older format are not reused.
+  datas = [
+      pathlib.Path(args.data_dir) / f"v{synthetic.FORMAT_VERSION}_seed{seed}_{length}"
+      for seed in seeds
+  ]
+  gts = []
+  for seed, data in zip(seeds, datas):
+    if not (data / "valid.json").exists():
+      synthetic.write_long_video(str(data), length, seed=seed)
+    gts.append(json.loads((data / "valid.json").read_text()))
+  return datas, _merged_ground_truth(gts)
+
+
+def _child_command(args, mode, length, datas, variables_path) -> list[str]:
+  command = [sys.executable, __file__, "--child", "--mode", mode]
+  command += ["--window", str(args.window), "--overlap", str(args.overlap)]
+  command += ["--embed_weight", str(args.embed_weight), "--mask_weight", str(args.mask_weight)]
+  command += ["--frames_dir"] + [
+      str(d / "valid" / "JPEGImages" / f"long_{length:05d}") for d in datas
+  ]
+  command += ["--out"] + [str(d / f"out_{mode}") for d in datas]
+  command += ["--random_init"] if args.random_init else ["--variables", str(variables_path)]
+  command += ["--shuffle_queries"] if args.shuffle_queries else []
+  return command
+
+
+@dataclasses.dataclass
+class _Scores:
+  switches: int = 0
+  boundary_switches: int = 0
+  matched: int = 0
+  present: int = 0
+  ap: float = 0.0
+
+
+def _score(args, mode: str, length: int, gt: dict, result_paths: list[str]) -> _Scores:
+  """Identity switches (all, at window boundaries), matched fraction and AP of a mode's results."""
+  scores = _Scores()
+  starts = inference.window_starts(length, None if mode == "whole" else args.window, args.overlap)
+  # A window's first new frame (the frames after the previous window's end).
+  boundaries = {previous + args.window for previous in starts[:-1]}
+  results = []
+  for video, path in zip(gt["videos"], result_paths):
+    video_results = json.loads(pathlib.Path(path).read_text())
+    for r in video_results:
+      r["video_id"] = video["id"]
+      r.pop("file_names", None)
+    results += video_results
+    truths = [a["segmentations"] for a in gt["annotations"] if a["video_id"] == video["id"]]
+    summary = tracking.identity_switches(truths, tracking.tracks_from_results(video_results))
+    scores.switches += summary.switches
+    scores.boundary_switches += sum(t in boundaries for t in summary.switch_frames)
+    scores.matched += summary.matched
+    scores.present += summary.present
+  scores.ap = ytvis_eval.evaluate_ytvis(gt, results)["AP"]
+  return scores
+
+
+def _row(length: int, mode: str, measured: dict, scores: _Scores, total_frames: int) -> str:
+  device = measured["device_peak_mb"]
+  return (
+      f"{length:>6} {mode:>10} {measured['peak_rss_mb']:>11.0f} "
+      f"{'n/a' if device is None else f'{device:.0f}':>9} "
+      f"{measured['seconds'] / total_frames:>7.3f} "
+      f"{100 * scores.switches / total_frames:>10.2f} "
+      f"{100 * scores.boundary_switches / total_frames:>10.2f} "
+      f"{scores.matched / max(scores.present, 1):>7.2f} {scores.ap:>6.2f}"
+  )
+
+
+def _measure(args, mode, length, datas, gt, variables_path) -> str | None:
+  """One mode on one length in a child process: its table row, or None when it failed."""
+  proc = subprocess.run(
+      _child_command(args, mode, length, datas, variables_path),
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      env={**os.environ, "PYTHONPATH": str(REPO)},
+  )
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    print(f"{length} frames, {mode}: failed\n{proc.stderr[-2000:]}", flush=True)
+    return None
+  measured = json.loads(lines[-1][len("RESULT ") :])
+  scores = _score(args, mode, length, gt, measured["results"])
+  return _row(length, mode, measured, scores, length * len(datas))
+
+
+def main(argv=None) -> None:
+  parser = _parser()
   args = parser.parse_args(argv)
   if args.child:
     run_one(args)
@@ -178,115 +290,26 @@ def main(argv=None) -> None:
     parser.error(f"--videos must be at least 1, got {args.videos}")
   if not args.random_init and not args.workdir:
     parser.error("pass --workdir of a trained run, or --random_init for a smoke check")
-
-  from maskfreevis_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.evaluation import tracking  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.evaluation import ytvis_eval  # pylint: disable=g-import-not-at-top
-
   model_name = "random init (smoke check)" if args.random_init else f"checkpoint in {args.workdir}"
+  shuffled = "; query slots shuffled per window" if args.shuffle_queries else ""
   print(
-      f"model: tiny VideoMaskFormer, {model_name}; {args.videos} videos per length; "
-      f"windows of {args.window} frames sharing "
-      f"{args.overlap}; association weights embed {args.embed_weight}, mask "
-      f"{args.mask_weight}{'; query slots shuffled per window' if args.shuffle_queries else ''}",
+      f"model: tiny VideoMaskFormer, {model_name}; {args.videos} videos per length; windows of "
+      f"{args.window} frames sharing {args.overlap}; association weights embed "
+      f"{args.embed_weight}, mask {args.mask_weight}{shuffled}",
       flush=True,
   )
-  variables_path = pathlib.Path(args.data_dir) / "variables.msgpack"
-  if not args.random_init:
-    # Restored once here (Orbax is slow on a busy machine); the children read plain msgpack.
-    from flax import serialization  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    from maskfreevis_jax.evaluate import restore_variables  # pylint: disable=g-import-not-at-top
-
-    variables, step = restore_variables(args.workdir)
-    variables_path.parent.mkdir(parents=True, exist_ok=True)
-    variables_path.write_bytes(serialization.msgpack_serialize(jax.device_get(variables)))
-    print(f"restored step {step}", flush=True)
-  header = (
-      f"{'frames':>6} {'mode':>10} {'peak RSS MB':>11} {'device MB':>9} {'s/frame':>7} "
-      f"{'ID sw/100f':>10} {'at bounds':>10} {'matched':>7} {'AP':>6}"
-  )
+  variables_path = _save_variables(args)
   rows = []
   for length in args.lengths:
-    datas = [
-        # The generator's format in the name: videos of an older format are not reused.
-        pathlib.Path(args.data_dir) / f"v{synthetic.FORMAT_VERSION}_seed{seed}_{length}"
-        for seed in range(args.seed, args.seed + args.videos)
-    ]
-    gts = []
-    for seed, data in zip(range(args.seed, args.seed + args.videos), datas):
-      if not (data / "valid.json").exists():
-        synthetic.write_long_video(str(data), length, seed=seed)
-      gts.append(json.loads((data / "valid.json").read_text()))
-    gt = _merged_ground_truth(gts)
+    datas, gt = _long_videos(args, length)
     for mode in args.modes:
       if mode == "whole" and length > args.whole_max_frames:
         continue
-      command = [
-          sys.executable,
-          __file__,
-          "--child",
-          "--mode",
-          mode,
-          "--window",
-          str(args.window),
-          "--overlap",
-          str(args.overlap),
-          "--embed_weight",
-          str(args.embed_weight),
-          "--mask_weight",
-          str(args.mask_weight),
-          "--frames_dir",
-      ]
-      command += [str(d / "valid" / "JPEGImages" / f"long_{length:05d}") for d in datas]
-      command += ["--out"] + [str(d / f"out_{mode}") for d in datas]
-      command += ["--random_init"] if args.random_init else ["--variables", str(variables_path)]
-      command += ["--shuffle_queries"] if args.shuffle_queries else []
-      proc = subprocess.run(
-          command,
-          capture_output=True,
-          text=True,
-          cwd=REPO,
-          env={**os.environ, "PYTHONPATH": str(REPO)},
-      )
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-      if proc.returncode or not lines:
-        print(f"{length} frames, {mode}: failed\n{proc.stderr[-2000:]}", flush=True)
-        continue
-      measured = json.loads(lines[-1][len("RESULT ") :])
-      results, switches, boundary_switches, matched, present = [], 0, 0, 0, 0
-      starts = inference.window_starts(
-          length, None if mode == "whole" else args.window, args.overlap
-      )
-      # A window's first new frame (the frames after the previous window's end).
-      boundaries = {previous + args.window for previous in starts[:-1]}
-      for video, path in zip(gt["videos"], measured["results"]):
-        video_results = json.loads(pathlib.Path(path).read_text())
-        for r in video_results:
-          r["video_id"] = video["id"]
-          r.pop("file_names", None)
-        results += video_results
-        truths = [a["segmentations"] for a in gt["annotations"] if a["video_id"] == video["id"]]
-        summary = tracking.identity_switches(truths, tracking.tracks_from_results(video_results))
-        switches += summary.switches
-        boundary_switches += sum(t in boundaries for t in summary.switch_frames)
-        matched += summary.matched
-        present += summary.present
-      ap = ytvis_eval.evaluate_ytvis(gt, results)["AP"]
-      device = measured["device_peak_mb"]
-      total_frames = length * len(datas)
-      row = (
-          f"{length:>6} {mode:>10} {measured['peak_rss_mb']:>11.0f} "
-          f"{'n/a' if device is None else f'{device:.0f}':>9} "
-          f"{measured['seconds'] / total_frames:>7.3f} "
-          f"{100 * switches / total_frames:>10.2f} "
-          f"{100 * boundary_switches / total_frames:>10.2f} {matched / max(present, 1):>7.2f} "
-          f"{ap:>6.2f}"
-      )
-      rows.append(row)
-      print(header + "\n" + row if len(rows) == 1 else row, flush=True)
-  print("\n" + header + "\n" + "\n".join(rows), flush=True)
+      row = _measure(args, mode, length, datas, gt, variables_path)
+      if row is not None:
+        rows.append(row)
+        print(HEADER + "\n" + row if len(rows) == 1 else row, flush=True)
+  print("\n" + HEADER + "\n" + "\n".join(rows), flush=True)
 
 
 if __name__ == "__main__":

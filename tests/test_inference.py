@@ -1,13 +1,18 @@
 """Tests of the video inference post-processing and windowed prediction."""
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+import scipy.optimize
+import scipy.special
 import torch
 import torch.nn.functional as F
 
-import jax
-import jax.numpy as jnp
-
+from maskfreevis_jax import defaults
+from maskfreevis_jax import model_presets
+from maskfreevis_jax import models
 from maskfreevis_jax.evaluation import inference, ytvis_eval
 
 
@@ -244,26 +249,95 @@ def test_valid_size_and_image_valid_default():
   assert out.masks.shape == (2, 2, 20, 30)
 
 
-@pytest.mark.slow
-def test_real_tiny_model_windowed_prediction():
-  """The real (tiny) VideoMaskFormer through the windowed predictor."""
-  from maskfreevis_jax import models  # pylint: disable=g-import-not-at-top
+def _independent_windows(outputs, associate):
+  """The windowed prediction computed here from the model outputs of windows [0, 2) and [1, 3):
+  track order (scipy's Hungarian on the association cost, or the query order), frame-weighted
+  class probabilities and the mask logits of each frame (window 1 adds frame 2).
 
-  config = models.get_model_config("tiny", num_classes=3)
+  Returns:
+    float64 [Q, C] track probabilities, float32 [Q, 3, h, w] track mask logits.
+  """
+  probabilities = [
+      scipy.special.softmax(np.asarray(o["pred_logits"][-1, 0], np.float64), -1)[:, :-1]
+      for o in outputs
+  ]
+  masks = [np.asarray(o["pred_masks"][-1, 0], np.float32) for o in outputs]
+  order = np.arange(masks[0].shape[0])
+  if associate:
+    embeds = [np.asarray(o["pred_embeds"][0], np.float64) for o in outputs]
+    unit = [e / np.linalg.norm(e, axis=-1, keepdims=True) for e in embeds]
+    a = scipy.special.expit(masks[0][:, 1].astype(np.float64)).reshape(len(order), -1)
+    b = scipy.special.expit(masks[1][:, 0].astype(np.float64)).reshape(len(order), -1)
+    dice = (2 * a @ b.T + 1) / (a.sum(-1)[:, None] + b.sum(-1)[None] + 1)
+    cost = (1 - unit[0] @ unit[1].T) + (1 - dice)
+    rows, cols = scipy.optimize.linear_sum_assignment(cost)
+    order[rows] = cols
+  scores = (2 * probabilities[0] + probabilities[1][order]) / 3
+  return scores, np.concatenate([masks[0], masks[1][order][:, 1:]], axis=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("associate", [False, True], ids=["query-order", "associated"])
+def test_real_tiny_model_windows_match_an_independent_computation(associate):
+  """The real (tiny) VideoMaskFormer in windows of 2 frames sharing 1, against the windows'
+  outputs stitched, ranked and resized here (scipy, PyTorch's bilinear). The second window's
+  query slots are reversed, so that association has tracks to recover."""
+  config = model_presets.get_model_config("tiny", num_classes=3)
   model = models.build_model(config)
   rng = np.random.default_rng(3)
   frames = rng.integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+  frames[:, 0, 0, 0] = np.arange(3)  # the first pixel tells a window's first frame
   valid = np.zeros((64, 64), bool)
   valid[:60, :50] = True
   variables = model.init(
       jax.random.PRNGKey(0), jnp.asarray(frames[None, :2]), image_valid=jnp.asarray(valid[None])
   )
-  predictor = inference.VideoPredictor(model.apply, window_size=2, top_k=10)
+
+  def apply_fn(variables, frames, image_valid=None):
+    outputs = dict(model.apply(variables, frames, image_valid=image_valid))
+    slots = jnp.arange(outputs["pred_logits"].shape[2])
+    slots = jnp.where(frames[0, 0, 0, 0, 0] == 0, slots, slots[::-1])
+    outputs["pred_logits"] = outputs["pred_logits"][:, :, slots]
+    outputs["pred_masks"] = outputs["pred_masks"][:, :, slots]
+    outputs["pred_embeds"] = outputs["pred_embeds"][:, slots]
+    return outputs
+
+  predictor = inference.VideoPredictor(
+      apply_fn, window_size=2, window_overlap=1, associate=associate, top_k=10
+  )
   prediction = predictor(variables, frames, image_valid=valid, output_size=(120, 100))
-  assert prediction.masks.shape == (10, 3, 120, 100) and prediction.masks.dtype == bool
-  assert prediction.scores.shape == (10,) and np.all(np.diff(prediction.scores) <= 0)
-  assert np.all((prediction.labels >= 0) & (prediction.labels < 3))
-  assert np.all((prediction.query_indices >= 0) & (prediction.query_indices < 16))
+
+  outputs = [
+      apply_fn(variables, jnp.asarray(frames[None, s : s + 2]), image_valid=valid[None])
+      for s in (0, 1)
+  ]
+  scores, track_logits = _independent_windows(outputs, associate)
+  ranked = np.argsort(-scores.reshape(-1), kind="stable")[:10]
+  np.testing.assert_allclose(prediction.scores, scores.reshape(-1)[ranked], rtol=1e-5)
+  np.testing.assert_array_equal(prediction.labels, ranked % 3)
+  np.testing.assert_array_equal(prediction.query_indices, ranked // 3)
+  up = F.interpolate(torch.from_numpy(track_logits), size=(64, 64), mode="bilinear")
+  expected = F.interpolate(up[:, :, :60, :50], size=(120, 100), mode="bilinear").numpy()
+  expected = expected[ranked // 3]
+  decided = np.abs(expected) > 1e-3  # float rounding decides the rest
+  assert decided.mean() > 0.99 and 0.01 < (expected > 0).mean() < 0.99
+  np.testing.assert_array_equal(prediction.masks[decided], expected[decided] > 0)
+
+
+def test_from_config_reads_the_schema():
+  """`config.eval` as the schema has it (associate True), nothing filled in behind it."""
+  apply_fn, _ = _per_frame_model()
+  config = defaults.get_config()
+  predictor = inference.VideoPredictor.from_config(apply_fn, config.eval)
+  assert (predictor.window_size, predictor.associate, predictor.top_k) == (None, True, 10)
+  config.eval.window_size, config.eval.window_overlap, config.eval.top_k = 6, 2, 3
+  config.eval.association_mask_weight = 0.5
+  predictor = inference.VideoPredictor.from_config(apply_fn, config.eval, associate=False)
+  assert (predictor.window_size, predictor.window_overlap, predictor.top_k) == (6, 2, 3)
+  assert predictor.association_weights == (1.0, 0.5) and not predictor.associate
+  partial = ml_collections.ConfigDict({k: v for k, v in config.eval.items() if k != "associate"})
+  with pytest.raises(AttributeError, match="associate"):
+    inference.VideoPredictor.from_config(apply_fn, partial)
 
 
 def test_whole_video_predictor_equals_postprocess_of_the_final_prediction():

@@ -1,11 +1,13 @@
 """Long videos: query association across windows, streaming prediction, bad video inputs."""
 
+import dataclasses
 import json
 import pathlib
 import tracemalloc
 import types
 
 import chex
+import imageio.v3 as iio
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,9 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maskfreevis_jax import defaults
+from maskfreevis_jax import model_presets
+from maskfreevis_jax import models
 from maskfreevis_jax import predict
 from maskfreevis_jax.data import synthetic
-from maskfreevis_jax.evaluation import inference
+from maskfreevis_jax.evaluation import inference, visualize
 
 NUM_OBJECTS = 4
 NUM_QUERIES = 6  # two queries never find an object
@@ -162,31 +167,56 @@ def test_streaming_equals_in_memory_prediction(window_size, overlap):
   assert [f for f, n in seen for f in range(f, f + n)] == list(range(len(frames)))
 
 
-@pytest.mark.slow
-def test_real_model_exposes_query_embeddings():
-  from maskfreevis_jax import models
+def _permuting(apply_fn):
+  """`apply_fn` with the query slots of every window but the first permuted (keyed by the
+  window's first frame index, its green level)."""
 
-  config = models.get_model_config("tiny", num_classes=NUM_CLASSES)
+  def permuted(variables, frames, image_valid=None):
+    outputs = dict(apply_fn(variables, frames, image_valid=image_valid))
+    start = frames[0, 0, 0, 0, 1].astype(jnp.int32)
+    num_queries = outputs["pred_logits"].shape[2]
+    shuffled = jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(2), start), num_queries)
+    order = jnp.where(start == 0, jnp.arange(num_queries), shuffled)
+    outputs["pred_logits"] = outputs["pred_logits"][:, :, order]
+    outputs["pred_masks"] = outputs["pred_masks"][:, :, order]
+    outputs["pred_embeds"] = outputs["pred_embeds"][:, order]
+    return outputs
+
+  return permuted
+
+
+@pytest.mark.slow
+def test_association_undoes_permuted_queries_of_the_real_model():
+  """The real (tiny) model's query embeddings and masks carry the tracks across windows: with
+  association, permuting each window's query slots changes no prediction, to the bit."""
+  config = model_presets.get_model_config("tiny", num_classes=NUM_CLASSES)
   model = models.build_model(config)
-  frames = jnp.zeros((2, 2, 64, 64, 3), jnp.uint8)
-  shapes = jax.eval_shape(lambda f: model.init_with_output(jax.random.PRNGKey(0), f)[0], frames)
-  assert shapes["pred_embeds"].shape == (2, config.decoder.num_queries, config.decoder.hidden_dim)
-  assert shapes["pred_logits"].shape[1:3] == (2, config.decoder.num_queries)
+  frames, _ = _scene(10)
+  frames = np.repeat(np.repeat(frames, 2, axis=1), 2, axis=2)  # 64x64, green = frame index
+  variables = model.init(jax.random.PRNGKey(0), jnp.asarray(frames[None, :2]))
+  permuted_apply = _permuting(model.apply)
+  window = jnp.asarray(frames[None, 2:6])
+  # The permutation is real: the second window's slots move.
+  assert not np.array_equal(
+      permuted_apply(variables, window)["pred_logits"],
+      model.apply(variables, window)["pred_logits"],
+  )
+  kwargs = dict(window_size=4, window_overlap=2, associate=True, top_k=10)
+  reference = inference.VideoPredictor(model.apply, **kwargs)(variables, frames)
+  permuted = inference.VideoPredictor(permuted_apply, **kwargs)(variables, frames)
+  chex.assert_trees_all_equal(dataclasses.asdict(permuted), dataclasses.asdict(reference))
+  assert reference.masks.any()
 
 
 def _predict_config(window_size: int) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.data = ml_collections.ConfigDict(dict(min_size_test=SIZE, max_size_test=SIZE))
-  config.eval = ml_collections.ConfigDict(
-      dict(
-          window_size=window_size,
-          window_overlap=2,
-          associate=True,
-          association_embed_weight=1.0,
-          association_mask_weight=1.0,
-          top_k=5,
-      )
-  )
+  config = defaults.get_config()
+  config.data.min_size_test = config.data.max_size_test = SIZE
+  config.data.class_names = ("a", "b", "c")
+  config.eval.window_size = window_size
+  config.eval.window_overlap = 2
+  config.eval.associate = True
+  config.eval.top_k = 5
+  config.predict.overlay_min_size = 0
   return config
 
 
@@ -238,28 +268,39 @@ def test_streaming_predict_memory_is_bounded(tmp_path):
     (folder / f"{t:05d}.png").symlink_to(images / f"{t % 20:05d}.png")
   config = _predict_config(window)
   config.data.min_size_test = config.data.max_size_test = size
+  config.eval.window_overlap = window - stride
+  config.predict.gif_max_frames = 2
   kwargs = dict(
-      variables={},
-      model=types.SimpleNamespace(apply=SHUFFLING_MODEL),
-      class_names=["a", "b", "c"],
-      gif_max_frames=2,
-      overlay_min_size=0,
-      progress_every=1e9,
+      variables={}, model=types.SimpleNamespace(apply=SHUFFLING_MODEL), progress_every=1e9
   )
   # Compile everything first (a video of two windows has the same shapes).
-  predict.predict(config, tmp_path, str(images), str(tmp_path / "warm"), **kwargs)
+  predict.predict(config, str(images), str(tmp_path / "warm"), **kwargs)
   tracemalloc.start()
   try:
-    out = predict.predict(config, tmp_path, str(folder), str(tmp_path / "out"), **kwargs)
+    out = predict.predict(config, str(folder), str(tmp_path / "out"), **kwargs)
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
   results = json.loads(pathlib.Path(out["results"]).read_text())
   assert out["num_frames"] == num_frames
-  assert results and all(len(r["segmentations"]) == num_frames for r in results)
   # One window of frames, an overlay chunk and the RLEs: far below the frames alone.
   whole_video_bytes = num_frames * size * size * 3
   assert peak < whole_video_bytes / 2, (peak, whole_video_bytes)
+  # The values: the in-memory predictor on the whole video (96x96 frames need no resize).
+  frames = np.stack([frame for frame, _ in video.frames()])[np.arange(num_frames) % 20]
+  expected = inference.prediction_to_results(
+      0,
+      inference.VideoPredictor(
+          SHUFFLING_MODEL,
+          window_size=window,
+          window_overlap=window - stride,
+          associate=True,
+          top_k=5,
+      )({}, frames),
+  )
+  for r in results:
+    assert r.pop("file_names") == [f"{t:05d}.png" for t in range(num_frames)]
+  assert results == expected
 
 
 def test_predict_streams_a_folder_like_the_in_memory_predictor(tmp_path):
@@ -267,14 +308,7 @@ def test_predict_streams_a_folder_like_the_in_memory_predictor(tmp_path):
   folder = _write_folder(tmp_path / "frames", frames)
   model = types.SimpleNamespace(apply=SHUFFLING_MODEL)
   out = predict.predict(
-      _predict_config(8),
-      tmp_path,
-      str(folder),
-      str(tmp_path / "out"),
-      variables={},
-      model=model,
-      class_names=["a", "b", "c"],
-      overlay_min_size=0,
+      _predict_config(8), str(folder), str(tmp_path / "out"), variables={}, model=model
   )
   expected = inference.prediction_to_results(
       0,
@@ -311,7 +345,8 @@ def _truncated_video(tmp_path: pathlib.Path) -> tuple[pathlib.Path, str]:
       macro_block_size=16,
       output_params=["-movflags", "+faststart", "-g", "4"],
   )
-  writer.send(None)
+  with visualize.quiet_subprocess():
+    writer.send(None)  # starts ffmpeg
   for _ in range(20):
     writer.send(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes())
   writer.close()
@@ -335,17 +370,63 @@ def test_bad_video_input_names_the_frame_and_writes_no_results(tmp_path, kind):
   model = types.SimpleNamespace(apply=SHUFFLING_MODEL)
   out_dir = tmp_path / "out"
   with pytest.raises(ValueError, match=message) as error:
-    predict.predict(
-        _predict_config(4),
-        tmp_path,
-        str(path),
-        str(out_dir),
-        variables={},
-        model=model,
-        class_names=["a", "b", "c"],
-        overlay_min_size=0,
-    )
+    predict.predict(_predict_config(4), str(path), str(out_dir), variables={}, model=model)
   assert not (out_dir / "results.json").exists()
   if kind in ("other-size", "unreadable-frame", "truncated-video"):
     # Frames before the bad one were drawn: the message says where the partial overlay is.
     assert "no " in str(error.value) and "results.json written" in str(error.value)
+
+
+def _failing_model(fail_from: int):
+  """SHUFFLING_MODEL whose device computation fails (an XLA runtime error, as out of memory)
+  in every window that starts at frame `fail_from` or later."""
+
+  def check(start):
+    if int(start) >= fail_from:
+      raise MemoryError(f"simulated device failure at frame {int(start)}")
+
+  def apply_fn(variables, frames, image_valid=None):
+    jax.debug.callback(check, frames[0, 0, 0, 0, 1])
+    return SHUFFLING_MODEL(variables, frames, image_valid)
+
+  return apply_fn
+
+
+def test_predict_keeps_the_traceback_of_other_errors(tmp_path):
+  """Only bad input becomes a one-line ValueError; a failure of the model keeps its type."""
+  frames, _ = _scene(20)
+  folder = _write_folder(tmp_path / "frames", frames)
+  model = types.SimpleNamespace(apply=_failing_model(6))
+  out_dir = tmp_path / "out"
+  with pytest.raises(Exception) as error:
+    predict.predict(_predict_config(8), str(folder), str(out_dir), variables={}, model=model)
+  assert not isinstance(error.value, ValueError), error.value
+  assert "simulated device failure at frame 6" in str(error.value)
+  assert not (out_dir / "results.json").exists()
+  assert (out_dir / "overlay.partial.mp4").exists()  # the first window's frames
+
+
+def test_predict_reads_its_knobs_from_config(tmp_path):
+  frames, _ = _scene(12)
+  folder = _write_folder(tmp_path / "frames", frames)
+  model = types.SimpleNamespace(apply=SHUFFLING_MODEL)
+  config = _predict_config(8)
+  config.predict.gif_max_frames = 3
+  config.predict.overlay_min_size = 64  # 32x32 frames drawn at 64x64
+  config.predict.fps = 5.0
+  drawn = predict.predict(config, str(folder), str(tmp_path / "drawn"), variables={}, model=model)
+  # Every track scores e^6 / (e^6 + 3) = 0.9926: a threshold above draws and keeps nothing.
+  config.predict.score_threshold = 0.995
+  nothing = predict.predict(config, str(folder), str(tmp_path / "none"), variables={}, model=model)
+  assert (drawn["num_predictions"], nothing["num_predictions"]) == (NUM_OBJECTS, 0)
+  gif = iio.imread(drawn["overlay"], index=None)
+  assert gif.shape[:3] == (3, 64, 64)
+  assert iio.immeta(drawn["overlay"])["duration"] == 200  # ms per frame at 5 fps
+  plain = np.stack(
+      [np.asarray(Image.fromarray(f).resize((64, 64), Image.BILINEAR)) for f in frames[:3]]
+  )
+  plain_gif = visualize.save_animation(tmp_path / "plain.gif", plain, fps=5.0)
+  np.testing.assert_array_equal(
+      iio.imread(nothing["overlay"], index=None), iio.imread(plain_gif, index=None)
+  )
+  assert not np.array_equal(gif, iio.imread(plain_gif, index=None))

@@ -9,6 +9,7 @@ size, crop, resize to the original size, top-10 (query, class) pairs, logit > 0.
 import json
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,3 +54,47 @@ def test_masks_match_official(name):
   assert masks.shape == official_masks.shape
   different = int(np.sum(masks != official_masks))
   assert different <= MAX_DIFFERENT_PIXELS, f"{different} of {masks.size} pixels differ"
+
+
+def _fixture_model(name: str):
+  """A stand-in model that returns the fixture's outputs: the masks of the frames it is given
+  (frame t is filled with the value t), the same class logits for every window."""
+  with np.load(FIXTURES / "parity_inference.npz") as data:
+    scale = json.loads(str(data["meta"]))["logit_scale"]
+    logits = data[f"{name}_pred_logits_q"].astype(np.float32) / scale
+    masks = data[f"{name}_pred_masks_q"].astype(np.float32) / scale
+    sizes = [tuple(int(v) for v in row) for row in data[f"{name}_sizes"]]
+
+  def apply_fn(variables, frames, image_valid=None):
+    del variables, image_valid
+    index = frames[0, :, 0, 0, 0].astype(jnp.int32)  # the frames' own indices
+    return {
+        "pred_logits": jnp.asarray(logits)[None, None],
+        "pred_masks": jnp.asarray(masks)[:, index][None, None],
+    }
+
+  frames = np.zeros((masks.shape[1], *sizes[2], 3), np.uint8)
+  frames += np.arange(masks.shape[1], dtype=np.uint8)[:, None, None, None]
+  return apply_fn, frames, sizes
+
+
+@pytest.mark.parametrize("name", ["unpadded", "padded"])
+@pytest.mark.parametrize(
+    "window_size,overlap",
+    [(None, 0), (3, 0), (2, 1), (1, 0)],
+    ids=["whole", "one-window", "2-1", "1-0"],
+)
+def test_video_predictor_matches_official(name, window_size, overlap):
+  apply_fn, frames, (image_size, original_size, _) = _fixture_model(name)
+  predictor = inference.VideoPredictor(
+      apply_fn, window_size=window_size, window_overlap=overlap, frame_chunk=2
+  )
+  prediction = predictor({}, frames, image_size=image_size, output_size=original_size)
+  (scores, labels, masks), (official_scores, official_labels, official_masks) = _case(name)
+  np.testing.assert_allclose(prediction.scores, official_scores, rtol=1e-6)
+  np.testing.assert_array_equal(prediction.labels, official_labels)
+  different = int(np.sum(prediction.masks != official_masks))
+  assert different <= MAX_DIFFERENT_PIXELS, f"{different} of {masks.size} pixels differ"
+  # The same masks as the post-processing of the whole video, to the bit.
+  np.testing.assert_array_equal(prediction.masks, masks)
+  np.testing.assert_array_equal(prediction.labels, labels)

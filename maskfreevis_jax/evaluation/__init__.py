@@ -14,9 +14,12 @@ from maskfreevis_jax.evaluation.inference import (
 )
 from maskfreevis_jax.evaluation.visualize import (
     frames_at_original_size,
+    ground_truth_and_prediction,
+    mask_overlay_image,
     mp4_writer_available,
     overlay_frames,
     save_animation,
+    save_ground_truth_and_prediction,
 )
 from maskfreevis_jax.evaluation.ytvis_eval import (
     accumulate_ytvis,
@@ -37,9 +40,12 @@ __all__ = [
     "prediction_to_results",
     "run_inference",
     "frames_at_original_size",
+    "ground_truth_and_prediction",
+    "mask_overlay_image",
     "mp4_writer_available",
     "overlay_frames",
     "save_animation",
+    "save_ground_truth_and_prediction",
     "accumulate_ytvis",
     "evaluate_ytvis",
     "format_table",

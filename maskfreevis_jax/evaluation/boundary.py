@@ -12,7 +12,7 @@ IoU and mask IoU of those pairs are averaged over the ground-truth tracks (0 for
 without any prediction of its category).
 
   summary = matched_boundary_iou("valid.json", "results.json")
-  print(summary["boundary_iou"], summary["mask_iou"])
+  boundary_iou, mask_iou = summary["boundary_iou"], summary["mask_iou"]
 """
 
 from __future__ import annotations

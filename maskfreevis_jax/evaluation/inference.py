@@ -37,10 +37,11 @@ import collections
 import dataclasses
 import functools
 from typing import Any
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from pycocotools import mask as mask_utils
@@ -414,23 +415,84 @@ def _build_forward(apply_fn: ApplyFn, with_embeds: bool):
 _cached_forward = functools.lru_cache(maxsize=8)(_build_forward)
 
 
-def _predictor_kwargs(eval_config) -> dict[str, Any]:
-  """Windowing/association arguments of the predictors from `config.eval`."""
-  return dict(
-      window_size=int(eval_config.get("window_size", 0)) or None,
-      window_overlap=int(eval_config.get("window_overlap", 0)),
-      associate=bool(eval_config.get("associate", False)),
-      association_embed_weight=float(eval_config.get("association_embed_weight", 1.0)),
-      association_mask_weight=float(eval_config.get("association_mask_weight", 1.0)),
-      top_k=int(eval_config.get("top_k", 10)),
-  )
+def masks_in_chunks(
+    mask_logits: np.ndarray,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+    frame_chunk: int,
+) -> Iterator[tuple[int, np.ndarray]]:
+  """`masks_to_original_size` over at most `frame_chunk` frames per device call.
+
+  Every call has the static shape [K, frame_chunk, h, w] (a shorter last chunk is padded with
+  frames that are dropped), so videos and windows of any length compile it once.
+
+  Args:
+    mask_logits: [K, T, h, w] mask logits.
+    padded_size, image_size, output_size: as `masks_to_original_size`.
+    frame_chunk: frames per call.
+
+  Yields:
+    (first frame index, bool [K, n, H0, W0] masks of frames [first, first + n)), in frame order.
+  """
+  num_frames = mask_logits.shape[1]
+  for start in range(0, num_frames, frame_chunk):
+    chunk = mask_logits[:, start : start + frame_chunk]
+    size = chunk.shape[1]
+    if size < frame_chunk:
+      chunk = np.pad(chunk, ((0, 0), (0, frame_chunk - size), (0, 0), (0, 0)))
+    masks = masks_to_original_size(chunk, padded_size, image_size, output_size)
+    yield start, np.asarray(masks)[:, :size]
+
+
+@dataclasses.dataclass
+class _VideoState:
+  """One video on its way through the windows.
+
+  Attributes:
+    image_valid, image_size, output_size: the checked geometry (`_check_geometry`), set by the
+      first frame.
+    frame_shape: (Hp, Wp, 3) of every frame.
+    num_frames: frames read so far.
+    stitcher: the tracks across windows.
+  """
+
+  image_valid: np.ndarray | None
+  image_size: Sequence[int] | None
+  output_size: Sequence[int] | None
+  stitcher: _TrackStitcher
+  frame_shape: tuple[int, ...] | None = None
+  num_frames: int = 0
+
+  def add_frame(self, frame: np.ndarray) -> np.ndarray:
+    """Checks the next uint8 [Hp, Wp, 3] frame (the first one fixes the geometry)."""
+    frame = np.asarray(frame)
+    if self.frame_shape is None:
+      if frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"frame 0 must be [H, W, 3], got shape {frame.shape}")
+      self.image_valid, self.image_size, self.output_size = _check_geometry(
+          frame.shape[:2], self.image_valid, self.image_size, self.output_size
+      )
+      self.frame_shape = frame.shape
+    elif frame.shape != self.frame_shape:
+      raise ValueError(
+          f"frame {self.num_frames} has shape {frame.shape}, frame 0 {self.frame_shape}"
+      )
+    self.num_frames += 1
+    return frame
+
+  @property
+  def padded_size(self) -> tuple[int, int]:
+    return tuple(self.frame_shape[:2])
 
 
 class VideoPredictor:
   """Runs a VideoMaskFormer on whole videos (or windows of them) and post-processes the output.
 
   Build it once and call it on every video: the model and post-processing functions are compiled
-  once per distinct input / window / output shape.
+  once per distinct input / window / output shape. The windows, their association into tracks
+  and the resize to the original size are `_windows` and `masks_in_chunks`, shared with
+  `StreamingVideoPredictor`.
 
   Example:
     model = build_model(config.model)
@@ -456,11 +518,11 @@ class VideoPredictor:
     Args:
       apply_fn: `model.apply`-like function `(variables, frames [B, T, H, W, 3], image_valid=...)`
         returning `pred_logits` [L, B, Q, C + 1] and `pred_masks` [L, B, Q, T, H/4, W/4] (and
-        `pred_embeds` [B, Q, D] when associating).
+        `pred_embeds` [B, Q, D] when associating windows).
       window_size: frames per model call; None runs the whole video at once (official).
       window_overlap: frames shared by consecutive windows, in [0, window_size).
       associate: match each window's queries to the previous window's tracks (Hungarian on
-        `association_cost`); False keeps query q on track q.
+        `association_cost`); False keeps query q on track q. Unused without windows.
       association_embed_weight: weight of the query-embedding cosine distance.
       association_mask_weight: weight of the mask disagreement on the shared frames.
       top_k: predictions kept per video (official 10).
@@ -475,16 +537,73 @@ class VideoPredictor:
     self.association_weights = (association_embed_weight, association_mask_weight)
     self.top_k = top_k
     self.frame_chunk = frame_chunk
-    self._forward = _make_forward(apply_fn, associate)
+    self._forward = _make_forward(apply_fn, associate and window_size is not None)
 
   @classmethod
-  def from_config(cls, apply_fn: ApplyFn, eval_config, **kwargs) -> VideoPredictor:
+  def from_config(
+      cls, apply_fn: ApplyFn, eval_config: ml_collections.ConfigDict, **kwargs
+  ) -> VideoPredictor:
     """A predictor with `config.eval`'s window_size (0: whole video), window_overlap, associate,
     association weights and top_k; `kwargs` override them."""
-    return cls(apply_fn, **{**_predictor_kwargs(eval_config), **kwargs})
+    settings = dict(
+        window_size=int(eval_config.window_size) or None,
+        window_overlap=int(eval_config.window_overlap),
+        associate=bool(eval_config.associate),
+        association_embed_weight=float(eval_config.association_embed_weight),
+        association_mask_weight=float(eval_config.association_mask_weight),
+        top_k=int(eval_config.top_k),
+    )
+    return cls(apply_fn, **{**settings, **kwargs})
 
-  def _stitcher(self) -> _TrackStitcher:
-    return _TrackStitcher(self.associate, *self.association_weights)
+  def _new_video(self, image_valid, image_size, output_size) -> _VideoState:
+    stitcher = _TrackStitcher(self.associate, *self.association_weights)
+    return _VideoState(image_valid, image_size, output_size, stitcher)
+
+  def _windows(
+      self, variables: Any, frames: Iterable[np.ndarray], video: _VideoState
+  ) -> Iterator[tuple[int, np.ndarray]]:
+    """Runs the model on the windows of a stream of frames and stitches them into tracks.
+
+    Keeps only the frames of one window: a window runs as soon as its last frame arrives; the
+    last window ends at the last frame (`window_starts`).
+
+    Args:
+      variables: model variables.
+      frames: iterable of uint8 [Hp, Wp, 3] frames.
+      video: the video's state (geometry, frame count, tracks), updated as frames come.
+
+    Yields:
+      (first new frame, float32 [Q, n, h, w] track-ordered mask logits of the n frames this
+      window adds), in frame order; together they cover every frame once.
+    """
+    buffer = collections.deque(maxlen=self.window_size)
+    next_end = self.window_size  # None: one window of the whole video
+    for frame in frames:
+      buffer.append(video.add_frame(frame))
+      if next_end is not None and video.num_frames == next_end:
+        yield self._run_window(variables, video, np.stack(buffer))
+        next_end += self.window_size - self.window_overlap
+    if video.num_frames == 0:
+      raise ValueError("the video has no frames")
+    if video.stitcher.covered < video.num_frames:
+      yield self._run_window(variables, video, np.stack(buffer))
+
+  def _run_window(
+      self, variables: Any, video: _VideoState, window_frames: np.ndarray
+  ) -> tuple[int, np.ndarray]:
+    """The model on uint8 [W, Hp, Wp, 3] frames ending at the latest one; see `_windows`."""
+    model_valid = None if video.image_valid is None else video.image_valid[None]
+    probabilities, mask_logits, embeds = self._forward(variables, window_frames[None], model_valid)
+    mask_logits = np.asarray(mask_logits)
+    _model_padded_size(mask_logits, video.padded_size)
+    first = video.stitcher.covered
+    new_logits = video.stitcher.add(
+        video.num_frames - len(window_frames),
+        np.asarray(probabilities),
+        mask_logits,
+        None if embeds is None else np.asarray(embeds),
+    )
+    return first, new_logits
 
   def __call__(
       self,
@@ -514,45 +633,25 @@ class VideoPredictor:
       frames = frames[0]
     if frames.ndim != 4 or frames.shape[-1] != 3:
       raise ValueError(f"frames must be [T, H, W, 3], got shape {frames.shape}")
-    num_frames, padded_h, padded_w = frames.shape[:3]
-    image_valid, image_size, output_size = _check_geometry(
-        (padded_h, padded_w), image_valid, image_size, output_size
+    video = self._new_video(image_valid, image_size, output_size)
+    pieces = [logits for _, logits in self._windows(variables, frames, video)]
+    mask_logits = np.concatenate(pieces, axis=1)  # [Q, T, h, w]
+    scores, labels, queries = (
+        np.asarray(x)
+        for x in select_top_predictions(jnp.asarray(video.stitcher.scores), self.top_k)
     )
-
-    model_valid = None if image_valid is None else image_valid[None]
-    stitcher = self._stitcher()
-    mask_pieces = []
-    window = min(self.window_size or num_frames, num_frames)
-    for start in window_starts(num_frames, self.window_size, self.window_overlap):
-      probabilities, mask_logits, embeds = self._forward(
-          variables, frames[None, start : start + window], model_valid
-      )
-      mask_pieces.append(
-          stitcher.add(
-              start,
-              np.asarray(probabilities),
-              np.asarray(mask_logits),
-              None if embeds is None else np.asarray(embeds),
-          )
-      )
-    mask_logits = np.concatenate(mask_pieces, axis=1)  # [Q, T, h, w]
-    padded_size = _model_padded_size(mask_logits, (padded_h, padded_w))
-    scores, labels, queries = select_top_predictions(jnp.asarray(stitcher.scores), self.top_k)
-    queries = np.asarray(queries)
-    selected = mask_logits[queries]  # [K, T, h, w]
-    masks = np.zeros((len(queries), num_frames, *output_size), bool)
-    for start in range(0, num_frames, self.frame_chunk):
-      chunk = selected[:, start : start + self.frame_chunk]
-      size = chunk.shape[1]
-      if size < self.frame_chunk and num_frames > self.frame_chunk:
-        # Pad the last chunk to the static chunk shape (no recompilation); padding is dropped.
-        chunk = np.pad(chunk, ((0, 0), (0, self.frame_chunk - size), (0, 0), (0, 0)))
-      masks[:, start : start + size] = np.asarray(
-          masks_to_original_size(chunk, padded_size, image_size, output_size)
-      )[:, :size]
+    masks = np.zeros((len(queries), video.num_frames, *video.output_size), bool)
+    for start, chunk in masks_in_chunks(
+        mask_logits[queries],
+        video.padded_size,
+        video.image_size,
+        video.output_size,
+        self.frame_chunk,
+    ):
+      masks[:, start : start + chunk.shape[1]] = chunk
     return VideoPrediction(
-        scores=np.asarray(scores, np.float32),
-        labels=np.asarray(labels, np.int32),
+        scores=scores.astype(np.float32),
+        labels=labels.astype(np.int32),
         masks=masks,
         query_indices=queries.astype(np.int32),
     )
@@ -580,7 +679,7 @@ def _model_padded_size(mask_logits: np.ndarray, padded_size: tuple[int, int]) ->
   model_size = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])
   if model_size != tuple(padded_size):
     raise ValueError(
-        f"model masks {mask_logits.shape[-2:]} are not 1/4 of the input " f"{tuple(padded_size)}"
+        f"model masks {mask_logits.shape[-2:]} are not 1/4 of the input {tuple(padded_size)}"
     )
   return model_size
 
@@ -648,79 +747,43 @@ class StreamingVideoPredictor(VideoPredictor):
     Returns:
       The top-k predictions (track, class) with per-frame RLEs.
     """
-    # The latest frames: a full window, or the whole video when window_size is None.
-    buffer = collections.deque(maxlen=self.window_size)
-    next_start = 0  # start of the next full window
-    stride = None if self.window_size is None else self.window_size - self.window_overlap
-    stitcher = self._stitcher()
-    rles = None  # per track: list of RLE counts (bytes), one per frame
-    geometry = None
-    num_frames = 0
-
-    def run_window(start, window_frames):
-      nonlocal rles
-      model_valid = None if geometry[0] is None else geometry[0][None]
-      probabilities, mask_logits, embeds = self._forward(
-          variables, window_frames[None], model_valid
-      )
-      mask_logits = np.asarray(mask_logits)
-      new_logits = stitcher.add(
-          start,
-          np.asarray(probabilities),
-          mask_logits,
-          None if embeds is None else np.asarray(embeds),
-      )
-      padded_size = _model_padded_size(mask_logits, window_frames.shape[1:3])
-      if rles is None:
-        rles = [[] for _ in range(new_logits.shape[0])]
-      first = stitcher.covered - new_logits.shape[1]
-      for offset in range(0, new_logits.shape[1], self.frame_chunk):
-        chunk = new_logits[:, offset : offset + self.frame_chunk]
-        size = chunk.shape[1]
-        if size < self.frame_chunk:  # static chunk shape: no recompilation
-          chunk = np.pad(chunk, ((0, 0), (0, self.frame_chunk - size), (0, 0), (0, 0)))
-        masks = np.asarray(masks_to_original_size(chunk, padded_size, geometry[1], geometry[2]))[
-            :, :size
-        ]
-        for track, track_masks in enumerate(masks):
-          encoded = mask_utils.encode(
-              np.asfortranarray(track_masks.transpose(1, 2, 0), dtype=np.uint8)
-          )
-          rles[track].extend(r["counts"] for r in encoded)
+    video = self._new_video(image_valid, image_size, output_size)
+    rles = None  # per track: the RLE counts (bytes) of its mask on every frame so far
+    for first, logits in self._windows(variables, frames, video):
+      for offset, masks in masks_in_chunks(
+          logits, video.padded_size, video.image_size, video.output_size, self.frame_chunk
+      ):
+        rles = _append_rles(rles, masks)
         if on_frames is not None:
-          on_frames(first + offset, masks, stitcher.scores)
+          on_frames(first + offset, masks, video.stitcher.scores)
+    return self._streamed_prediction(video, rles)
 
-    for frame in frames:
-      frame = np.asarray(frame)
-      if geometry is None:
-        if frame.ndim != 3 or frame.shape[-1] != 3:
-          raise ValueError(f"frame 0 must be [H, W, 3], got shape {frame.shape}")
-        geometry = _check_geometry(frame.shape[:2], image_valid, image_size, output_size)
-      elif frame.shape != buffer_shape:
-        raise ValueError(f"frame {num_frames} has shape {frame.shape}, frame 0 {buffer_shape}")
-      buffer_shape = frame.shape
-      buffer.append(frame)
-      num_frames += 1
-      if stride is not None and num_frames == next_start + self.window_size:
-        run_window(next_start, np.stack(buffer))
-        next_start += stride
-    if num_frames == 0:
-      raise ValueError("the video has no frames")
-    if stitcher.covered < num_frames:  # the last window ends at the last frame
-      run_window(num_frames - len(buffer), np.stack(buffer))
+  def _streamed_prediction(self, video: _VideoState, rles: list[list[bytes]]) -> StreamedPrediction:
+    """The top-k (track, class) pairs of a finished video, with their tracks' RLEs."""
     scores, labels, tracks = (
-        np.asarray(x) for x in select_top_predictions(jnp.asarray(stitcher.scores), self.top_k)
+        np.asarray(x)
+        for x in select_top_predictions(jnp.asarray(video.stitcher.scores), self.top_k)
     )
-    size = [int(s) for s in geometry[2]]
+    size = [int(s) for s in video.output_size]
     segmentations = [[{"size": size, "counts": c.decode("utf-8")} for c in rles[t]] for t in tracks]
     return StreamedPrediction(
         scores=scores.astype(np.float32),
         labels=labels.astype(np.int32),
         track_indices=tracks.astype(np.int32),
         segmentations=segmentations,
-        track_scores=stitcher.scores,
-        num_frames=num_frames,
+        track_scores=video.stitcher.scores,
+        num_frames=video.num_frames,
     )
+
+
+def _append_rles(rles: list[list[bytes]] | None, masks: np.ndarray) -> list[list[bytes]]:
+  """Appends the RLE counts of bool [Q, n, H0, W0] masks to each track's list (new lists: None)."""
+  if rles is None:
+    rles = [[] for _ in range(masks.shape[0])]
+  for track, track_masks in enumerate(masks):
+    encoded = mask_utils.encode(np.asfortranarray(track_masks.transpose(1, 2, 0), dtype=np.uint8))
+    rles[track].extend(r["counts"] for r in encoded)
+  return rles
 
 
 def predict_video(

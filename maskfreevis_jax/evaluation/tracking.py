@@ -10,7 +10,7 @@ near-identical masks of one object, and a plain per-frame argmax would count a s
 their IoUs swap order.
 
   summary = identity_switches(gt_tracks, predicted_tracks)
-  print(summary.switches, summary.matched / summary.present)
+  switches, matched_fraction = summary.switches, summary.matched / summary.present
 
 Tracks are per-frame RLE lists as in YouTube-VIS files (`annotation['segmentations']`, `None`
 where absent): `tracks_from_results` turns a results file's entries into predicted tracks.
