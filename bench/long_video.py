@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maskfreevis_jax import models
+from maskfreevis_jax import checkpointing
+from maskfreevis_jax import experiment
 from maskfreevis_jax import predict
 from maskfreevis_jax.data import synthetic
 from maskfreevis_jax.evaluation import inference
@@ -72,7 +73,7 @@ def _config(args, mode: str) -> ml_collections.ConfigDict:
 def run_one(args) -> None:
   """Child process: predicts the videos in one mode, prints a JSON line of measurements."""
   config = _config(args, args.mode)
-  model = models.build_model(config.model)
+  model = experiment.build_experiment(config).model
   if args.random_init:
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 2, 128, 128, 3), np.uint8))
   else:
@@ -178,11 +179,9 @@ def _save_variables(args) -> pathlib.Path:
   machine: restored once here)."""
   variables_path = pathlib.Path(args.data_dir) / "variables.msgpack"
   if not args.random_init:
-    # Imported here only: it pulls in TensorFlow, which would add ~500 MB to every measured
-    # child's peak RSS.
-    from maskfreevis_jax import evaluate  # pylint: disable=g-import-not-at-top
-
-    variables, step = evaluate.restore_variables(args.workdir)
+    variables, step = checkpointing.restore_variables(
+        pathlib.Path(args.workdir) / experiment.CHECKPOINT_DIR
+    )
     variables_path.parent.mkdir(parents=True, exist_ok=True)
     variables_path.write_bytes(serialization.msgpack_serialize(jax.device_get(variables)))
     print(f"restored step {step}", flush=True)

@@ -34,7 +34,6 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 
 from maskfreevis_jax import checkpointing
 from maskfreevis_jax import console
@@ -154,44 +153,16 @@ def overlay_videos(
   Writes `out_dir/overlay.gif` and `overlay.mp4` (videos stacked top to bottom) and
   `overlay_frame.png` (its middle frame); returns their paths by kind.
   """
-  return visualize.write_eval_overlays(
-      experiment.eval_dataset(),
+  dataset = experiment.eval_dataset()
+  videos = (dataset.video_example(i) for i in dataset.indices[:num_videos])
+  return visualize.save_ground_truth_and_prediction(
+      out_dir,
+      videos,
       experiment.video_predictor(),
       variables,
-      out_dir,
-      num_videos=num_videos,
-      class_names=experiment.config.data.class_names,
+      experiment.config.data.class_names,
       score_threshold=float(experiment.config.predict.score_threshold),
   )
-
-
-# ------------------------------------------------------------------------------ command line
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    str(REPO_ROOT / "configs" / "synthetic.py"),
-    "Stage-2 config (boxes, videos).",
-    lock_config=True,
-)
-_PRETRAIN_CONFIG = config_flags.DEFINE_config_file(
-    "pretrain_config",
-    str(REPO_ROOT / "configs" / "synthetic_pretrain.py"),
-    "Stage-1 config (masks, still images).",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic", "Run directory.")
-_STAGE1 = flags.DEFINE_enum(
-    "stage1",
-    "auto",
-    ("auto", "train"),
-    "auto: the stage-2 config's init_from file when it exists (the committed weights), else "
-    "train stage 1 into WORKDIR/stage1; train: always use (and cache) WORKDIR/stage1.",
-)
-_STAGE1_ONLY = flags.DEFINE_bool(
-    "stage1_only", False, "Only run stage 1 into --workdir and export its weights."
-)
-_OUTPUT = flags.DEFINE_string("output", None, "--stage1_only: also copy the weights here.")
-_OVERLAY_VIDEOS = flags.DEFINE_integer("overlay_videos", 3, "Validation videos in the overlay.")
 
 
 def _stage1_weights(

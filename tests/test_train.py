@@ -19,7 +19,6 @@ from maskfreevis_jax import experiment
 from maskfreevis_jax import optimizer as optimizer_lib
 from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train as train_lib
-from maskfreevis_jax.evaluation import visualize
 from maskfreevis_jax.testing import StandInIterator, StandInModel, make_config, stand_in_loss
 
 
@@ -174,7 +173,7 @@ def test_learning_rate_schedule_matches_warmup_multistep():
     np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5)
 
 
-def test_progress_line_and_overlay():
+def test_progress_line():
   line = train_lib.progress_line(
       120,
       3000,
@@ -184,11 +183,3 @@ def test_progress_line_and_overlay():
   )
   assert line.startswith("step 120/3000 | loss 3.4000 | ce 0.5000 proj 0.2000")
   assert "2.50 clips/s" in line and "ETA 1:02:05" in line
-  frames = np.zeros((2, 8, 8, 3), np.uint8)
-  masks = np.full((3, 2, 2, 2), -1.0, np.float32)
-  masks[1, :, 0, 0] = 5.0
-  logits = np.zeros((3, 4), np.float32)
-  logits[1, 0] = 9.0
-  image = visualize.mask_overlay_image(frames, logits, masks, top_k=1)
-  assert image.shape == (8, 16, 3)
-  assert image[:4, :4].any() and not image[4:, 4:8].any()
