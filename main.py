@@ -14,7 +14,12 @@ resolved config saved with the workdir's newest checkpoint is used; --config.a.b
 apply either way.
 """
 
+import os
 import sys
+
+# tf.data here only runs numpy functions, so TensorFlow's oneDNN math is never used; turning it off
+# (before TensorFlow loads) also drops the banner it prints at import.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app
 from absl import flags

@@ -831,6 +831,7 @@ class Checkpointer:
           options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
           item_handlers={
               _STATE: ocp.PyTreeCheckpointHandler(),
+              _ITERATOR: ocp.JsonCheckpointHandler(),
               _CONFIG: ocp.JsonCheckpointHandler(),
           },
       )

@@ -8,6 +8,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
-# TensorFlow (tf.data) prints its oneDNN banner unless this is set before the process starts.
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 exec .venv/bin/python -m maskfreevis_jax.two_stage --workdir "${WORKDIR:-workdir/synthetic}" "$@"
