@@ -18,6 +18,7 @@ the auxiliary ones get '_0' .. '_{L-2}' suffixes. Weights are the official ones
 """
 
 import dataclasses
+import functools
 from typing import Any
 from collections.abc import Mapping
 
@@ -249,6 +250,166 @@ def layer_warmup_steps(step: Array, num_layers: int, counts_layer_calls: bool) -
   return step * num_layers + call_order + 1
 
 
+@dataclasses.dataclass(frozen=True)
+class _Targets:
+  """A batch's targets as every supervised layer's losses read them.
+
+  Attributes:
+    labels: int32 [B, N], 0 in dropped slots.
+    valid: bool [B, N], real instances with a box in at least one frame.
+    num_masks: float32 scalar, number of valid instances (>= 1).
+    masks: float32 [B, N, T, h, w] targets at the predicted mask size, no gradient.
+    affinities: (box mode) the colour affinities of the frames, else None.
+    full_masks: (mask mode, importance sampling) float32 [B, N, T, H, W] full-resolution
+      targets, else None.
+    points_key: (mask mode, importance sampling) the step's PRNG key of the points, else None.
+  """
+
+  labels: Array
+  valid: Array
+  num_masks: Array
+  masks: Array
+  affinities: Any = None
+  full_masks: Array | None = None
+  points_key: Array | None = None
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  if config.mode not in ("box", "mask"):
+    raise ValueError(f"criterion config mode must be 'box' or 'mask', got {config.mode!r}")
+  if config.layer_loop not in ("vmap", "map"):
+    raise ValueError(
+        f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}"
+    )
+  if config.mask_points.sampling not in ("dense", "importance"):
+    raise ValueError(
+        "criterion config mask_points.sampling must be 'dense' or 'importance', "
+        f"got {config.mask_points.sampling!r}"
+    )
+
+
+def _mask_mode_targets(
+    targets: Mapping[str, Array],
+    target_valid: Array,
+    step: Array,
+    mask_size: tuple[int, int],
+    point_config: ml_collections.ConfigDict,
+) -> dict[str, Any]:
+  """Mask mode: the instance masks pooled to the predicted size, plus, with importance
+  sampling, the full-resolution masks and the step's points key."""
+  height, width = mask_size
+  full_height = targets["masks"].shape[-2]
+  if full_height % height or targets["masks"].shape[-1] != width * (full_height // height):
+    raise ValueError(
+        f"batch['masks'] spatial size {targets['masks'].shape[-2:]} is not an integer multiple "
+        f"of the predicted mask size {(height, width)}"
+    )
+  masks = downsample_instance_masks(targets["masks"], full_height // height)
+  fields = {"masks": jnp.where(target_valid[:, :, None, None, None], masks, 0.0)}
+  if point_config.sampling == "importance":
+    fields["full_masks"] = jax.lax.stop_gradient(
+        jnp.where(target_valid[:, :, None, None, None], targets["masks"].astype(jnp.float32), 0.0)
+    )
+    fields["points_key"] = jax.random.fold_in(
+        jax.random.PRNGKey(point_config.seed), jnp.asarray(step, jnp.int32)
+    )
+  return fields
+
+
+def _prepare_targets(
+    targets: Mapping[str, Array],
+    step: Array,
+    mask_size: tuple[int, int],
+    config: ml_collections.ConfigDict,
+    mf_config: Any,
+) -> _Targets:
+  """Valid instances, labels and mask targets of the batch (`_check_batch` fields)."""
+  # Instances without a box in any frame of the clip are dropped, as the official
+  # prepare_targets does; padded slots are zeroed so garbage in them cannot leak into any value.
+  target_valid = targets["instance_valid"] & jnp.any(targets["box_valid"], axis=-1)
+  labels = jnp.where(target_valid, targets["labels"], 0).astype(jnp.int32)
+  num_masks = jnp.maximum(jnp.sum(target_valid).astype(jnp.float32), 1.0)
+  if config.mode == "box":
+    box_valid = targets["box_valid"] & target_valid[:, :, None]
+    boxes = jnp.where(box_valid[..., None], targets["boxes"].astype(jnp.float32), 0.0)
+    frame_size = tuple(targets["frames"].shape[2:4])
+    fields = {
+        "masks": mask_free.box_masks_at_stride(boxes, box_valid, frame_size, mf_config.stride),
+        "affinities": mask_free.compute_color_affinities(targets["frames"], mf_config),
+    }
+  else:
+    fields = _mask_mode_targets(targets, target_valid, step, mask_size, config.mask_points)
+  if tuple(fields["masks"].shape[-2:]) != tuple(mask_size):
+    raise ValueError(
+        f"target masks at stride {mf_config.stride} have size {tuple(fields['masks'].shape[-2:])} "
+        f"but pred_masks are {tuple(mask_size)}; check mask_free.stride and the frame size"
+    )
+  fields["masks"] = jax.lax.stop_gradient(fields["masks"])
+  return _Targets(labels=labels, valid=target_valid, num_masks=num_masks, **fields)
+
+
+def _one_layer_losses(
+    layer_logits: Array,
+    layer_masks: Array,
+    layer_step: Array,
+    layer_index: Array,
+    *,
+    targets: _Targets,
+    config: ml_collections.ConfigDict,
+    mf_config: Any,
+) -> tuple[dict[str, Array], matcher_lib.Matching]:
+  """Matching and unweighted loss terms of one supervised layer ([B, Q, ...] predictions)."""
+  matching = matcher_lib.hungarian_match(
+      layer_logits,
+      layer_masks,
+      targets.labels,
+      targets.masks,
+      targets.valid,
+      mode=config.mode,
+      class_weight=config.matcher.class_weight,
+      mask_weight=config.matcher.mask_weight,
+      dice_weight=config.matcher.dice_weight,
+  )
+  matching = matcher_lib.Matching(
+      query_index=ad_checkpoint.checkpoint_name(matching.query_index, "matching"),
+      valid=matching.valid,
+  )
+  terms = {
+      "loss_ce": class_loss(
+          layer_logits, matching.query_index, matching.valid, targets.labels, config.eos_coef
+      )
+  }
+  gather_index = matching.query_index[:, :, None, None, None]
+  matched_masks = jnp.take_along_axis(
+      layer_masks.astype(jnp.float32), gather_index, axis=1
+  )  # [B, N, T, h, w]
+  if config.mode == "box":
+    terms.update(
+        mask_free.mask_free_losses(
+            matched_masks, targets.masks, matching.valid, targets.affinities, layer_step, mf_config
+        )
+    )
+  elif config.mask_points.sampling == "importance":
+    points = config.mask_points
+    coords = importance_point_coords(
+        jax.random.fold_in(targets.points_key, layer_index),
+        matched_masks,
+        points.num_points,
+        points.oversample_ratio,
+        points.importance_sample_ratio,
+    )
+    terms.update(
+        point_sampled_mask_losses(
+            matched_masks, targets.full_masks, coords, matching.valid, targets.num_masks
+        )
+    )
+  else:
+    terms.update(
+        mask_supervised_losses(matched_masks, targets.masks, matching.valid, targets.num_masks)
+    )
+  return terms, matching
+
+
 def criterion_layer_losses(
     outputs: Mapping[str, Array],
     batch: Mapping[str, Array],
@@ -269,122 +430,31 @@ def criterion_layer_losses(
     else 1, last entry = final prediction); matching has [L', B, N] fields.
   """
   pred_logits, pred_masks = _check_outputs(outputs, config)
-  mode = config.mode
-  if mode not in ("box", "mask"):
-    raise ValueError(f"criterion config mode must be 'box' or 'mask', got {mode!r}")
-  if config.layer_loop not in ("vmap", "map"):
-    raise ValueError(
-        f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}"
-    )
+  _check_config(config)
   if not config.deep_supervision:
     pred_logits, pred_masks = pred_logits[-1:], pred_masks[-1:]
   num_layers = pred_logits.shape[0]
   _, batch_size, _, num_frames, height, width = pred_masks.shape
-  targets = _check_batch(batch, mode, batch_size, num_frames)
-
-  # Instances without a box in any frame of the clip are dropped, as the official
-  # prepare_targets does; padded slots are zeroed so garbage in them cannot leak into any value.
-  target_valid = targets["instance_valid"] & jnp.any(targets["box_valid"], axis=-1)
-  labels = jnp.where(target_valid, targets["labels"], 0).astype(jnp.int32)
-  num_masks = jnp.maximum(jnp.sum(target_valid).astype(jnp.float32), 1.0)
-
   mf_config = mask_free_config(config)
-  point_config = config.get("mask_points", {"sampling": "dense"})
-  if point_config["sampling"] not in ("dense", "importance"):
-    raise ValueError(
-        "criterion config mask_points.sampling must be 'dense' or 'importance', "
-        f"got {point_config['sampling']!r}"
-    )
-  if mode == "box":
-    box_valid = targets["box_valid"] & target_valid[:, :, None]
-    boxes = jnp.where(box_valid[..., None], targets["boxes"].astype(jnp.float32), 0.0)
-    frame_size = tuple(targets["frames"].shape[2:4])
-    target_masks = mask_free.box_masks_at_stride(boxes, box_valid, frame_size, mf_config.stride)
-    affinities = mask_free.compute_color_affinities(targets["frames"], mf_config)
-  else:
-    full_height = targets["masks"].shape[-2]
-    if full_height % height or targets["masks"].shape[-1] != width * (full_height // height):
-      raise ValueError(
-          f"batch['masks'] spatial size {targets['masks'].shape[-2:]} is not an integer multiple "
-          f"of the predicted mask size {(height, width)}"
-      )
-    target_masks = downsample_instance_masks(targets["masks"], full_height // height)
-    target_masks = jnp.where(target_valid[:, :, None, None, None], target_masks, 0.0)
-    affinities = None
-    if point_config["sampling"] == "importance":
-      full_targets = jax.lax.stop_gradient(
-          jnp.where(target_valid[:, :, None, None, None], targets["masks"].astype(jnp.float32), 0.0)
-      )
-      points_key = jax.random.fold_in(
-          jax.random.PRNGKey(point_config["seed"]), jnp.asarray(step, jnp.int32)
-      )
-  if tuple(target_masks.shape[-2:]) != (height, width):
-    raise ValueError(
-        f"target masks at stride {mf_config.stride} have size {tuple(target_masks.shape[-2:])} "
-        f"but pred_masks are {(height, width)}; check mask_free.stride and the frame size"
-    )
-  target_masks = jax.lax.stop_gradient(target_masks)
-
+  targets = _prepare_targets(
+      _check_batch(batch, config.mode, batch_size, num_frames),
+      step,
+      (height, width),
+      config,
+      mf_config,
+  )
+  one_layer = functools.partial(
+      _one_layer_losses, targets=targets, config=config, mf_config=mf_config
+  )
   warmup_steps = layer_warmup_steps(step, num_layers, config.warmup_counts_layer_calls)
-
-  def one_layer(layer_logits, layer_masks, layer_step, layer_index):
-    matching = matcher_lib.hungarian_match(
-        layer_logits,
-        layer_masks,
-        labels,
-        target_masks,
-        target_valid,
-        mode=mode,
-        class_weight=config.matcher.class_weight,
-        mask_weight=config.matcher.mask_weight,
-        dice_weight=config.matcher.dice_weight,
-    )
-    matching = matcher_lib.Matching(
-        query_index=ad_checkpoint.checkpoint_name(matching.query_index, "matching"),
-        valid=matching.valid,
-    )
-    terms = {
-        "loss_ce": class_loss(
-            layer_logits, matching.query_index, matching.valid, labels, config.eos_coef
-        )
-    }
-    gather_index = matching.query_index[:, :, None, None, None]
-    matched_masks = jnp.take_along_axis(
-        layer_masks.astype(jnp.float32), gather_index, axis=1
-    )  # [B, N, T, h, w]
-    if mode == "box":
-      terms.update(
-          mask_free.mask_free_losses(
-              matched_masks, target_masks, matching.valid, affinities, layer_step, mf_config
-          )
-      )
-    elif point_config["sampling"] == "importance":
-      coords = importance_point_coords(
-          jax.random.fold_in(points_key, layer_index),
-          matched_masks,
-          point_config["num_points"],
-          point_config["oversample_ratio"],
-          point_config["importance_sample_ratio"],
-      )
-      terms.update(
-          point_sampled_mask_losses(matched_masks, full_targets, coords, matching.valid, num_masks)
-      )
-    else:
-      terms.update(mask_supervised_losses(matched_masks, target_masks, matching.valid, num_masks))
-    return terms, matching
-
   layer_indices = jnp.arange(num_layers, dtype=jnp.int32)
   if config.layer_loop == "vmap":
     return jax.vmap(one_layer)(pred_logits, pred_masks, warmup_steps, layer_indices)
-  if config.layer_loop == "map":
-    remat_layer = jax.checkpoint(
-        one_layer, policy=jax.checkpoint_policies.save_only_these_names("matching")
-    )
-    return jax.lax.map(
-        lambda args: remat_layer(*args), (pred_logits, pred_masks, warmup_steps, layer_indices)
-    )
-  raise ValueError(
-      f"criterion config layer_loop must be 'vmap' or 'map', got {config.layer_loop!r}"
+  remat_layer = jax.checkpoint(
+      one_layer, policy=jax.checkpoint_policies.save_only_these_names("matching")
+  )
+  return jax.lax.map(
+      lambda args: remat_layer(*args), (pred_logits, pred_masks, warmup_steps, layer_indices)
   )
 
 

@@ -436,6 +436,36 @@ def _evaluate_group(dts: Sequence[Track], gts: Sequence[Track], ious: np.ndarray
   return _GroupResult(scores, dt_gt_id, dt_ignore, (~gt_ignore).sum(1))
 
 
+def _accumulate_category(
+    category_groups: Sequence[_GroupResult], precision: np.ndarray, recall: np.ndarray
+) -> None:
+  """Fills one category's precision [T, R, A, M] and recall [T, A, M] (views, in place) from its
+  per-video matchings."""
+  num_regular = np.sum([g.num_gt_regular for g in category_groups], axis=0)  # [A]
+  for m, max_det in enumerate(MAX_DETECTIONS):
+    scores = np.concatenate([g.scores[:max_det] for g in category_groups])
+    order = np.argsort(-scores, kind="mergesort")
+    gt_id = np.concatenate([g.dt_gt_id[..., :max_det] for g in category_groups], -1)[..., order]
+    ignore = np.concatenate([g.dt_ignore[..., :max_det] for g in category_groups], -1)[..., order]
+    num_dt = scores.shape[0]
+    for a in range(len(AREA_RANGES)):
+      if num_regular[a] == 0:
+        continue
+      tp_sum = np.cumsum((gt_id[a] != 0) & ~ignore[a], axis=1).astype(np.float64)  # [T, N]
+      fp_sum = np.cumsum((gt_id[a] == 0) & ~ignore[a], axis=1).astype(np.float64)
+      rc = tp_sum / num_regular[a]
+      pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+      recall[:, a, m] = rc[:, -1] if num_dt else 0
+      # Precision envelope: the best precision at any higher recall.
+      pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
+      for t in range(len(IOU_THRESHOLDS)):
+        idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
+        inside = idx < num_dt
+        precision[t, :, a, m] = np.where(
+            inside, pr[t, np.minimum(idx, max(num_dt - 1, 0))] if num_dt else 0.0, 0.0
+        )
+
+
 def accumulate_ytvis(gt: PathOrDict | GroundTruth, results: PathOrList) -> Accumulation:
   """Matches results to the ground truth and accumulates precision / recall.
 
@@ -481,31 +511,8 @@ def accumulate_ytvis(gt: PathOrDict | GroundTruth, results: PathOrList) -> Accum
   precision = -np.ones((num_t, num_r, num_k, num_a, num_m))
   recall = -np.ones((num_t, num_k, num_a, num_m))
   for k, category_groups in enumerate(groups):
-    if not category_groups:
-      continue
-    num_regular = np.sum([g.num_gt_regular for g in category_groups], axis=0)  # [A]
-    for m, max_det in enumerate(MAX_DETECTIONS):
-      scores = np.concatenate([g.scores[:max_det] for g in category_groups])
-      order = np.argsort(-scores, kind="mergesort")
-      gt_id = np.concatenate([g.dt_gt_id[..., :max_det] for g in category_groups], -1)[..., order]
-      ignore = np.concatenate([g.dt_ignore[..., :max_det] for g in category_groups], -1)[..., order]
-      num_dt = scores.shape[0]
-      for a in range(num_a):
-        if num_regular[a] == 0:
-          continue
-        tp_sum = np.cumsum((gt_id[a] != 0) & ~ignore[a], axis=1).astype(np.float64)  # [T, N]
-        fp_sum = np.cumsum((gt_id[a] == 0) & ~ignore[a], axis=1).astype(np.float64)
-        rc = tp_sum / num_regular[a]
-        pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-        recall[:, k, a, m] = rc[:, -1] if num_dt else 0
-        # Precision envelope: the best precision at any higher recall.
-        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-        for t in range(num_t):
-          idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
-          inside = idx < num_dt
-          precision[t, :, k, a, m] = np.where(
-              inside, pr[t, np.minimum(idx, max(num_dt - 1, 0))] if num_dt else 0.0, 0.0
-          )
+    if category_groups:
+      _accumulate_category(category_groups, precision[:, :, k], recall[:, k])
   return Accumulation(
       precision, recall, category_ids, [ground_truth.categories[c] for c in category_ids]
   )

@@ -15,6 +15,7 @@ import pathlib
 from typing import Any
 from collections.abc import Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
 from maskfreevis_jax.models import official_names
@@ -115,9 +116,39 @@ def _get(variables: Mapping[str, Any], collection: str, path: Sequence[str]) -> 
   return node
 
 
+def _state_dict(
+    variables: Mapping[str, Any],
+    entries: Sequence[official_names.NameMapEntry],
+    num_classes: int,
+    eos_coef: float,
+    iteration: int,
+) -> dict[str, np.ndarray]:
+  """{official key: contiguous numpy array} of every entry, constants included."""
+  state_dict: dict[str, np.ndarray] = {}
+  for entry in entries:
+    if entry.collection is None:
+      state_dict[entry.official_key] = official_names.constant_value(
+          entry.official_key,
+          num_classes,
+          eos_coef=eos_coef,
+          iteration=iteration,
+          shape=entry.official_shape,
+      )
+      continue
+    value = _get(variables, entry.collection, entry.flax_path)
+    if _is_abstract(value):
+      raise ExportError(
+          f"variable {_flax_name(entry)} is abstract ({value}); export needs "
+          "concrete arrays, not jax.eval_shape output"
+      )
+    array = official_names.to_torch_array(np.asarray(value), entry.transform)
+    state_dict[entry.official_key] = np.ascontiguousarray(array)
+  return state_dict
+
+
 def export_state_dict(
     variables: Mapping[str, Any],
-    model_config: Any = None,
+    model_config: ml_collections.ConfigDict | None = None,
     *,
     eos_coef: float = 0.1,
     iteration: int = 0,
@@ -149,11 +180,10 @@ def export_state_dict(
     raise ExportError(f"variables must be a mapping with a 'params' collection, got {found}")
   entries = official_names.official_name_map(variables)
   if model_config is not None:
-    name = model_config.get("name", "model") if hasattr(model_config, "get") else "model"
     _check_against_expected(
         entries,
         official_names.official_shapes(model_config),
-        f"the official keys of model config {name!r}",
+        f"the official keys of model config {model_config.name!r}",
     )
   if expected_shapes is not None:
     _check_against_expected(entries, expected_shapes, "the expected state_dict listing")
@@ -163,26 +193,7 @@ def export_state_dict(
       if e.official_key == "sem_seg_head.predictor.class_embed.bias"
   )
 
-  state_dict: dict[str, np.ndarray] = {}
-  for entry in entries:
-    if entry.collection is None:
-      state_dict[entry.official_key] = official_names.constant_value(
-          entry.official_key,
-          num_classes,
-          eos_coef=eos_coef,
-          iteration=iteration,
-          shape=entry.official_shape,
-      )
-      continue
-    value = _get(variables, entry.collection, entry.flax_path)
-    if _is_abstract(value):
-      raise ExportError(
-          f"variable {_flax_name(entry)} is abstract ({value}); export needs "
-          "concrete arrays, not jax.eval_shape output"
-      )
-    array = official_names.to_torch_array(np.asarray(value), entry.transform)
-    state_dict[entry.official_key] = np.ascontiguousarray(array)
-
+  state_dict = _state_dict(variables, entries, num_classes, eos_coef, iteration)
   dtypes: dict[str, int] = {}
   for array in state_dict.values():
     dtypes[str(array.dtype)] = dtypes.get(str(array.dtype), 0) + 1
@@ -237,7 +248,7 @@ def save_state_dict(
 
 def export_checkpoint(
     variables: Mapping[str, Any],
-    model_config: Any,
+    model_config: ml_collections.ConfigDict,
     out_path: str | os.PathLike,
     *,
     fmt: str = "pth",

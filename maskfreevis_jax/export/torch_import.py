@@ -16,7 +16,7 @@ both load. The buffers `relative_position_index` and `attn_mask` are not loaded:
 computes them from its window size (reported as regenerated).
 
   variables, report = load_pretrained("model_final_3c8ec9.pkl", variables, model_config)
-  print(report.summary())
+  logging.info("%s", report.summary())
 """
 
 import collections
@@ -30,6 +30,7 @@ import re
 from typing import Any
 from collections.abc import Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
 from maskfreevis_jax.models import official_names
@@ -425,6 +426,54 @@ def _copy_tree(tree: Mapping[str, Any]) -> dict:
   return {k: _copy_tree(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
+def _check_variables(variables: Any, source: str) -> None:
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise CheckpointError(
+        f"{source}: `variables` must be the model's full variables {{'params': ..., "
+        "'frozen_params': ..., 'batch_stats': ...}, got "
+        + (
+            f"a mapping with keys {sorted(variables)[:5]}"
+            if isinstance(variables, Mapping)
+            else type(variables).__name__
+        )
+    )
+
+
+def _state_dict_arrays(state_dict: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+  arrays = {}
+  for key, value in state_dict.items():
+    array = _to_numpy(value)
+    if array is None:
+      raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not an array")
+    arrays[key] = array
+  return arrays
+
+
+def _copy_matching(
+    arrays: Mapping[str, np.ndarray],
+    entries: Sequence[official_names.NameMapEntry],
+    new_variables: dict,
+    report: ImportReport,
+) -> None:
+  """Copies every entry's array of the official shape into `new_variables`; reports the rest."""
+  for entry in entries:
+    key = entry.official_key
+    if key not in arrays:
+      report.missing.append(key)
+      continue
+    array = arrays[key]
+    if tuple(array.shape) != tuple(entry.official_shape):
+      report.shape_mismatched.append((key, tuple(array.shape), tuple(entry.official_shape)))
+      continue
+    old = new_variables[entry.collection]
+    for part in entry.flax_path:
+      old = old[part]
+    value = official_names.from_torch_array(array, entry.transform).astype(old.dtype, copy=False)
+    _set(new_variables[entry.collection], entry.flax_path, value)
+    report.loaded.append(key)
+    report.num_loaded_elements += math.prod(array.shape)
+
+
 def load_state_dict_into_variables(
     state_dict: Mapping[str, Any],
     variables: Mapping[str, Any],
@@ -450,22 +499,8 @@ def load_state_dict_into_variables(
   Raises:
     CheckpointError (ValueError): another backbone family or size, or no tensor matches.
   """
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    raise CheckpointError(
-        f"{source}: `variables` must be the model's full variables {{'params': ..., "
-        "'frozen_params': ..., 'batch_stats': ...}, got "
-        + (
-            f"a mapping with keys {sorted(variables)[:5]}"
-            if isinstance(variables, Mapping)
-            else type(variables).__name__
-        )
-    )
-  arrays = {}
-  for key, value in state_dict.items():
-    array = _to_numpy(value)
-    if array is None:
-      raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not an array")
-    arrays[key] = array
+  _check_variables(variables, source)
+  arrays = _state_dict_arrays(state_dict, source)
   original_names = dict(zip(normalize_official_keys(arrays), arrays))
   arrays = normalize_official_keys(arrays)
   entries = [e for e in official_names.official_name_map(variables) if e.collection is not None]
@@ -479,22 +514,7 @@ def load_state_dict_into_variables(
 
   new_variables = _copy_tree(variables)
   report = ImportReport(source=source)
-  for entry in entries:
-    key = entry.official_key
-    if key not in arrays:
-      report.missing.append(key)
-      continue
-    array = arrays[key]
-    if tuple(array.shape) != tuple(entry.official_shape):
-      report.shape_mismatched.append((key, tuple(array.shape), tuple(entry.official_shape)))
-      continue
-    old = new_variables[entry.collection]
-    for part in entry.flax_path:
-      old = old[part]
-    value = official_names.from_torch_array(array, entry.transform).astype(old.dtype, copy=False)
-    _set(new_variables[entry.collection], entry.flax_path, value)
-    report.loaded.append(key)
-    report.num_loaded_elements += math.prod(array.shape)
+  _copy_matching(arrays, entries, new_variables, report)
   # Skipped names are reported as the checkpoint spells them.
   report.skipped = [original_names[k] for k in arrays if k not in by_key and k not in regenerated]
   report.regenerated = [original_names[k] for k in arrays if k in regenerated]
@@ -512,7 +532,7 @@ def load_state_dict_into_variables(
 def load_pretrained(
     path: str | os.PathLike,
     variables: Mapping[str, Any],
-    model_config: Any = None,
+    model_config: ml_collections.ConfigDict | None = None,
     *,
     check_backbone: bool = True,
 ) -> tuple[dict, ImportReport]:
@@ -534,9 +554,7 @@ def load_pretrained(
   Raises:
     FileNotFoundError, CheckpointError (ValueError) naming the file and the first offending key.
   """
-  model_name = "model"
-  if model_config is not None and hasattr(model_config, "get"):
-    model_name = repr(model_config.get("name", "model"))
+  model_name = "model" if model_config is None else repr(model_config.name)
   state_dict = read_checkpoint(path)
   return load_state_dict_into_variables(
       state_dict, variables, source=str(path), model_name=model_name, check_backbone=check_backbone

@@ -42,31 +42,26 @@ def _remat_policy(part_config: Any, part: str) -> str:
         f"model config {part}.remat_encoder_layers was replaced by {part}.remat "
         f"(one of {sorted(REMAT_POLICIES)})"
     )
-  policy = part_config.get("remat", "none")
+  policy = part_config.remat
   check_policy(policy, f"model config {part}.remat")
   return policy
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
-  """Builds the VideoMaskFormer described by a preset-shaped config (see presets.py)."""
-  dtype_name = _field(model_config, "dtype")
-  if dtype_name not in _DTYPES:
-    raise ValueError(f"model config dtype {dtype_name!r} not in {sorted(_DTYPES)}")
-  dtype = _DTYPES[dtype_name]
-  bb = _field(model_config, "backbone")
+def _build_backbone(bb: Any, dtype: Any) -> ResNet | SwinTransformer:
+  """The backbone of `model_config.backbone` ('resnet' or 'swin')."""
   if bb.name == "resnet":
-    backbone = ResNet(
+    return ResNet(
         block_counts=tuple(bb.block_counts),
         stem_features=bb.stem_features,
         bottleneck_features=bb.bottleneck_features,
         stride_in_1x1=bb.stride_in_1x1,
         norm=bb.norm,
-        num_groups=bb.get("num_groups", 32),
+        num_groups=bb.num_groups,
         dtype=dtype,
         remat=_remat_policy(bb, "backbone"),
     )
-  elif bb.name == "swin":
-    backbone = SwinTransformer(
+  if bb.name == "swin":
+    return SwinTransformer(
         embed_dim=bb.embed_dim,
         depths=tuple(bb.depths),
         num_heads=tuple(bb.num_heads),
@@ -79,11 +74,13 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
         dtype=dtype,
         remat=_remat_policy(bb, "backbone"),
     )
-  else:
-    raise ValueError(f"model config backbone.name {bb.name!r} not in 'resnet', 'swin'")
-  pd = _field(model_config, "pixel_decoder")
+  raise ValueError(f"model config backbone.name {bb.name!r} not in 'resnet', 'swin'")
+
+
+def _build_pixel_decoder(pd: Any, dtype: Any) -> MSDeformAttnPixelDecoder | FPNPixelDecoder:
+  """The pixel decoder of `model_config.pixel_decoder` ('msdeformattn' or 'fpn')."""
   if pd.name == "msdeformattn":
-    pixel_decoder = MSDeformAttnPixelDecoder(
+    return MSDeformAttnPixelDecoder(
         conv_dim=pd.conv_dim,
         mask_dim=pd.mask_dim,
         num_groups=pd.num_groups,
@@ -92,16 +89,24 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
         num_points=pd.num_points,
         ffn_dim=pd.ffn_dim,
         dtype=dtype,
-        force_float32=pd.get("force_float32", True),
-        packed_gather=pd.get("packed_gather", False),
+        force_float32=pd.force_float32,
+        packed_gather=pd.packed_gather,
         remat=_remat_policy(pd, "pixel_decoder"),
     )
-  elif pd.name == "fpn":
-    pixel_decoder = FPNPixelDecoder(
+  if pd.name == "fpn":
+    return FPNPixelDecoder(
         conv_dim=pd.conv_dim, mask_dim=pd.mask_dim, num_groups=pd.num_groups, dtype=dtype
     )
-  else:
-    raise ValueError(f"model config pixel_decoder.name {pd.name!r} not in 'msdeformattn', 'fpn'")
+  raise ValueError(f"model config pixel_decoder.name {pd.name!r} not in 'msdeformattn', 'fpn'")
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
+  """Builds the VideoMaskFormer described by a preset-shaped config (`model_presets`)."""
+  dtype_name = _field(model_config, "dtype")
+  if dtype_name not in _DTYPES:
+    raise ValueError(f"model config dtype {dtype_name!r} not in {sorted(_DTYPES)}")
+  dtype = _DTYPES[dtype_name]
+  pd = _field(model_config, "pixel_decoder")
   dec = _field(model_config, "decoder")
   predictor = VideoMultiScaleMaskedTransformerDecoder(
       num_classes=_field(model_config, "num_classes"),
@@ -116,12 +121,12 @@ def build_model(model_config: ml_collections.ConfigDict) -> VideoMaskFormer:
       remat=_remat_policy(dec, "decoder"),
   )
   return VideoMaskFormer(
-      backbone=backbone,
-      pixel_decoder=pixel_decoder,
+      backbone=_build_backbone(_field(model_config, "backbone"), dtype),
+      pixel_decoder=_build_pixel_decoder(pd, dtype),
       predictor=predictor,
       pixel_mean=tuple(model_config.pixel_mean),
       pixel_std=tuple(model_config.pixel_std),
-      size_divisibility=model_config.get("size_divisibility", 32),
+      size_divisibility=model_config.size_divisibility,
   )
 
 

@@ -28,7 +28,12 @@ import re
 from typing import Any
 from collections.abc import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from maskfreevis_jax import models
+from maskfreevis_jax.models import swin
 
 CONV = "conv_hwio_to_oihw"
 DENSE = "dense_transpose"
@@ -182,8 +187,6 @@ def constant_value(
   if official_key.endswith(RELATIVE_POSITION_INDEX_SUFFIX):
     if shape is None or len(shape) != 2 or math.isqrt(int(shape[0])) ** 2 != int(shape[0]):
       raise ValueError(f"{official_key!r} needs its [w*w, w*w] shape, got shape={shape}")
-    from maskfreevis_jax.models import swin  # pylint: disable=g-import-not-at-top
-
     return swin.relative_position_index(math.isqrt(int(shape[0])))
   if official_key == "criterion.empty_weight":
     weight = np.ones(num_classes + 1, np.float32)
@@ -195,11 +198,7 @@ def constant_value(
 
 
 def _abstract_variables(model_config) -> Mapping[str, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.models import build_model  # pylint: disable=g-import-not-at-top
-
-  model = build_model(model_config)
+  model = models.build_model(model_config)
   # Parameter shapes do not depend on the input size; use a small clip.
   frames = jax.ShapeDtypeStruct((1, 1, 64, 64, 3), jnp.uint8)
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), frames)

@@ -286,10 +286,3 @@ class ResNet(nn.Module):
       features[stage_name] = x
       bottleneck *= 2
     return features
-
-  def output_channels(self) -> dict[str, int]:
-    """Channels of res2..res5."""
-    return {
-        f"res{i + 2}": self.bottleneck_features * self.out_features_multiplier * 2**i
-        for i in range(len(self.block_counts))
-    }

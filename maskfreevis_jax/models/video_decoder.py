@@ -225,31 +225,12 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"
 
-  @nn.compact
-  def __call__(
-      self, multi_scale_features: Sequence[jax.Array], mask_features: jax.Array, num_frames: int
-  ) -> dict[str, jax.Array]:
-    """Decodes queries into per-clip class logits and mask logits.
-
-    Args:
-      multi_scale_features: num_feature_levels maps [B*T, h_l, w_l, C] (coarse first).
-      mask_features: [B*T, H/4, W/4, mask_dim].
-      num_frames: T.
-
-    Returns:
-      pred_logits float32 [L, B, Q, C + 1], pred_masks float32 [L, B, Q, T, H/4, W/4] and
-      pred_embeds float32 [B, Q, D] (the final prediction's normalised query embeddings).
-    """
-    if len(multi_scale_features) != self.num_feature_levels:
-      raise ValueError(
-          f"expected {self.num_feature_levels} feature levels, got " f"{len(multi_scale_features)}"
-      )
-    bt, mask_h, mask_w, mask_c = mask_features.shape
-    if bt % num_frames:
-      raise ValueError(f"{bt} frames are not a multiple of num_frames={num_frames}")
-    b, t, d = bt // num_frames, num_frames, self.hidden_dim
-    mask_features = mask_features.reshape(b, t, mask_h, mask_w, mask_c).astype(self.dtype)
-
+  def _input_sources(
+      self, multi_scale_features: Sequence[jax.Array], batch: int, num_frames: int
+  ) -> tuple[list[jax.Array], list[jax.Array], list[tuple[int, int]]]:
+    """Per level: keys [B, T*h*w, D] (projected features + level embedding), their 3D sine
+    positions [1, T*h*w, D] and the level's (h, w)."""
+    b, t, d = batch, num_frames, self.hidden_dim
     level_embed = nn.Embed(
         self.num_feature_levels, d, embedding_init=nn.initializers.normal(1.0), name="level_embed"
     ).embedding
@@ -274,21 +255,29 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
           .reshape(1, t * h * w, d)
           .astype(self.dtype)
       )
+    return sources, positions, sizes
 
+  def _initial_queries(self, batch: int) -> tuple[jax.Array, jax.Array]:
+    """(query positions, query features), each [B, Q, D], from the learnt embeddings."""
+    d = self.hidden_dim
     query_embed = nn.Embed(
         self.num_queries, d, embedding_init=nn.initializers.normal(1.0), name="query_embed"
     ).embedding
     query_feat = nn.Embed(
         self.num_queries, d, embedding_init=nn.initializers.normal(1.0), name="query_feat"
     ).embedding
-    query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (b, self.num_queries, d))
-    output = jnp.broadcast_to(query_feat.astype(self.dtype)[None], (b, self.num_queries, d))
+    query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (batch, self.num_queries, d))
+    output = jnp.broadcast_to(query_feat.astype(self.dtype)[None], (batch, self.num_queries, d))
+    return query_pos, output
 
+  def _prediction_heads(self, mask_features: jax.Array):
+    """`predict(queries [B, Q, D]) -> (class logits [B, Q, C + 1], mask logits [B, Q, T, h, w])`
+    (float32), and the shared `decoder_norm`."""
     decoder_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm")
     class_embed = nn.Dense(
         self.num_classes + 1, kernel_init=TORCH_LINEAR_INIT, dtype=self.dtype, name="class_embed"
     )
-    mask_embed = MLP(d, self.mask_dim, 3, dtype=self.dtype, name="mask_embed")
+    mask_embed = MLP(self.hidden_dim, self.mask_dim, 3, dtype=self.dtype, name="mask_embed")
 
     def predict(queries):
       normed = decoder_norm(queries)
@@ -298,14 +287,42 @@ class VideoMultiScaleMaskedTransformerDecoder(nn.Module):
       )
       return logits, masks
 
+    return predict, decoder_norm
+
+  @nn.compact
+  def __call__(
+      self, multi_scale_features: Sequence[jax.Array], mask_features: jax.Array, num_frames: int
+  ) -> dict[str, jax.Array]:
+    """Decodes queries into per-clip class logits and mask logits.
+
+    Args:
+      multi_scale_features: num_feature_levels maps [B*T, h_l, w_l, C] (coarse first).
+      mask_features: [B*T, H/4, W/4, mask_dim].
+      num_frames: T.
+
+    Returns:
+      pred_logits float32 [L, B, Q, C + 1], pred_masks float32 [L, B, Q, T, H/4, W/4] and
+      pred_embeds float32 [B, Q, D] (the final prediction's normalised query embeddings).
+    """
+    if len(multi_scale_features) != self.num_feature_levels:
+      raise ValueError(
+          f"expected {self.num_feature_levels} feature levels, got {len(multi_scale_features)}"
+      )
+    bt, mask_h, mask_w, mask_c = mask_features.shape
+    if bt % num_frames:
+      raise ValueError(f"{bt} frames are not a multiple of num_frames={num_frames}")
+    b, t, d = bt // num_frames, num_frames, self.hidden_dim
+    mask_features = mask_features.reshape(b, t, mask_h, mask_w, mask_c).astype(self.dtype)
+    sources, positions, sizes = self._input_sources(multi_scale_features, b, t)
+    query_pos, output = self._initial_queries(b)
+    predict, decoder_norm = self._prediction_heads(mask_features)
+
     # Wrapping each layer (not a layer group) keeps the official parameter paths.
     cross_attention_cls = remat_module(CrossAttentionLayer, self.remat)
     self_attention_cls = remat_module(SelfAttentionLayer, self.remat)
     ffn_cls = remat_module(FFNLayer, self.remat)
-    all_logits, all_masks = [], []
     logits, masks = predict(output)
-    all_logits.append(logits)
-    all_masks.append(masks)
+    all_logits, all_masks = [logits], [masks]
     for i in range(self.num_layers):
       level = i % self.num_feature_levels
       blocked = attention_mask_from_predictions(masks, *sizes[level])
