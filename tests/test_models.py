@@ -49,11 +49,21 @@ def test_output_shapes(preset, shape, num_predictions, queries):
   assert out["pred_logits"].dtype == out["pred_masks"].dtype == jnp.float32
 
 
-def test_r50_trainable_parameter_count():
+def test_r50_trainable_parameter_count(official_r50_reference):
+  """Exactly the official trainable parameters: the tensors of the official optimizer's groups
+  (the official model's `requires_grad` parameters), by name through our name map and by size."""
+  official_shapes = official_r50_reference["state_dict"]
+  official_trainable = official_r50_reference["optimizer"]["groups"]
+  expected = sum(math.prod(official_shapes[k]) for k in official_trainable)
+  assert expected == official_r50_reference["num_parameters"]  # the figure the official code logs
   model = build_model(get_model_config("r50"))
   variables, _ = _abstract_init(model, (1, 1, 64, 64, 3))
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
-  assert abs(count - 43_959_977) <= 0.001 * 43_959_977
+  assert count == expected
+  ours = {e.official_key: e for e in on.official_name_map(variables) if e.collection == "params"}
+  assert set(ours) == set(official_trainable)
+  for key in official_trainable:
+    assert tuple(ours[key].official_shape) == tuple(official_shapes[key]), key
   # FrozenBN tensors are outside 'params'.
   assert set(variables) == {"params", "frozen_params", "batch_stats"}
   assert "norm" not in variables["params"]["backbone"]["stem"]["conv1"]

@@ -12,17 +12,17 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import traverse_util
 
 from maskfreevis_jax import defaults
+from maskfreevis_jax import experiment as experiment_lib
 from maskfreevis_jax import export
 from maskfreevis_jax import optimizer as optimizer_lib
 from maskfreevis_jax import sharding as sharding_lib
-from maskfreevis_jax import train as train_lib
+from maskfreevis_jax import train_step as train_step_lib
 from maskfreevis_jax.export import testing as export_testing
 from maskfreevis_jax.models import build_model
 from maskfreevis_jax.models import get_model_config
@@ -138,22 +138,19 @@ def parity_loss(outputs, batch, step, coefficients):
 
 @pytest.fixture(scope="module")
 def trainer(train_fixture):
-  """The project's real trainer (`build_trainer`, the official optimizer recipe) for R50."""
+  """The project's real trainer (`Experiment.trainer`, the official optimizer recipe) for R50."""
   data, _ = train_fixture
-  config = ml_collections.ConfigDict(
-      {"model": get_model_config("r50"), "train": defaults.train_defaults()}
-  )
   coefficients = {
       k: data[k]
       for k in ("class_weights", "query_weights", "frame_weights", "row_weights", "col_weights")
   }
   batch = {"frames": data["frames"], "image_valid": data["image_valid"]}
-  return train_lib.build_trainer(
-      config,
-      train_lib.abstract_batch(batch),
+  experiment = experiment_lib.build_experiment(
+      defaults.get_config("r50"),
       loss_fn=functools.partial(parity_loss, coefficients=coefficients),
       mesh=sharding_lib.create_mesh(1, jax.devices()[:1]),
   )
+  return experiment.trainer(train_step_lib.abstract_batch(batch))
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +160,7 @@ def train_step_result(r50, trainer, train_fixture):
   data, _ = train_fixture
   batch = {"frames": data["frames"], "image_valid": data["image_valid"]}
   params = variables["params"]
-  state = train_lib.TrainState(
+  state = train_step_lib.TrainState(
       step=jnp.zeros([], jnp.int32),
       params=params,
       opt_state=trainer.tx.init(params),
@@ -191,11 +188,19 @@ def _ours_in_torch_layout(tree, official_key):
 
 def test_train_step_loss_and_gradient_norm(train_step_result, train_fixture):
   _, _, metrics = train_step_result
-  data, _ = train_fixture
+  data, meta = train_fixture
   np.testing.assert_allclose(metrics["loss"], data["loss"], rtol=1e-5)
-  # Before clipping: the norm that the official full-model clipping compares with 0.01.
+  # Before clipping: the norm that the official full-model clipping compares with its max norm.
   np.testing.assert_allclose(metrics["grad_norm"], data["grad_norm"], rtol=1e-4)
-  assert data["grad_norm"] > 0.01  # the clipping is active in this step
+  assert data["grad_norm"] > meta["clip_gradients"]["value"]  # the clipping is active
+
+
+def test_train_fixture_optimizer_is_the_official_recipes(train_fixture, official_r50_reference):
+  """The step's optimizer settings, which the tests below read, are the recipe's (the two
+  fixtures come from separate official runs)."""
+  _, meta = train_fixture
+  assert meta["clip_gradients"] == official_r50_reference["optimizer"]["clip_gradients"]
+  assert meta["clip_gradients"]["type"] == "full_model"
 
 
 # The parameters whose gradient and update the fixture stores, as the generator lists them.
@@ -215,7 +220,7 @@ def test_train_step_clipped_gradient_matches_official(
 ):
   """Adam's first moment after one step is (1 - b1) x the clipped gradient."""
   _, opt_state, _ = train_step_result
-  data, _ = train_fixture
+  data, meta = train_fixture
   label = traverse_util.flatten_dict(trainer.param_labels)[_official_entries()[key].flax_path]
   moments = [
       mu
@@ -223,10 +228,10 @@ def test_train_step_clipped_gradient_matches_official(
       if any(getattr(p, "key", None) == label for p in path)
   ]
   assert len(moments) == 1, (key, label)
-  train_config = defaults.train_defaults()
-  ours = _ours_in_torch_layout(moments[0], key) / (1.0 - train_config.adam_b1)
+  b1, _ = meta["adam_betas"]  # the official optimizer's
+  ours = _ours_in_torch_layout(moments[0], key) / (1.0 - b1)
   # torch.nn.utils.clip_grad_norm_ scales every gradient by max_norm / total norm.
-  official = data[f"grad/{key}"] * train_config.clip_grad_norm / float(data["grad_norm"])
+  official = data[f"grad/{key}"] * meta["clip_gradients"]["value"] / float(data["grad_norm"])
   np.testing.assert_allclose(ours, official, rtol=1e-3, atol=1e-3 * np.abs(official).max())
 
 
@@ -243,10 +248,10 @@ def test_train_step_update_matches_official(r50, train_step_result, train_fixtur
   new_params, _, _ = train_step_result
   data, meta = train_fixture
   lr, _ = meta["groups"][key]
-  eps = defaults.train_defaults().adam_eps
+  eps = meta["adam_eps"]
   ours = _ours_in_torch_layout(new_params, key) - _ours_in_torch_layout(variables["params"], key)
   official = data[f"update/{key}"]
-  clip_norm = defaults.train_defaults().clip_grad_norm
+  clip_norm = meta["clip_gradients"]["value"]
   clipped_grad = np.abs(data[f"grad/{key}"]) * clip_norm / float(data["grad_norm"])
   grad_tolerance = 1e-3 * clipped_grad.max()
   bound = lr * (1e-2 + eps * grad_tolerance / (clipped_grad + eps) ** 2)

@@ -14,7 +14,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from clu import metric_writers
+
+from maskfreevis_jax import criterion
 from maskfreevis_jax import defaults
+from maskfreevis_jax import experiment as experiment_lib
 from maskfreevis_jax import sharding as sharding_lib
 from maskfreevis_jax import train as train_lib
 from maskfreevis_jax.data import iterators
@@ -69,14 +73,12 @@ def joint_config(tmp_path_factory):
       ],
       size=(48, 64),
   )
-  config = ml_collections.ConfigDict()
-  config.init_from = ""
-  config.model = ml_collections.ConfigDict({"name": "stand_in"})
-  config.criterion = defaults.criterion_defaults()
+  config = defaults.get_config()
+  config.init_from = "none"
+  config.model = ml_collections.ConfigDict({"name": "stand_in", "num_classes": NUM_CLASSES})
   config.criterion.num_classes = NUM_CLASSES
   config.criterion.mask_free.lab_reverse_channels = True
   config.criterion.mask_free.box_window_fractions = ()  # one branch: a faster compile
-  config.data = defaults.data_defaults()
   config.data.update(
       name="ytvis+coco_pseudo",
       train_json=video_json,
@@ -102,7 +104,6 @@ def joint_config(tmp_path_factory):
       crop_size=(24, 40),
       rotation_degrees=15.0,
   )
-  config.train = defaults.train_defaults()
   config.train.update(
       dict(
           steps=6,
@@ -118,7 +119,6 @@ def joint_config(tmp_path_factory):
           async_checkpoint=False,
       )
   )
-  config.sharding = ml_collections.ConfigDict({"model_axis_size": 1, "min_shard_size": 2**18})
   return config
 
 
@@ -139,36 +139,58 @@ def _one_device():
   return sharding_lib.create_mesh(1, jax.devices()[:1])
 
 
-def test_coco_steps_get_mask_losses_and_video_steps_box_losses(joint_config, tmp_path):
-  """train() routes each batch to its source's step: the mask terms can only come from COCO
-  steps (video batches hold no masks) and the box terms only from video steps."""
-  config = joint_config
+def _recording_writers(monkeypatch) -> dict[int, dict[str, float]]:
+  """The scalars train() writes, by step (TensorBoard's per-step values)."""
+  written = {}
+  create = metric_writers.create_default_writer
+
+  def create_recording(*args, **kwargs):
+    writer = create(*args, **kwargs)
+    write_scalars = writer.write_scalars
+
+    def record(step, scalars):
+      written[int(step)] = dict(scalars)
+      write_scalars(step, scalars)
+
+    writer.write_scalars = record
+    return writer
+
+  monkeypatch.setattr(metric_writers, "create_default_writer", create_recording)
+  return written
+
+
+def _expected_terms(names: tuple[str, ...]) -> set[str]:
+  """The stand-in's 2 predictions: the final one's terms and the auxiliary one's ('_0')."""
+  return {f"{name}{suffix}" for name in names for suffix in ("", "_0")}
+
+
+def test_coco_steps_get_mask_losses_and_video_steps_box_losses(joint_config, tmp_path, monkeypatch):
+  """train() routes each batch to its source's step: every COCO step (supervision 'mask') logs
+  exactly the mask terms and every video step exactly the box terms, of both predictions."""
+  config = ml_collections.ConfigDict(joint_config.to_dict())
+  config.train.log_every = 1  # each logged value is one step's
   draws = iterators.create_train_iterator(
       config, seed=config.train.seed, process_index=0, process_count=1
   )
   sources = [draws.source_of_step(s) for s in range(config.train.steps)]
   assert set(sources) == {"video", "coco"}, sources  # the seed gives both within the run
-  result = train_lib.train(config, tmp_path, model=StandInModel(), mesh=_one_device())
-  metrics = result.last_metrics  # means over the 6 steps of the one logging interval
-  assert metrics["steps_coco"] == pytest.approx(sources.count("coco") / len(sources))
-  assert metrics["steps_video"] == pytest.approx(sources.count("video") / len(sources))
-  for term in (
-      "loss_mask",
-      "loss_dice",
-      "loss_mask_proj",
-      "loss_bound",
-      "loss_bound_neighbor",
-      "loss_ce",
-  ):
-    assert term in metrics and np.isfinite(metrics[term]), (term, metrics)
-  assert metrics["loss_mask"] > 0 and metrics["loss_mask_proj"] > 0
-  trainer = train_lib.build_trainer(
-      config,
-      {s: train_lib.abstract_batch(b) for s, b in draws.batch_specs().items()},
-      model=StandInModel(),
-      mesh=_one_device(),
-  )
-  assert set(trainer.train_steps) == {"video", "coco"}
+  written = _recording_writers(monkeypatch)
+  experiment = experiment_lib.build_experiment(config, model=StandInModel(), mesh=_one_device())
+  result = train_lib.train(experiment, tmp_path)
+  assert result.step == config.train.steps and sorted(written) == list(range(1, 7))
+  expected = {
+      "video": _expected_terms(criterion.BOX_TERMS),
+      "coco": _expected_terms(criterion.MASK_TERMS),
+  }
+  for step, source in enumerate(sources, start=1):
+    scalars = written[step]
+    assert {k for k in scalars if k.startswith("steps_")} == {f"steps_{source}"}, (step, scalars)
+    assert scalars[f"steps_{source}"] == 1.0
+    terms = {k for k in scalars if k.startswith("loss_")}
+    assert terms == expected[source], (step, source, sorted(terms))
+    assert all(np.isfinite(scalars[k]) and scalars[k] >= 0 for k in terms), (step, scalars)
+    # The source's own supervision is there: projection of the boxes, BCE of the masks.
+    assert scalars["loss_mask_proj" if source == "video" else "loss_mask"] > 0, (step, scalars)
 
 
 @pytest.mark.slow
@@ -176,13 +198,18 @@ def test_joint_run_resumed_mid_run_ends_as_the_uninterrupted_one(joint_config, t
   """3 steps, stop, 3 more from the checkpoint == 6 steps straight: the checkpoint holds both
   sources' positions and the source-draw position."""
   config = joint_config
-  straight = train_lib.train(
-      config, tmp_path / "straight", model=StandInModel(), mesh=_one_device()
-  )
+
+  def run(run_config, workdir):
+    experiment = experiment_lib.build_experiment(
+        run_config, model=StandInModel(), mesh=_one_device()
+    )
+    return train_lib.train(experiment, workdir)
+
+  straight = run(config, tmp_path / "straight")
   first = ml_collections.ConfigDict(config.to_dict())
   first.train.steps = 3
-  train_lib.train(first, tmp_path / "resumed", model=StandInModel(), mesh=_one_device())
-  resumed = train_lib.train(config, tmp_path / "resumed", model=StandInModel(), mesh=_one_device())
+  run(first, tmp_path / "resumed")
+  resumed = run(config, tmp_path / "resumed")
   assert resumed.step == straight.step == 6
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6),

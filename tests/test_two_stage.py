@@ -8,11 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from safetensors import numpy as safetensors_numpy
+
 from conftest import load_config
 from maskfreevis_jax import criterion
+from maskfreevis_jax import experiment as experiment_lib
 from maskfreevis_jax import export
 from maskfreevis_jax import sharding
 from maskfreevis_jax import train
+from maskfreevis_jax import train_step
 from maskfreevis_jax import two_stage
 from maskfreevis_jax.data import coco_pseudo
 from maskfreevis_jax.data import synthetic
@@ -85,10 +89,8 @@ def test_stage2_starts_from_the_stage1_weights(tmp_path):
   """Stage 2's train() starts from every tensor of the stage-1 file (random values here, so a
   tensor left at its own initialisation shows)."""
   config = _small_stage2_config(tmp_path)
-  iterator = train.build_train_iterator(config)
-  trainer = train.build_trainer(
-      config, train.abstract_batch(next(iterator)), mesh=_one_device_mesh()
-  )
+  experiment = experiment_lib.build_experiment(config, mesh=_one_device_mesh())
+  trainer = experiment.trainer(train_step.abstract_batch(next(experiment.train_iterator())))
   rng = np.random.default_rng(0)
   stage1 = jax.tree.map(
       lambda x: rng.normal(size=x.shape).astype(x.dtype),
@@ -99,7 +101,9 @@ def test_stage2_starts_from_the_stage1_weights(tmp_path):
 
   config.init_from = str(weights)
   config.train.steps = 0  # train() initialises, saves step 0 and returns: no step compiled.
-  result = train.train(config, tmp_path / "stage2", mesh=_one_device_mesh())
+  result = train.train(
+      experiment_lib.build_experiment(config, mesh=_one_device_mesh()), tmp_path / "stage2"
+  )
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state.params), stage1["params"])
 
 
@@ -109,10 +113,11 @@ def test_stage1_cache_is_reused(tmp_path, monkeypatch):
   config = _small_stage1_config()
   calls = []
 
-  def fake_train(cfg, workdir, **kwargs):
-    del workdir, kwargs
+  def fake_train(experiment, workdir):
+    del workdir
+    cfg = experiment.config
     calls.append(cfg.data.coco.json)
-    state = train.TrainState(
+    state = train_step.TrainState(
         step=0,
         params={"w": np.full(2, len(calls))},
         opt_state=None,
@@ -153,20 +158,27 @@ def test_stage1_cache_is_reused(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_stage1_trains_and_exports(tmp_path):
-  """The real stage 1 (3 steps, mask-supervised on 8 stills) exports weights stage 2 loads."""
+  """The real stage 1 (3 steps, mask-supervised on 8 stills) exports weights, and stage 2's
+  init_from loads every one of them, exactly: each tensor of the file, by its official name,
+  equals the stage-2 state's variable it names."""
   config = _small_stage1_config()
   # train() shards the batch over every device (8 forced CPU devices in the suite).
   config.train.batch_size = jax.device_count()
   config.data.stills.num_images = 8
   weights = two_stage.ensure_stage1(config, tmp_path / "stage1")
   stage2 = _small_stage2_config(tmp_path)
-  iterator = train.build_train_iterator(stage2)
-  trainer = train.build_trainer(
-      stage2, train.abstract_batch(next(iterator)), mesh=_one_device_mesh()
-  )
   stage2.init_from = str(weights)
-  state = train.initial_train_state(trainer, stage2)
-  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
+  experiment = experiment_lib.build_experiment(stage2, mesh=_one_device_mesh())
+  trainer = experiment.trainer(train_step.abstract_batch(next(experiment.train_iterator())))
+  state = jax.device_get(experiment.initial_state(trainer))
+  loaded, _ = export.export_state_dict({"params": state.params, **state.model_state}, stage2.model)
+  stored = safetensors_numpy.load_file(str(weights))
+  # The criterion's buffers are written from constants and are not model variables.
+  buffers = {"criterion.empty_weight", "criterion._iter"}
+  assert set(stored) - buffers == set(loaded) - buffers
+  for name in sorted(set(stored) - buffers):
+    assert stored[name].dtype == loaded[name].dtype, name
+    np.testing.assert_array_equal(loaded[name], stored[name], err_msg=name)
 
 
 def _matched_class_accuracy(config, model, variables, batches) -> float:
@@ -203,10 +215,11 @@ def test_stage1_recipe_learns_the_classes(tmp_path):
       str(tmp_path / "train"), num_images=600, size=(96, 96), seed=0
   )
   config.train.lr_decay_steps = ()
-  iterator = train.build_train_iterator(config)
+  experiment = experiment_lib.build_experiment(config, mesh=_one_device_mesh())
+  iterator = experiment.train_iterator()
   batch = next(iterator)
-  trainer = train.build_trainer(config, train.abstract_batch(batch), mesh=_one_device_mesh())
-  state = train.initial_train_state(trainer, config)
+  trainer = experiment.trainer(train_step.abstract_batch(batch))
+  state = experiment.initial_state(trainer)
   for _ in range(400):
     state, _ = trainer.train_step(state, batch)
     batch = next(iterator)
@@ -216,7 +229,7 @@ def test_stage1_recipe_learns_the_classes(tmp_path):
       str(tmp_path / "held_out"), num_images=64, size=(96, 96), seed=1
   )
   held_out.data.coco.crop_prob = 0.0
-  held_out_iterator = train.build_train_iterator(held_out)
+  held_out_iterator = experiment_lib.build_experiment(held_out).train_iterator()
   batches = [next(held_out_iterator) for _ in range(6)]
   accuracy = _matched_class_accuracy(
       config, trainer.model, {"params": state.params, **state.model_state}, batches

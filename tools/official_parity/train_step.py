@@ -138,6 +138,14 @@ def run_official(workdir: pathlib.Path, out_dir: pathlib.Path) -> None:
           k: [group_of[id(params[k])]["lr"], group_of[id(params[k])]["weight_decay"]]
           for k in TRACKED_PARAMETERS
       },
+      # The optimizer's own settings (build_optimizer passes only the lr: torch's AdamW
+      # defaults) and the gradient clipping it wraps AdamW with.
+      "adam_betas": list(optimizer.param_groups[0]["betas"]),
+      "adam_eps": optimizer.param_groups[0]["eps"],
+      "clip_gradients": {
+          "type": cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
+          "value": cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE,
+      },
       **common.official_provenance(),
   }
   common.save_fixture(out_dir / FIXTURE_NAME, arrays, meta)
