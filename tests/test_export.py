@@ -1,6 +1,9 @@
 """Flax variables -> official PyTorch state_dict: key set, layouts, files, errors."""
 
 import copy
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,3 +168,20 @@ def test_bad_export_arguments(tiny_variables, tiny_config, tmp_path):
   abstract = export_testing.abstract_variables(tiny_config)
   with pytest.raises(export.ExportError, match="abstract"):
     export.export_state_dict(abstract, tiny_config)
+
+
+def test_safetensors_weights_load_without_pytorch():
+  """The default run initialises from the committed .safetensors file: no PyTorch needed."""
+  weights = pathlib.Path(__file__).resolve().parents[1] / "weights" / "synthetic_stage1.safetensors"
+  code = (
+      "import sys\n"
+      "from maskfreevis_jax.export import torch_import\n"
+      f"state = torch_import.read_checkpoint({str(weights)!r})\n"
+      "print(len(state), 'torch' in sys.modules)"
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  count, torch_loaded = proc.stdout.split()
+  assert int(count) > 100 and torch_loaded == "False", proc.stdout

@@ -181,6 +181,16 @@ def _to_numpy(value: Any) -> np.ndarray | None:
   return None
 
 
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """numpy arrays without PyTorch (the default run loads its stage-1 weights so); bfloat16
+  (an ml_dtypes array here) as float32, as from PyTorch files."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  with safe_open(str(path), framework="numpy") as f:
+    arrays = {name: f.get_tensor(name) for name in f.keys()}
+  return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in arrays.items()}
+
+
 def _read_raw(path: pathlib.Path) -> Any:
   suffix = path.suffix.lower()
   if suffix == ".pkl":
@@ -191,9 +201,7 @@ def _read_raw(path: pathlib.Path) -> Any:
 
     return torch.load(path, map_location="cpu", weights_only=True)
   if suffix == ".safetensors":
-    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-
-    return load_file(str(path), device="cpu")
+    return _read_safetensors(path)
   raise CheckpointError(
       f"checkpoint {path}: unknown suffix {path.suffix!r}; expected .pkl "
       "(detectron2), .pth / .pt (PyTorch) or .safetensors"
