@@ -22,6 +22,7 @@ the project makes itself:
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import sys
