@@ -1,6 +1,6 @@
 """Benchmarks the full train step (model + matcher + criterion + optimizer) on any jax backend.
 
-The step is the real one: `maskfreevis_jax.train.build_trainer` on the release's main R50 recipe
+The step is the real one: `Experiment.trainer` (maskfreevis_jax/experiment.py) on the release's main R50 recipe
 (`configs/maskfreevis.py:ytvis19_r50`, its video-clip step) with the chosen preset, clip shape,
 compute dtype and rematerialisation policies, fed a synthetic batch of that shape.
 

@@ -111,6 +111,15 @@ def _first_batch(iterator, global_batch_size: int) -> tuple[Mapping[str, Any], A
   return first_raw, train_step_lib.abstract_batch(_host_batch(first_raw))
 
 
+def _record_class_names(config, iterator) -> None:
+  """Fills an empty `config.data.class_names` from the training data's categories, so the config
+  saved with the checkpoints labels predictions (`--mode predict` reads no dataset)."""
+  names = tuple(getattr(iterator, "class_names", None) or ())
+  if names and not config.data.class_names:
+    config.data.class_names = names
+    logging.info("config.data.class_names from the training data: %s", names)
+
+
 def _restore_or_init(
     experiment: experiment_lib.Experiment,
     trainer: train_step_lib.Trainer,
@@ -300,6 +309,7 @@ def train(experiment: experiment_lib.Experiment, workdir: str | pathlib.Path) ->
   # The first batch gives the shapes; it is the first step's batch unless a checkpoint's
   # iterator position replaces it.
   first_raw, batch_spec = _first_batch(iterator, int(config.train.batch_size))
+  _record_class_names(config, iterator)
   trainer = experiment.trainer(batch_spec)
   if jax.process_index() == 0:
     counts = optimizer_lib.label_counts(trainer.param_labels, trainer.abstract_state.params)

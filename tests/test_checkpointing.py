@@ -17,6 +17,29 @@ import subprocess
 import sys
 import time
 
+
+class _NamedIterator(testing.StandInIterator):
+  class_names = ("cat", "dog", "owl")
+
+
+@pytest.mark.parametrize("given", [(), ("x", "y", "z")], ids=["from-data", "from-config"])
+def test_the_saved_config_names_the_classes(tmp_path, given):
+  config = testing.make_config(steps=2, checkpoint_every=2)
+  config.data.class_names = given
+  train_lib.train(
+      experiment.build_experiment(
+          config,
+          model=testing.StandInModel(),
+          loss_fn=testing.stand_in_loss,
+          train_iterator=_NamedIterator(8, seed=1),
+          mesh=sharding_lib.create_mesh(1, jax.devices()[:1]),
+      ),
+      tmp_path,
+  )
+  saved = checkpointing.saved_config(tmp_path / "checkpoints")
+  assert tuple(saved["data"]["class_names"]) == (given or _NamedIterator.class_names)
+
+
 if __name__ == "__main__":  # Subprocess mode: 2 CPU devices, set before jax is imported.
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -338,19 +338,17 @@ def test_results_for_unknown_videos_raise():
 @pytest.mark.slow
 def test_two_step_synthetic_run_then_predict(tmp_path):
   cache = tmp_path / "synthetic_cache"
-  common = [
+  run = tmp_path / "run"
+  result = _run_main(
       "--config",
       "configs/synthetic.py",
       "--workdir",
-      str(tmp_path / "run"),
+      str(run),
       f"--config.data.synthetic.cache_dir={cache}",
       "--config.data.synthetic.num_train_videos=4",
       "--config.data.synthetic.num_val_videos=2",
       "--config.train.batch_size=2",
       "--config.train.checkpoint_every=1",
-  ]
-  result = _run_main(
-      *common,
       "--config.train.steps=2",
       "--config.train.log_every=1",
       "--config.train.image_every=2",
@@ -359,21 +357,24 @@ def test_two_step_synthetic_run_then_predict(tmp_path):
   out = result.stdout
   assert "step 1/2 | loss" in out and "step 2/2 | loss" in out, out
   assert "| AP " in out and "Per-category AP" in out, out
-  metrics = json.loads((tmp_path / "run" / "eval" / "metrics_2.json").read_text())
-  assert 0.0 <= metrics["AP"] <= 100.0
-  results = json.loads((tmp_path / "run" / "eval" / "results_2.json").read_text())
+  metrics = json.loads((run / "eval" / "metrics_2.json").read_text())
+  # Two steps from the committed stage-1 weights on 2 validation videos (seeded data, one
+  # device): measured 80.0 (ellipse 90, crescent 70); a change of model, data or metric moves it.
+  assert metrics["AP"] == pytest.approx(80.0, abs=0.01), metrics
+  results = json.loads((run / "eval" / "results_2.json").read_text())
   assert results and {"video_id", "category_id", "score", "segmentations"} <= set(results[0])
-  assert (
-      sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())[-1]
-      == "2"
-  )
-  assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+  assert list(run.glob("events.out.tfevents.*"))
+  assert "Traceback" not in result.stderr and "oneDNN" not in result.stderr, result.stderr[-3000:]
 
-  # Running again is a no-op resume (already at the last step), then predict on a frame folder.
-  frames_dir = next((cache).rglob("valid/JPEGImages/*"))
+  # Every other mode from --workdir alone: the config saved with the checkpoints.
+  result = _run_main("--workdir", str(run), "--mode", "evaluate", "--config.eval.step=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "YouTube-VIS mask AP at step 1" in result.stdout, result.stdout
+  frames_dir = next(cache.rglob("valid/JPEGImages/*"))
   result = _run_main(
-      *common,
-      "--config.train.steps=2",
+      "--workdir",
+      str(run),
       "--mode",
       "predict",
       "--input",
@@ -389,12 +390,22 @@ def test_two_step_synthetic_run_then_predict(tmp_path):
 
   # Export the checkpoint in the official PyTorch layout, then initialise a new run from it.
   exported = tmp_path / "export" / "model.pth"
-  result = _run_main(*common, "--mode", "export", "--output", str(exported))
+  result = _run_main("--workdir", str(run), "--mode", "export", "--output", str(exported))
   assert result.returncode == 0, result.stderr[-3000:]
   assert exported.stat().st_size > 0 and "Exported step 2" in result.stdout
-  fresh = [a if not a.startswith(str(tmp_path / "run")) else str(tmp_path / "run2") for a in common]
   result = _run_main(
-      *fresh, "--mode", "train", "--config.train.steps=1", f"--config.init_from={exported}"
+      "--config",
+      "configs/synthetic.py",
+      "--workdir",
+      str(tmp_path / "run2"),
+      f"--config.data.synthetic.cache_dir={cache}",
+      "--config.data.synthetic.num_train_videos=4",
+      "--config.data.synthetic.num_val_videos=2",
+      "--config.train.batch_size=2",
+      "--mode",
+      "train",
+      "--config.train.steps=1",
+      f"--config.init_from={exported}",
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Initialised from" in result.stdout and "0 missing" in result.stdout, result.stdout
