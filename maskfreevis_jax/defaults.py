@@ -202,6 +202,10 @@ def data_defaults() -> ml_collections.ConfigDict:
   c.max_size_test = 1333
   c.eval_pad_size = ()  # (): round each video up to a multiple of 32
   c.skip_corrupt_frames = False  # True: log and take another video instead of failing
+  # With skip_corrupt_frames: stop with a clear message once more than this fraction of the last
+  # skip_corrupt_window clips made had to be replaced (the dataset is going bad, not one frame).
+  c.skip_corrupt_max_fraction = 0.1
+  c.skip_corrupt_window = 200
   c.skip_empty_videos = True  # training drops videos without any non-empty box (logged)
   c.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE
   c.prefetch = 2  # batches
