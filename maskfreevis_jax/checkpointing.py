@@ -22,7 +22,10 @@ Faults (see the README's "Reliability" section):
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import gc
 import json
 import logging as std_logging
 import os
@@ -38,6 +41,7 @@ from typing import Any
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -136,14 +140,20 @@ class _OrbaxReadOnlyNotices(std_logging.Filter):
 
 
 def _ignore_late_read_callbacks(unraisable) -> None:
-  """`sys.unraisablehook` that drops "Event loop is closed" from abandoned TensorStore reads.
+  """`sys.unraisablehook` that drops the errors of abandoned checkpoint reads.
 
   When one array of a checkpoint cannot be read, Orbax closes its event loop while TensorStore
-  still completes the other reads of that restore; each completion then fails to call back into
-  the closed loop and Python prints a traceback for it (the ~100 lines after a damaged checkpoint).
+  still completes the other reads of that restore: each completion then fails to call back into
+  the closed loop ("Event loop is closed"), and each abandoned Orbax read coroutine raises its own
+  read error when it is closed. Python would print a traceback for every one (hundreds for a
+  model); `Checkpointer` reports the damage in one line.
   """
-  error = unraisable.exc_value
+  error, obj = unraisable.exc_value, unraisable.object
   if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  code = getattr(obj, "cr_code", None)
+  if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+    logging.debug("abandoned checkpoint read %s: %s", code.co_name, error)
     return
   _previous_unraisablehook(unraisable)
 
@@ -161,6 +171,40 @@ def _quiet_orbax_failures() -> None:
   for quiet in (_OrbaxOSErrorTracebacks, _OrbaxReadOnlyNotices):
     if not any(isinstance(f, quiet) for f in absl_logger.filters):
       absl_logger.addFilter(quiet())
+
+
+class _AbandonedReadsPolicy(asyncio.DefaultEventLoopPolicy):
+  """Event loops made while a checkpoint is probed collect the errors of abandoned reads.
+
+  When one array of a damaged checkpoint cannot be read, Orbax's restore stops at the first error
+  and closes its event loop; the reads still in flight then fail with nobody awaiting them, and
+  asyncio would log each one with a traceback when it is garbage collected ("Task exception was
+  never retrieved", hundreds for a model). The probe reports the damage in one line instead.
+  """
+
+  def new_event_loop(self):
+    loop = super().new_event_loop()
+    loop.set_exception_handler(_retrieve_abandoned_read)
+    return loop
+
+
+def _retrieve_abandoned_read(loop, context) -> None:
+  if "exception" in context and "never retrieved" in str(context.get("message", "")):
+    logging.debug("abandoned checkpoint read: %s", context["exception"])
+    return
+  loop.default_exception_handler(context)
+
+
+@contextlib.contextmanager
+def _probing():
+  """Reads a checkpoint that may be damaged without leaving unretrieved failed reads behind."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_AbandonedReadsPolicy())
+  try:
+    yield
+  finally:
+    gc.collect()  # the abandoned reads are collected now, by their loops' handler
+    asyncio.set_event_loop_policy(previous)
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -197,16 +241,71 @@ def _decode_iterator_state(encoded: dict) -> Any:
 
 def _fingerprint_of(saved: Any) -> dict:
   """The fingerprint of a saved config item (earlier versions saved the fingerprint alone)."""
-  if isinstance(saved, dict) and set(saved) == {"fingerprint", "config"}:
+  if isinstance(saved, dict) and {"fingerprint", "config"} <= set(saved):
     return saved["fingerprint"] or {}
   return saved or {}
 
 
 def _config_of(saved: Any) -> dict | None:
   """The resolved config of a saved config item; None for earlier versions' checkpoints."""
-  if isinstance(saved, dict) and set(saved) == {"fingerprint", "config"}:
+  if isinstance(saved, dict) and {"fingerprint", "config"} <= set(saved):
     return saved["config"]
   return None
+
+
+def _checksums_of(saved: Any) -> dict[str, int] | None:
+  """The per-array checksums of a saved config item; None for checkpoints without them."""
+  if isinstance(saved, dict) and isinstance(saved.get("checksums"), dict):
+    return saved["checksums"]
+  return None
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """uint32 sum over the array's 32-bit words w_i of w_i * (2i + 1), modulo 2**32.
+
+  The weights are odd, so a change of any one word changes the sum; it is a sum, so it does not
+  depend on how the array is sharded or on the order devices add their parts (the same value
+  whatever mesh wrote or restores the checkpoint).
+  """
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+  weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+_tree_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def tree_checksums(tree: Any) -> dict[str, int]:
+  """{'params/backbone/...': checksum} of every array of `tree` (global arrays, any sharding).
+
+  Computed where the arrays live (a jitted reduction: a few scalars come back to the host), so
+  it costs one read of the state on its devices. Every process gets the same values.
+  """
+  sums = jax.device_get(_tree_checksums(tree))
+  return {
+      _path_str(path): int(value) for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]
+  }
+
+
+def _verify(step_dir: pathlib.Path, restored: Any, saved: dict[str, int] | None) -> None:
+  """Raises _Damage naming the first array whose checksum differs from the saved one."""
+  if saved is None:
+    logging.warning(
+        "checkpoint %s carries no checksums (written before they were saved): restored unverified",
+        step_dir,
+    )
+    return
+  for name, value in tree_checksums(restored).items():
+    expected = saved.get(name)
+    if expected is not None and expected != value:
+      raise _Damage(
+          f"{_STATE}/{name}", f"checksum mismatch (saved {expected:08x}, read {value:08x})"
+      )
 
 
 def restore_variables(directory: str | pathlib.Path, step: int | None = None) -> tuple[dict, int]:
@@ -320,6 +419,7 @@ class Checkpointer:
       save_every: int = 1,
       fingerprint: dict | None = None,
       config: dict | None = None,
+      checksums: bool = True,
       async_save: bool = True,
       max_consecutive_failed_saves: int = 3,
       read_only: bool = False,
@@ -333,6 +433,7 @@ class Checkpointer:
       save_every: `save` writes at multiples of this step.
       fingerprint: flat config values saved with each checkpoint (for clear mismatch errors).
       config: the resolved config (`ConfigDict.to_dict()`), saved with each checkpoint.
+      checksums: save a checksum of every array (`tree_checksums`) and verify it at restore.
       async_save: write in a background thread (the train loop goes on meanwhile).
       max_consecutive_failed_saves: stop (`CheckpointSaveError`) after this many failed saves
         in a row; earlier failures are logged and training goes on.
@@ -343,6 +444,7 @@ class Checkpointer:
     self.save_every = max(int(save_every), 1)
     self.fingerprint = fingerprint or {}
     self.config = config
+    self.checksums = bool(checksums)
     self.async_save = bool(async_save)
     self.max_consecutive_failed_saves = max(int(max_consecutive_failed_saves), 1)
     self.read_only = bool(read_only)
@@ -471,6 +573,7 @@ class Checkpointer:
     host_states = sharding_lib.gather_host_strings(
         json.dumps(_encode_iterator_state(iterator_state))
     )
+    checksums = tree_checksums(state) if self.checksums else None
     try:
       saved = self.manager.save(
           step,
@@ -481,7 +584,11 @@ class Checkpointer:
                       {"per_process": [json.loads(s) for s in host_states]}
                   ),
                   _CONFIG: ocp.args.JsonSave(
-                      {"fingerprint": self.fingerprint, "config": self.config}
+                      {
+                          "fingerprint": self.fingerprint,
+                          "config": self.config,
+                          "checksums": checksums,
+                      }
                   ),
               }
           ),
@@ -629,7 +736,8 @@ class Checkpointer:
         raise damage(item, e) from e
 
     iterator_states = (restore_item(_ITERATOR, ocp.args.JsonRestore()) or {}).get("per_process", [])
-    saved_fingerprint = _fingerprint_of(restore_item(_CONFIG, ocp.args.JsonRestore()))
+    saved_item = restore_item(_CONFIG, ocp.args.JsonRestore())
+    saved_fingerprint = _fingerprint_of(saved_item)
     try:
       metadata = self.manager.item_metadata(step)[_STATE]
     except Exception as e:  # pylint: disable=broad-except
@@ -644,6 +752,7 @@ class Checkpointer:
     else:
       self._check_compatible(step, metadata, saved_fingerprint, abstract_state)
     state = restore_item(_STATE, ocp.args.StandardRestore(abstract_state))
+    _verify(step_dir, state, _checksums_of(saved_item))
     if iterator_states and len(iterator_states) != jax.process_count():
       raise CheckpointMismatchError(
           f"checkpoint {step_dir} holds data iterator states of {len(iterator_states)} "
@@ -658,7 +767,8 @@ class Checkpointer:
     """((state, iterator state), None), or (None, damage) when any process cannot read it."""
     result, damage = None, None
     try:
-      result = self._read(step, abstract_state)
+      with _probing():
+        result = self._read(step, abstract_state)
     except _Damage as e:
       damage = e
     if not _all_processes_agree(damage is None) and damage is None:
@@ -708,10 +818,13 @@ class Checkpointer:
     """The resolved config saved with checkpoint `step` (default: the newest committed one)."""
     steps = self.all_steps()
     step = steps[-1] if step is None and steps else step
-    if step is None:
-      return None
+    return None if step is None else _config_of(self._saved_item(step))
+
+  def _saved_item(self, step: int) -> Any:
+    """The raw config item of `step`: fingerprint, config and checksums (or, earlier, the
+    fingerprint alone)."""
     try:
-      saved = self.manager.restore(
+      return self.manager.restore(
           step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
       )[_CONFIG]
     except Exception as e:  # pylint: disable=broad-except
@@ -719,7 +832,6 @@ class Checkpointer:
           f"the config saved with checkpoint {self.directory / str(step)} cannot be read: "
           f"{_describe_error(e, self.directory / str(step))}"
       ) from e
-    return _config_of(saved)
 
   def _restore_with(self, try_read, step: int | None) -> tuple[Any, int] | None:
     """(result, step) of `try_read` on `step`, or on the newest readable checkpoint."""
@@ -783,11 +895,17 @@ class Checkpointer:
       )
 
   def _try_read_variables(self, step: int) -> tuple[Any, _Damage | None]:
-    """(({'params', collections}, saved config), None), or (None, damage)."""
+    """(({'params', collections}, saved config), None), or (None, damage) when any process
+    cannot read it."""
+    result, damage = None, None
     try:
-      return self._read_variables(step), None
+      with _probing():
+        result = self._read_variables(step)
     except _Damage as e:
-      return None, e
+      damage = e
+    if not _all_processes_agree(damage is None) and damage is None:
+      damage = _Damage("(another process)", "a part stored for another process cannot be read")
+    return (None, damage) if damage is not None else (result, None)
 
   def _read_variables(self, step: int) -> tuple[dict, dict | None]:
     """Reads only `params` and `model_state` of `step` through a partial PyTree restore."""
@@ -795,7 +913,7 @@ class Checkpointer:
     if not (step_dir / _COMMIT_RECORD).is_file():
       raise _Damage(_COMMIT_RECORD, "missing (the save did not complete)")
     try:
-      config = self.saved_config(step)
+      saved_item = self._saved_item(step)
     except DamagedCheckpointError as e:
       raise _Damage(_CONFIG, str(e)) from e
     device = jax.local_devices()[0]
@@ -821,7 +939,10 @@ class Checkpointer:
       raise _Damage(f"{_STATE}/{array}" if array else _STATE, _describe_error(e, step_dir)) from e
     if "params" not in state:
       raise _Damage(_STATE, "it holds no 'params'")
-    return {"params": state["params"], **dict(state.get("model_state") or {})}, config
+    _verify(step_dir, state, _checksums_of(saved_item))
+    return {"params": state["params"], **dict(state.get("model_state") or {})}, _config_of(
+        saved_item
+    )
 
   def _variables_manager(self) -> ocp.CheckpointManager:
     """A read-only manager whose state handler can restore a part of the tree."""
