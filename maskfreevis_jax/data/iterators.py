@@ -8,8 +8,11 @@ leading batch dimension B, the per-host batch (``data.batch_size // jax.process_
 Every clip is a pure function of ``(seed, global clip index)``: the video comes from a per-epoch
 permutation, frames/size/flip from a numpy Generator seeded with both. So the stream is
 deterministic, hosts never overlap (host h takes clips ``step * B_global + h * B + [0, B)``) and
-the iterator state is one integer (`TrainIterator.get_state`). tf.data runs the per-clip
-numpy/PIL work in parallel (deterministic order) and prefetches. A joint run
+the iterator state is one integer (`TrainIterator.get_state`). With ``data.skip_corrupt_frames``
+a video whose frames cannot be read is replaced by one drawn from ``(seed, clip index, try)``
+(logged, counted in ``stats``); past ``data.skip_corrupt_max_fraction`` of the last
+``data.skip_corrupt_window`` clips replaced, the run stops (`CorruptDataError`). tf.data runs
+the per-clip numpy/PIL work in parallel (deterministic order) and prefetches. A joint run
 ('ytvis+coco_pseudo') gets a `MixedTrainIterator`: each step's batch comes from one source.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,26 +75,125 @@ class _ClipMaker:
   def _permutation(self, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(size)
 
-  def make(self, global_index: int) -> dict[str, np.ndarray]:
-    """The padded example (`clips.pad_clip`) of clip number ``global_index``."""
+  def video_index(self, global_index: int) -> int:
+    """The video (position in `source`) clip ``global_index`` reads unless it is replaced."""
+    epoch, pos = divmod(int(global_index), len(self.source))
+    return int(self._permutation(epoch, len(self.source))[pos])
+
+  def _replacement(
+      self, global_index: int, attempt: int, original: int
+  ) -> tuple[int, np.random.Generator]:
+    """Try ``attempt`` (>= 1) of clip ``global_index``: another video than ``original`` and the
+    generator of its clip, a pure function of (seed, global index, attempt)."""
+    rng = np.random.default_rng([self.seed, 2, int(global_index), int(attempt)])
+    return (original + 1 + int(rng.integers(len(self.source) - 1))) % len(self.source), rng
+
+  def make(self, global_index: int) -> tuple[dict[str, np.ndarray], list[FrameReadError]]:
+    """The padded example (`clips.pad_clip`) of clip number ``global_index``.
+
+    With ``data.skip_corrupt_frames``, a video whose frames cannot be read is replaced: try
+    ``a >= 1`` reads `_replacement` ``(global_index, a)``, which depends on nothing that happened
+    earlier in the process, so a resumed run makes the clips of an uninterrupted one.
+
+    Returns:
+      The example and the errors of the videos that were replaced (empty when none was).
+
+    Raises:
+      FrameReadError: a frame cannot be read and skipping is off, or no try succeeded.
+    """
     rng = np.random.default_rng([self.seed, 1, int(global_index)])
-    source = self.source
-    epoch, pos = divmod(int(global_index), len(source))
-    index = int(self._permutation(epoch, len(source))[pos])
+    index = self.video_index(global_index)
     if self.is_coco:
-      clip = source.training_clip(index, rng, self.config, self.stats)
-      return clips.pad_clip(clip, self.config, self.stats)
+      clip = self.source.training_clip(index, rng, self.config, self.stats)
+      return clips.pad_clip(clip, self.config, self.stats), []
+    failures, original = [], index
     for attempt in range(_MAX_CORRUPT_RETRIES):
+      if attempt:
+        index, rng = self._replacement(global_index, attempt, original)
       try:
-        clip = clips.video_training_clip(source, index, rng, self.config, self.stats)
-        return clips.pad_clip(clip, self.config, self.stats)
+        clip = clips.video_training_clip(self.source, index, rng, self.config, self.stats)
+        return clips.pad_clip(clip, self.config, self.stats), failures
       except FrameReadError as e:
-        if not self.config.data.skip_corrupt_frames or attempt == _MAX_CORRUPT_RETRIES - 1:
+        if not self.config.data.skip_corrupt_frames or len(self.source) < 2:
           raise
-        logging.warning("skipping video id %d: %s", source.video(index).id, e)
+        failures.append(e)
+        if attempt == _MAX_CORRUPT_RETRIES - 1:
+          raise FrameReadError(
+              e.path,
+              f"{e.reason}; training clip {global_index}: its video and the "
+              f"{attempt} tried in its place all failed (data.skip_corrupt_frames)",
+          ) from None
+        logging.warning(
+            "skipping video id %d (training clip %d): %s",
+            self.source.video(index).id,
+            global_index,
+            e,
+        )
         self.stats.add("corrupt_frames_skipped")
-        index = (index + 1) % len(source)
     raise AssertionError("unreachable")
+
+
+class CorruptDataError(ValueError):
+  """Too many recent training clips had to be replaced (``data.skip_corrupt_*``)."""
+
+
+class _SkipWindow:
+  """Which of this host's last ``data.skip_corrupt_window`` clips had to be replaced.
+
+  Clips are made in parallel threads, possibly out of order, and ahead of use: the threads
+  `record` the clips they replaced, and `consume` counts a clip (by its local element number,
+  this host's clip count) only when its batch is returned, in clip order. So the decision to
+  stop depends on the clip indices alone, never on thread timing, and `state` (the replaced
+  clips of the window) carries it across a resume.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    data = config.data
+    self.size = int(data.skip_corrupt_window)
+    self.max_fraction = float(data.skip_corrupt_max_fraction)
+    if self.size < 1:
+      raise ValueError(f"data.skip_corrupt_window must be >= 1, got {data.skip_corrupt_window}")
+    if not 0.0 <= self.max_fraction <= 1.0:
+      raise ValueError(
+          f"data.skip_corrupt_max_fraction must lie in [0, 1], got {self.max_fraction}"
+      )
+    self._lock = threading.Lock()
+    self._made: dict[int, str] = {}  # element -> last read error, made but not yet returned
+    self.replaced: dict[int, str] = {}  # element -> last read error, in the window
+
+  def record(self, element: int, failures: list[FrameReadError]) -> None:
+    if failures:
+      with self._lock:
+        self._made[int(element)] = str(failures[-1])
+
+  def consume(self, element: int) -> None:
+    """Counts clip ``element`` (its batch is returned); raises past the limit.
+
+    Raises:
+      CorruptDataError: more than ``max_fraction`` of the window's clips were replaced; names
+        the count, both settings and the last read error (its file).
+    """
+    with self._lock:
+      error = self._made.pop(int(element), None)
+    if error is not None:
+      self.replaced[int(element)] = error
+    for old in [e for e in self.replaced if e <= element - self.size]:
+      del self.replaced[old]
+    if len(self.replaced) > self.max_fraction * self.size:
+      last = self.replaced[max(self.replaced)]
+      raise CorruptDataError(
+          f"training data: {len(self.replaced)} of the last {self.size} clips "
+          "(data.skip_corrupt_window) had to be replaced, more than "
+          f"data.skip_corrupt_max_fraction={self.max_fraction}; the last failure: {last}"
+      )
+
+  def state(self) -> list[list[Any]]:
+    return [[e, self.replaced[e]] for e in sorted(self.replaced)]
+
+  def restore(self, state: list[list[Any]]) -> None:
+    with self._lock:
+      self._made.clear()
+    self.replaced = {int(e): str(error) for e, error in state}
 
 
 def _host_split(
@@ -152,6 +255,7 @@ class TrainIterator:
     self.class_names = self._maker.class_names
     self._spec = clips.clip_spec(config)
     self._errors: dict[int, BaseException] = {}
+    self._skips = _SkipWindow(config)
     self._next_batch = 0
     self._iterator = None
 
@@ -178,14 +282,19 @@ class TrainIterator:
     """Global clip index of row ``row`` of this host's batch number ``batch``."""
     return batch * self.global_batch_size + self.process_index * self.local_batch_size + row
 
+  def video_index(self, global_index: int) -> int:
+    """The video (position in `source`) clip ``global_index`` reads unless it is replaced."""
+    return self._maker.video_index(global_index)
+
   def _make_example(self, local_element: np.ndarray):
     batch, row = divmod(int(local_element), self.local_batch_size)
     g = self.global_clip_index(batch, row)
     try:
-      ex = self._maker.make(g)
+      ex, failures = self._maker.make(g)
     except Exception as e:  # re-raised unchanged by __next__ (tf would wrap it)
       self._errors[g] = e
       raise
+    self._skips.record(int(local_element), failures)
     return tuple(np.asarray(ex[k], self._spec[k][0]) for k in self._spec)
 
   def _build(self, start_batch: int):
@@ -227,16 +336,28 @@ class TrainIterator:
       if self._errors:
         raise self._errors[min(self._errors)] from None
       raise RuntimeError(f"input pipeline failed: {e.message}") from None
+    first = self._next_batch * self.local_batch_size
+    try:
+      for element in range(first, first + self.local_batch_size):
+        self._skips.consume(element)
+    except CorruptDataError:
+      self._iterator = None  # a retry remakes this batch (consume is idempotent)
+      raise
     self._next_batch += 1
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    """Position (next batch number) plus what the stream depends on, JSON-able."""
+    """Position (next batch number) plus what the stream depends on, JSON-able.
+
+    ``skipped_clips`` lists the clips of the ``data.skip_corrupt_window`` that were replaced
+    (``[local element, read error]``), so a resumed run stops where the uninterrupted one would.
+    """
     return {
         "next_batch": self._next_batch,
         "seed": self.seed,
         "global_batch_size": self.global_batch_size,
         "process_count": self.process_count,
+        "skipped_clips": self._skips.state(),
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -250,6 +371,7 @@ class TrainIterator:
     if "next_batch" not in state:
       raise ValueError(f"iterator state lacks 'next_batch': {state}")
     self._next_batch = int(state["next_batch"])
+    self._skips.restore(state.get("skipped_clips", []))  # absent in older checkpoints
     self._iterator = None
 
 

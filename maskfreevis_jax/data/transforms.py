@@ -18,18 +18,21 @@ from maskfreevis_jax.data.ytvis_json import MIN_BOX_SIDE
 
 
 class FrameReadError(ValueError):
-  """A frame file is missing or cannot be decoded; the message names the file."""
+  """A frame file is missing or cannot be decoded; the one-line message names the file."""
 
   def __init__(self, path: str, reason: str):
+    reason = " ".join(str(reason).split())  # one line, whatever the decoder said
     super().__init__(f"cannot read frame {path}: {reason}")
     self.path = path
+    self.reason = reason
 
 
 def read_rgb(path: str) -> np.ndarray:
   """Reads an image file as uint8 RGB ``[H, W, 3]`` (grayscale/RGBA/palette converted).
 
   Raises:
-    FrameReadError: the file is missing, truncated or not an image.
+    FrameReadError: the file is missing, cannot be opened (e.g. its video folder was replaced
+      by a file), is truncated or is not an image.
   """
   try:
     with Image.open(path) as image:
@@ -39,6 +42,8 @@ def read_rgb(path: str) -> np.ndarray:
       return np.asarray(image)
   except FileNotFoundError:
     raise FrameReadError(path, "file not found") from None
+  except (NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    raise FrameReadError(path, f"cannot open the file ({e.strerror})") from None
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise FrameReadError(path, f"corrupt or unsupported image ({e})") from None
 
