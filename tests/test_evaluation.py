@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -445,12 +446,9 @@ def test_area_ranges_use_mean_of_present_frames():
   assert math.isnan(metrics["APs"]) and math.isnan(metrics["APl"])
 
 
-def test_category_ids_map_to_names_and_unknown_categories_ignored():
+def test_category_ids_map_to_names():
   gt = _tiny_gt([(1, 2, [_box(0, 4, 0, 4), None])])
-  results = [
-      _result(1, 2, 0.5, [_box(0, 4, 0, 4), None]),
-      _result(1, 99, 0.9, [_box(0, 4, 0, 4), None]),
-  ]
+  results = [_result(1, 2, 0.5, [_box(0, 4, 0, 4), None])]
   metrics = ytvis_eval.evaluate_ytvis(gt, results)
   assert metrics["AP-c2"] == pytest.approx(100.0) and math.isnan(metrics["AP-c1"])
 
@@ -531,7 +529,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
   good = _result(1, 1, 0.5, [_box(0, 4, 0, 4), None])
   with pytest.raises(ValueError, match=r"not in the ground truth: \[7, 8\]"):
     ytvis_eval.evaluate_ytvis(gt, [good, dict(good, video_id=8), dict(good, video_id=7)])
-  with pytest.raises(ValueError, match=r"video 1.*3 segmentations.*2 frames"):
+  with pytest.raises(ValueError, match=r'field "segmentations": 3 segmentations but video 1 has 2'):
     ytvis_eval.evaluate_ytvis(gt, [dict(good, segmentations=good["segmentations"] + [None])])
   with pytest.raises(ValueError, match=r"missing field.*score"):
     ytvis_eval.evaluate_ytvis(gt, [{k: v for k, v in good.items() if k != "score"}])
@@ -550,6 +548,72 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     ytvis_eval.evaluate_ytvis({"annotations": [], "categories": []}, [])
   with pytest.raises(ValueError, match="expected a list"):
     ytvis_eval.evaluate_ytvis(gt, {"video_id": 1})
+
+
+def _rle_counts(mask):
+  return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("utf-8")
+
+
+# id: (field, value of the second entry's field, what the message says); the video is 8x8.
+BAD_RESULT_ENTRIES = {
+    "rle-size-differs-from-the-frame": (
+        "segmentations[0]",
+        {"size": [4, 4], "counts": _rle_counts(np.ones((4, 4)))},
+        r"RLE size \[4, 4\] differs from the video's frame size \[8, 8\]",
+    ),
+    "rle-counts-cover-fewer-pixels": (
+        "segmentations[0]",
+        {"size": [8, 8], "counts": _rle_counts(np.ones((4, 4)))},
+        r"the RLE 'counts' cover 16 pixels but its size \[8, 8\] has 64",
+    ),
+    "rle-counts-cover-more-pixels": (
+        "segmentations[0]",
+        {"size": [8, 8], "counts": _rle_counts(np.ones((16, 16)))},
+        r"the RLE 'counts' cover 256 pixels but its size \[8, 8\] has 64",
+    ),
+    "uncompressed-rle-counts-cover-fewer-pixels": (
+        "segmentations[0]",
+        {"size": [8, 8], "counts": [0, 10]},
+        r"the RLE 'counts' cover 10 pixels",
+    ),
+    "rle-counts-not-run-lengths": (
+        "segmentations[0]",
+        {"size": [8, 8], "counts": "~~"},
+        r"the RLE 'counts' are not valid run lengths",
+    ),
+    "unknown-video-id": ("video_id", 7, r"7 is not a video of the ground truth"),
+    "unknown-category-id": ("category_id", 99, r"99 is not a category of the ground truth"),
+    "nan-score": ("score", float("nan"), r"expected a finite number, got nan"),
+    "infinite-score": ("score", float("inf"), r"expected a finite number, got inf"),
+    "string-score": ("score", "0.9", r"expected a finite number, got '0.9'"),
+}
+
+
+@pytest.mark.parametrize("given", ["list", "file"])
+@pytest.mark.parametrize(
+    "field, value, says", BAD_RESULT_ENTRIES.values(), ids=BAD_RESULT_ENTRIES.keys()
+)
+def test_bad_result_entry_is_one_line_naming_file_entry_and_field(
+    tmp_path, given, field, value, says
+):
+  gt = ytvis_eval.load_ground_truth(_tiny_gt([(1, 1, [_box(0, 4, 0, 4), None])]))
+  good = _result(1, 1, 0.5, [_box(0, 4, 0, 4), None])
+  bad = _result(1, 1, 0.5, [_box(0, 4, 0, 4), None])
+  if field.startswith("segmentations["):
+    bad["segmentations"][0] = value
+  else:
+    bad[field] = value
+  results, name = [good, bad], "<results list>"
+  if given == "file":
+    results = name = str(tmp_path / "results.json")
+    with open(results, "w") as f:
+      json.dump([good, bad], f)
+  with pytest.raises(ValueError) as err:
+    ytvis_eval.load_results(results, gt)  # before pycocotools ever sees the entry
+  message = str(err.value)
+  assert "\n" not in message
+  assert message.startswith(f'results {name}, entry 1, field "{field}": ')
+  assert re.search(says, message), message
 
 
 def test_format_table_lists_metrics_and_categories():

@@ -28,11 +28,11 @@ import collections
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
 
-from absl import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -135,8 +135,59 @@ def _load_json(source, what: str):
   return source
 
 
+def _rle_string_counts(counts: bytes) -> np.ndarray | None:
+  """The run lengths of a compressed RLE string, or None when it is malformed.
+
+  The format (pycocotools'): each run length is written in characters from '0' carrying 5 bits,
+  least significant first; 0x20 marks a character that continues the number, 0x10 on its last
+  character makes it negative; from the fourth run on, the number is the difference to the run
+  two before.
+  """
+  chars = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+  if chars.size == 0:
+    return np.zeros((0,), np.int64)
+  if chars.min() < 0 or chars.max() > 63 or chars[-1] & 0x20:
+    return None
+  ends = (chars & 0x20) == 0
+  starts = np.flatnonzero(np.concatenate([[True], ends[:-1]]))
+  number = np.cumsum(np.concatenate([[0], ends[:-1]]))  # which run each character belongs to
+  position = np.arange(chars.size) - starts[number]
+  if position.max() >= 12:  # more than 60 bits: not a run length
+    return None
+  values = np.add.reduceat((chars & 0x1F) << (5 * position), starts)
+  negative = (chars[ends] & 0x10) != 0
+  values[negative] -= np.left_shift(1, 5 * (position[ends][negative] + 1))
+  runs = values.copy()
+  runs[1::2] = np.cumsum(values[1::2])
+  runs[2::2] = np.cumsum(values[2::2])
+  return runs
+
+
+def _check_run_lengths(runs: Sequence[Any] | np.ndarray | None, size: list[int], where: str):
+  """Raises unless ``runs`` are non-negative integers covering exactly the ``size`` pixels.
+
+  pycocotools does not check this: fewer pixels decode to garbage, and its IoU never returns.
+  """
+  if runs is not None and not isinstance(runs, np.ndarray):
+    if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in runs):
+      runs = None
+    else:
+      runs = np.asarray(runs, np.int64)
+  if runs is None or (runs < 0).any():
+    raise ValueError(f"{where}: the RLE 'counts' are not valid run lengths")
+  if int(runs.sum()) != size[0] * size[1]:
+    raise ValueError(
+        f"{where}: the RLE 'counts' cover {int(runs.sum())} pixels but its size {size} has "
+        f"{size[0] * size[1]}"
+    )
+
+
 def _to_compressed_rle(segmentation, height: int, width: int, where: str):
-  """Converts a polygon / uncompressed RLE / compressed RLE segmentation to compressed RLE."""
+  """Converts a polygon / uncompressed RLE / compressed RLE segmentation to compressed RLE.
+
+  An RLE is checked before pycocotools sees it: its size is the video's frame size and its run
+  lengths cover exactly that many pixels; ``where`` starts the error messages.
+  """
   if isinstance(segmentation, list):
     return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
   if (
@@ -148,16 +199,26 @@ def _to_compressed_rle(segmentation, height: int, width: int, where: str):
         f"{where}: a segmentation must be a polygon list, an RLE dict with "
         f'"size" and "counts", or null; got {type(segmentation).__name__}'
     )
-  size = [int(s) for s in segmentation["size"]]
+  try:
+    size = [int(s) for s in segmentation["size"]]
+  except (TypeError, ValueError):
+    size = None
   if size != [height, width]:
     raise ValueError(
-        f"{where}: segmentation size {size} does not match the video size " f"{[height, width]}"
+        f"{where}: RLE size {str(segmentation['size'])[:40]} differs from the video's frame "
+        f"size {[height, width]}"
     )
   counts = segmentation["counts"]
   if isinstance(counts, list):
+    _check_run_lengths(counts, size, where)
     return mask_utils.frPyObjects(dict(segmentation), height, width)
   if isinstance(counts, str):
     counts = counts.encode("utf-8")
+  if not isinstance(counts, bytes):
+    raise ValueError(
+        f"{where}: RLE 'counts' must be a string or a list, got {type(counts).__name__}"
+    )
+  _check_run_lengths(_rle_string_counts(counts), size, where)
   return {"size": size, "counts": counts}
 
 
@@ -218,7 +279,7 @@ def load_ground_truth(gt: PathOrDict) -> GroundTruth:
           f"{where}: {len(segs)} segmentations for video {video_id} with " f"{num_frames} frames"
       )
     rles = [
-        _to_compressed_rle(s, height, width, f"{where}, frame {i}") if s else None
+        _to_compressed_rle(s, height, width, f'{where}, field "segmentations[{i}]"') if s else None
         for i, s in enumerate(segs)
     ]
     if ann.get("areas") is not None:
@@ -239,6 +300,51 @@ def load_ground_truth(gt: PathOrDict) -> GroundTruth:
   return GroundTruth(videos=videos, categories=categories, tracks=dict(tracks))
 
 
+def _integer_field(entry: Mapping[str, Any], key: str, where: str) -> int:
+  value = entry[key]
+  integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if not integral and not (isinstance(value, float) and value.is_integer()):
+    raise ValueError(f'{where}, field "{key}": expected an integer id, got {value!r:.40}')
+  return int(value)
+
+
+def _check_result_entry(
+    entry: Any, where: str, ground_truth: GroundTruth, unknown_videos: Sequence[int]
+) -> tuple[int, int, float]:
+  """The (video id, category id, score) of a results entry, each checked against the ground
+  truth; ``where`` ('results <file>, entry <i>') starts the error messages."""
+  if not isinstance(entry, Mapping):
+    raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+  missing = [k for k in ("video_id", "category_id", "score", "segmentations") if k not in entry]
+  if missing:
+    raise ValueError(f"{where}: missing field(s) {missing}")
+  video_id = _integer_field(entry, "video_id", where)
+  if video_id not in ground_truth.videos:
+    raise ValueError(
+        f'{where}, field "video_id": {video_id} is not a video of the ground truth (video ids '
+        f"not in the ground truth: {list(unknown_videos)})"
+    )
+  category_id = _integer_field(entry, "category_id", where)
+  if category_id not in ground_truth.categories:
+    raise ValueError(
+        f'{where}, field "category_id": {category_id} is not a category of the ground truth '
+        f"(its category ids: {list(ground_truth.categories)})"
+    )
+  score = entry["score"]
+  if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+    raise ValueError(f'{where}, field "score": expected a finite number, got {score!r:.40}')
+  return video_id, category_id, float(score)
+
+
+def _unknown_video_ids(data: Sequence[Any], ground_truth: GroundTruth) -> list[int]:
+  ids = set()
+  for entry in data:
+    video_id = entry.get("video_id") if isinstance(entry, Mapping) else None
+    if isinstance(video_id, numbers.Integral) and int(video_id) not in ground_truth.videos:
+      ids.add(int(video_id))
+  return sorted(ids)
+
+
 def load_results(results: PathOrList, ground_truth: GroundTruth) -> dict:
   """Parses YouTube-VIS results and checks them against the ground truth.
 
@@ -251,34 +357,29 @@ def load_results(results: PathOrList, ground_truth: GroundTruth) -> dict:
     video id -> predicted tracks in results order (ids are 1-based positions in the list).
 
   Raises:
-    ValueError: for results of video ids not in the ground truth (all named), results whose number
-      of frames or mask size does not match their video, or malformed entries.
+    ValueError: one line naming the results file (or '<results list>'), the entry and the field:
+      a malformed entry, a video id (all unknown ones listed) or category id not in the ground
+      truth, a score that is not a finite number, a number of frames or an RLE whose size or run
+      lengths do not match its video.
   """
   name = os.fspath(results) if isinstance(results, (str, os.PathLike)) else "<results list>"
   data = _load_json(results, "results")
   if not isinstance(data, (list, tuple)):
     raise ValueError(f"results {name}: expected a list of predictions, got {type(data).__name__}")
-  for i, r in enumerate(data):
-    if not isinstance(r, Mapping):
-      raise ValueError(f"results {name}, entry {i}: expected an object, got {type(r).__name__}")
-    missing = [k for k in ("video_id", "category_id", "score", "segmentations") if k not in r]
-    if missing:
-      raise ValueError(f"results {name}, entry {i}: missing field(s) {missing}")
-  unknown = sorted({int(r["video_id"]) for r in data} - set(ground_truth.videos))
-  if unknown:
-    raise ValueError(f"results {name}: video ids not in the ground truth: {unknown}")
+  unknown_videos = _unknown_video_ids(data, ground_truth)
   tracks = collections.defaultdict(list)
   for i, r in enumerate(data):
-    video_id = int(r["video_id"])
+    where = f"results {name}, entry {i}"
+    video_id, category_id, score = _check_result_entry(r, where, ground_truth, unknown_videos)
     height, width, num_frames = ground_truth.videos[video_id]
-    where = f"results {name}, entry {i} (video {video_id})"
     segs = r["segmentations"]
-    if len(segs) != num_frames:
+    if not isinstance(segs, (list, tuple)) or len(segs) != num_frames:
+      count = f"{len(segs)} segmentations" if isinstance(segs, (list, tuple)) else "not a list"
       raise ValueError(
-          f"{where}: {len(segs)} segmentations but video {video_id} has " f"{num_frames} frames"
+          f'{where}, field "segmentations": {count} but video {video_id} has {num_frames} frames'
       )
     rles = [
-        _to_compressed_rle(s, height, width, f"{where}, frame {f}") if s else None
+        _to_compressed_rle(s, height, width, f'{where}, field "segmentations[{f}]"') if s else None
         for f, s in enumerate(segs)
     ]
     areas = [int(mask_utils.area(x)) if x is not None else None for x in rles]
@@ -286,8 +387,8 @@ def load_results(results: PathOrList, ground_truth: GroundTruth) -> dict:
         Track(
             id=i + 1,
             video_id=video_id,
-            category_id=int(r["category_id"]),
-            score=float(r["score"]),
+            category_id=category_id,
+            score=score,
             iscrowd=False,
             avg_area=_average_area(areas),
             frame_rles=rles,
@@ -496,15 +597,6 @@ def accumulate_ytvis(gt: PathOrDict | GroundTruth, results: PathOrList) -> Accum
       groups[category_index[cat]].append(
           _evaluate_group([dts[i] for i in di], [gts[j] for j in gi], ious[np.ix_(di, gi)])
       )
-  num_dropped = sum(
-      1 for v in predictions.values() for d in v if d.category_id not in category_index
-  )
-  if num_dropped:
-    logging.warning(
-        "%d predictions have a category id not in the ground truth; ignored as in "
-        "the official evaluation",
-        num_dropped,
-    )
 
   num_t, num_r = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
   num_k, num_a, num_m = len(category_ids), len(AREA_RANGES), len(MAX_DETECTIONS)
