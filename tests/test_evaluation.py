@@ -446,9 +446,13 @@ def test_area_ranges_use_mean_of_present_frames():
   assert math.isnan(metrics["APs"]) and math.isnan(metrics["APl"])
 
 
-def test_category_ids_map_to_names():
+def test_category_ids_map_to_names_and_unknown_categories_ignored():
+  """As the official evaluation: a prediction of a category the ground truth lacks is ignored."""
   gt = _tiny_gt([(1, 2, [_box(0, 4, 0, 4), None])])
-  results = [_result(1, 2, 0.5, [_box(0, 4, 0, 4), None])]
+  results = [
+      _result(1, 2, 0.5, [_box(0, 4, 0, 4), None]),
+      _result(1, 99, 0.9, [_box(0, 4, 0, 4), None]),
+  ]
   metrics = ytvis_eval.evaluate_ytvis(gt, results)
   assert metrics["AP-c2"] == pytest.approx(100.0) and math.isnan(metrics["AP-c1"])
 
@@ -582,7 +586,6 @@ BAD_RESULT_ENTRIES = {
         r"the RLE 'counts' are not valid run lengths",
     ),
     "unknown-video-id": ("video_id", 7, r"7 is not a video of the ground truth"),
-    "unknown-category-id": ("category_id", 99, r"99 is not a category of the ground truth"),
     "nan-score": ("score", float("nan"), r"expected a finite number, got nan"),
     "infinite-score": ("score", float("inf"), r"expected a finite number, got inf"),
     "string-score": ("score", "0.9", r"expected a finite number, got '0.9'"),

@@ -33,6 +33,7 @@ import os
 from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -325,11 +326,8 @@ def _check_result_entry(
         f"not in the ground truth: {list(unknown_videos)})"
     )
   category_id = _integer_field(entry, "category_id", where)
-  if category_id not in ground_truth.categories:
-    raise ValueError(
-        f'{where}, field "category_id": {category_id} is not a category of the ground truth '
-        f"(its category ids: {list(ground_truth.categories)})"
-    )
+  # A category id the ground truth lacks is not an error: the official evaluation ignores such
+  # predictions (accumulate_ytvis counts them in a warning).
   score = entry["score"]
   if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
     raise ValueError(f'{where}, field "score": expected a finite number, got {score!r:.40}')
@@ -598,6 +596,15 @@ def accumulate_ytvis(gt: PathOrDict | GroundTruth, results: PathOrList) -> Accum
           _evaluate_group([dts[i] for i in di], [gts[j] for j in gi], ious[np.ix_(di, gi)])
       )
 
+  num_dropped = sum(
+      1 for v in predictions.values() for d in v if d.category_id not in category_index
+  )
+  if num_dropped:
+    logging.warning(
+        "%d predictions have a category id not in the ground truth; ignored as in "
+        "the official evaluation",
+        num_dropped,
+    )
   num_t, num_r = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
   num_k, num_a, num_m = len(category_ids), len(AREA_RANGES), len(MAX_DETECTIONS)
   precision = -np.ones((num_t, num_r, num_k, num_a, num_m))
