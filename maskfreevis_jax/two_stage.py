@@ -39,6 +39,7 @@ from absl import flags
 from absl import logging
 import jax
 import ml_collections
+from ml_collections import config_flags
 
 from maskfreevis_jax import checkpointing
 from maskfreevis_jax import console
@@ -168,6 +169,35 @@ def overlay_videos(
       experiment.config.data.class_names,
       score_threshold=float(experiment.config.predict.score_threshold),
   )
+
+
+# ------------------------------------------------------------------------------ command line
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    str(REPO_ROOT / "configs" / "synthetic.py"),
+    "Stage-2 config (boxes, videos).",
+    lock_config=True,
+)
+_PRETRAIN_CONFIG = config_flags.DEFINE_config_file(
+    "pretrain_config",
+    str(REPO_ROOT / "configs" / "synthetic_pretrain.py"),
+    "Stage-1 config (masks, still images).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic", "Run directory.")
+_STAGE1 = flags.DEFINE_enum(
+    "stage1",
+    "auto",
+    ("auto", "train"),
+    "auto: the stage-2 config's init_from file when it exists (the committed weights), else "
+    "train stage 1 into WORKDIR/stage1; train: always use (and cache) WORKDIR/stage1.",
+)
+_STAGE1_ONLY = flags.DEFINE_bool(
+    "stage1_only", False, "Only run stage 1 into --workdir and export its weights."
+)
+_OUTPUT = flags.DEFINE_string("output", None, "--stage1_only: also copy the weights here.")
+_OVERLAY_VIDEOS = flags.DEFINE_integer("overlay_videos", 3, "Validation videos in the overlay.")
 
 
 def _stage1_weights(

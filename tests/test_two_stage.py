@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -235,3 +237,19 @@ def test_stage1_recipe_learns_the_classes(tmp_path):
       config, trainer.model, {"params": state.params, **state.model_state}, batches
   )
   assert accuracy > 0.5, accuracy  # chance: 1/6
+
+
+def test_the_command_line_defines_its_flags():
+  """`python -m maskfreevis_jax.two_stage` (the README's main command) parses its flags."""
+  names = ("config", "pretrain_config", "workdir", "stage1", "stage1_only", "output")
+  code = (
+      "from absl import flags\n"
+      "from maskfreevis_jax import two_stage\n"
+      f"flags.FLAGS(['two_stage', '--workdir=/tmp/w', '--stage1=train', '--overlay_videos=2'])\n"
+      f"print(sorted(n for n in {names!r} + ('overlay_videos',) if n in flags.FLAGS))"
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split("\n")[-2] == str(sorted(names + ("overlay_videos",))), proc.stdout
