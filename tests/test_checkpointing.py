@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from maskfreevis_jax import checkpointing  # noqa: E402
+from maskfreevis_jax import console  # noqa: E402
 from maskfreevis_jax import defaults  # noqa: E402
 from maskfreevis_jax import experiment  # noqa: E402
 from maskfreevis_jax import sharding as sharding_lib  # noqa: E402
@@ -288,6 +289,7 @@ if __name__ == "__main__":
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
   absl_logging.set_verbosity(absl_logging.INFO)
+  console.enable_echo()  # progress lines on stdout, as main.py shows them
   target = pathlib.Path(sys.argv[1])
   latest = checkpointing.Checkpointer(target / "checkpoints", keep=2, save_every=2).latest_step()
   if latest is not None:
