@@ -94,7 +94,7 @@ def run(config, workdir: str, mode: str, input_path=None, output=None) -> int:
     if line is None:
       raise
     print(line, file=sys.stderr, flush=True)
-    logging.error("%s: %s", type(e).__name__, e)
+    logging.info("%s: %s", type(e).__name__, e)  # the line above already said it on stderr
     return 1
   return 0
 

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from maskfreevis_jax import defaults
+from maskfreevis_jax import experiment as experiment_lib
 
 NUM_CLASSES, NUM_QUERIES, NUM_INSTANCES = 3, 4, 2
 T, H, W = 2, 32, 32
@@ -173,3 +174,17 @@ def delayed_finalize(step: int, seconds: float, announce: str = "") -> Callable[
     return await real_finalize(self)
 
   return finalize
+
+
+def stand_in_experiment(
+    config: ml_collections.ConfigDict, train_iterator=None, mesh=None
+) -> experiment_lib.Experiment:
+  """The experiment of `make_config` around the stand-ins: `StandInModel(config.model.width)`,
+  `stand_in_loss` and `train_iterator` (default: `StandInIterator(config.train.batch_size)`)."""
+  return experiment_lib.build_experiment(
+      config,
+      model=StandInModel(width=int(config.model.width)),
+      loss_fn=stand_in_loss,
+      train_iterator=train_iterator or StandInIterator(int(config.train.batch_size)),
+      mesh=mesh,
+  )

@@ -70,13 +70,7 @@ def _train(workdir, steps: int, iterator=None, **train_overrides):
   """Trains (or resumes) the stand-in to `steps`; returns (TrainResult, the iterator)."""
   iterator = iterator if iterator is not None else testing.StandInIterator(BATCH, seed=1)
   result = train_lib.train(
-      experiment.build_experiment(
-          _config(steps, **train_overrides),
-          model=testing.StandInModel(width=WIDTH),
-          loss_fn=testing.stand_in_loss,
-          train_iterator=iterator,
-          mesh=_mesh(),
-      ),
+      testing.stand_in_experiment(_config(steps, **train_overrides), iterator, mesh=_mesh()),
       workdir,
   )
   return result, iterator

@@ -29,7 +29,6 @@ import pytest  # noqa: E402
 from maskfreevis_jax import checkpointing  # noqa: E402
 from maskfreevis_jax import console  # noqa: E402
 from maskfreevis_jax import defaults  # noqa: E402
-from maskfreevis_jax import experiment  # noqa: E402
 from maskfreevis_jax import sharding as sharding_lib  # noqa: E402
 from maskfreevis_jax import testing  # noqa: E402
 from maskfreevis_jax import train as train_lib  # noqa: E402
@@ -50,12 +49,8 @@ def run_training(workdir, delay_s: float = 0.0, width: int = 8, devices=None, st
   config.model.width = width
   mesh = sharding_lib.create_mesh(1, devices)
   return train_lib.train(
-      experiment.build_experiment(
-          config,
-          model=testing.StandInModel(width=width),
-          loss_fn=testing.stand_in_loss,
-          train_iterator=testing.StandInIterator(8, seed=1, delay_s=delay_s),
-          mesh=mesh,
+      testing.stand_in_experiment(
+          config, testing.StandInIterator(8, seed=1, delay_s=delay_s), mesh=mesh
       ),
       workdir,
   )
@@ -97,12 +92,8 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
   reference = run_training(tmp_path / "reference", devices=devices, steps=6)
   config = testing.make_config(steps=3, checkpoint_every=2, keep=2, log_every=1)
   first = train_lib.train(
-      experiment.build_experiment(
-          config,
-          model=testing.StandInModel(),
-          loss_fn=testing.stand_in_loss,
-          train_iterator=testing.StandInIterator(8, seed=1),
-          mesh=sharding_lib.create_mesh(1, devices),
+      testing.stand_in_experiment(
+          config, testing.StandInIterator(8, seed=1), mesh=sharding_lib.create_mesh(1, devices)
       ),
       tmp_path / "split",
   )
@@ -158,23 +149,13 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(tmp_path):
 def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
   config = testing.make_config(steps=2, checkpoint_every=2)
   train_lib.train(
-      experiment.build_experiment(
-          config,
-          model=testing.StandInModel(width=8),
-          loss_fn=testing.stand_in_loss,
-          train_iterator=testing.StandInIterator(8),
-      ),
+      testing.stand_in_experiment(config, testing.StandInIterator(8)),
       tmp_path,
   )
   config.model.width = 16
   with pytest.raises(checkpointing.CheckpointMismatchError) as info:
     train_lib.train(
-        experiment.build_experiment(
-            config,
-            model=testing.StandInModel(width=16),
-            loss_fn=testing.stand_in_loss,
-            train_iterator=testing.StandInIterator(8),
-        ),
+        testing.stand_in_experiment(config, testing.StandInIterator(8)),
         tmp_path,
     )
   message = str(info.value)
@@ -211,11 +192,9 @@ def short_run(tmp_path_factory):
   config = testing.make_config(steps=4, checkpoint_every=2, keep=3, log_every=2)
   config.eval.window_size = 24  # a non-default field, so the saved config is not the schema's
   result = train_lib.train(
-      experiment.build_experiment(
+      testing.stand_in_experiment(
           config,
-          model=testing.StandInModel(),
-          loss_fn=testing.stand_in_loss,
-          train_iterator=testing.StandInIterator(8, seed=1),
+          testing.StandInIterator(8, seed=1),
           mesh=sharding_lib.create_mesh(1, jax.devices()[:1]),
       ),
       workdir,
@@ -272,12 +251,8 @@ def test_the_saved_config_names_the_classes(tmp_path, given):
   config = testing.make_config(steps=2, checkpoint_every=2)
   config.data.class_names = given
   train_lib.train(
-      experiment.build_experiment(
-          config,
-          model=testing.StandInModel(),
-          loss_fn=testing.stand_in_loss,
-          train_iterator=_NamedIterator(8, seed=1),
-          mesh=sharding_lib.create_mesh(1, jax.devices()[:1]),
+      testing.stand_in_experiment(
+          config, _NamedIterator(8, seed=1), mesh=sharding_lib.create_mesh(1, jax.devices()[:1])
       ),
       tmp_path,
   )
