@@ -20,15 +20,30 @@ from maskfreevis_jax import defaults
 from maskfreevis_jax.data import synthetic
 
 NUM_CLASSES = len(synthetic.SHAPE_CLASSES)
-STAGE1_WEIGHTS = (
-    pathlib.Path(__file__).resolve().parent.parent / "weights" / "synthetic_stage1.safetensors"
-)
+_WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "weights"
+# The committed stage-1 weights of each protocol (`bash scripts/make_stage1_weights.sh`):
+#   boxes  box-only stills (configs/synthetic_pretrain_boxes.py): no mask anywhere, the synthetic
+#          counterpart of the release's `model_final_proj.pth` (`mfvis_nococo/`);
+#   masks  mask-supervised stills (configs/synthetic_pretrain.py), as the release's COCO weights.
+STAGE1_WEIGHTS_BY_PROTOCOL = {
+    "boxes": _WEIGHTS_DIR / "synthetic_stage1_boxes.safetensors",
+    "masks": _WEIGHTS_DIR / "synthetic_stage1.safetensors",
+}
+DEFAULT_PROTOCOL = "masks"
+STAGE1_WEIGHTS = STAGE1_WEIGHTS_BY_PROTOCOL[DEFAULT_PROTOCOL]
 FRAME_SIZE = 96  # frames, canvas and test size: 96x96 trains ~1.8x faster than 128x128
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(protocol: str | None = None) -> ml_collections.ConfigDict:
+  """`protocol` ('boxes' or 'masks'; `configs/synthetic.py:masks` on the command line) picks the
+  stage-1 weights; None: DEFAULT_PROTOCOL."""
+  protocol = protocol or DEFAULT_PROTOCOL
+  if protocol not in STAGE1_WEIGHTS_BY_PROTOCOL:
+    raise ValueError(
+        f"protocol must be one of {sorted(STAGE1_WEIGHTS_BY_PROTOCOL)}, got {protocol!r}"
+    )
   config = defaults.get_config("tiny", NUM_CLASSES)
-  config.init_from = str(STAGE1_WEIGHTS)  # 'none': from scratch
+  config.init_from = str(STAGE1_WEIGHTS_BY_PROTOCOL[protocol])  # 'none': from scratch
 
   # GroupNorm (8 groups: the stem has 16 channels), as in stage 1: there are no COCO statistics
   # to freeze, and FrozenBN would leave a from-scratch backbone unnormalised.

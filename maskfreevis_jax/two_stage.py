@@ -21,6 +21,7 @@ the project makes itself:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -54,6 +55,22 @@ from maskfreevis_jax.evaluation import visualize
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGE1_FILE = "stage1.safetensors"
 STAGE1_MARKER = "stage1.json"
+
+# The two stage-1 protocols: their stage-1 config and committed weights.
+#   boxes  no mask anywhere (the release's `mfvis_nococo/` from `model_final_proj.pth`): still
+#          images written without masks, box projection + colour pairwise;
+#   masks  mask-supervised stills (the release's main recipe from COCO Mask2Former weights).
+PROTOCOLS = {
+    "boxes": dict(
+        pretrain_config=REPO_ROOT / "configs" / "synthetic_pretrain_boxes.py",
+        weights=REPO_ROOT / "weights" / "synthetic_stage1_boxes.safetensors",
+    ),
+    "masks": dict(
+        pretrain_config=REPO_ROOT / "configs" / "synthetic_pretrain.py",
+        weights=REPO_ROOT / "weights" / "synthetic_stage1.safetensors",
+    ),
+}
+DEFAULT_PROTOCOL = "masks"
 
 
 # config.train fields that do not change the trained weights.
@@ -96,10 +113,16 @@ def stage1_is_cached(workdir: str | pathlib.Path, config: ml_collections.ConfigD
 def _train_stage1(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> train.TrainResult:
   """Generates the still images into `workdir/stills` and trains on them (resumable)."""
   stills = config.data.stills
+  with_masks = bool(config.data.with_masks)
   console.report(
       f"Stage 1: generating {stills.num_images} still images, then {config.train.steps} "
-      f"mask-supervised steps into {workdir}"
+      f"{'mask' if with_masks else 'box'}-supervised steps into {workdir}"
   )
+  if with_masks != (config.criterion.mode == "mask"):
+    raise ValueError(
+        f"stage 1: data.with_masks={with_masks} does not fit criterion.mode="
+        f"{config.criterion.mode!r} (mask-supervised stills need both, box-only stills neither)"
+    )
   config = defaults.config_from_dict(config.to_dict(), source="stage-1 config")  # a copy
   config.data.coco.json = synthetic_images.write_coco_instances(
       str(workdir / "stills"),
@@ -107,6 +130,7 @@ def _train_stage1(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> t
       tuple(stills.size),
       int(stills.seed),
       max_objects=int(stills.max_objects),
+      with_masks=with_masks,  # box-only stills are written without any mask
   )
   result = train.train(experiment_lib.build_experiment(config), workdir)
   if result.preempted:
@@ -181,9 +205,19 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _PRETRAIN_CONFIG = config_flags.DEFINE_config_file(
     "pretrain_config",
-    str(REPO_ROOT / "configs" / "synthetic_pretrain.py"),
-    "Stage-1 config (masks, still images).",
+    str(PROTOCOLS[DEFAULT_PROTOCOL]["pretrain_config"]),
+    "Stage-1 config (still images); default: the --protocol's. Overrides "
+    "(--pretrain_config.train.steps=...) apply to the protocol's config.",
     lock_config=True,
+)
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol",
+    DEFAULT_PROTOCOL,
+    tuple(PROTOCOLS),
+    "Stage-1 protocol. boxes: no mask anywhere (stage 1 from box-only stills, the release's "
+    "mfvis_nococo); masks: stage 1 mask-supervised (the release's COCO Mask2Former start). It "
+    "picks the stage-1 config (unless --pretrain_config is given) and the committed weights "
+    "(unless --config.init_from is given).",
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic", "Run directory.")
 _STAGE1 = flags.DEFINE_enum(
@@ -196,8 +230,53 @@ _STAGE1 = flags.DEFINE_enum(
 _STAGE1_ONLY = flags.DEFINE_bool(
     "stage1_only", False, "Only run stage 1 into --workdir and export its weights."
 )
-_OUTPUT = flags.DEFINE_string("output", None, "--stage1_only: also copy the weights here.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "--stage1_only: also copy the weights here ('protocol': the protocol's file)."
+)
 _OVERLAY_VIDEOS = flags.DEFINE_integer("overlay_videos", 3, "Validation videos in the overlay.")
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, locked as `config_flags` locks it."""
+  spec = importlib.util.spec_from_file_location(f"_config_{pathlib.Path(path).stem}", str(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config() if arg is None else module.get_config(arg)
+  config.lock()
+  return config
+
+
+def protocol_configs(
+    protocol: str,
+    config: ml_collections.ConfigDict,
+    pretrain_config: ml_collections.ConfigDict | None,
+    pretrain_overrides: dict[str, Any] | None = None,
+    keep_init_from: bool = False,
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """The stage-2 and stage-1 configs of `protocol` ('boxes' or 'masks').
+
+  Args:
+    protocol: a key of PROTOCOLS.
+    config: the stage-2 config; its `init_from` becomes the protocol's committed weights unless
+      `keep_init_from`.
+    pretrain_config: an explicit stage-1 config, or None for the protocol's
+      (`PROTOCOLS[protocol]['pretrain_config']`, with `pretrain_overrides` applied).
+    pretrain_overrides: flat `{'a.b': value}` overrides of the protocol's stage-1 config.
+    keep_init_from: keep `config.init_from` (given on the command line).
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+  if not keep_init_from:
+    config.init_from = str(PROTOCOLS[protocol]["weights"])
+  if pretrain_config is None:
+    pretrain_config = load_config_file(PROTOCOLS[protocol]["pretrain_config"])
+    for key, value in (pretrain_overrides or {}).items():
+      *parents, leaf = key.split(".")
+      node = pretrain_config
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  return config, pretrain_config
 
 
 def _stage1_weights(
@@ -253,6 +332,20 @@ def _stage1_only(pretrain_config: ml_collections.ConfigDict, workdir: str, outpu
     console.report(f"Copied the stage-1 weights to {output}")
 
 
+def _flag_configs() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """The stage-2 and stage-1 configs the command line asks for (`--protocol` and overrides)."""
+  pretrain_flag = flags.FLAGS["pretrain_config"]
+  explicit_pretrain = pretrain_flag.present
+  keep_init_from = "init_from" in config_flags.get_override_values(flags.FLAGS["config"])
+  return protocol_configs(
+      _PROTOCOL.value,
+      _CONFIG.value,
+      _PRETRAIN_CONFIG.value if explicit_pretrain else None,
+      config_flags.get_override_values(pretrain_flag),
+      keep_init_from=keep_init_from,
+  )
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -260,10 +353,17 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   console.enable_echo()
   try:
+    config, pretrain_config = _flag_configs()
+    console.report(
+        f"Protocol: {_PROTOCOL.value} (stage 1 {'without' if not pretrain_config.data.with_masks else 'with'} masks)"
+    )
     if _STAGE1_ONLY.value:
-      _stage1_only(_PRETRAIN_CONFIG.value, _WORKDIR.value, _OUTPUT.value)
+      output = _OUTPUT.value
+      if output == "protocol":
+        output = str(PROTOCOLS[_PROTOCOL.value]["weights"])
+      _stage1_only(pretrain_config, _WORKDIR.value, output)
       return
-    run(_CONFIG.value, _PRETRAIN_CONFIG.value, _WORKDIR.value, _STAGE1.value, _OVERLAY_VIDEOS.value)
+    run(config, pretrain_config, _WORKDIR.value, _STAGE1.value, _OVERLAY_VIDEOS.value)
   except Exception as e:  # pylint: disable=broad-except
     line = console.user_error_line(e, (train.NonFiniteLossError, checkpointing.CheckpointError))
     if line is None:

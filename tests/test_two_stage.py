@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,8 +44,8 @@ def _small_stage2_config(tmp_path):
   return config
 
 
-def _small_stage1_config():
-  config = load_config("synthetic_pretrain")
+def _small_stage1_config(name="synthetic_pretrain"):
+  config = load_config(name)
   config.train.steps = 3
   config.train.batch_size = 2
   config.data.stills.num_images = 4
@@ -81,6 +82,95 @@ def test_still_images_are_coco_instances_with_masks(tmp_path):
   )
   assert json.loads(open(again).read())["annotations"] == data["annotations"]
   assert json.loads(open(other).read())["annotations"] != data["annotations"]
+
+
+def _forbid_masks(monkeypatch):
+  """Any mask encoded, decoded or supervised from here on raises."""
+
+  def forbidden(*args, **kwargs):
+    del args, kwargs
+    raise AssertionError("a mask was encoded, decoded or used")
+
+  monkeypatch.setattr(ytvis_json, "encode_mask", forbidden)
+  monkeypatch.setattr(ytvis_json, "decode_segmentation", forbidden)
+  monkeypatch.setattr(criterion, "mask_supervised_losses", forbidden)
+
+
+def _fake_stage1_train(calls):
+  """A stand-in for train.train: reads two real batches of the stage-1 stream, trains nothing."""
+
+  def fake_train(experiment, workdir):
+    del workdir
+    iterator = experiment.train_iterator()
+    calls.append([next(iterator) for _ in range(2)])
+    state = train_step.TrainState(
+        step=0,
+        params={"w": np.zeros(2)},
+        opt_state=None,
+        model_state={},
+        rng=None,
+        nonfinite_consecutive=0,
+        nonfinite_total=0,
+    )
+    return train.TrainResult(state=state, step=0, last_metrics={}, preempted=False)
+
+  return fake_train
+
+
+@pytest.mark.parametrize(
+    "name,reads_masks",
+    [("synthetic_pretrain_boxes", False), ("synthetic_pretrain", True)],
+    ids=["boxes", "masks-control"],
+)
+def test_box_only_stage1_writes_and_reads_no_mask(tmp_path, monkeypatch, name, reads_masks):
+  """The box-only stage 1 writes its stills without masks and its stream decodes none; the
+  mask-supervised stage 1 (the control) does both, so the trap below does spring."""
+  config = _small_stage1_config(name)
+  calls = []
+  monkeypatch.setattr(train, "train", _fake_stage1_train(calls))
+  monkeypatch.setattr(
+      export, "export_checkpoint", lambda v, m, out, **k: pathlib.Path(out).write_bytes(b"")
+  )
+  _forbid_masks(monkeypatch)
+  if reads_masks:
+    with pytest.raises(AssertionError, match="mask was encoded"):
+      two_stage.ensure_stage1(config, tmp_path / "stage1")
+    return
+  two_stage.ensure_stage1(config, tmp_path / "stage1")
+  assert config.criterion.mode == "box" and not config.data.with_masks
+  data = json.loads((tmp_path / "stage1" / "stills" / "instances.json").read_text())
+  assert data["annotations"] and all(
+      set(a) == {"id", "image_id", "category_id", "iscrowd", "bbox"} for a in data["annotations"]
+  )
+  (batches,) = calls
+  for batch in batches:
+    assert "masks" not in batch and batch["instance_valid"].any()
+    chex.assert_shape(batch["frames"], (2, 2, 32, 32, 3))  # 2-frame pseudo clips
+
+
+def test_box_only_stills_cannot_train_with_masks(tmp_path):
+  path = synthetic_images.write_coco_instances(
+      str(tmp_path / "boxes"), num_images=2, size=(32, 32), with_masks=False
+  )
+  source = coco_pseudo.CocoPseudoClipSource(path, target_class_names=synthetic.SHAPE_CLASSES)
+  config = _small_stage1_config()  # with_masks=True
+  with pytest.raises(ValueError, match="has no segmentation"):
+    source.training_clip(0, np.random.default_rng(0), config)
+
+
+@pytest.mark.parametrize("protocol", ["boxes", "masks"], ids=["boxes", "masks"])
+def test_protocol_picks_the_stage1_config_and_weights(protocol):
+  stage2, stage1 = two_stage.protocol_configs(
+      protocol, load_config("synthetic"), None, {"train.steps": 7}
+  )
+  assert stage2.init_from == str(two_stage.PROTOCOLS[protocol]["weights"])
+  assert stage1.data.with_masks == (protocol == "masks")
+  assert stage1.criterion.mode == ("mask" if protocol == "masks" else "box")
+  assert stage1.train.steps == 7
+  kept, _ = two_stage.protocol_configs(
+      protocol, load_config("synthetic"), stage1, keep_init_from=True
+  )
+  assert kept.init_from == str(load_config("synthetic").init_from)
 
 
 def test_still_images_use_other_photographs_than_the_videos():
@@ -241,7 +331,7 @@ def test_stage1_recipe_learns_the_classes(tmp_path):
 
 def test_the_command_line_defines_its_flags():
   """`python -m maskfreevis_jax.two_stage` (the README's main command) parses its flags."""
-  names = ("config", "pretrain_config", "workdir", "stage1", "stage1_only", "output")
+  names = ("config", "pretrain_config", "protocol", "workdir", "stage1", "stage1_only", "output")
   code = (
       "from absl import flags\n"
       "from maskfreevis_jax import two_stage\n"

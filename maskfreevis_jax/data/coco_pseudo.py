@@ -379,6 +379,11 @@ class CocoPseudoClipSource:
     if data.with_masks:
       masks = np.zeros((n, num_t) + frames.shape[1:3], np.uint8)
       for k, segm in enumerate(image.segmentations):
+        if segm is None:
+          raise ValueError(
+              f"image {image.path}: annotation id {image.ann_ids[k]} has no segmentation, but "
+              "data.with_masks=True (a box-only set trains with data.with_masks=False)"
+          )
         full = ytvis_json.decode_segmentation(segm, image.height, image.width)
         for t, tr in enumerate(frame_transforms):
           masks[k, t] = tr.apply_mask(full) * valid[k, t]

@@ -139,8 +139,9 @@ def _params(
     max_objects: int,
     min_visible_pixels: int,
     jpeg_quality: int,
+    with_masks: bool = True,
 ) -> dict[str, Any]:
-  return dict(
+  params = dict(
       format_version=FORMAT_VERSION,
       num_images=int(num_images),
       size=[int(v) for v in size],
@@ -149,6 +150,9 @@ def _params(
       min_visible_pixels=int(min_visible_pixels),
       jpeg_quality=int(jpeg_quality),
   )
+  if not with_masks:  # box-only sets differ; sets with masks keep their old parameters
+    params["with_masks"] = False
+  return params
 
 
 def is_complete(out_dir: str, **params) -> bool:
@@ -179,17 +183,17 @@ def _generate(out_dir: str, params: dict[str, Any]) -> dict[str, Any]:
       mask = visible[k]
       ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
       box = [float(xs[0]), float(ys[0]), float(xs[-1] + 1 - xs[0]), float(ys[-1] + 1 - ys[0])]
-      annotations.append(
-          {
-              "id": ann_id,
-              "image_id": image_id,
-              "category_id": labels[k] + 1,
-              "iscrowd": 0,
-              "bbox": box,
-              "area": int(mask.sum()),
-              "segmentation": ytvis_json.encode_mask(mask),
-          }
-      )
+      annotation = {
+          "id": ann_id,
+          "image_id": image_id,
+          "category_id": labels[k] + 1,
+          "iscrowd": 0,
+          "bbox": box,
+      }
+      if params.get("with_masks", True):  # box-only sets carry no mask, not even its area
+        annotation["area"] = int(mask.sum())
+        annotation["segmentation"] = ytvis_json.encode_mask(mask)
+      annotations.append(annotation)
       ann_id += 1
   data = {
       "info": {"description": f"maskfreevis_jax synthetic still images, seed {params['seed']}"},
@@ -230,6 +234,7 @@ def write_coco_instances(
     max_objects: int = 4,
     min_visible_pixels: int = 16,
     jpeg_quality: int = 90,
+    with_masks: bool = True,
 ) -> str:
   """Writes (or reuses) a COCO instances set of synthetic still images; returns the JSON path.
 
@@ -245,6 +250,8 @@ def write_coco_instances(
     max_objects: at most this many objects per image (at least one is visible).
     min_visible_pixels: objects showing fewer pixels are not annotated.
     jpeg_quality: JPEG quality of the images.
+    with_masks: False writes boxes only: no annotation has a ``segmentation`` or an ``area``
+      (the box-only stage 1, the synthetic counterpart of the release's `model_final_proj.pth`).
 
   Returns:
     Path of ``out_dir/instances.json``; its images are relative to ``out_dir``.
@@ -256,17 +263,11 @@ def write_coco_instances(
         f"num_images, max_objects and min_visible_pixels must be >= 1, got "
         f"{num_images}, {max_objects}, {min_visible_pixels}"
     )
-  params = _params(num_images, size, seed, max_objects, min_visible_pixels, jpeg_quality)
+  params = _params(
+      num_images, size, seed, max_objects, min_visible_pixels, jpeg_quality, with_masks
+  )
   json_path = os.path.join(os.path.abspath(out_dir), JSON_NAME)
-  if is_complete(
-      out_dir,
-      num_images=num_images,
-      size=size,
-      seed=seed,
-      max_objects=max_objects,
-      min_visible_pixels=min_visible_pixels,
-      jpeg_quality=jpeg_quality,
-  ):
+  if synthetic.marker_matches(out_dir, params):
     return json_path
   out_dir = os.path.abspath(out_dir)
   tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
