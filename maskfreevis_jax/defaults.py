@@ -265,6 +265,15 @@ def eval_defaults() -> ml_collections.ConfigDict:
   c.associate = True
   c.association_embed_weight = 1.0
   c.association_mask_weight = 1.0
+  # Windowed videos make object tracks, not query slots (evaluation/track_builder.py): a query
+  # scoring >= track_birth_score that continues no live track starts one; a track continues with
+  # the query Hungarian matching gives it when the cost is <= track_max_cost and the query scores
+  # >= track_keep_score; it ends after missing track_patience windows. Chosen on long videos of
+  # training-side seeds (docs/evaluation.md), not on the bench or validation videos.
+  c.track_birth_score = 0.5
+  c.track_keep_score = 0.2
+  c.track_max_cost = 1.0
+  c.track_patience = 2
   c.max_videos = 0  # 0: all
   c.gt_json = ""  # '': the dataset's own annotation file
   # Checkpoint evaluated, predicted with or exported: -1 (or 0) takes the newest readable one.

@@ -304,7 +304,6 @@ class _FrameSink:
     self.predict_config = config.predict
     self.class_names = tuple(config.data.class_names)
     self.pending = {}  # input frames by index
-    self.palette = None
 
   def model_frames(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     """uint8 [Hp, Wp, 3] model frames of the input frames, which wait in `pending` to be drawn."""
@@ -312,18 +311,26 @@ class _FrameSink:
       self.pending[index] = frame
       yield self.geometry.model_frame(frame)
 
-  def __call__(self, first: int, masks: np.ndarray, track_scores: np.ndarray) -> None:
-    """Frames [first, first + n): bool masks [Q, n, H0, W0], float32 track_scores [Q, C]."""
+  def __call__(
+      self, first: int, masks: np.ndarray, track_ids: np.ndarray, track_scores: np.ndarray
+  ) -> None:
+    """Frames [first, first + n): bool masks [N, n, H0, W0] of the N tracks present there, int
+    track_ids [N], float32 track_scores [N, C]."""
     count = masks.shape[1]
     chunk = np.stack([self.pending.pop(first + t) for t in range(count)])
     if self.writer is not None:
-      self.writer.write(self._overlay(chunk, masks, track_scores))
+      self.writer.write(self._overlay(chunk, masks, track_ids, track_scores))
     self.progress.update(first + count)
 
-  def _overlay(self, frames: np.ndarray, masks: np.ndarray, track_scores: np.ndarray) -> np.ndarray:
-    """The top-k tracks scoring >= the threshold on uint8 [n, H0, W0, 3] frames."""
-    if self.palette is None:
-      self.palette = visualize.track_colors(masks.shape[0])
+  def _overlay(
+      self,
+      frames: np.ndarray,
+      masks: np.ndarray,
+      track_ids: np.ndarray,
+      track_scores: np.ndarray,
+  ) -> np.ndarray:
+    """The top-k tracks scoring >= the threshold on uint8 [n, H0, W0, 3] frames, each in its
+    track's colour (a new track, a new colour)."""
     threshold = float(self.predict_config.score_threshold)
     best = track_scores.max(axis=1)
     drawn = np.flatnonzero(best >= threshold)
@@ -335,7 +342,7 @@ class _FrameSink:
         best[drawn],
         self.class_names,
         score_threshold=threshold,
-        colors=self.palette[drawn],
+        colors=visualize.track_colors_of(track_ids[drawn]),
         min_size=int(self.predict_config.overlay_min_size),
     )
 
@@ -419,11 +426,13 @@ def predict(
 def _write_results(
     path: pathlib.Path, prediction: evaluation.StreamedPrediction, reader: FrameReader
 ) -> list[dict]:
-  """Writes the YouTube-VIS entries (video_id 0, with the frames' 'file_names') atomically."""
+  """Writes the YouTube-VIS entries (video_id 0, with the frames' 'file_names' and the entry's
+  'track_id': entries of one track share it) atomically."""
   results = evaluation.prediction_to_results(0, prediction)
   names = [reader.name(t) for t in range(prediction.num_frames)]
-  for r in results:
+  for r, track_id in zip(results, prediction.track_indices):
     r["file_names"] = names
+    r["track_id"] = int(track_id)
   tmp_path = path.with_name(path.name + ".partial")
   with open(tmp_path, "w") as f:
     json.dump(results, f)

@@ -158,7 +158,9 @@ def test_streaming_equals_in_memory_prediction(window_size, overlap):
     reference = inference.VideoPredictor(SHUFFLING_MODEL, **kwargs)({}, frames)
   seen = []
   streamed = inference.StreamingVideoPredictor(SHUFFLING_MODEL, **kwargs)(
-      {}, iter(frames), on_frames=lambda first, masks, scores: seen.append((first, masks.shape[1]))
+      {},
+      iter(frames),
+      on_frames=lambda first, masks, ids, scores: seen.append((first, masks.shape[1])),
   )
   chex.assert_trees_all_equal(
       inference.prediction_to_results(1, streamed), inference.prediction_to_results(1, reference)
@@ -300,6 +302,7 @@ def test_streaming_predict_memory_is_bounded(tmp_path):
   )
   for r in results:
     assert r.pop("file_names") == [f"{t:05d}.png" for t in range(num_frames)]
+    r.pop("track_id")
   assert results == expected
 
 
@@ -319,6 +322,7 @@ def test_predict_streams_a_folder_like_the_in_memory_predictor(tmp_path):
   results = json.loads(pathlib.Path(out["results"]).read_text())
   for r in results:
     assert r.pop("file_names") == [f"{t:05d}.png" for t in range(20)]
+    r.pop("track_id")
   assert results == expected
   assert pathlib.Path(out["overlay"]).exists()
 
@@ -430,3 +434,161 @@ def test_predict_reads_its_knobs_from_config(tmp_path):
       iio.imread(nothing["overlay"], index=None), iio.imread(plain_gif, index=None)
   )
   assert not np.array_equal(gif, iio.imread(plain_gif, index=None))
+
+
+def _scripted_scene(plan: np.ndarray) -> np.ndarray:
+  """uint8 [T, SIZE, SIZE, 3] frames where object k (red level code k) is drawn in the frames
+  where some slot of `plan` [T, Q] holds it, an 8x8 square in row 12 k moving 4 pixels every
+  8 frames; green = frame index."""
+  codes = _object_codes()
+  frames = np.zeros((len(plan), SIZE, SIZE, 3), np.uint8)
+  for t, row in enumerate(plan):
+    frames[t, :, :, 1] = t
+    for k in row[row >= 0]:
+      y, x = 12 * k, 4 * (t // 8 % 4)  # on the model's 4-pixel grid
+      frames[t, y : y + 8, x : x + 8, 0] = codes[k]
+  return frames
+
+
+def _scripted_model(plan: np.ndarray):
+  """A stand-in whose slot q holds object plan[t, q] on frame t (-1: none).
+
+  In a window, slot q's mask logits are +8 on its object's pixels in each frame (-8 elsewhere,
+  and everywhere when it holds none), its class is its object's k % C with probability 0.99
+  when it holds an object in the window (no-object otherwise), and its embedding is the
+  slot's own vector whatever it holds: only presence and masks tell two visitors of one slot
+  apart (the trained model's slots behave so).
+  """
+  codes = jnp.asarray(_object_codes(), jnp.float32)
+  plan = jnp.asarray(plan, jnp.int32)
+  slot_embeds = jax.random.normal(jax.random.PRNGKey(3), (plan.shape[1], 16))
+
+  def apply_fn(variables, frames, image_valid=None):
+    del variables, image_valid
+    x = frames.astype(jnp.float32)
+    b, t, h, w, _ = x.shape
+    red = x[..., 0].reshape(b, t, h // 4, 4, w // 4, 4).mean((3, 5))[0]  # [T, h, w]
+    indices = jnp.round(x[0, :, 0, 0, 1]).astype(jnp.int32)  # [T] frame indices
+    held = plan[indices].T  # [Q, T]
+    found = (jnp.abs(red[None] - codes[held][..., None, None]) < 1.0) & (held >= 0)[..., None, None]
+    holds = (held >= 0).any(axis=1)
+    label = jnp.where(holds, held.max(axis=1) % NUM_CLASSES, NUM_CLASSES)
+    logits = 6.0 * jax.nn.one_hot(label, NUM_CLASSES + 1)
+    return {
+        "pred_logits": logits[None, None],
+        "pred_masks": jnp.where(found, 8.0, -8.0)[None, None],
+        "pred_embeds": slot_embeds[None],
+    }
+
+  return apply_fn
+
+
+def _plan(spans: dict[int, list[tuple[int, int, int]]], num_frames: int, num_slots: int = 3):
+  """int [T, Q] slot plan from {slot: [(object, first frame, end frame), ...]}."""
+  plan = np.full((num_frames, num_slots), -1, np.int32)
+  for slot, pieces in spans.items():
+    for obj, first, end in pieces:
+      plan[first:end, slot] = obj
+  return plan
+
+
+# Slot 0 holds object 0, then (after an absence of 4 windows) object 1; slot 1 holds object 2.
+SLOT_REUSE = _plan({0: [(0, 0, 20), (1, 44, 64)], 1: [(2, 0, 64)]}, 64)
+# Slot 0 holds object 0, loses it for frames [20, 32) (window [24, 32) never sees it), finds it
+# again.
+COMEBACK = _plan({0: [(0, 0, 20), (0, 32, 64)], 1: [(2, 0, 64)]}, 64)
+
+
+def _track_masks(prediction) -> np.ndarray:
+  """bool [N, T, H, W] masks of the distinct tracks of a prediction (a track may come with
+  several classes)."""
+  _, first = np.unique(prediction.query_indices, return_index=True)
+  return prediction.masks[np.sort(first)]
+
+
+@pytest.mark.parametrize("associate", [True, False], ids=["tracks", "query-slots"])
+def test_a_slot_that_carries_two_objects_yields_two_tracks(associate):
+  frames = _scripted_scene(SLOT_REUSE)
+  object_masks = np.stack(
+      [(frames[..., 0] == _object_codes()[k]) for k in range(3)]
+  )  # [3, T, H, W]
+  predictor = inference.VideoPredictor(
+      _scripted_model(SLOT_REUSE),
+      window_size=8,
+      window_overlap=2,
+      associate=associate,
+      track_patience=2,
+      top_k=3,
+  )
+  track_masks = _track_masks(predictor({}, frames))
+  covered = _track_objects(track_masks, object_masks)
+  if associate:
+    # One track per object, each present exactly where its object is.
+    assert sorted(covered, key=min) == [{0}, {1}, {2}], covered
+    for masks in track_masks:
+      (obj,) = _track_objects(masks[None], object_masks)[0]
+      chex.assert_trees_all_equal(masks.any((1, 2)), object_masks[obj].any((1, 2)))
+  else:
+    assert {0, 1} in covered, covered  # the slot's track spans both visitors
+
+
+@pytest.mark.parametrize("patience,tracks_of_object_0", [(2, 1), (0, 2)], ids=["kept", "ended"])
+def test_a_track_that_comes_back_within_the_patience_keeps_its_identity(
+    patience, tracks_of_object_0
+):
+  frames = _scripted_scene(COMEBACK)
+  object_masks = np.stack([(frames[..., 0] == _object_codes()[k]) for k in range(3)])
+  predictor = inference.VideoPredictor(
+      _scripted_model(COMEBACK),
+      window_size=8,
+      window_overlap=2,
+      associate=True,
+      track_patience=patience,
+      top_k=3,
+  )
+  track_masks = _track_masks(predictor({}, frames))
+  covered = _track_objects(track_masks, object_masks)
+  assert all(len(c) == 1 for c in covered), covered
+  of_object_0 = [k for k, c in enumerate(covered) if c == {0}]
+  assert len(of_object_0) == tracks_of_object_0, covered
+  if tracks_of_object_0 == 1:
+    # Its mask is empty in the frames where the object is absent.
+    present = track_masks[of_object_0[0]].any((1, 2))
+    chex.assert_trees_all_equal(present, object_masks[0].any((1, 2)))
+
+
+@pytest.mark.parametrize("window_size", [30, 36], ids=["window-equals-video", "window-longer"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_one_window_equals_the_whole_video_inference(window_size, streaming):
+  # top_k 10 > 4 objects: the no-object queries' low scores are kept too (no birth threshold).
+  frames, _ = _scene(30)
+  whole = inference.VideoPredictor(SHUFFLING_MODEL, top_k=10)({}, frames)
+  kwargs = dict(window_size=window_size, window_overlap=4, associate=True, top_k=10)
+  if streaming:
+    windowed = inference.StreamingVideoPredictor(SHUFFLING_MODEL, **kwargs)({}, iter(frames))
+  else:
+    windowed = inference.VideoPredictor(SHUFFLING_MODEL, **kwargs)({}, frames)
+  assert len(whole.scores) == 10 and whole.scores.min() < 0.01
+  chex.assert_trees_all_equal(
+      inference.prediction_to_results(1, windowed), inference.prediction_to_results(1, whole)
+  )
+
+
+@pytest.mark.parametrize("plan", [SLOT_REUSE, COMEBACK], ids=["slot-reuse", "comeback"])
+def test_streaming_tracks_equal_the_in_memory_tracks(plan):
+  frames = _scripted_scene(plan)
+  model = _scripted_model(plan)
+  kwargs = dict(window_size=8, window_overlap=2, associate=True, top_k=4)
+  seen = {}
+  streamed = inference.StreamingVideoPredictor(model, **kwargs)(
+      {}, iter(frames), on_frames=lambda first, masks, ids, scores: seen.update({first: ids})
+  )
+  reference = inference.VideoPredictor(model, **kwargs)({}, frames)
+  chex.assert_trees_all_equal(
+      inference.prediction_to_results(1, streamed), inference.prediction_to_results(1, reference)
+  )
+  chex.assert_trees_all_equal(streamed.track_indices, reference.query_indices)
+  # The callback sees the tracks by id: a new object, a new id.
+  assert sorted({int(i) for ids in seen.values() for i in ids}) == list(
+      range(len(streamed.track_scores))
+  )

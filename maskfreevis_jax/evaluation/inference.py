@@ -46,6 +46,8 @@ import numpy as np
 import optax
 from pycocotools import mask as mask_utils
 
+from maskfreevis_jax.evaluation import track_builder
+
 ApplyFn = Callable[..., Mapping[str, jax.Array]]
 
 
@@ -316,73 +318,6 @@ def associate_queries(
   return order
 
 
-class _TrackStitcher:
-  """Host-side state across windows: query-to-track order, summed class scores, last window."""
-
-  def __init__(self, associate: bool, embed_weight: float, mask_weight: float):
-    self.associate = associate
-    self.embed_weight, self.mask_weight = embed_weight, mask_weight
-    self.covered = 0  # frames emitted so far
-    self.num_windows = 0
-    self.score_sum = None
-    self.first_probabilities = None
-    self.previous = None  # (start, track-ordered mask logits, track-ordered embeddings)
-
-  def add(
-      self,
-      start: int,
-      probabilities: np.ndarray,
-      mask_logits: np.ndarray,
-      embeds: np.ndarray | None,
-  ) -> np.ndarray:
-    """Adds a window [start, start + W); returns the track-ordered logits of its new frames.
-
-    Args:
-      start: first frame of the window (<= the frames emitted so far).
-      probabilities: [Q, C] class probabilities of the window.
-      mask_logits: [Q, W, h, w].
-      embeds: [Q, D] query embeddings (needed when associating).
-
-    Returns:
-      [Q, start + W - covered, h, w], row i = track i.
-    """
-    num_queries, window = mask_logits.shape[:2]
-    order = np.arange(num_queries)
-    if self.associate and self.previous is not None:
-      if embeds is None:
-        raise ValueError("associating windows needs the model output 'pred_embeds' [B, Q, D]")
-      prev_start, prev_logits, prev_embeds = self.previous
-      shared = max(0, prev_start + prev_logits.shape[1] - start)
-      order = associate_queries(
-          prev_embeds,
-          prev_logits[:, start - prev_start :][:, :shared],
-          embeds,
-          mask_logits[:, :shared],
-          embed_weight=self.embed_weight,
-          mask_weight=self.mask_weight,
-      )
-    logits = mask_logits[order]
-    probabilities = np.asarray(probabilities, np.float32)[order]
-    if self.associate:
-      self.previous = (start, logits, None if embeds is None else np.asarray(embeds)[order])
-    new_frames = start + window - self.covered
-    if self.num_windows == 0:
-      self.first_probabilities = probabilities
-      self.score_sum = np.zeros_like(probabilities)
-    self.score_sum += probabilities * new_frames
-    self.num_windows += 1
-    emitted_before = self.covered
-    self.covered = start + window
-    return logits[:, emitted_before - start :]
-
-  @property
-  def scores(self) -> np.ndarray:
-    """[Q, C] per-track class probabilities, weighted by the frames each window adds."""
-    if self.num_windows == 1:
-      return self.first_probabilities  # one clip: exactly the official scores
-    return self.score_sum / self.covered
-
-
 def _make_forward(apply_fn: ApplyFn, with_embeds: bool):
   """The jitted forward pass; shared by the predictors of one apply_fn (no recompilation)."""
   try:
@@ -452,15 +387,15 @@ class _VideoState:
   Attributes:
     image_valid, image_size, output_size: the checked geometry (`_check_geometry`), set by the
       first frame.
+    builder: the tracks across windows.
     frame_shape: (Hp, Wp, 3) of every frame.
     num_frames: frames read so far.
-    stitcher: the tracks across windows.
   """
 
   image_valid: np.ndarray | None
   image_size: Sequence[int] | None
   output_size: Sequence[int] | None
-  stitcher: _TrackStitcher
+  builder: track_builder.TrackBuilder
   frame_shape: tuple[int, ...] | None = None
   num_frames: int = 0
 
@@ -486,13 +421,77 @@ class _VideoState:
     return tuple(self.frame_shape[:2])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Window:
+  """One model call: window [start, start + W) of the video.
+
+  Attributes:
+    start: first frame.
+    probabilities: float32 [Q, C] class probabilities.
+    mask_logits: float32 [Q, W, h, w].
+    embeds: float32 [Q, D] query embeddings, or None.
+    last: whether it is the video's last window.
+  """
+
+  start: int
+  probabilities: np.ndarray
+  mask_logits: np.ndarray
+  embeds: np.ndarray | None
+  last: bool
+
+
+def _with_lookahead(frames: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
+  """(frame, whether it is the last one): a window knows whether the video goes on."""
+  iterator = iter(frames)
+  sentinel = object()
+  frame = next(iterator, sentinel)
+  while frame is not sentinel:
+    following = next(iterator, sentinel)
+    yield frame, following is sentinel
+    frame = following
+
+
+def _rle_counts(masks: np.ndarray) -> list[list[bytes]]:
+  """Compressed RLE counts of bool [N, n, H0, W0] masks: per track, its n frames."""
+  counts = []
+  for track_masks in masks:
+    encoded = mask_utils.encode(np.asfortranarray(track_masks.transpose(1, 2, 0), dtype=np.uint8))
+    counts.append([r["counts"] for r in encoded])
+  return counts
+
+
+def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
+  """Pads axis 0 to a multiple of `multiple` (the resize then compiles for few track counts)."""
+  rows = -(-max(x.shape[0], 1) // multiple) * multiple
+  return np.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def _top_track_pairs(scores: np.ndarray, top_k: int):
+  """Top (track, class) pairs of float32 [N, C] scores, as `select_top_predictions` ranks them
+  (decreasing score, ties to the lower flat index): scores [K], labels [K], tracks [K]."""
+  flat = scores.reshape(-1)
+  order = np.argsort(-flat, kind="stable")[: min(top_k, flat.size)]
+  num_classes = scores.shape[1]
+  return (
+      flat[order].astype(np.float32),
+      (order % num_classes).astype(np.int32),
+      (order // num_classes).astype(np.int32),
+  )
+
+
+# Called with (first frame index, bool [N, n, H0, W0] masks of the N tracks present in the
+# frames [first, first + n), int [N] their track ids, float32 [N, C] their class probabilities
+# so far). A new id is a new track (draw it in a new colour).
+FramesCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+
+
 class VideoPredictor:
   """Runs a VideoMaskFormer on whole videos (or windows of them) and post-processes the output.
 
   Build it once and call it on every video: the model and post-processing functions are compiled
-  once per distinct input / window / output shape. The windows, their association into tracks
-  and the resize to the original size are `_windows` and `masks_in_chunks`, shared with
-  `StreamingVideoPredictor`.
+  once per distinct input / window / output shape. A video that fits in one window runs whole
+  (the official inference); a longer one runs in windows whose queries `TrackBuilder` turns into
+  object tracks (`_track_windows`, shared with `StreamingVideoPredictor`).
 
   Example:
     model = build_model(config.model)
@@ -510,6 +509,10 @@ class VideoPredictor:
       associate: bool = False,
       association_embed_weight: float = 1.0,
       association_mask_weight: float = 1.0,
+      track_birth_score: float = 0.5,
+      track_keep_score: float = 0.2,
+      track_max_cost: float = 1.0,
+      track_patience: int = 2,
       top_k: int = 10,
       frame_chunk: int = 8,
   ):
@@ -521,10 +524,14 @@ class VideoPredictor:
         `pred_embeds` [B, Q, D] when associating windows).
       window_size: frames per model call; None runs the whole video at once (official).
       window_overlap: frames shared by consecutive windows, in [0, window_size).
-      associate: match each window's queries to the previous window's tracks (Hungarian on
-        `association_cost`); False keeps query q on track q. Unused without windows.
+      associate: object tracks across windows (`track_builder`); False keeps query q on track q.
+        Unused without windows.
       association_embed_weight: weight of the query-embedding cosine distance.
       association_mask_weight: weight of the mask disagreement on the shared frames.
+      track_birth_score: least best-class probability of a query that starts a track.
+      track_keep_score: least best-class probability of a query that continues a track.
+      track_max_cost: largest association cost of a continuation.
+      track_patience: windows a track may miss before it ends.
       top_k: predictions kept per video (official 10).
       frame_chunk: frames resized to the original size per device call (bounds memory).
     """
@@ -534,7 +541,15 @@ class VideoPredictor:
     self.window_size = window_size
     self.window_overlap = window_overlap
     self.associate = associate
-    self.association_weights = (association_embed_weight, association_mask_weight)
+    self.track_settings = track_builder.TrackSettings(
+        associate=associate,
+        embed_weight=association_embed_weight,
+        mask_weight=association_mask_weight,
+        birth_score=track_birth_score,
+        keep_score=track_keep_score,
+        max_cost=track_max_cost,
+        patience=track_patience,
+    )
     self.top_k = top_k
     self.frame_chunk = frame_chunk
     self._forward = _make_forward(apply_fn, associate and window_size is not None)
@@ -544,25 +559,29 @@ class VideoPredictor:
       cls, apply_fn: ApplyFn, eval_config: ml_collections.ConfigDict, **kwargs
   ) -> VideoPredictor:
     """A predictor with `config.eval`'s window_size (0: whole video), window_overlap, associate,
-    association weights and top_k; `kwargs` override them."""
+    association weights, track rules and top_k; `kwargs` override them."""
     settings = dict(
         window_size=int(eval_config.window_size) or None,
         window_overlap=int(eval_config.window_overlap),
         associate=bool(eval_config.associate),
         association_embed_weight=float(eval_config.association_embed_weight),
         association_mask_weight=float(eval_config.association_mask_weight),
+        track_birth_score=float(eval_config.track_birth_score),
+        track_keep_score=float(eval_config.track_keep_score),
+        track_max_cost=float(eval_config.track_max_cost),
+        track_patience=int(eval_config.track_patience),
         top_k=int(eval_config.top_k),
     )
     return cls(apply_fn, **{**settings, **kwargs})
 
   def _new_video(self, image_valid, image_size, output_size) -> _VideoState:
-    stitcher = _TrackStitcher(self.associate, *self.association_weights)
-    return _VideoState(image_valid, image_size, output_size, stitcher)
+    builder = track_builder.TrackBuilder(self.track_settings)
+    return _VideoState(image_valid, image_size, output_size, builder)
 
   def _windows(
       self, variables: Any, frames: Iterable[np.ndarray], video: _VideoState
-  ) -> Iterator[tuple[int, np.ndarray]]:
-    """Runs the model on the windows of a stream of frames and stitches them into tracks.
+  ) -> Iterator[_Window]:
+    """Runs the model on the windows of a stream of frames.
 
     Keeps only the frames of one window: a window runs as soon as its last frame arrives; the
     last window ends at the last frame (`window_starts`).
@@ -570,40 +589,85 @@ class VideoPredictor:
     Args:
       variables: model variables.
       frames: iterable of uint8 [Hp, Wp, 3] frames.
-      video: the video's state (geometry, frame count, tracks), updated as frames come.
+      video: the video's state (geometry, frame count), updated as frames come.
 
     Yields:
-      (first new frame, float32 [Q, n, h, w] track-ordered mask logits of the n frames this
-      window adds), in frame order; together they cover every frame once.
+      The windows, in frame order; together they cover every frame.
     """
     buffer = collections.deque(maxlen=self.window_size)
     next_end = self.window_size  # None: one window of the whole video
-    for frame in frames:
+    for frame, last in _with_lookahead(frames):
       buffer.append(video.add_frame(frame))
-      if next_end is not None and video.num_frames == next_end:
-        yield self._run_window(variables, video, np.stack(buffer))
-        next_end += self.window_size - self.window_overlap
+      if last or (next_end is not None and video.num_frames == next_end):
+        yield self._run_window(variables, video, np.stack(buffer), last)
+        next_end = None if next_end is None else next_end + self.window_size - self.window_overlap
     if video.num_frames == 0:
       raise ValueError("the video has no frames")
-    if video.stitcher.covered < video.num_frames:
-      yield self._run_window(variables, video, np.stack(buffer))
 
   def _run_window(
-      self, variables: Any, video: _VideoState, window_frames: np.ndarray
-  ) -> tuple[int, np.ndarray]:
-    """The model on uint8 [W, Hp, Wp, 3] frames ending at the latest one; see `_windows`."""
+      self, variables: Any, video: _VideoState, window_frames: np.ndarray, last: bool
+  ) -> _Window:
+    """The model on uint8 [W, Hp, Wp, 3] frames ending at the latest one."""
     model_valid = None if video.image_valid is None else video.image_valid[None]
     probabilities, mask_logits, embeds = self._forward(variables, window_frames[None], model_valid)
     mask_logits = np.asarray(mask_logits)
     _model_padded_size(mask_logits, video.padded_size)
-    first = video.stitcher.covered
-    new_logits = video.stitcher.add(
-        video.num_frames - len(window_frames),
-        np.asarray(probabilities),
-        mask_logits,
-        None if embeds is None else np.asarray(embeds),
+    return _Window(
+        start=video.num_frames - len(window_frames),
+        probabilities=np.asarray(probabilities, np.float32),
+        mask_logits=mask_logits,
+        embeds=None if embeds is None else np.asarray(embeds),
+        last=last,
     )
-    return first, new_logits
+
+  def _track_windows(
+      self,
+      variables: Any,
+      frames: Iterable[np.ndarray],
+      video: _VideoState,
+      on_frames: FramesCallback | None = None,
+  ) -> track_builder.ClosedTracks:
+    """The windows' object tracks, with one RLE per track and present frame (`TrackBuilder`).
+
+    Masks are resized to the original size for the tracks present in each window's new frames
+    only, then RLE-encoded; `on_frames` sees them in frame order.
+
+    Returns:
+      All tracks of the video (ended).
+    """
+    builder = video.builder
+    for window in self._windows(variables, frames, video):
+      first, tracks, logits = builder.add(
+          window.start, window.probabilities, window.mask_logits, window.embeds, window.last
+      )
+      track_ids = np.asarray([t.track_id for t in tracks], np.int64)
+      scores = np.stack([t.scores for t in tracks]) if tracks else window.probabilities[:0]
+      padded = _pad_rows(logits, 8)
+      for offset, masks in masks_in_chunks(
+          padded, video.padded_size, video.image_size, video.output_size, self.frame_chunk
+      ):
+        masks = masks[: len(tracks)]
+        for track, counts in zip(tracks, _rle_counts(masks)):
+          track.add_rles(first + offset, counts)
+        if on_frames is not None:
+          on_frames(first + offset, masks, track_ids, scores)
+    return builder.finish()
+
+  def _tracks_prediction(self, video: _VideoState, closed: track_builder.ClosedTracks):
+    """(scores [K], labels [K], track ids [K], K lists of T RLE dicts, scores [N, C] of all)."""
+    num_classes = next(iter(closed.scores.values())).shape[0] if closed.scores else 1
+    all_scores = np.zeros((len(closed.scores), num_classes), np.float32)
+    for track_id, track_scores in closed.scores.items():
+      all_scores[track_id] = track_scores
+    scores, labels, tracks = _top_track_pairs(all_scores, self.top_k)
+    size = [int(s) for s in video.output_size]
+    empty = mask_utils.encode(np.zeros((*size, 1), np.uint8, order="F"))[0]["counts"].decode()
+    segmentations = [
+        [{"size": size, "counts": c} for c in closed.rles(int(t), video.num_frames, empty)]
+        for t in tracks
+    ]
+    closed.close()
+    return scores, labels, tracks, segmentations, all_scores
 
   def __call__(
       self,
@@ -625,8 +689,8 @@ class VideoPredictor:
       output_size: (H0, W0) original video size; default image_size.
 
     Returns:
-      The top-k predictions with masks at the original size; `query_indices` are track indices
-      (= query indices of the first window).
+      The top-k predictions with masks at the original size; `query_indices` are the queries
+      of a whole video, the track ids of a windowed one.
     """
     frames = np.asarray(frames)
     if frames.ndim == 5 and frames.shape[0] == 1:
@@ -634,15 +698,21 @@ class VideoPredictor:
     if frames.ndim != 4 or frames.shape[-1] != 3:
       raise ValueError(f"frames must be [T, H, W, 3], got shape {frames.shape}")
     video = self._new_video(image_valid, image_size, output_size)
-    pieces = [logits for _, logits in self._windows(variables, frames, video)]
-    mask_logits = np.concatenate(pieces, axis=1)  # [Q, T, h, w]
+    if self.window_size is not None and self.window_size < len(frames):
+      scores, labels, tracks, segmentations, _ = self._tracks_prediction(
+          video, self._track_windows(variables, frames, video)
+      )
+      masks = np.zeros((len(tracks), video.num_frames, *video.output_size), bool)
+      for k, rles in enumerate(segmentations):
+        masks[k] = mask_utils.decode(rles).transpose(2, 0, 1)
+      return VideoPrediction(scores, labels, masks, tracks)
+    (window,) = self._windows(variables, frames, video)
     scores, labels, queries = (
-        np.asarray(x)
-        for x in select_top_predictions(jnp.asarray(video.stitcher.scores), self.top_k)
+        np.asarray(x) for x in select_top_predictions(jnp.asarray(window.probabilities), self.top_k)
     )
     masks = np.zeros((len(queries), video.num_frames, *video.output_size), bool)
     for start, chunk in masks_in_chunks(
-        mask_logits[queries],
+        window.mask_logits[queries],
         video.padded_size,
         video.image_size,
         video.output_size,
@@ -691,9 +761,10 @@ class StreamedPrediction:
   Attributes:
     scores: float32 [K] class probabilities, decreasing.
     labels: int32 [K] contiguous class indices in [0, C).
-    track_indices: int32 [K] the track each prediction comes from.
-    segmentations: K lists of T compressed RLEs ({'size': [H0, W0], 'counts': str}).
-    track_scores: float32 [Q, C] class probabilities of every track.
+    track_indices: int32 [K] the track (id) each prediction comes from.
+    segmentations: K lists of T compressed RLEs ({'size': [H0, W0], 'counts': str}); empty
+      masks where the track is absent.
+    track_scores: float32 [N, C] class probabilities of every track (row = track id).
     num_frames: T.
   """
 
@@ -705,17 +776,13 @@ class StreamedPrediction:
   num_frames: int
 
 
-# Called with (first frame index, bool [Q, n, H0, W0] masks of every track on n new frames,
-# float32 [Q, C] track class probabilities so far).
-FramesCallback = Callable[[int, np.ndarray, np.ndarray], None]
-
-
 class StreamingVideoPredictor(VideoPredictor):
   """`VideoPredictor` for frames that arrive one by one (videos too long to hold in memory).
 
-  Keeps the frames of one window, the previous window's outputs (for association) and, per track
-  and frame, the compressed RLE of its mask at the original size; nothing else grows with the
-  video length. The results equal `VideoPredictor`'s with the same settings.
+  Keeps the frames of one window, what association needs of each live track (its embedding and
+  last window's mask logits) and, per live track and frame, the compressed RLE of its mask at the
+  original size; ended tracks go to a spool file. The results equal `VideoPredictor`'s with the
+  same settings.
 
   Example:
     predictor = StreamingVideoPredictor(model.apply, window_size=36, window_overlap=4,
@@ -742,48 +809,23 @@ class StreamingVideoPredictor(VideoPredictor):
       image_valid: optional bool [Hp, Wp] padding mask.
       image_size: (H, W) resized frame before padding; default from image_valid, else (Hp, Wp).
       output_size: (H0, W0) original video size; default image_size.
-      on_frames: optional callback, called in frame order once each frame's masks are final.
+      on_frames: optional callback (`FramesCallback`), called in frame order once each frame's
+        masks are final.
 
     Returns:
       The top-k predictions (track, class) with per-frame RLEs.
     """
     video = self._new_video(image_valid, image_size, output_size)
-    rles = None  # per track: the RLE counts (bytes) of its mask on every frame so far
-    for first, logits in self._windows(variables, frames, video):
-      for offset, masks in masks_in_chunks(
-          logits, video.padded_size, video.image_size, video.output_size, self.frame_chunk
-      ):
-        rles = _append_rles(rles, masks)
-        if on_frames is not None:
-          on_frames(first + offset, masks, video.stitcher.scores)
-    return self._streamed_prediction(video, rles)
-
-  def _streamed_prediction(self, video: _VideoState, rles: list[list[bytes]]) -> StreamedPrediction:
-    """The top-k (track, class) pairs of a finished video, with their tracks' RLEs."""
-    scores, labels, tracks = (
-        np.asarray(x)
-        for x in select_top_predictions(jnp.asarray(video.stitcher.scores), self.top_k)
-    )
-    size = [int(s) for s in video.output_size]
-    segmentations = [[{"size": size, "counts": c.decode("utf-8")} for c in rles[t]] for t in tracks]
+    closed = self._track_windows(variables, frames, video, on_frames)
+    scores, labels, tracks, segmentations, all_scores = self._tracks_prediction(video, closed)
     return StreamedPrediction(
-        scores=scores.astype(np.float32),
-        labels=labels.astype(np.int32),
-        track_indices=tracks.astype(np.int32),
+        scores=scores,
+        labels=labels,
+        track_indices=tracks,
         segmentations=segmentations,
-        track_scores=video.stitcher.scores,
+        track_scores=all_scores,
         num_frames=video.num_frames,
     )
-
-
-def _append_rles(rles: list[list[bytes]] | None, masks: np.ndarray) -> list[list[bytes]]:
-  """Appends the RLE counts of bool [Q, n, H0, W0] masks to each track's list (new lists: None)."""
-  if rles is None:
-    rles = [[] for _ in range(masks.shape[0])]
-  for track, track_masks in enumerate(masks):
-    encoded = mask_utils.encode(np.asfortranarray(track_masks.transpose(1, 2, 0), dtype=np.uint8))
-    rles[track].extend(r["counts"] for r in encoded)
-  return rles
 
 
 def predict_video(

@@ -39,10 +39,17 @@ _SUMMARY_ALPHA = 0.55
 
 def track_colors(num_tracks: int) -> np.ndarray:
   """Distinct saturated RGB colours, uint8 [num_tracks, 3] (golden-ratio hue steps)."""
-  hues = (np.arange(num_tracks) * 0.618033988749895 + 0.1) % 1.0
+  return track_colors_of(np.arange(num_tracks))
+
+
+def track_colors_of(track_ids: np.ndarray) -> np.ndarray:
+  """uint8 [N, 3] colours of tracks by id: colour i of `track_colors` for id i, any id (a track
+  keeps its colour in every frame; a new track gets a new one)."""
+  track_ids = np.asarray(track_ids, np.int64).reshape(-1)
+  hues = (track_ids * 0.618033988749895 + 0.1) % 1.0
   return np.array(
       [[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)] for h in hues], np.uint8
-  ).reshape(num_tracks, 3)
+  ).reshape(len(track_ids), 3)
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
