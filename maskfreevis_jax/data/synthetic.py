@@ -56,6 +56,11 @@ BACKGROUND_PHOTOS = (
 MARKER_FILE = "_COMPLETE.json"
 # 2: object textures never come from the background photo; 3: each class has its own hue.
 FORMAT_VERSION = 3
+# 4: format 3 plus a share of camouflaged objects (`generate(camouflage=...)`, docs/data.md).
+CAMOUFLAGE_FORMAT_VERSION = 4
+# A camouflaged object moves at least this share of the frame's side per frame (relative to the
+# frame; the background pans at most 0.015), so its motion tells it from the background.
+CAMOUFLAGE_MIN_SPEED = 0.04
 # Each class has a characteristic hue, a sixth of the colour wheel apart, as real categories have
 # typical colours; each object varies it slightly and picks its saturation and brightness freely.
 # The class is then visible in the pixels inside the mask, which is what the decoder's masked
@@ -185,7 +190,14 @@ class _Renderer:
     mask = _shape_mask(SHAPE_CLASSES[label], u, v, appearance["aspect"])
     if not mask.any():
       return mask
-    if appearance["texture"] >= 0:
+    if appearance.get("camouflage", False):
+      # Cut from the video's own background photo, untinted: in one frame its colours are the
+      # background's; only its motion relative to the background sets it apart.
+      tex = self.textures[appearance["texture"]]
+      ty = (np.rint(v * radius).astype(int) + appearance["tex_offset"][0]) % tex.shape[0]
+      tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
+      frame[mask] = tex[ty[mask], tx[mask]]
+    elif appearance["texture"] >= 0:
       tex = self.textures[appearance["texture"]]
       ty = (np.rint(v * radius).astype(int) + appearance["tex_offset"][0]) % tex.shape[0]
       tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
@@ -195,8 +207,8 @@ class _Renderer:
       frame[mask] = paint_object(appearance["colouring"], shade=shade)
     return mask
 
-  def video(self, rng: np.random.Generator, length: int, max_objects: int):
-    """Renders one video.
+  def video(self, rng: np.random.Generator, length: int, max_objects: int, camouflage: float = 0.0):
+    """Renders one video; a `camouflage` share of its objects wears its background photo.
 
     Returns:
       frames uint8 [L, H, W, 3], visible masks bool [K, L, H, W], labels list[int] (K).
@@ -246,6 +258,16 @@ class _Renderer:
               tex_offset=rng.integers(0, 10_000, size=2),
           )
       )
+      # Drawn only when asked, so camouflage=0 keeps format 3's random stream (byte-identical).
+      if camouflage > 0 and rng.uniform() < camouflage:
+        obj = objects[-1]
+        obj.update(camouflage=True, texture=bg_index)
+        # Motion is all that sets it apart: at least CAMOUFLAGE_MIN_SPEED of the frame per step.
+        speed = float(np.hypot(obj["vy"], obj["vx"]))
+        floor = CAMOUFLAGE_MIN_SPEED * size
+        if speed < floor:
+          heading = np.arctan2(obj["vy"], obj["vx"]) if speed > 0 else rng.uniform(0, 2 * np.pi)
+          obj.update(vy=floor * np.sin(heading), vx=floor * np.cos(heading))
     # Random depth order: later objects occlude earlier ones.
     frames = np.empty((length, h, w, 3), np.uint8)
     full = np.zeros((num_objects, length, h, w), bool)
@@ -332,6 +354,7 @@ def _write_split(
     max_objects: int,
     jpeg_quality: int,
     min_visible_pixels: int,
+    camouflage: float = 0.0,
 ) -> dict[str, Any]:
   split_index = {"train": 0, "valid": 1}[split]
   videos, annotations = [], []
@@ -340,7 +363,7 @@ def _write_split(
     length = int(rng.integers(frames_range[0], frames_range[1] + 1))
     # Retry (deterministically) until at least one object is visible somewhere.
     for _ in range(20):
-      frames, visible, labels = renderer.video(rng, length, max_objects)
+      frames, visible, labels = renderer.video(rng, length, max_objects, camouflage)
       visible &= visible.sum(axis=(2, 3), keepdims=True) >= min_visible_pixels
       if visible.any():
         break
@@ -382,6 +405,7 @@ def generate(
     max_objects: int = 4,
     jpeg_quality: int = 90,
     min_visible_pixels: int = 4,
+    camouflage: float = 0.0,
 ) -> dict[str, Any]:
   """Writes the synthetic dataset (YouTube-VIS JSON + JPEG frames) into ``out_dir``.
 
@@ -395,6 +419,9 @@ def generate(
     max_objects: at most this many objects per video (at least one is visible).
     jpeg_quality: JPEG quality of the frames.
     min_visible_pixels: a frame where an object shows fewer pixels counts as not visible.
+    camouflage: the share of objects cut from their video's own background photo, untinted
+      (format 4; 0 writes format 3 unchanged): spatial colour cannot tell them from the
+      background, their motion relative to it can.
 
   Returns:
     The parameters and per-split counts (also written to the marker file).
@@ -409,6 +436,8 @@ def generate(
     )
   if num_train_videos < 0 or num_val_videos < 0 or max_objects < 1:
     raise ValueError("video counts must be >= 0 and max_objects >= 1")
+  if not 0.0 <= camouflage <= 1.0:
+    raise ValueError(f"camouflage must be a share in [0, 1], got {camouflage}")
   params = _params(
       seed,
       num_train_videos,
@@ -418,6 +447,7 @@ def generate(
       max_objects,
       jpeg_quality,
       min_visible_pixels,
+      camouflage,
   )
   start = time.time()
   os.makedirs(out_dir, exist_ok=True)
@@ -428,7 +458,16 @@ def generate(
   counts = {}
   for split, n in (("train", num_train_videos), ("valid", num_val_videos)):
     counts[split] = _write_split(
-        out_dir, split, n, seed, renderer, (lo, hi), max_objects, jpeg_quality, min_visible_pixels
+        out_dir,
+        split,
+        n,
+        seed,
+        renderer,
+        (lo, hi),
+        max_objects,
+        jpeg_quality,
+        min_visible_pixels,
+        camouflage,
     )
   summary = dict(params=params, counts=counts, seconds=round(time.time() - start, 2))
   with open(marker, "w") as f:
@@ -446,8 +485,9 @@ def _params(
     max_objects=4,
     jpeg_quality=90,
     min_visible_pixels=4,
+    camouflage=0.0,
 ) -> dict[str, Any]:
-  return dict(
+  params = dict(
       format_version=FORMAT_VERSION,
       seed=int(seed),
       num_train_videos=int(num_train_videos),
@@ -458,6 +498,9 @@ def _params(
       jpeg_quality=int(jpeg_quality),
       min_visible_pixels=int(min_visible_pixels),
   )
+  if camouflage > 0:  # format 4: format 3 plus camouflaged objects; 0 keeps format 3's marker
+    params.update(format_version=CAMOUFLAGE_FORMAT_VERSION, camouflage=float(camouflage))
+  return params
 
 
 def marker_matches(out_dir: str, expected: dict) -> bool:
@@ -489,6 +532,7 @@ def ensure_dataset(
     max_objects: int = 4,
     jpeg_quality: int = 90,
     min_visible_pixels: int = 4,
+    camouflage: float = 0.0,
 ) -> str:
   """Generates the dataset into ``out_dir`` unless a complete copy is already there.
 
@@ -508,6 +552,7 @@ def ensure_dataset(
       max_objects=max_objects,
       jpeg_quality=jpeg_quality,
       min_visible_pixels=min_visible_pixels,
+      camouflage=camouflage,
   )
   if is_complete(out_dir, **params):
     return out_dir
@@ -823,6 +868,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       "--frames_per_video", type=int, nargs=2, default=(6, 10), metavar=("MIN", "MAX")
   )
   parser.add_argument("--max_objects", type=int, default=4)
+  parser.add_argument("--camouflage", type=float, default=0.0, help="format 4: camouflaged share")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   console.enable_echo()
@@ -834,6 +880,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       frame_size=args.frame_size,
       frames_per_video=args.frames_per_video,
       max_objects=args.max_objects,
+      camouflage=args.camouflage,
   )
   console.report(json.dumps(summary))
 
