@@ -10,13 +10,20 @@ and occluding each other, visitors entering and leaving) and predicted by `--mod
 streaming path (`predict.predict`, overlays off) in three modes, each in a fresh process so that
 its peak RSS is its own:
   whole       one clip (official; only up to --whole_max_frames frames);
-  windows     windows of --window frames sharing --overlap, queries not associated;
-  associated  the same windows, queries associated across windows (Hungarian).
+  windows     windows of --window frames sharing --overlap, one track per query slot (not
+              associated: what the windows gave before object tracks);
+  associated  the same windows, object tracks (`evaluation.track_builder`: born on a confident
+              unmatched query, continued by Hungarian association, ended after missing
+              `config.eval.track_patience` windows; knobs from `config.eval`).
 Printed per length and mode, over its videos: peak RSS and peak device memory (when the backend
 reports it), seconds per frame (compilation included), identity switches per 100 frames against
 the ground-truth tracks (`evaluation.tracking`: the CLEAR MOT rule, matches at mask IoU >= 0.5)
 and those among them at a window boundary (a window's first new frame), the fraction of
-ground-truth masks matched, and the YouTube-VIS mask AP of all its videos together.
+ground-truth masks matched, and the YouTube-VIS mask AP of all its videos together. A second
+table diagnoses the tracks (`tracking.track_coverage`): per object covered, how many predicted
+tracks cover it on some frame (mask IoU >= 0.5; "split": the fraction with more than one); per
+covering track, how many objects it covers ("merged": more than one); and the scores of true
+tracks (video IoU >= 0.5 with an object) and false ones.
 `--shuffle_queries` permutes the query slots of every window (a stress test of association on the
 real model's embeddings and masks: the trained model keeps each slot on its object by itself).
 """
@@ -159,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--whole_max_frames", type=int, default=300)
   parser.add_argument("--data_dir", default="/tmp/maskfreevis_long_video")
   parser.add_argument("--seed", type=int, default=0, help="seed of the first video")
-  parser.add_argument("--videos", type=int, default=3, help="videos per length")
+  parser.add_argument("--videos", type=int, default=5, help="videos per length")
   parser.add_argument(
       "--shuffle_queries",
       action="store_true",
@@ -219,11 +226,30 @@ def _child_command(args, mode, length, datas, variables_path) -> list[str]:
 
 @dataclasses.dataclass
 class _Scores:
+  """A mode's figures over its videos; the lists are per ground-truth / predicted track."""
+
   switches: int = 0
   boundary_switches: int = 0
   matched: int = 0
   present: int = 0
   ap: float = 0.0
+  splits: list = dataclasses.field(default_factory=list)
+  merges: list = dataclasses.field(default_factory=list)
+  true_scores: list = dataclasses.field(default_factory=list)
+  false_scores: list = dataclasses.field(default_factory=list)
+
+  def add_coverage(self, truths, predicted, scores) -> None:
+    """Splits, merges and the scores of true (video IoU >= 0.5 with an object) and false tracks."""
+    if not predicted or not truths:
+      self.false_scores += scores
+      self.splits += [0] * len(truths)
+      return
+    coverage = tracking.track_coverage(truths, predicted)
+    self.splits += coverage.splits.tolist()
+    self.merges += coverage.merges.tolist()
+    true = coverage.video_iou.max(axis=1) >= 0.5
+    self.true_scores += [s for s, t in zip(scores, true) if t]
+    self.false_scores += [s for s, t in zip(scores, true) if not t]
 
 
 def _score(args, mode: str, length: int, gt: dict, result_paths: list[str]) -> _Scores:
@@ -240,7 +266,9 @@ def _score(args, mode: str, length: int, gt: dict, result_paths: list[str]) -> _
       r.pop("file_names", None)
     results += video_results
     truths = [a["segmentations"] for a in gt["annotations"] if a["video_id"] == video["id"]]
-    summary = tracking.identity_switches(truths, tracking.tracks_from_results(video_results))
+    predicted, track_scores = tracking.scored_tracks_from_results(video_results)
+    summary = tracking.identity_switches(truths, predicted)
+    scores.add_coverage(truths, predicted, track_scores)
     scores.switches += summary.switches
     scores.boundary_switches += sum(t in boundaries for t in summary.switch_frames)
     scores.matched += summary.matched
@@ -261,8 +289,37 @@ def _row(length: int, mode: str, measured: dict, scores: _Scores, total_frames: 
   )
 
 
-def _measure(args, mode, length, datas, gt, variables_path) -> str | None:
-  """One mode on one length in a child process: its table row, or None when it failed."""
+DIAGNOSTIC_HEADER = (
+    f"{'frames':>6} {'mode':>10} {'tracks/object':>13} {'split':>6} {'objects/track':>13} "
+    f"{'merged':>6}  {'true tracks: n, score median [q25, q75]':<40} "
+    f"{'false tracks: n, score median [q25, q75]':<40}"
+)
+
+
+def _quartiles(values: list) -> str:
+  if not values:
+    return "0"
+  q25, median, q75 = np.percentile(values, [25, 50, 75])
+  return f"{len(values)}, {median:.2f} [{q25:.2f}, {q75:.2f}]"
+
+
+def _diagnostic_row(length: int, mode: str, scores: _Scores) -> str:
+  """Splits (predicted tracks per covered object), merges (objects per covering track) and the
+  score distributions of true and false tracks."""
+  splits = [n for n in scores.splits if n]
+  merges = [n for n in scores.merges if n]
+  return (
+      f"{length:>6} {mode:>10} {np.mean(splits) if splits else 0:>13.2f} "
+      f"{np.mean(np.asarray(splits) > 1) if splits else 0:>6.2f} "
+      f"{np.mean(merges) if merges else 0:>13.2f} "
+      f"{np.mean(np.asarray(merges) > 1) if merges else 0:>6.2f}  "
+      f"{_quartiles(scores.true_scores):<40} {_quartiles(scores.false_scores):<40}"
+  )
+
+
+def _measure(args, mode, length, datas, gt, variables_path) -> tuple[str, str] | None:
+  """One mode on one length in a child process: its table and diagnostic rows, or None when it
+  failed."""
   proc = subprocess.run(
       _child_command(args, mode, length, datas, variables_path),
       capture_output=True,
@@ -276,7 +333,10 @@ def _measure(args, mode, length, datas, gt, variables_path) -> str | None:
     return None
   measured = json.loads(lines[-1][len("RESULT ") :])
   scores = _score(args, mode, length, gt, measured["results"])
-  return _row(length, mode, measured, scores, length * len(datas))
+  return (
+      _row(length, mode, measured, scores, length * len(datas)),
+      _diagnostic_row(length, mode, scores),
+  )
 
 
 def main(argv=None) -> None:
@@ -298,17 +358,19 @@ def main(argv=None) -> None:
       flush=True,
   )
   variables_path = _save_variables(args)
-  rows = []
+  rows, diagnostics = [], []
   for length in args.lengths:
     datas, gt = _long_videos(args, length)
     for mode in args.modes:
       if mode == "whole" and length > args.whole_max_frames:
         continue
-      row = _measure(args, mode, length, datas, gt, variables_path)
-      if row is not None:
-        rows.append(row)
-        print(HEADER + "\n" + row if len(rows) == 1 else row, flush=True)
+      measured = _measure(args, mode, length, datas, gt, variables_path)
+      if measured is not None:
+        rows.append(measured[0])
+        diagnostics.append(measured[1])
+        print(HEADER + "\n" + rows[-1] if len(rows) == 1 else rows[-1], flush=True)
   print("\n" + HEADER + "\n" + "\n".join(rows), flush=True)
+  print("\n" + DIAGNOSTIC_HEADER + "\n" + "\n".join(diagnostics), flush=True)
 
 
 if __name__ == "__main__":

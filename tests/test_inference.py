@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from maskfreevis_jax import defaults
 from maskfreevis_jax import model_presets
 from maskfreevis_jax import models
-from maskfreevis_jax.evaluation import inference, ytvis_eval
+from maskfreevis_jax.evaluation import inference, track_builder, ytvis_eval
 
 
 def _torch_reference(pred_logits, pred_masks, padded_size, image_size, output_size, top_k):
@@ -302,8 +302,17 @@ def test_real_tiny_model_windows_match_an_independent_computation(associate):
     outputs["pred_embeds"] = outputs["pred_embeds"][:, slots]
     return outputs
 
+  # Every query a track that always continues (a random model is never confident): the tracks
+  # are then the Hungarian association of all queries, computed independently below.
   predictor = inference.VideoPredictor(
-      apply_fn, window_size=2, window_overlap=1, associate=associate, top_k=10
+      apply_fn,
+      window_size=2,
+      window_overlap=1,
+      associate=associate,
+      track_birth_score=0.0,
+      track_keep_score=0.0,
+      track_max_cost=1e9,
+      top_k=10,
   )
   prediction = predictor(variables, frames, image_valid=valid, output_size=(120, 100))
 
@@ -332,9 +341,19 @@ def test_from_config_reads_the_schema():
   assert (predictor.window_size, predictor.associate, predictor.top_k) == (None, True, 10)
   config.eval.window_size, config.eval.window_overlap, config.eval.top_k = 6, 2, 3
   config.eval.association_mask_weight = 0.5
+  config.eval.track_birth_score, config.eval.track_keep_score = 0.6, 0.3
+  config.eval.track_max_cost, config.eval.track_patience = 0.8, 4
   predictor = inference.VideoPredictor.from_config(apply_fn, config.eval, associate=False)
   assert (predictor.window_size, predictor.window_overlap, predictor.top_k) == (6, 2, 3)
-  assert predictor.association_weights == (1.0, 0.5) and not predictor.associate
+  assert predictor.track_settings == track_builder.TrackSettings(
+      associate=False,
+      embed_weight=1.0,
+      mask_weight=0.5,
+      birth_score=0.6,
+      keep_score=0.3,
+      max_cost=0.8,
+      patience=4,
+  )
   partial = ml_collections.ConfigDict({k: v for k, v in config.eval.items() if k != "associate"})
   with pytest.raises(AttributeError, match="associate"):
     inference.VideoPredictor.from_config(apply_fn, partial)

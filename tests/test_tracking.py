@@ -89,3 +89,27 @@ def test_tracks_from_results_merges_a_query_kept_with_two_classes():
 def test_tracks_of_different_lengths_are_an_error():
   with pytest.raises(ValueError, match="same frames"):
     tracking.identity_switches(GT, [_track(OBJECT_A[:3])])
+
+
+@pytest.mark.parametrize(
+    "make_prediction,splits,merges,video_iou",
+    [
+        (lambda: [_track(OBJECT_A), _track(OBJECT_B)], [1, 1], [1, 1], [[1, 0], [0, 1]]),
+        (_swap_at_frame_3, [2, 2], [2, 2], [[1 / 3, 1 / 3], [1 / 3, 1 / 3]]),
+        (
+            lambda: _lost_and_refound_by_another()[0],
+            [2, 1],
+            [1, 1, 1],
+            [[0.5, 0], [2 / 6, 0], [0, 1]],
+        ),
+    ],
+    ids=["one-track-per-object", "two-objects-per-track", "one-object-two-tracks"],
+)
+def test_track_coverage_counts_splits_and_merges(make_prediction, splits, merges, video_iou):
+  prediction = make_prediction()
+  if isinstance(prediction, tuple):
+    prediction = prediction[0]
+  coverage = tracking.track_coverage(GT, prediction)
+  np.testing.assert_array_equal(coverage.splits, splits)
+  np.testing.assert_array_equal(coverage.merges, merges)
+  np.testing.assert_allclose(coverage.video_iou, video_iou, atol=1e-12)

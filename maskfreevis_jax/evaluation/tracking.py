@@ -53,13 +53,21 @@ def tracks_from_results(results: Sequence[dict[str, Any]]) -> list[Track]:
   The official inference keeps a query once per class among its top-k pairs; those entries share
   their masks and are one track.
   """
-  tracks, seen = [], set()
+  return scored_tracks_from_results(results)[0]
+
+
+def scored_tracks_from_results(
+    results: Sequence[dict[str, Any]],
+) -> tuple[list[Track], list[float]]:
+  """`tracks_from_results` and each track's best score."""
+  tracks, scores, seen = [], [], set()
   for result in sorted(results, key=lambda r: -r["score"]):
     key = json.dumps(result["segmentations"], sort_keys=True)
     if key not in seen:
       seen.add(key)
       tracks.append(result["segmentations"])
-  return tracks
+      scores.append(float(result["score"]))
+  return tracks, scores
 
 
 def _present(rle: dict[str, Any] | None) -> bool:
@@ -124,3 +132,76 @@ def identity_switches(
       present=present,
       switch_frames=tuple(switch_frames),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+  """How predicted tracks and ground-truth tracks cover each other in one video.
+
+  Attributes:
+    splits: int [G] per ground-truth track, the predicted tracks matched to it (mask IoU >=
+      threshold) on at least one frame; > 1 means the object was split into several tracks.
+    merges: int [P] per predicted track, the ground-truth tracks it is matched to on some frame;
+      > 1 means one track spans several objects.
+    video_iou: float64 [P, G] spatio-temporal IoU (intersections and unions summed over frames,
+      as YouTube-VIS AP matches them).
+  """
+
+  splits: np.ndarray
+  merges: np.ndarray
+  video_iou: np.ndarray
+
+
+def _frame_overlaps(gt_rles, predicted_rles) -> tuple[np.ndarray, np.ndarray]:
+  """float64 [P, G] intersections and IoUs of one frame's masks (absent: empty)."""
+  gt_present = [g for g, r in enumerate(gt_rles) if _present(r)]
+  pred_present = [p for p, r in enumerate(predicted_rles) if _present(r)]
+  inter = np.zeros((len(predicted_rles), len(gt_rles)))
+  ious = np.zeros_like(inter)
+  if gt_present and pred_present:
+    sub = np.asarray(
+        mask_utils.iou(
+            [predicted_rles[p] for p in pred_present],
+            [gt_rles[g] for g in gt_present],
+            [0] * len(gt_present),
+        )
+    )
+    pred_area = np.asarray([mask_utils.area(predicted_rles[p]) for p in pred_present], float)
+    gt_area = np.asarray([mask_utils.area(gt_rles[g]) for g in gt_present], float)
+    # iou = i / (a + b - i)  =>  i = iou (a + b) / (1 + iou)
+    sub_inter = sub * (pred_area[:, None] + gt_area[None]) / (1.0 + sub)
+    inter[np.ix_(pred_present, gt_present)] = sub_inter
+    ious[np.ix_(pred_present, gt_present)] = sub
+  return inter, ious
+
+
+def track_coverage(
+    gt_tracks: Sequence[Track], predicted_tracks: Sequence[Track], iou_threshold: float = 0.5
+) -> Coverage:
+  """Splits (predicted tracks per object) and merges (objects per predicted track).
+
+  Args:
+    gt_tracks: G ground-truth tracks, each T per-frame RLEs (None: absent).
+    predicted_tracks: P predicted tracks of the same T frames.
+    iou_threshold: least per-frame mask IoU for a track to cover an object on that frame.
+
+  Returns:
+    The `Coverage`.
+  """
+  num_frames = len(gt_tracks[0]) if gt_tracks else 0
+  num_gt, num_pred = len(gt_tracks), len(predicted_tracks)
+  covers = np.zeros((num_pred, num_gt), bool)
+  inter = np.zeros((num_pred, num_gt))
+  gt_area = np.zeros(num_gt)
+  pred_area = np.zeros(num_pred)
+  for t in range(num_frames):
+    gt_rles = [track[t] for track in gt_tracks]
+    predicted_rles = [track[t] for track in predicted_tracks]
+    frame_inter, frame_iou = _frame_overlaps(gt_rles, predicted_rles)
+    inter += frame_inter
+    covers |= frame_iou >= iou_threshold
+    gt_area += [mask_utils.area(r) if r is not None else 0 for r in gt_rles]
+    pred_area += [mask_utils.area(r) if r is not None else 0 for r in predicted_rles]
+  union = pred_area[:, None] + gt_area[None] - inter
+  video_iou = np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+  return Coverage(splits=covers.sum(0), merges=covers.sum(1), video_iou=video_iou)
