@@ -7,6 +7,16 @@ Arms (stage 2 of the embedded default, `configs/synthetic.py`, with these overri
   mask         mask-supervised video training (the upper bound)
   tk_cyclic    MaskFreeVIS with the paper's cyclic frame pairs instead of all pairs
   tk_all       MaskFreeVIS with K = all 9 TK candidates instead of the top 5
+  tk_k1        MaskFreeVIS with K = 1 (the paper's K=1 row: 1.7 AP below K=5)
+
+Protocols (`--protocol`): the stage-1 weights every arm starts from, `boxes` (no mask anywhere:
+`weights/synthetic_stage1_boxes.safetensors`, the release's `mfvis_nococo/`) or `masks`
+(`weights/synthetic_stage1.safetensors`). `--val_videos N` evaluates every run on N validation
+videos (the training videos do not change: each video is drawn from its own seed). `--camouflage
+c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md),
+generated into WORKDIR/data and read as a YouTube-VIS folder. After the runs, `--bootstrap B`
+resamples the validation videos B times (the same draws for every run) and reports each arm's AP
+spread over videos and the paired differences of the arms' mean AP.
 
 Every run is `main.py --mode train_and_evaluate` in `WORKDIR/<arm>/seed<N>` (a finished run is
 reused); then the matched boundary IoU and mask IoU of its results are computed
@@ -60,7 +70,19 @@ ARMS = {
         "MaskFreeVIS, TK without top-K (K = 9)",
         ["--config.criterion.mask_free.temporal_topk=9"],
     ),
+    "tk_k1": (
+        "MaskFreeVIS, TK with K = 1",
+        ["--config.criterion.mask_free.temporal_topk=1"],
+    ),
 }
+# Paired comparisons reported after the table (first minus second).
+PAIRS = (
+    ("boxinst", "proj"),
+    ("maskfreevis", "boxinst"),
+    ("mask", "maskfreevis"),
+    ("maskfreevis", "tk_k1"),
+    ("maskfreevis", "tk_cyclic"),
+)
 METRICS = (
     ("AP", "AP"),
     ("AP75", "AP75"),
@@ -102,7 +124,10 @@ def run_one(
   run_dir = workdir / arm / f"seed{seed}"
   summary_path = run_dir / "ablation.json"
   if summary_path.exists():
-    return json.loads(summary_path.read_text())
+    cached = json.loads(summary_path.read_text())
+    step = cached["step"]
+    cached.setdefault("results", str(run_dir / "eval" / f"results_{step}.json"))
+    return cached
   found = _latest_metrics(run_dir)
   if found is None or found[0] < steps:
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +148,7 @@ def run_one(
   results = run_dir / "eval" / f"results_{step}.json"
   metrics = {k: float(v) for k, v in metrics.items() if not k.startswith("AP-")}
   metrics.update(boundary.matched_boundary_iou(gt_json, str(results)))
-  metrics.update(arm=arm, seed=seed, step=step, seconds=seconds)
+  metrics.update(arm=arm, seed=seed, step=step, seconds=seconds, results=str(results))
   summary_path.write_text(json.dumps(metrics, indent=1))
   print(
       f"{arm} seed {seed}: AP {metrics['AP']:.2f} AP75 {metrics['AP75']:.2f} boundary IoU "
@@ -131,6 +156,80 @@ def run_one(
       flush=True,
   )
   return metrics
+
+
+def resample_videos(gt: dict, results: list[dict], video_ids: list[int]) -> tuple[dict, list]:
+  """Ground truth and results of the videos `video_ids` (repeats allowed), renumbered 1..n."""
+  anns_by_video, results_by_video = {}, {}
+  for ann in gt["annotations"]:
+    anns_by_video.setdefault(ann["video_id"], []).append(ann)
+  for entry in results:
+    results_by_video.setdefault(entry["video_id"], []).append(entry)
+  videos_by_id = {v["id"]: v for v in gt["videos"]}
+  videos, anns, out_results = [], [], []
+  for new_id, vid in enumerate(video_ids, start=1):
+    videos.append({**videos_by_id[vid], "id": new_id})
+    for ann in anns_by_video.get(vid, []):
+      anns.append({**ann, "id": len(anns) + 1, "video_id": new_id})
+    out_results += [{**e, "video_id": new_id} for e in results_by_video.get(vid, [])]
+  return {**gt, "videos": videos, "annotations": anns}, out_results
+
+
+def paired_bootstrap(
+    gt_json: str, results: dict[tuple[str, int], str], num_samples: int, seed: int = 0
+) -> dict[tuple[str, int], np.ndarray]:
+  """AP of every run on `num_samples` resamplings of the validation videos, the same draws for
+  every run (so differences between runs are paired); returns `[num_samples]` per run."""
+  from maskfreevis_jax.evaluation import ytvis_eval  # pylint: disable=g-import-not-at-top
+
+  gt = json.loads(pathlib.Path(gt_json).read_text())
+  loaded = {key: json.loads(pathlib.Path(path).read_text()) for key, path in results.items()}
+  video_ids = [v["id"] for v in gt["videos"]]
+  rng = np.random.default_rng(seed)
+  out = {key: np.zeros(num_samples) for key in results}
+  for b in range(num_samples):
+    sample = [int(v) for v in rng.choice(video_ids, size=len(video_ids), replace=True)]
+    for key, entries in loaded.items():
+      sample_gt, sample_results = resample_videos(gt, entries, sample)
+      out[key][b] = ytvis_eval.evaluate_ytvis(sample_gt, sample_results)["AP"]
+  return out
+
+
+def paired_differences(
+    rows: list[dict], boot: dict[tuple[str, int], np.ndarray] | None = None
+) -> list[str]:
+  """Per PAIRS (a, b): the mean AP difference, its spread over seeds (the same seed paired) and,
+  with `boot`, over resampled validation videos (the same videos for both arms)."""
+  by_run = {(r["arm"], r["seed"]): r["AP"] for r in rows}
+  lines = []
+  for a, b in PAIRS:
+    seeds = sorted(s for arm, s in by_run if arm == a and (b, s) in by_run)
+    if not seeds:
+      continue
+    diffs = np.array([by_run[(a, s)] - by_run[(b, s)] for s in seeds])
+    std = diffs.std(ddof=1) if len(diffs) > 1 else float("nan")
+    line = (
+        f"- {a} - {b}: {diffs.mean():+.2f} AP over {len(seeds)} paired seeds "
+        f"({' / '.join(f'{d:+.2f}' for d in diffs)}); std of the paired difference {std:.2f} "
+        f"-> {diffs.mean() / std:.2f} std; standard error {std / np.sqrt(len(diffs)):.2f}"
+    )
+    if boot:
+      sample_diff = np.mean([boot[(a, s)] - boot[(b, s)] for s in seeds], axis=0)
+      line += (
+          f"; over resampled videos: std {sample_diff.std(ddof=1):.2f} "
+          f"({len(sample_diff)} draws), {np.mean(sample_diff > 0) * 100:.0f}% of draws > 0"
+      )
+    lines.append(line)
+  return lines
+
+
+def bootstrap_spread(rows: list[dict], boot: dict[tuple[str, int], np.ndarray]) -> list[str]:
+  """Per arm: the spread of its seed-mean AP over resampled validation videos."""
+  lines = []
+  for arm in dict.fromkeys(r["arm"] for r in rows):
+    samples = np.mean([v for (a, _), v in boot.items() if a == arm], axis=0)
+    lines.append(f"- {arm}: AP spread over resampled videos (std) {samples.std(ddof=1):.2f}")
+  return lines
 
 
 def summary_table(rows: list[dict], arms: list[str]) -> str:
@@ -186,7 +285,7 @@ def ordering_checks(rows: list[dict]) -> list[str]:
   return out
 
 
-def main(argv=None) -> None:
+def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="workdir/ablation")
   parser.add_argument(
@@ -200,23 +299,79 @@ def main(argv=None) -> None:
       help="stage-2 steps per run (0: the config's); the lr decays at 80%%",
   )
   parser.add_argument(
+      "--protocol",
+      choices=("boxes", "masks"),
+      default=None,
+      help="stage-1 weights of every arm: box-only or mask-supervised stills (default: the "
+      "config's)",
+  )
+  parser.add_argument(
       "--init_from",
       default="",
-      help="stage-1 weights for every arm (default: the config's committed file)",
+      help="stage-1 weights for every arm (default: the protocol's committed file)",
+  )
+  parser.add_argument(
+      "--val_videos", type=int, default=0, help="validation videos (0: the config's 30)"
+  )
+  parser.add_argument(
+      "--camouflage", type=float, default=0.0, help="format-4 videos with this camouflaged share"
+  )
+  parser.add_argument(
+      "--bootstrap", type=int, default=0, help="paired resamplings of the validation videos"
   )
   parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
   parser.add_argument("--markdown", default="", help="also write the table to this file")
   parser.add_argument("--print_commands", action="store_true")
   parser.add_argument("overrides", nargs="*", help="extra --config.* overrides for every run")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
 
-  sys.path.insert(0, str(REPO))
+
+def _stage2_config(protocol: str | None):
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   spec = importlib.util.spec_from_file_location("synthetic_config", REPO / "configs/synthetic.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module.get_config(protocol)
+
+
+def data_overrides(config, workdir: pathlib.Path, val_videos: int, camouflage: float):
+  """(overrides, validation JSON): the format-3 synthetic set with `val_videos` validation
+  videos, or a format-4 set (`camouflage` > 0) generated into `workdir/data` and read as a
+  YouTube-VIS folder."""
+  from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from maskfreevis_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  s = config.data.synthetic
+  if val_videos:
+    s.num_val_videos = val_videos
+  if not camouflage:
+    extra = [f"--config.data.synthetic.num_val_videos={s.num_val_videos}"] if val_videos else []
+    return extra, os.path.join(sources.ensure_synthetic(config), "valid.json")
+  root = workdir / "data" / f"camouflage{camouflage:g}_val{s.num_val_videos}"
+  synthetic.ensure_dataset(
+      str(root),
+      seed=s.seed,
+      num_train_videos=s.num_train_videos,
+      num_val_videos=s.num_val_videos,
+      frame_size=tuple(s.frame_size),
+      frames_per_video=tuple(s.frames_per_video),
+      max_objects=s.max_objects,
+      camouflage=camouflage,
+  )
+  extra = ["--config.data.name=ytvis"]
+  for split, key in (("train", "train"), ("valid", "val")):
+    extra += [
+        f"--config.data.{key}_json={root / f'{split}.json'}",
+        f"--config.data.{key}_image_root={root / split / 'JPEGImages'}",
+    ]
+  return extra, str(root / "valid.json")
+
+
+def main(argv=None) -> None:
+  args = _parse_args(argv)
+  sys.path.insert(0, str(REPO))
+  config = _stage2_config(args.protocol)
   extra = list(args.overrides)
   steps = int(config.train.steps)
   if args.steps:
@@ -234,14 +389,12 @@ def main(argv=None) -> None:
   extra.append(f"--config.init_from={os.path.abspath(init_from)}")
   workdir = pathlib.Path(args.workdir).absolute()
   jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+  data_extra, gt_json = data_overrides(config, workdir, args.val_videos, args.camouflage)
+  extra += data_extra
   if args.print_commands:
     for arm, seed in jobs:
       print(shlex.join(run_command(arm, seed, workdir, extra)))
     return
-
-  from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
-
-  gt_json = os.path.join(sources.ensure_synthetic(config), "valid.json")
 
   def attempt(job):
     try:
@@ -252,11 +405,17 @@ def main(argv=None) -> None:
 
   with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
     rows = [r for r in pool.map(attempt, jobs) if r is not None]
-  table = summary_table(rows, args.arms)
-  checks = ordering_checks(rows)
+  boot = None
+  if args.bootstrap:
+    results = {(r["arm"], r["seed"]): r["results"] for r in rows}
+    boot = paired_bootstrap(gt_json, results, args.bootstrap)
+  checks = ordering_checks(rows) + paired_differences(rows, boot)
+  if boot:
+    checks += bootstrap_spread(rows, boot)
   text = (
-      f"{table}\n\n" + "\n".join(checks) + f"\n\nStage-2 steps per run: {steps}; stage-1 "
-      f"weights: {init_from}; seeds: {args.seeds}.\n"
+      f"{summary_table(rows, args.arms)}\n\n" + "\n".join(checks) + f"\n\nStage-2 steps per "
+      f"run: {steps}; stage-1 weights: {init_from}; seeds: {args.seeds}; validation videos: "
+      f"{config.data.synthetic.num_val_videos}; camouflage: {args.camouflage:g}.\n"
   )
   print(text, flush=True)
   if args.markdown:
