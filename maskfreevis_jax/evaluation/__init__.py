@@ -1,4 +1,5 @@
-"""maskfreevis_jax.evaluation: YouTube-VIS metrics, video inference post-processing, overlays."""
+"""maskfreevis_jax.evaluation: YouTube-VIS metrics, video inference post-processing, object tracks
+across windows, overlays."""
 
 from maskfreevis_jax.evaluation.inference import (
     StreamedPrediction,
@@ -12,6 +13,7 @@ from maskfreevis_jax.evaluation.inference import (
     prediction_to_results,
     run_inference,
 )
+from maskfreevis_jax.evaluation.track_builder import TrackBuilder, TrackSettings
 from maskfreevis_jax.evaluation.visualize import (
     frames_at_original_size,
     ground_truth_and_prediction,
@@ -39,6 +41,8 @@ __all__ = [
     "predict_video",
     "prediction_to_results",
     "run_inference",
+    "TrackBuilder",
+    "TrackSettings",
     "frames_at_original_size",
     "ground_truth_and_prediction",
     "mask_overlay_image",

@@ -16,19 +16,18 @@ and resize weights from `jax.image.resize` without antialiasing, which equals Py
 Long videos: the official model runs the whole video as one clip. `VideoPredictor` does the same
 when `window_size` is None or >= the video length. Otherwise it runs the model on windows of
 `window_size` frames that overlap by `window_overlap` frames (the last window is shifted back to end
-at the last frame, so every window has the same static shape and no frame is padded). With
-`associate=True` the queries of each window are matched to the tracks of the previous window by
-Hungarian matching (`optax.assignment.hungarian_algorithm`) on a cost of query-embedding cosine
-distance plus mask disagreement (1 - soft Dice) on the shared frames (`associate_queries`), so a
-track keeps its object across windows. Per track, the mask logits of the new frames of each window
-are concatenated along time and the class probabilities are averaged over windows, weighted by the
-number of new frames each window adds. Device memory stays bounded by the window size. Without
-association (`associate=False`, the behaviour before) query q of every window feeds track q, and
-since nothing binds a query to one object, tracks switch identity at window boundaries.
+at the last frame, so every window has the same static shape and no frame is padded), and
+`track_builder.TrackBuilder` turns the windows' queries into object tracks: a confident query that
+continues no live track starts one, Hungarian association (query embeddings + mask agreement on
+the shared frames) continues it, and it ends after missing `track_patience` windows; its mask is
+empty where it is absent and its class probabilities are the mean over the windows where it is
+present. Device memory stays bounded by the window size. Without association
+(`associate=False`) query q of every window feeds track q (query-slot tracks).
 
 `StreamingVideoPredictor` does the same on frames that arrive one at a time (a long video file):
-it keeps the frames of one window and the previous window's outputs, and hands the masks of every
-new frame, at the original size, to a callback (for the results' RLEs and the overlay).
+it keeps the frames of one window and the live tracks (ended ones go to a spool file), and hands
+the masks of every new frame, at the original size, with the tracks' ids, to a callback (for the
+overlay).
 """
 
 from __future__ import annotations
