@@ -1,8 +1,10 @@
 """Embedded default, stage 2: the tiny model trained from boxes on the synthetic videos.
 
-The official protocol at laptop scale: start from mask-supervised "COCO" weights (stage 1,
-`configs/synthetic_pretrain.py` on synthetic still images; the committed
-`weights/synthetic_stage1.safetensors` made by `bash scripts/make_stage1_weights.sh`), then
+The official protocols at laptop scale: start from "COCO" weights made on synthetic still images
+(stage 1; the committed files made by `bash scripts/make_stage1_weights.sh`): by default the
+box-only ones (`configs/synthetic_pretrain_boxes.py`, `weights/synthetic_stage1_boxes.safetensors`:
+no mask anywhere, the release's `mfvis_nococo/`), with `configs/synthetic.py:masks` the
+mask-supervised ones (`configs/synthetic_pretrain.py`, `weights/synthetic_stage1.safetensors`). Then
 train on videos from boxes only (projection + pairwise + TK-Loss), evaluate on the synthetic
 validation videos and print the YouTube-VIS mask AP table. `bash scripts/train_default.sh`
 runs both stages (`maskfreevis_jax.two_stage`) and writes overlays; this config alone is
@@ -29,7 +31,7 @@ STAGE1_WEIGHTS_BY_PROTOCOL = {
     "boxes": _WEIGHTS_DIR / "synthetic_stage1_boxes.safetensors",
     "masks": _WEIGHTS_DIR / "synthetic_stage1.safetensors",
 }
-DEFAULT_PROTOCOL = "masks"
+DEFAULT_PROTOCOL = "boxes"
 STAGE1_WEIGHTS = STAGE1_WEIGHTS_BY_PROTOCOL[DEFAULT_PROTOCOL]
 FRAME_SIZE = 96  # frames, canvas and test size: 96x96 trains ~1.8x faster than 128x128
 

@@ -1,22 +1,28 @@
-"""The embedded two-stage default: masks on synthetic stills, then boxes on synthetic videos.
+"""The embedded two-stage default: stage 1 on synthetic stills, then boxes on synthetic videos.
 
 The official release never trains from scratch: it starts from COCO Mask2Former weights and
-then trains on videos from boxes only. The embedded default follows the same protocol on data
-the project makes itself:
+then trains on videos from boxes only. Its headline "without any masks" row (`mfvis_nococo/`)
+starts from a COCO Mask2Former trained with boxes only (`model_final_proj.pth`). The embedded
+default follows the same protocols on data the project makes itself (`--protocol`):
 
-  stage 1  mask-supervised pretraining on synthetic still images as pseudo clips
-           (`configs/synthetic_pretrain.py`, `maskfreevis_jax.data.synthetic_images`), exported
-           as a small .safetensors file. The committed `weights/synthetic_stage1.safetensors`
-           was made by `bash scripts/make_stage1_weights.sh`; without it (or with
-           `--stage1=train`) stage 1 runs into `WORKDIR/stage1`, and a rerun reuses it.
+  stage 1  pretraining on synthetic still images as pseudo clips
+           (`maskfreevis_jax.data.synthetic_images`, other photographs than the videos), exported
+           as a small .safetensors file:
+             boxes  box projection + colour pairwise, stills written without any mask
+                    (`configs/synthetic_pretrain_boxes.py`,
+                    `weights/synthetic_stage1_boxes.safetensors`);
+             masks  mask-supervised (`configs/synthetic_pretrain.py`,
+                    `weights/synthetic_stage1.safetensors`).
+           The committed files were made by `bash scripts/make_stage1_weights.sh`; without them
+           (or with `--stage1=train`) stage 1 runs into `WORKDIR/stage1`, and a rerun reuses it.
   stage 2  box-supervised video training (projection + pairwise + TK-Loss,
            `configs/synthetic.py`) initialised through `config.init_from`, exactly as real users
            load COCO weights; then the YouTube-VIS AP table and overlay animations of a few
            validation videos (`WORKDIR/overlays/`).
 
-  python -m maskfreevis_jax.two_stage --workdir workdir/synthetic
-  python -m maskfreevis_jax.two_stage --stage1_only --workdir workdir/stage1 \
-      --output weights/synthetic_stage1.safetensors
+  python -m maskfreevis_jax.two_stage --workdir workdir/synthetic [--protocol=boxes|masks]
+  python -m maskfreevis_jax.two_stage --stage1_only --protocol=boxes --workdir workdir/stage1 \
+      --output protocol
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ PROTOCOLS = {
         weights=REPO_ROOT / "weights" / "synthetic_stage1.safetensors",
     ),
 }
-DEFAULT_PROTOCOL = "masks"
+DEFAULT_PROTOCOL = "boxes"
 
 
 # config.train fields that do not change the trained weights.

@@ -273,6 +273,21 @@ def test_stage1_trains_and_exports(tmp_path):
     np.testing.assert_array_equal(loaded[name], stored[name], err_msg=name)
 
 
+@pytest.mark.slow
+def test_box_only_stage1_trains_without_any_mask(tmp_path, monkeypatch):
+  """The real box-only stage 1 (3 steps on 8 box-only stills) trains and exports with every mask
+  encoder, decoder and mask-supervised loss replaced by one that raises."""
+  config = _small_stage1_config("synthetic_pretrain_boxes")
+  config.train.batch_size = jax.device_count()
+  config.data.stills.num_images = 8
+  _forbid_masks(monkeypatch)
+  weights = two_stage.ensure_stage1(config, tmp_path / "stage1")
+  stored = safetensors_numpy.load_file(str(weights))
+  assert stored and all(np.isfinite(v).all() for v in stored.values())
+  marker = json.loads((tmp_path / "stage1" / two_stage.STAGE1_MARKER).read_text())
+  assert marker["step"] == 3 and marker["fingerprint"]["criterion"]["mode"] == "box"
+
+
 def _matched_class_accuracy(config, model, variables, batches) -> float:
   """Fraction of ground-truth objects whose query, matched as the criterion of `config` matches
   (Hungarian on class and mask costs), predicts their class."""
