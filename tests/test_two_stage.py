@@ -158,6 +158,18 @@ def test_box_only_stills_cannot_train_with_masks(tmp_path):
     source.training_clip(0, np.random.default_rng(0), config)
 
 
+@pytest.mark.parametrize(
+    "name,with_masks",
+    [("synthetic_pretrain_boxes", True), ("synthetic_pretrain", False)],
+    ids=["box-criterion-with-masks", "mask-criterion-without-masks"],
+)
+def test_stage1_supervision_and_stills_must_agree(tmp_path, name, with_masks):
+  config = _small_stage1_config(name)
+  config.data.with_masks = with_masks
+  with pytest.raises(ValueError, match="does not fit"):
+    two_stage.ensure_stage1(config, tmp_path / "stage1")
+
+
 @pytest.mark.parametrize("protocol", ["boxes", "masks"], ids=["boxes", "masks"])
 def test_protocol_picks_the_stage1_config_and_weights(protocol):
   stage2, stage1 = two_stage.protocol_configs(
