@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import gc
 import json
 import logging as std_logging
@@ -40,11 +41,10 @@ from typing import Any
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
+from maskfreevis_jax import process_agreement
 from maskfreevis_jax import sharding as sharding_lib
 
 _STATE = "state"
@@ -87,6 +87,21 @@ class _Damage(Exception):
     self.item, self.detail = item, detail
 
 
+def _agreed_damage(damage: _Damage | None) -> _Damage | None:
+  """The damage every process reports (that of the lowest-numbered process that found any, its
+  number named on several processes); None when every process read its part. A collective."""
+  failure = process_agreement.first_failure(
+      None if damage is None else f"{damage.item}\n{damage.detail}"
+  )
+  if failure is None:
+    return None
+  process, text = failure
+  item, detail = text.split("\n", 1)
+  if jax.process_count() > 1:
+    detail = f"{detail} (read by process {process} of {jax.process_count()})"
+  return _Damage(item, detail)
+
+
 def _path_str(path) -> str:
   """'a/b/0' for a pytree key path."""
   return jax.tree_util.keystr(path, simple=True, separator="/")
@@ -96,6 +111,10 @@ def _describe_error(error: BaseException, root: pathlib.Path | None = None) -> s
   """One short line from an Orbax/TensorStore/OS error (no spec dumps, paths under `root` short)."""
   text = str(error).strip() or type(error).__name__
   text = re.split(r" \[(?:tensorstore_spec|source locations)=", text)[0].splitlines()[0]
+  if " See full TensorStore details" in text:  # Orbax's wrapper: the detail is in its cause.
+    text = text.split(" See full TensorStore details")[0]
+    if error.__cause__ is not None:
+      text = f"{text} {_describe_error(error.__cause__, root)}"
   files = re.findall(r'local file "([^"]+)"', text)
   reason = text.rsplit(": ", 1)[-1] if files else text
   if files:
@@ -113,17 +132,17 @@ def _unreadable_array(error: BaseException) -> str | None:
 
 
 class _OrbaxOSErrorTracebacks(std_logging.Filter):
-  """Keeps the message but drops the traceback of Orbax log records about an OSError.
+  """Keeps the message but drops the traceback of Orbax log records about a failed write.
 
-  A save that fails on a full disk or an unwritable directory makes Orbax log the same OSError
-  with a full traceback from three background threads (~150 lines); `Checkpointer` reports it in
-  one line, and the messages stay.
+  A save that fails on a full disk or an unwritable directory (here, or on another process: the
+  abort that releases this one) makes Orbax log the same error with a full traceback from three
+  background threads (~150 lines); `Checkpointer` reports it in one line, and the messages stay.
   """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if (
         record.exc_info
-        and isinstance(record.exc_info[1], OSError)
+        and isinstance(record.exc_info[1], (OSError, process_agreement.SaveAbortedError))
         and f"{os.sep}orbax{os.sep}" in record.pathname
     ):
       record.exc_info, record.exc_text = None, None
@@ -207,18 +226,6 @@ def _probing():
     asyncio.set_event_loop_policy(previous)
 
 
-def _all_processes_agree(ok: bool) -> bool:
-  """True only when `ok` holds on every process (identity on a single host)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.min(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32))))
-
-
-def _sync_processes(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _encode_iterator_state(state: Any) -> dict:
   """JSON-safe wrapper (bytes are base64 encoded)."""
   if state is None:
@@ -286,10 +293,38 @@ def tree_checksums(tree: Any) -> dict[str, int]:
   Computed where the arrays live (a jitted reduction: a few scalars come back to the host), so
   it costs one read of the state on its devices. Every process gets the same values.
   """
-  sums = jax.device_get(_tree_checksums(tree))
+  return _fetch_checksums(_tree_checksums(tree))
+
+
+def _fetch_checksums(sums: Any) -> dict[str, int]:
+  """The {path: checksum} of `_tree_checksums`' device scalars (waits for them)."""
+  sums = jax.device_get(sums)
   return {
       _path_str(path): int(value) for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]
   }
+
+
+class _ConfigItemHandler(ocp.JsonCheckpointHandler):
+  """The config item's JSON handler; a callable value is called when the item is written.
+
+  The checksums are computed on the devices while Orbax copies and writes the state: `save` only
+  dispatches the reduction and the background write fetches its scalars, so the train loop does
+  not wait for a pass over the state.
+  """
+
+  async def _save_fn(self, x, directory):
+    resolved = {key: value() if callable(value) else value for key, value in x.items()}
+    return await super()._save_fn(resolved, directory)
+
+
+@ocp.args.register_with_handler(_ConfigItemHandler, for_save=True)
+class _ConfigItemSave(ocp.args.JsonSave):
+  """Save arguments of `_ConfigItemHandler` (Orbax pairs argument and handler types)."""
+
+
+@ocp.args.register_with_handler(_ConfigItemHandler, for_restore=True)
+class _ConfigItemRestore(ocp.args.JsonRestore):
+  """Restore arguments of `_ConfigItemHandler` (restores read with the plain JSON handler)."""
 
 
 def _verify(step_dir: pathlib.Path, restored: Any, saved: dict[str, int] | None) -> None:
@@ -449,8 +484,10 @@ class Checkpointer:
     self.max_consecutive_failed_saves = max(int(max_consecutive_failed_saves), 1)
     self.read_only = bool(read_only)
     self.failed_saves_in_a_row = 0
-    self._partial_manager: ocp.CheckpointManager | None = None
+    self._readers: dict[str, ocp.CheckpointManager] = {}
     self._pending_step: int | None = None
+    # On several processes a failed background write releases the others (process_agreement).
+    self._barrier = process_agreement.AbortableBarrier()
     _quiet_orbax_failures()
     if not read_only and jax.process_index() == 0:
       self._remove_uncommitted()
@@ -464,7 +501,10 @@ class Checkpointer:
         save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=self.async_save,
         cleanup_tmp_directories=False,
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        async_options=ocp.AsyncOptions(
+            create_directories_asynchronously=False,
+            barrier_sync_fn=self._barrier if jax.process_count() > 1 else None,
+        ),
     )
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -472,7 +512,7 @@ class Checkpointer:
         item_handlers={
             _STATE: ocp.StandardCheckpointHandler(),
             _ITERATOR: ocp.JsonCheckpointHandler(),
-            _CONFIG: ocp.JsonCheckpointHandler(),
+            _CONFIG: _ConfigItemHandler(),
         },
     )
 
@@ -517,13 +557,15 @@ class Checkpointer:
     while target.exists():
       target = self.directory / f"{step}{QUARANTINE_SUFFIX}.{n}"
       n += 1
+    # Every process names the same target: none looks again after process 0 has renamed.
+    process_agreement.sync_processes(f"checkpoint_quarantine_name_{step}")
     outcome = f"moved aside to {target}"
     if jax.process_index() == 0:
       try:
         source.rename(target)
       except OSError as e:
         outcome = f"could not be moved aside ({e}), left in place"
-    _sync_processes(f"checkpoint_quarantine_{step}")
+    process_agreement.sync_processes(f"checkpoint_quarantine_{step}")
     return outcome
 
   def _prune(self) -> None:
@@ -541,7 +583,7 @@ class Checkpointer:
           logging.warning(
               "could not delete the old checkpoint of step %d in %s: %s", step, self.directory, e
           )
-      _sync_processes(f"checkpoint_prune_{step}")
+      process_agreement.sync_processes(f"checkpoint_prune_{step}")
     self.manager.reload()
 
   # -------------------------------------------------------------------------------------------
@@ -570,12 +612,31 @@ class Checkpointer:
     self._settle()
     if step in self.manager.all_steps():
       return False
+    error = self._launch(step, state, iterator_state)
+    failure = self._agreed_failure(error)
+    if failure is not None:
+      if error is None:  # Ours started but another process's did not: ours is released, dropped.
+        self._wait_quietly()
+      self._save_failed(step, failure)
+      return False
+    logging.info("checkpoint for step %d being written to %s", step, self.directory)
+    self._pending_step = step
+    if not self.async_save:
+      self._settle()
+    return True
+
+  def _launch(self, step: int, state: Any, iterator_state: Any) -> Exception | None:
+    """Starts writing `step` (in the background when async); returns the error if it failed."""
     host_states = sharding_lib.gather_host_strings(
         json.dumps(_encode_iterator_state(iterator_state))
     )
-    checksums = tree_checksums(state) if self.checksums else None
+    checksums = (
+        functools.partial(_fetch_checksums, _tree_checksums(state)) if self.checksums else None
+    )  # dispatched now, fetched by the background write (_ConfigItemHandler)
+    config_item = {"fingerprint": self.fingerprint, "config": self.config, "checksums": checksums}
+    self._barrier.begin_save()
     try:
-      saved = self.manager.save(
+      self.manager.save(
           step,
           args=ocp.args.Composite(
               **{
@@ -583,35 +644,31 @@ class Checkpointer:
                   _ITERATOR: ocp.args.JsonSave(
                       {"per_process": [json.loads(s) for s in host_states]}
                   ),
-                  _CONFIG: ocp.args.JsonSave(
-                      {
-                          "fingerprint": self.fingerprint,
-                          "config": self.config,
-                          "checksums": checksums,
-                      }
-                  ),
+                  _CONFIG: _ConfigItemSave(config_item),
               }
           ),
           force=True,
       )
     except Exception as error:  # pylint: disable=broad-except
-      self._save_failed(step, error)
-      return False
-    if saved:
-      logging.info("checkpoint for step %d being written to %s", step, self.directory)
-      self._pending_step = step
-      if not self.async_save:
-        self._settle()
-    return saved
+      self._barrier.abort(_describe_error(error, self.directory))
+      return error
+    return None
 
   def _settle(self) -> None:
-    """Waits for the save in flight; counts it as committed (then prunes) or failed."""
+    """Waits for the save in flight; counts it as committed (then prunes) or failed.
+
+    On several processes the verdict is collective: a save counts as committed only when every
+    process wrote its part, and a failure is reported with the first failing process's reason on
+    all of them (each process calls this at the same point: `save`, `restore`, `close`).
+    """
     step, self._pending_step = self._pending_step, None
     error = None
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       error = e
+      if not isinstance(e, process_agreement.SaveAbortedError):
+        self._barrier.abort(_describe_error(e, self.directory))
     if step is None:
       if error is not None:
         logging.error(
@@ -620,15 +677,36 @@ class Checkpointer:
             _describe_error(error, self.directory),
         )
       return
-    if error is None and (self.directory / str(step) / _COMMIT_RECORD).is_file():
+    if error is None and not (self.directory / str(step) / _COMMIT_RECORD).is_file():
+      error = FileNotFoundError(f"{self.directory / str(step)} was not committed")
+    failure = self._agreed_failure(error)
+    if failure is None:
       self.failed_saves_in_a_row = 0
       self._prune()
       return
-    self._save_failed(
-        step, error or FileNotFoundError(f"{self.directory / str(step)} was not committed")
+    self._save_failed(step, failure)
+
+  def _agreed_failure(self, error: BaseException | None) -> tuple[int, str] | None:
+    """(process, reason) of the failed save, the same on every process; None if all wrote."""
+    if error is None:
+      return process_agreement.first_failure(None)
+    return process_agreement.first_failure(
+        _describe_error(error, self.directory),
+        derived=isinstance(error, process_agreement.SaveAbortedError),
     )
 
-  def _save_failed(self, step: int, error: BaseException) -> None:
+  def _wait_quietly(self) -> None:
+    """Waits for the save in flight, whose failure is already counted."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  def _save_failed(self, step: int, failure: tuple[int, str]) -> None:
+    """Counts a failed save (`failure`: the failing process and its reason), logs it or raises."""
+    process, reason = failure
+    if jax.process_count() > 1:
+      reason = f"process {process} of {jax.process_count()}: {reason}"
     self.failed_saves_in_a_row += 1
     if jax.process_index() == 0:
       self._remove_uncommitted(step)
@@ -637,8 +715,7 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       pass  # The directory itself may be unreadable; the next save reports that.
     message = (
-        f"the checkpoint of step {step} could not be written to {self.directory} "
-        f"({_describe_error(error, self.directory)})"
+        f"the checkpoint of step {step} could not be written to {self.directory} " f"({reason})"
     )
     committed = self.all_steps()
     kept = f"newest kept checkpoint: step {committed[-1]}" if committed else "no checkpoint kept"
@@ -707,8 +784,9 @@ class Checkpointer:
           f"(shape {saved[extra[0]]}) that the model lacks{hint}. Use a fresh --workdir."
       )
 
-  def _read(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
-    """(state, this host's iterator state) of `step`, read completely, or raises _Damage.
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict[str, int] | None]:
+    """(state, this host's iterator state, saved checksums) of `step`, read completely by this
+    process (checksums not yet compared), or raises _Damage.
 
     Raises:
       _Damage: naming the first unreadable item (commit record, item, array).
@@ -731,7 +809,7 @@ class Checkpointer:
 
     def restore_item(item, args):
       try:
-        return self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+        return self._reader().restore(step, args=ocp.args.Composite(**{item: args}))[item]
       except Exception as e:  # pylint: disable=broad-except
         raise damage(item, e) from e
 
@@ -739,7 +817,7 @@ class Checkpointer:
     saved_item = restore_item(_CONFIG, ocp.args.JsonRestore())
     saved_fingerprint = _fingerprint_of(saved_item)
     try:
-      metadata = self.manager.item_metadata(step)[_STATE]
+      metadata = self._reader().item_metadata(step)[_STATE]
     except Exception as e:  # pylint: disable=broad-except
       raise damage(_STATE, e) from e
     if metadata is None:
@@ -752,7 +830,6 @@ class Checkpointer:
     else:
       self._check_compatible(step, metadata, saved_fingerprint, abstract_state)
     state = restore_item(_STATE, ocp.args.StandardRestore(abstract_state))
-    _verify(step_dir, state, _checksums_of(saved_item))
     if iterator_states and len(iterator_states) != jax.process_count():
       raise CheckpointMismatchError(
           f"checkpoint {step_dir} holds data iterator states of {len(iterator_states)} "
@@ -761,19 +838,29 @@ class Checkpointer:
     iterator_state = (
         _decode_iterator_state(iterator_states[jax.process_index()]) if iterator_states else None
     )
-    return state, iterator_state
+    return state, iterator_state, _checksums_of(saved_item)
 
   def _try_read(self, step: int, abstract_state: Any) -> tuple[Any, _Damage | None]:
-    """((state, iterator state), None), or (None, damage) when any process cannot read it."""
+    """((state, iterator state), None), or (None, damage) when any process cannot read it.
+
+    Each process reads its own part; they agree on the verdict before the checksums (a collective
+    over the restored global arrays) are compared, which gives every process the same verdict.
+    """
     result, damage = None, None
     try:
       with _probing():
         result = self._read(step, abstract_state)
     except _Damage as e:
       damage = e
-    if not _all_processes_agree(damage is None) and damage is None:
-      damage = _Damage("(another process)", "a part stored for another process cannot be read")
-    return (None, damage) if damage is not None else (result, None)
+    damage = _agreed_damage(damage)
+    if damage is not None:
+      return None, damage
+    state, iterator_state, checksums = result
+    try:
+      _verify(self.directory / str(step), state, checksums)
+    except _Damage as e:
+      return None, e
+    return (state, iterator_state), None
 
   def restore(
       self, abstract_state: Any = None, step: int | None = None
@@ -824,7 +911,7 @@ class Checkpointer:
     """The raw config item of `step`: fingerprint, config and checksums (or, earlier, the
     fingerprint alone)."""
     try:
-      return self.manager.restore(
+      return self._reader().restore(
           step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
       )[_CONFIG]
     except Exception as e:  # pylint: disable=broad-except
@@ -903,8 +990,7 @@ class Checkpointer:
         result = self._read_variables(step)
     except _Damage as e:
       damage = e
-    if not _all_processes_agree(damage is None) and damage is None:
-      damage = _Damage("(another process)", "a part stored for another process cannot be read")
+    damage = _agreed_damage(damage)
     return (None, damage) if damage is not None else (result, None)
 
   def _read_variables(self, step: int) -> tuple[dict, dict | None]:
@@ -918,13 +1004,13 @@ class Checkpointer:
       raise _Damage(_CONFIG, str(e)) from e
     device = jax.local_devices()[0]
     try:
-      metadata = dict(self._variables_manager().item_metadata(step)[_STATE])
+      metadata = dict(self._reader(partial=True).item_metadata(step)[_STATE])
       wanted = {k: metadata[k] for k in ("params", "model_state") if k in metadata}
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
       restore_args = jax.tree.map(
           lambda _: ocp.ArrayRestoreArgs(sharding=jax.sharding.SingleDeviceSharding(device)), target
       )
-      state = self._variables_manager().restore(
+      state = self._reader(partial=True).restore(
           step,
           args=ocp.args.Composite(
               **{
@@ -944,19 +1030,35 @@ class Checkpointer:
         saved_item
     )
 
-  def _variables_manager(self) -> ocp.CheckpointManager:
-    """A read-only manager whose state handler can restore a part of the tree."""
-    if self._partial_manager is None:
-      self._partial_manager = ocp.CheckpointManager(
+  def _reader(self, *, partial: bool = False) -> ocp.CheckpointManager:
+    """A read-only manager of this process alone, whose state handler restores the whole tree or
+    (`partial`) a part of it.
+
+    Orbax's own restore ends at a barrier of all processes; a process that cannot read its part
+    raises before it and would leave the others waiting there. This one has no barrier: the
+    processes agree on the verdict themselves (`_try_read`).
+    """
+    name = "partial" if partial else "whole"
+    if name not in self._readers:
+      process = jax.process_index()
+      self._readers[name] = ocp.CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+          options=ocp.CheckpointManagerOptions(
+              read_only=True,
+              create=False,
+              save_interval_steps=0,
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  primary_host=process, active_processes={process}
+              ),
+          ),
           item_handlers={
-              _STATE: ocp.PyTreeCheckpointHandler(),
+              _STATE: ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler(),
               _ITERATOR: ocp.JsonCheckpointHandler(),
               _CONFIG: ocp.JsonCheckpointHandler(),
           },
       )
-    return self._partial_manager
+    self._readers[name].reload()
+    return self._readers[name]
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight is written (failures are counted as in `save`)."""
@@ -970,5 +1072,5 @@ class Checkpointer:
       logging.error("%s", e)
     finally:
       self.manager.close()
-      if self._partial_manager is not None:
-        self._partial_manager.close()
+      for reader in self._readers.values():
+        reader.close()

@@ -9,6 +9,9 @@ labels / instance_valid and has get_state/set_state (its state is the number of 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 
@@ -188,3 +191,58 @@ def stand_in_experiment(
       train_iterator=train_iterator or StandInIterator(int(config.train.batch_size)),
       mesh=mesh,
   )
+
+
+def run_local_processes(
+    command: list[str],
+    *,
+    num_processes: int = 2,
+    devices_per_process: int = 2,
+    timeout: float = 300,
+    cwd: str | os.PathLike | None = None,
+) -> list[tuple[int, str, str]]:
+  """Runs `command` as processes 0..num_processes-1 of one jax.distributed job on this machine.
+
+  Each process gets `devices_per_process` CPU devices and the JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID variables (`sharding.maybe_initialize_distributed`), and
+  runs in `cwd` (default: this one).
+
+  Returns:
+    (return code, stdout, stderr) per process, in process order.
+
+  Raises:
+    subprocess.TimeoutExpired: a process ran past `timeout` seconds (all are killed): a hang.
+  """
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    address = f"localhost:{probe.getsockname()[1]}"
+  processes = [
+      subprocess.Popen(
+          command,
+          cwd=cwd,
+          text=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          env=dict(
+              os.environ,
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+              TF_CPP_MIN_LOG_LEVEL="2",
+              JAX_COORDINATOR_ADDRESS=address,
+              JAX_NUM_PROCESSES=str(num_processes),
+              JAX_PROCESS_ID=str(index),
+          ),
+      )
+      for index in range(num_processes)
+  ]
+  deadline = time.monotonic() + timeout
+  results = []
+  try:
+    for process in processes:
+      stdout, stderr = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+      results.append((process.returncode, stdout, stderr))
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()  # SIGKILL: jax.distributed handles SIGTERM as a preemption notice
+        process.communicate()
+  return results

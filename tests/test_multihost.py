@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from maskfreevis_jax import testing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,38 +47,9 @@ def _env(devices, **extra):
   )
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _run_two_hosts(workdir, cache, steps):
-  """Runs main.py as processes 0 and 1 of a 2-host job; returns their CompletedProcess-likes."""
-  address = f"localhost:{_free_port()}"
-  procs = [
-      subprocess.Popen(
-          _main_command(workdir, cache, steps),
-          cwd=REPO,
-          text=True,
-          stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE,
-          env=_env(
-              2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
-          ),
-      )
-      for i in range(2)
-  ]
-  outs = []
-  try:
-    for p in procs:
-      stdout, stderr = p.communicate(timeout=900)
-      outs.append((p.returncode, stdout, stderr))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return outs
+  """Runs main.py as processes 0 and 1 of a 2-host job; returns (returncode, stdout, stderr)s."""
+  return testing.run_local_processes(_main_command(workdir, cache, steps), cwd=REPO, timeout=900)
 
 
 def _losses(stdout):
