@@ -611,3 +611,12 @@ def test_streaming_tracks_equal_the_in_memory_tracks(plan):
   assert sorted({int(i) for ids in seen.values() for i in ids}) == list(
       range(len(streamed.track_scores))
   )
+
+
+@pytest.mark.parametrize("num_tracks", [3, 40], ids=["few", "many"])
+def test_every_track_id_has_its_own_colour(num_tracks):
+  colors = visualize.track_colors_of(np.arange(num_tracks))
+  chex.assert_trees_all_equal(colors, visualize.track_colors(num_tracks))
+  # A track keeps its colour whichever tracks share its frames; a new id gets a new colour.
+  chex.assert_trees_all_equal(visualize.track_colors_of([num_tracks - 1, 0])[0], colors[-1])
+  assert len({tuple(c) for c in colors}) == num_tracks
