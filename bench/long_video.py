@@ -15,6 +15,8 @@ its peak RSS is its own:
   associated  the same windows, object tracks (`evaluation.track_builder`: born on a confident
               unmatched query, continued by Hungarian association, ended after missing
               `config.eval.track_patience` windows; knobs from `config.eval`).
+Per video, whole and windows keep the official `config.eval.top_k` (track, class) pairs,
+associated keeps `config.eval.track_top_k` (object tracks are open-ended in number).
 Printed per length and mode, over its videos: peak RSS and peak device memory (when the backend
 reports it), seconds per frame (compilation included), identity switches per 100 frames against
 the ground-truth tracks (`evaluation.tracking`: the CLEAR MOT rule, matches at mask IoU >= 0.5)
@@ -351,10 +353,12 @@ def main(argv=None) -> None:
     parser.error("pass --workdir of a trained run, or --random_init for a smoke check")
   model_name = "random init (smoke check)" if args.random_init else f"checkpoint in {args.workdir}"
   shuffled = "; query slots shuffled per window" if args.shuffle_queries else ""
+  eval_config = _config(args, "associated").eval
   print(
       f"model: tiny VideoMaskFormer, {model_name}; {args.videos} videos per length; windows of "
       f"{args.window} frames sharing {args.overlap}; association weights embed "
-      f"{args.embed_weight}, mask {args.mask_weight}{shuffled}",
+      f"{args.embed_weight}, mask {args.mask_weight}{shuffled}; pairs kept per video: top_k "
+      f"{eval_config.top_k}, track_top_k {eval_config.track_top_k} (associated)",
       flush=True,
   )
   variables_path = _save_variables(args)

@@ -274,6 +274,10 @@ def eval_defaults() -> ml_collections.ConfigDict:
   c.track_keep_score = 0.2
   c.track_max_cost = 1.0
   c.track_patience = 2
+  # (track, class) pairs kept per video of object tracks over several windows: their count grows
+  # with the video (a 1000-frame video holds ~27 objects), so the official top_k (10) would cap
+  # recall. At most 100 count (YouTube-VIS AP: maxDets 100). One window keeps top_k.
+  c.track_top_k = 10
   c.max_videos = 0  # 0: all
   c.gt_json = ""  # '': the dataset's own annotation file
   # Checkpoint evaluated, predicted with or exported: -1 (or 0) takes the newest readable one.

@@ -319,14 +319,10 @@ def test_predict_streams_a_folder_like_the_in_memory_predictor(tmp_path):
   frames, _ = _scene(20)
   folder = _write_folder(tmp_path / "frames", frames)
   model = types.SimpleNamespace(apply=SHUFFLING_MODEL)
-  out = predict.predict(
-      _predict_config(8), str(folder), str(tmp_path / "out"), variables={}, model=model
-  )
+  config = _predict_config(8)
+  out = predict.predict(config, str(folder), str(tmp_path / "out"), variables={}, model=model)
   expected = inference.prediction_to_results(
-      0,
-      inference.VideoPredictor(
-          SHUFFLING_MODEL, window_size=8, window_overlap=2, associate=True, top_k=5
-      )({}, frames),
+      0, inference.VideoPredictor.from_config(SHUFFLING_MODEL, config.eval)({}, frames)
   )
   results = json.loads(pathlib.Path(out["results"]).read_text())
   for r in results:
@@ -541,6 +537,33 @@ def test_a_slot_that_carries_two_objects_yields_two_tracks(associate):
     assert {0, 1} in covered, covered  # the slot's track spans both visitors
 
 
+@pytest.mark.parametrize(
+    "associate,track_top_k,pairs,objects",
+    [(True, 6, 6, 3), (True, None, 2, 2), (False, 6, 2, None)],
+    ids=["tracks-beyond-top_k", "tracks-default-cap", "query-slots-keep-top_k"],
+)
+def test_windowed_tracks_keep_more_objects_than_top_k_up_to_track_top_k(
+    associate, track_top_k, pairs, objects
+):
+  # 3 objects over the video (slot 0 carries two of them), top_k 2: object tracks over several
+  # windows keep track_top_k (track, class) pairs (3 tracks x 3 classes >= 6), so every object
+  # is an output; query-slot tracks (Q, like one window) keep the official top_k.
+  frames = _scripted_scene(SLOT_REUSE)
+  object_masks = np.stack([(frames[..., 0] == _object_codes()[k]) for k in range(3)])
+  prediction = inference.VideoPredictor(
+      _scripted_model(SLOT_REUSE),
+      window_size=8,
+      window_overlap=2,
+      associate=associate,
+      top_k=2,
+      track_top_k=track_top_k,
+  )({}, frames)
+  assert len(prediction.scores) == pairs
+  if objects is not None:
+    covered = _track_objects(_track_masks(prediction), object_masks)
+    assert len(set().union(*covered)) == objects, covered
+
+
 @pytest.mark.parametrize("patience,tracks_of_object_0", [(2, 1), (0, 2)], ids=["kept", "ended"])
 def test_a_track_that_comes_back_within_the_patience_keeps_its_identity(
     patience, tracks_of_object_0
@@ -579,7 +602,8 @@ def test_one_window_equals_the_whole_video_inference(window_size, streaming):
     return outputs
 
   whole = inference.VideoPredictor(model, top_k=10)({}, frames)
-  kwargs = dict(window_size=window_size, window_overlap=4, associate=True, top_k=10)
+  # track_top_k is for object tracks over several windows: one window keeps the official top_k.
+  kwargs = dict(window_size=window_size, window_overlap=4, associate=True, top_k=10, track_top_k=20)
   if streaming:
     windowed = inference.StreamingVideoPredictor(model, **kwargs)({}, iter(frames))
   else:

@@ -513,6 +513,7 @@ class VideoPredictor:
       track_max_cost: float = 1.0,
       track_patience: int = 2,
       top_k: int = 10,
+      track_top_k: int | None = None,
       frame_chunk: int = 8,
   ):
     """Initialises the predictor.
@@ -531,7 +532,10 @@ class VideoPredictor:
       track_keep_score: least best-class probability of a query that continues a track.
       track_max_cost: largest association cost of a continuation.
       track_patience: windows a track may miss before it ends.
-      top_k: predictions kept per video (official 10).
+      top_k: predictions kept per video (official 10) when it runs as one window (or with query-slot
+        tracks, which are Q like the queries of one window).
+      track_top_k: (track, class) pairs kept per video of object tracks over several windows
+        (their count grows with the video's length); None: top_k.
       frame_chunk: frames resized to the original size per device call (bounds memory).
     """
     if frame_chunk <= 0:
@@ -550,6 +554,9 @@ class VideoPredictor:
         patience=track_patience,
     )
     self.top_k = top_k
+    self.track_top_k = top_k if track_top_k is None else track_top_k
+    if self.track_top_k <= 0:
+      raise ValueError(f"track_top_k must be positive, got {self.track_top_k}")
     self.frame_chunk = frame_chunk
     self._forward = _make_forward(apply_fn, associate and window_size is not None)
 
@@ -558,7 +565,7 @@ class VideoPredictor:
       cls, apply_fn: ApplyFn, eval_config: ml_collections.ConfigDict, **kwargs
   ) -> VideoPredictor:
     """A predictor with `config.eval`'s window_size (0: whole video), window_overlap, associate,
-    association weights, track rules and top_k; `kwargs` override them."""
+    association weights, track rules, top_k and track_top_k; `kwargs` override them."""
     settings = dict(
         window_size=int(eval_config.window_size) or None,
         window_overlap=int(eval_config.window_overlap),
@@ -570,6 +577,7 @@ class VideoPredictor:
         track_max_cost=float(eval_config.track_max_cost),
         track_patience=int(eval_config.track_patience),
         top_k=int(eval_config.top_k),
+        track_top_k=int(eval_config.track_top_k),
     )
     return cls(apply_fn, **{**settings, **kwargs})
 
@@ -652,13 +660,20 @@ class VideoPredictor:
           on_frames(first + offset, masks, track_ids, scores)
     return builder.finish()
 
+  def _pairs_kept(self, builder: track_builder.TrackBuilder) -> int:
+    """(track, class) pairs a video keeps: track_top_k for object tracks over several windows
+    (open-ended in number), the official top_k for one window or query-slot tracks."""
+    if self.associate and builder.num_windows > 1:
+      return self.track_top_k
+    return self.top_k
+
   def _tracks_prediction(self, video: _VideoState, closed: track_builder.ClosedTracks):
     """(scores [K], labels [K], track ids [K], K lists of T RLE dicts, scores [N, C] of all)."""
     num_classes = next(iter(closed.scores.values())).shape[0] if closed.scores else 1
     all_scores = np.zeros((len(closed.scores), num_classes), np.float32)
     for track_id, track_scores in closed.scores.items():
       all_scores[track_id] = track_scores
-    scores, labels, tracks = _top_track_pairs(all_scores, self.top_k)
+    scores, labels, tracks = _top_track_pairs(all_scores, self._pairs_kept(video.builder))
     size = [int(s) for s in video.output_size]
     empty = mask_utils.encode(np.zeros((*size, 1), np.uint8, order="F"))[0]["counts"].decode()
     segmentations = [
