@@ -29,9 +29,12 @@ def _config_module(file_name: str):
 
 
 # Every config a user can name with --config: each file, and each variant of configs/maskfreevis.py.
-CONFIG_NAMES = ["synthetic", "synthetic_pretrain"] + [
-    f"maskfreevis:{variant}" for variant in _config_module("maskfreevis").VARIANTS
-]
+CONFIG_NAMES = [
+    "synthetic",
+    "synthetic:masks",
+    "synthetic_pretrain",
+    "synthetic_pretrain_boxes",
+] + [f"maskfreevis:{variant}" for variant in _config_module("maskfreevis").VARIANTS]
 # Modules a config file must not pull in: loading a config is a fraction of a second.
 HEAVY_MODULES = ("jax", "optax", "orbax", "clu", "tensorflow")
 MASK_FREE_FIELDS = [f.name for f in dataclasses.fields(losses.MaskFreeLossConfig)]
