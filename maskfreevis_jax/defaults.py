@@ -270,14 +270,15 @@ def eval_defaults() -> ml_collections.ConfigDict:
   # the query Hungarian matching gives it when the cost is <= track_max_cost and the query scores
   # >= track_keep_score; it ends after missing track_patience windows. Chosen on long videos of
   # training-side seeds (docs/evaluation.md), not on the bench or validation videos.
-  c.track_birth_score = 0.5
+  c.track_birth_score = 0.3
   c.track_keep_score = 0.2
   c.track_max_cost = 1.0
   c.track_patience = 2
   # (track, class) pairs kept per video of object tracks over several windows: their count grows
   # with the video (a 1000-frame video holds ~27 objects), so the official top_k (10) would cap
-  # recall. At most 100 count (YouTube-VIS AP: maxDets 100). One window keeps top_k.
-  c.track_top_k = 10
+  # recall. At most 100 count (YouTube-VIS AP: maxDets 100). One window keeps top_k. Chosen with
+  # track_birth_score on the same training-side seeds, 100 to 1000 frames (docs/evaluation.md).
+  c.track_top_k = 30
   c.max_videos = 0  # 0: all
   c.gt_json = ""  # '': the dataset's own annotation file
   # Checkpoint evaluated, predicted with or exported: -1 (or 0) takes the newest readable one.
