@@ -13,8 +13,8 @@ Protocols (`--protocol`): the stage-1 weights every arm starts from, `boxes` (no
 `weights/synthetic_stage1_boxes.safetensors`, the release's `mfvis_nococo/`) or `masks`
 (`weights/synthetic_stage1.safetensors`). `--val_videos N` evaluates every run on N validation
 videos (the training videos do not change: each video is drawn from its own seed). `--camouflage
-c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md),
-generated into WORKDIR/data and read as a YouTube-VIS folder. After the runs, `--bootstrap B`
+c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md:
+`--config.data.synthetic.camouflage=c`). After the runs, `--bootstrap B`
 resamples the validation videos B times (the same draws for every run) and reports each arm's AP
 spread over videos and the paired differences of the arms' mean AP.
 
@@ -335,37 +335,19 @@ def _stage2_config(protocol: str | None):
   return module.get_config(protocol)
 
 
-def data_overrides(config, workdir: pathlib.Path, val_videos: int, camouflage: float):
-  """(overrides, validation JSON): the format-3 synthetic set with `val_videos` validation
-  videos, or a format-4 set (`camouflage` > 0) generated into `workdir/data` and read as a
-  YouTube-VIS folder."""
+def data_overrides(config, val_videos: int, camouflage: float):
+  """(overrides, validation JSON): the synthetic set with `val_videos` validation videos (0: the
+  config's) and a `camouflage` share of camouflaged objects (> 0: format 4), generated if absent."""
   from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from maskfreevis_jax.data import synthetic  # pylint: disable=g-import-not-at-top
 
   s = config.data.synthetic
-  if val_videos:
-    s.num_val_videos = val_videos
-  if not camouflage:
-    extra = [f"--config.data.synthetic.num_val_videos={s.num_val_videos}"] if val_videos else []
-    return extra, os.path.join(sources.ensure_synthetic(config), "valid.json")
-  root = workdir / "data" / f"camouflage{camouflage:g}_val{s.num_val_videos}"
-  synthetic.ensure_dataset(
-      str(root),
-      seed=s.seed,
-      num_train_videos=s.num_train_videos,
-      num_val_videos=s.num_val_videos,
-      frame_size=tuple(s.frame_size),
-      frames_per_video=tuple(s.frames_per_video),
-      max_objects=s.max_objects,
-      camouflage=camouflage,
-  )
-  extra = ["--config.data.name=ytvis"]
-  for split, key in (("train", "train"), ("valid", "val")):
-    extra += [
-        f"--config.data.{key}_json={root / f'{split}.json'}",
-        f"--config.data.{key}_image_root={root / split / 'JPEGImages'}",
-    ]
-  return extra, str(root / "valid.json")
+  s.num_val_videos = val_videos or s.num_val_videos
+  s.camouflage = camouflage
+  extra = [
+      f"--config.data.synthetic.num_val_videos={s.num_val_videos}",
+      f"--config.data.synthetic.camouflage={camouflage}",
+  ]
+  return extra, os.path.join(sources.ensure_synthetic(config), "valid.json")
 
 
 def main(argv=None) -> None:
@@ -389,7 +371,7 @@ def main(argv=None) -> None:
   extra.append(f"--config.init_from={os.path.abspath(init_from)}")
   workdir = pathlib.Path(args.workdir).absolute()
   jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-  data_extra, gt_json = data_overrides(config, workdir, args.val_videos, args.camouflage)
+  data_extra, gt_json = data_overrides(config, args.val_videos, args.camouflage)
   extra += data_extra
   if args.print_commands:
     for arm, seed in jobs:

@@ -226,6 +226,8 @@ def data_defaults() -> ml_collections.ConfigDict:
           frame_size=(128, 128),
           frames_per_video=(6, 10),
           max_objects=4,
+          # > 0: format 4, that share of objects cut from their own background photo (docs/data.md)
+          camouflage=0.0,
       )
   )
   # Generated still images (data/synthetic_images.py) for the synthetic stage 1.

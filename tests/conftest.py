@@ -14,17 +14,23 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 
 
+def load_script(relative_path: str, module_name: str = ""):
+  """The module of a repository file that is not a package module (a bench script, a config),
+  executed fresh: `load_script('bench/tk_precision.py')`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path = REPO_ROOT / relative_path
+  spec = importlib.util.spec_from_file_location(module_name or f"script_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_config(name: str):
   """`configs/<name>.py`'s `get_config()` ('<file>:<variant>' passes the variant), loaded as
   main.py's --config flag loads it."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
   file_name, _, arg = name.partition(":")
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{file_name}", REPO_ROOT / "configs" / f"{file_name}.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script(f"configs/{file_name}.py", f"cfg_{file_name}")
   return module.get_config(arg) if arg else module.get_config()
 
 

@@ -1,20 +1,13 @@
 """bench/train_step.py options that need no compile: TPU topology names for --aot_topology."""
 
-import importlib.util
-
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location(
-      "bench_train_step", REPO_ROOT / "bench" / "train_step.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("bench/train_step.py", "bench_train_step")
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ mistyped key is an error wherever it is set, saved configs read back exactly, an
 load without the training stack."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,18 +13,13 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
-from conftest import REPO_ROOT, load_config
+from conftest import REPO_ROOT, load_config, load_script
 from maskfreevis_jax import defaults
 from maskfreevis_jax import losses
 
 
 def _config_module(file_name: str):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{file_name}_module", REPO_ROOT / "configs" / f"{file_name}.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script(f"configs/{file_name}.py", f"cfg_{file_name}_module")
 
 
 # Every config a user can name with --config: each file, and each variant of configs/maskfreevis.py.

@@ -1,24 +1,15 @@
 """bench/ablation.py on the synthetic videos: paired resampling of the validation videos."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_script
 from maskfreevis_jax.data import ytvis_json
 from maskfreevis_jax.evaluation import ytvis_eval
 
-
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("ablation", REPO_ROOT / "bench" / "ablation.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-ablation = _load_bench()
+ablation = load_script("bench/ablation.py", "ablation")
 
 
 def _square(y, x):

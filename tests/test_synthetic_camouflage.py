@@ -1,9 +1,9 @@
 """Format 4 of the synthetic videos: a share of objects camouflaged in their own background."""
 
 import hashlib
-import importlib.util
 import json
 import os
+import pathlib
 
 import chex
 import jax.numpy as jnp
@@ -11,19 +11,16 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_script
+from maskfreevis_jax import defaults
 from maskfreevis_jax import losses
+from maskfreevis_jax.data import sources
 from maskfreevis_jax.data import synthetic
 from maskfreevis_jax.data import ytvis_json
 
 
 def _load_bench():
-  spec = importlib.util.spec_from_file_location(
-      "tk_precision", REPO_ROOT / "bench" / "tk_precision.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("bench/tk_precision.py", "tk_precision")
 
 
 def _generate(out_dir, camouflage, num_videos=8):
@@ -113,3 +110,20 @@ def test_camouflage_makes_colour_ambiguous_and_motion_not(tmp_path):
 def test_camouflage_must_be_a_share(tmp_path):
   with pytest.raises(ValueError, match="camouflage"):
     _generate(tmp_path, 1.5)
+
+
+@pytest.mark.parametrize(
+    "camouflage, format_version",
+    [(0.0, synthetic.FORMAT_VERSION), (0.5, synthetic.CAMOUFLAGE_FORMAT_VERSION)],
+    ids=["format-3", "format-4"],
+)
+def test_config_camouflage_generates_its_own_format(tmp_path, camouflage, format_version):
+  config = defaults.get_config("tiny", num_classes=len(synthetic.SHAPE_CLASSES))
+  s = config.data.synthetic
+  s.cache_dir, s.num_train_videos, s.num_val_videos = str(tmp_path), 2, 1
+  s.frame_size, s.frames_per_video, s.camouflage = (32, 32), (2, 2), camouflage
+  folder = sources.ensure_synthetic(config)
+  params = json.loads((pathlib.Path(folder) / synthetic.MARKER_FILE).read_text())["params"]
+  assert params["format_version"] == format_version, params
+  assert params.get("camouflage", 0.0) == camouflage, params
+  assert ("camouflage" in pathlib.Path(folder).name) == (camouflage > 0), folder

@@ -1,25 +1,19 @@
 """bench/tk_precision.py: the pairs each mask-free loss keeps, and their precision, on ground truth."""
 
 import dataclasses
-import importlib.util
 
 import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_script
 from maskfreevis_jax import losses
 from maskfreevis_jax.losses import affinity as affinity_lib
 
 
 def _load_bench():
-  spec = importlib.util.spec_from_file_location(
-      "tk_precision", REPO_ROOT / "bench" / "tk_precision.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("bench/tk_precision.py", "tk_precision")
 
 
 tk_precision = _load_bench()

@@ -100,7 +100,7 @@ def ensure_synthetic(config: ml_collections.ConfigDict) -> str:
   name = (
       f"s{s.seed}_{s.frame_size[0]}x{s.frame_size[1]}_{s.num_train_videos}_"
       f"{s.num_val_videos}_{s.frames_per_video[0]}-{s.frames_per_video[1]}_o{s.max_objects}"
-  )
+  ) + (f"_camouflage{s.camouflage:g}" if s.camouflage else "")
   return synthetic.ensure_dataset(
       os.path.join(out, name),
       seed=s.seed,
@@ -109,6 +109,7 @@ def ensure_synthetic(config: ml_collections.ConfigDict) -> str:
       frame_size=tuple(s.frame_size),
       frames_per_video=tuple(s.frames_per_video),
       max_objects=s.max_objects,
+      camouflage=s.camouflage,
   )
 
 
