@@ -358,9 +358,10 @@ def test_two_step_synthetic_run_then_predict(tmp_path):
   assert "step 1/2 | loss" in out and "step 2/2 | loss" in out, out
   assert "| AP " in out and "Per-category AP" in out, out
   metrics = json.loads((run / "eval" / "metrics_2.json").read_text())
-  # Two steps from the committed stage-1 weights on 2 validation videos (seeded data, one
-  # device): measured 80.0 (ellipse 90, crescent 70); a change of model, data or metric moves it.
-  assert metrics["AP"] == pytest.approx(80.0, abs=0.01), metrics
+  # Two steps from the committed box-only stage-1 weights (the default protocol) on 2 validation
+  # videos (seeded data, one device): measured 75.0 (80.0 from the mask-supervised weights); a
+  # change of model, data, weights or metric moves it.
+  assert metrics["AP"] == pytest.approx(75.0, abs=0.01), metrics
   results = json.loads((run / "eval" / "results_2.json").read_text())
   assert results and {"video_id", "category_id", "score", "segmentations"} <= set(results[0])
   assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
