@@ -92,10 +92,12 @@ def _truncate(step_dir: pathlib.Path, process: int) -> None:
 
 
 def _flip_a_byte(step_dir: pathlib.Path, process: int) -> None:
-  path = _data_files(step_dir, process)[0]
-  data = bytearray(path.read_bytes())
-  data[len(data) // 2] ^= 0x40
-  path.write_bytes(bytes(data))
+  """One byte flipped in each of the process's data files (a file may be a b-tree node that the
+  merge copied to `state/d/` and that is never read again: a flip there is no damage)."""
+  for path in _data_files(step_dir, process):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
 
 
 DAMAGE = {
