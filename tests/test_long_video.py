@@ -20,7 +20,7 @@ from maskfreevis_jax import model_presets
 from maskfreevis_jax import models
 from maskfreevis_jax import predict
 from maskfreevis_jax.data import synthetic
-from maskfreevis_jax.evaluation import inference, visualize
+from maskfreevis_jax.evaluation import inference, track_builder, visualize
 
 NUM_OBJECTS = 4
 NUM_QUERIES = 6  # two queries never find an object
@@ -644,3 +644,18 @@ def test_every_track_id_has_its_own_colour(num_tracks):
   # A track keeps its colour whichever tracks share its frames; a new id gets a new colour.
   chex.assert_trees_all_equal(visualize.track_colors_of([num_tracks - 1, 0])[0], colors[-1])
   assert len({tuple(c) for c in colors}) == num_tracks
+
+
+@pytest.mark.parametrize("last", [True, False], ids=["one-window-video", "first-of-several"])
+def test_embeddings_are_needed_only_to_associate_windows(last):
+  """The whole-video path computes no query embeddings: a video in one window needs none."""
+  builder = track_builder.TrackBuilder(track_builder.TrackSettings(associate=True))
+  probabilities = np.full((3, 2), 0.9, np.float32)
+  mask_logits = np.zeros((3, 4, 2, 2), np.float32)
+  if last:
+    first, present, logits = builder.add(0, probabilities, mask_logits, None, last=True)
+    assert first == 0 and [t.track_id for t in present] == [0, 1, 2]
+    chex.assert_shape(logits, (3, 4, 2, 2))
+  else:
+    with pytest.raises(ValueError, match="pred_embeds"):
+      builder.add(0, probabilities, mask_logits, None, last=False)

@@ -185,14 +185,15 @@ class TrackBuilder:
     """
     probabilities = np.asarray(probabilities, np.float32)
     mask_logits = np.asarray(mask_logits, np.float32)
-    if self.settings.associate and embeds is None:
-      raise ValueError("associating windows needs the model output 'pred_embeds' [B, Q, D]")
     first = self.covered
     new_frames = start + mask_logits.shape[1] - first
     if self.num_windows == 0 and last:
-      # One window covers the video: every query is a track (the official inference).
+      # One window covers the video: every query is a track (the official inference; the
+      # whole-video path computes no embeddings).
       matches, born = {}, list(range(len(probabilities)))
     else:
+      if self.settings.associate and embeds is None:
+        raise ValueError("associating windows needs the model output 'pred_embeds' [B, Q, D]")
       matches, born = self._associate(start, probabilities, mask_logits, embeds)
     present = []
     for track_index, query in sorted(matches.items()):
