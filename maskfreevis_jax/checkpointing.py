@@ -18,6 +18,8 @@ Faults (see the README's "Reliability" section):
   * A save that fails (full disk, unwritable directory) is logged and training goes on; after
     `max_consecutive_failed_saves` failures in a row it stops (`CheckpointSaveError`). Old
     checkpoints are pruned (keep-last-N) only after a newer one has committed.
+  * Every chunk of every array carries a checksum (zstd's frame checksum, `_with_chunk_checksums`)
+    that TensorStore checks as it reads: a changed byte is an unreadable array like any other.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from maskfreevis_jax import process_agreement
 from maskfreevis_jax import sharding as sharding_lib
@@ -57,6 +59,10 @@ _COMMIT_RECORD = "_CHECKPOINT_METADATA"
 # Name marker of Orbax's temporary (uncommitted) step directories: `<step>.orbax-checkpoint-tmp-*`.
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 QUARANTINE_SUFFIX = ".corrupt"
+# The config item says whether its step's arrays carry a checksum per chunk.
+_CHECKSUMS_KEY = "array_checksums"
+_PER_CHUNK = "per_chunk"
+_ZSTD_LEVEL = 1  # Orbax's zarr2 level; its zarr3 default (3) saves slower
 
 
 class CheckpointMismatchError(ValueError):
@@ -125,10 +131,16 @@ def _describe_error(error: BaseException, root: pathlib.Path | None = None) -> s
   return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
-def _unreadable_array(error: BaseException) -> str | None:
-  """The array a TensorStore read error names (`params.x.kernel`), or None."""
-  found = re.search(r'Error reading "([^"]+?)/(?:\.zarray|[^"/]*)" in OCDBT', str(error))
-  return found.group(1) if found else None
+def _unreadable_array(error: BaseException | None) -> str | None:
+  """The array a TensorStore read error (or its cause, under Orbax's wrapper) names
+  (`params.x.kernel`), or None."""
+  while error is not None:
+    found = re.search(r'Error reading "([^"]+?)/(?:\.zarray|[^"/]*)" in OCDBT', str(error))
+    found = found or re.search(r'Error reading shard entry [^"]* in "([^"]+?)/c[/"]', str(error))
+    if found:
+      return found.group(1)
+    error = error.__cause__
+  return None
 
 
 class _OrbaxOSErrorTracebacks(std_logging.Filter):
@@ -260,87 +272,57 @@ def _config_of(saved: Any) -> dict | None:
   return None
 
 
-def _checksums_of(saved: Any) -> dict[str, int] | None:
-  """The per-array checksums of a saved config item; None for checkpoints without them."""
-  if isinstance(saved, dict) and isinstance(saved.get("checksums"), dict):
-    return saved["checksums"]
-  return None
+def _carries_chunk_checksums(saved: Any) -> bool:
+  """Whether a saved config item says its step's arrays were written with chunk checksums."""
+  return isinstance(saved, dict) and saved.get(_CHECKSUMS_KEY) == _PER_CHUNK
 
 
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-  """uint32 sum over the array's 32-bit words w_i of w_i * (2i + 1), modulo 2**32.
-
-  The weights are odd, so a change of any one word changes the sum; it is a sum, so it does not
-  depend on how the array is sharded or on the order devices add their parts (the same value
-  whatever mesh wrote or restores the checkpoint).
-  """
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-  weights = jnp.arange(words.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-  return jnp.sum(words * weights, dtype=jnp.uint32)
-
-
-_tree_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
-
-
-def tree_checksums(tree: Any) -> dict[str, int]:
-  """{'params/backbone/...': checksum} of every array of `tree` (global arrays, any sharding).
-
-  Computed where the arrays live (a jitted reduction: a few scalars come back to the host), so
-  it costs one read of the state on its devices. Every process gets the same values.
-  """
-  return _fetch_checksums(_tree_checksums(tree))
-
-
-def _fetch_checksums(sums: Any) -> dict[str, int]:
-  """The {path: checksum} of `_tree_checksums`' device scalars (waits for them)."""
-  sums = jax.device_get(sums)
-  return {
-      _path_str(path): int(value) for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]
-  }
-
-
-class _ConfigItemHandler(ocp.JsonCheckpointHandler):
-  """The config item's JSON handler; a callable value is called when the item is written.
-
-  The checksums are computed on the devices while Orbax copies and writes the state: `save` only
-  dispatches the reduction and the background write fetches its scalars, so the train loop does
-  not wait for a pass over the state.
-  """
-
-  async def _save_fn(self, x, directory):
-    resolved = {key: value() if callable(value) else value for key, value in x.items()}
-    return await super()._save_fn(resolved, directory)
-
-
-@ocp.args.register_with_handler(_ConfigItemHandler, for_save=True)
-class _ConfigItemSave(ocp.args.JsonSave):
-  """Save arguments of `_ConfigItemHandler` (Orbax pairs argument and handler types)."""
-
-
-@ocp.args.register_with_handler(_ConfigItemHandler, for_restore=True)
-class _ConfigItemRestore(ocp.args.JsonRestore):
-  """Restore arguments of `_ConfigItemHandler` (restores read with the plain JSON handler)."""
-
-
-def _verify(step_dir: pathlib.Path, restored: Any, saved: dict[str, int] | None) -> None:
-  """Raises _Damage naming the first array whose checksum differs from the saved one."""
-  if saved is None:
+def _note_unverified(step_dir: pathlib.Path, saved: Any) -> None:
+  """The one-line note for a checkpoint restored without checksums (an older format)."""
+  if not _carries_chunk_checksums(saved):
     logging.warning(
         "checkpoint %s carries no checksums (written before they were saved): restored unverified",
         step_dir,
     )
-    return
-  for name, value in tree_checksums(restored).items():
-    expected = saved.get(name)
-    if expected is not None and expected != value:
-      raise _Damage(
-          f"{_STATE}/{name}", f"checksum mismatch (saved {expected:08x}, read {value:08x})"
-      )
+
+
+def _add_chunk_checksum(chunk_codecs: list[dict]) -> None:
+  """Makes a zarr3 chunk codec chain checksum every chunk: zstd's frame checksum (XXH64 of the
+  chunk's bytes, computed while compressing, checked while decompressing), or, for uncompressed
+  chunks, TensorStore's CRC32C codec."""
+  for codec in chunk_codecs:
+    if codec["name"] == "zstd":
+      codec.setdefault("configuration", {}).update(level=_ZSTD_LEVEL, checksum=True)
+      return
+  if {"name": "crc32c"} not in chunk_codecs:
+    chunk_codecs.append({"name": "crc32c"})
+
+
+def _with_chunk_checksums(build_array_write_spec):
+  """Orbax's array write-spec builder, with a checksum in every zarr3 chunk (`_add_chunk_checksum`).
+
+  TensorStore checks it whenever it decodes the chunk: a changed byte fails the read (`DATA_LOSS`),
+  which the fallback treats as any unreadable array. It costs no pass of our own over the state:
+  zstd hashes the bytes it compresses anyway (bench/checkpoint.py). Orbax (0.12) has no option for
+  chunk codecs, so its builder is wrapped; a test reads the codecs back from the saved metadata.
+  """
+
+  @functools.wraps(build_array_write_spec)
+  def build(*args, **kwargs):
+    spec = build_array_write_spec(*args, **kwargs)
+    array = spec.json["base"] if spec.json.get("driver") == "cast" else spec.json
+    if array.get("driver") == "zarr3":
+      _add_chunk_checksum(array["metadata"]["codecs"][0]["configuration"]["codecs"])
+    return spec
+
+  build.adds_chunk_checksums = True
+  return build
+
+
+def _install_chunk_checksums() -> None:
+  """Wraps Orbax's write-spec builder once per process (`_with_chunk_checksums`)."""
+  if not getattr(ts_utils.build_array_write_spec, "adds_chunk_checksums", False):
+    ts_utils.build_array_write_spec = _with_chunk_checksums(ts_utils.build_array_write_spec)
 
 
 def restore_variables(directory: str | pathlib.Path, step: int | None = None) -> tuple[dict, int]:
@@ -468,7 +450,8 @@ class Checkpointer:
       save_every: `save` writes at multiples of this step.
       fingerprint: flat config values saved with each checkpoint (for clear mismatch errors).
       config: the resolved config (`ConfigDict.to_dict()`), saved with each checkpoint.
-      checksums: save a checksum of every array (`tree_checksums`) and verify it at restore.
+      checksums: write the arrays in zarr3 chunks that each carry a checksum (zstd's XXH64,
+        verified whenever a chunk is read); False writes the earlier zarr2 format without.
       async_save: write in a background thread (the train loop goes on meanwhile).
       max_consecutive_failed_saves: stop (`CheckpointSaveError`) after this many failed saves
         in a row; earlier failures are logged and training goes on.
@@ -489,6 +472,8 @@ class Checkpointer:
     # On several processes a failed background write releases the others (process_agreement).
     self._barrier = process_agreement.AbortableBarrier()
     _quiet_orbax_failures()
+    if self.checksums:
+      _install_chunk_checksums()
     if not read_only and jax.process_index() == 0:
       self._remove_uncommitted()
     # Retention is ours (max_to_keep=None): Orbax would prune when a save is launched, before we
@@ -510,9 +495,9 @@ class Checkpointer:
         self.directory,
         options=options,
         item_handlers={
-            _STATE: ocp.StandardCheckpointHandler(),
+            _STATE: ocp.PyTreeCheckpointHandler(use_zarr3=self.checksums),
             _ITERATOR: ocp.JsonCheckpointHandler(),
-            _CONFIG: _ConfigItemHandler(),
+            _CONFIG: ocp.JsonCheckpointHandler(),
         },
     )
 
@@ -630,21 +615,20 @@ class Checkpointer:
     host_states = sharding_lib.gather_host_strings(
         json.dumps(_encode_iterator_state(iterator_state))
     )
-    checksums = (
-        functools.partial(_fetch_checksums, _tree_checksums(state)) if self.checksums else None
-    )  # dispatched now, fetched by the background write (_ConfigItemHandler)
-    config_item = {"fingerprint": self.fingerprint, "config": self.config, "checksums": checksums}
+    config_item = {"fingerprint": self.fingerprint, "config": self.config}
+    if self.checksums:
+      config_item[_CHECKSUMS_KEY] = _PER_CHUNK
     self._barrier.begin_save()
     try:
       self.manager.save(
           step,
           args=ocp.args.Composite(
               **{
-                  _STATE: ocp.args.StandardSave(state),
+                  _STATE: ocp.args.PyTreeSave(state),
                   _ITERATOR: ocp.args.JsonSave(
                       {"per_process": [json.loads(s) for s in host_states]}
                   ),
-                  _CONFIG: _ConfigItemSave(config_item),
+                  _CONFIG: ocp.args.JsonSave(config_item),
               }
           ),
           force=True,
@@ -784,9 +768,9 @@ class Checkpointer:
           f"(shape {saved[extra[0]]}) that the model lacks{hint}. Use a fresh --workdir."
       )
 
-  def _read(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict[str, int] | None]:
-    """(state, this host's iterator state, saved checksums) of `step`, read completely by this
-    process (checksums not yet compared), or raises _Damage.
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, Any, Any]:
+    """(state, this host's iterator state, saved config item) of `step`, read completely by this
+    process (every chunk's checksum verified by TensorStore as it is read), or raises _Damage.
 
     Raises:
       _Damage: naming the first unreadable item (commit record, item, array).
@@ -838,13 +822,13 @@ class Checkpointer:
     iterator_state = (
         _decode_iterator_state(iterator_states[jax.process_index()]) if iterator_states else None
     )
-    return state, iterator_state, _checksums_of(saved_item)
+    return state, iterator_state, saved_item
 
   def _try_read(self, step: int, abstract_state: Any) -> tuple[Any, _Damage | None]:
     """((state, iterator state), None), or (None, damage) when any process cannot read it.
 
-    Each process reads its own part; they agree on the verdict before the checksums (a collective
-    over the restored global arrays) are compared, which gives every process the same verdict.
+    Each process reads its own part (TensorStore checks every chunk's checksum as it decodes it),
+    then they agree on the verdict, so every process takes the same one.
     """
     result, damage = None, None
     try:
@@ -855,11 +839,8 @@ class Checkpointer:
     damage = _agreed_damage(damage)
     if damage is not None:
       return None, damage
-    state, iterator_state, checksums = result
-    try:
-      _verify(self.directory / str(step), state, checksums)
-    except _Damage as e:
-      return None, e
+    state, iterator_state, saved_item = result
+    _note_unverified(self.directory / str(step), saved_item)
     return (state, iterator_state), None
 
   def restore(
@@ -908,8 +889,8 @@ class Checkpointer:
     return None if step is None else _config_of(self._saved_item(step))
 
   def _saved_item(self, step: int) -> Any:
-    """The raw config item of `step`: fingerprint, config and checksums (or, earlier, the
-    fingerprint alone)."""
+    """The raw config item of `step`: fingerprint, config and the checksum marker (or, earlier,
+    the fingerprint alone)."""
     try:
       return self._reader().restore(
           step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
@@ -1025,7 +1006,7 @@ class Checkpointer:
       raise _Damage(f"{_STATE}/{array}" if array else _STATE, _describe_error(e, step_dir)) from e
     if "params" not in state:
       raise _Damage(_STATE, "it holds no 'params'")
-    _verify(step_dir, state, _checksums_of(saved_item))
+    _note_unverified(step_dir, saved_item)
     return {"params": state["params"], **dict(state.get("model_state") or {})}, _config_of(
         saved_item
     )

@@ -27,6 +27,7 @@ import numpy as np
 from orbax.checkpoint._src.path import async_path
 from orbax.checkpoint._src.path import atomicity
 import pytest
+import tensorstore as ts
 
 from maskfreevis_jax import train_step
 from maskfreevis_jax import experiment
@@ -175,23 +176,11 @@ def _flip_a_byte(step_dir: pathlib.Path) -> None:
   f.write_bytes(bytes(data))
 
 
-def _saved_config_item(step_dir: pathlib.Path) -> pathlib.Path:
-  return step_dir / "config" / "metadata"
-
-
-def _change_a_saved_checksum(step_dir: pathlib.Path) -> None:
-  """The arrays read back differ from what was saved (our checksum, not the storage's, sees it)."""
-  item = json.loads(_saved_config_item(step_dir).read_text())
-  item["checksums"]["params/query_feat"] ^= 1
-  _saved_config_item(step_dir).write_text(json.dumps(item))
-
-
 DAMAGES = [
     (_truncate_array_files, "first unreadable item state/"),
     (_truncate_the_larger_half, "first unreadable item state/"),
     (_truncate_one_file, "first unreadable item state/"),
     (_flip_a_byte, "first unreadable item state/"),
-    (_change_a_saved_checksum, "first unreadable item state/params/query_feat: checksum mismatch"),
     (_remove_commit_record, "first unreadable item _CHECKPOINT_METADATA: missing"),
     (_state_item_is_a_file, "first unreadable item state: not a directory"),
 ]
@@ -200,7 +189,6 @@ DAMAGE_IDS = [
     "larger-half-truncated",
     "one-file-truncated",
     "byte-flipped",
-    "checksum-differs",
     "missing-checkpoint-metadata",
     "item-is-a-file",
 ]
@@ -236,20 +224,88 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
   assert not _messages(caplog, "never retrieved")
 
 
+def _array_codecs(state_dir: pathlib.Path) -> dict[str, list[dict]]:
+  """{array: its chunk codecs} from the zarr3 metadata in a state item's OCDBT store."""
+  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
+  codecs = {}
+  for key in (k.decode() for k in store.list().result()):
+    if key.endswith("/zarr.json"):
+      metadata = json.loads(store.read(key).result().value)
+      (sharding,) = metadata["codecs"]
+      codecs[key[: -len("/zarr.json")]] = sharding["configuration"]["codecs"]
+  return codecs
+
+
+def test_every_saved_array_carries_a_chunk_checksum(trained, restore_target):
+  codecs = _array_codecs(trained[0] / "checkpoints" / "6" / "state")
+  # Every array of the train state; each chunk's zstd frame carries its content checksum.
+  assert len(codecs) == len(jax.tree.leaves(restore_target)), sorted(codecs)
+  zstd = [[c for c in chain if c["name"] == "zstd"] for chain in codecs.values()]
+  assert all(z and z[0]["configuration"]["checksum"] for z in zstd), codecs
+
+
+def _flip_a_byte_in_the_chunk_of(state_dir: pathlib.Path, key: str) -> None:
+  """Flips a byte inside one chunk's stored (compressed) bytes, wherever a data file holds them.
+
+  Only values over 1 KiB live in data files (smaller ones sit in OCDBT's b-tree nodes, which
+  carry their own checksum); the stored bytes of a random chunk are zstd's raw blocks, so without
+  a chunk checksum the flip decodes to another value without any error.
+  """
+  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
+  stored = store.read(key).result().value
+  assert len(stored) > 1024, f"{key} is stored inline ({len(stored)} bytes)"
+  flipped = 0
+  for f in (p for p in state_dir.glob("**/d/*") if p.is_file()):
+    data = bytearray(f.read_bytes())
+    at = data.find(stored)
+    if at >= 0:
+      data[at + len(stored) // 3] ^= 0x10
+      f.write_bytes(bytes(data))
+      flipped += 1
+  assert flipped, f"the stored bytes of {key} are in no data file under {state_dir}"
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "zarr2-unchecked"])
+def test_a_byte_flipped_inside_a_chunk_is_caught_by_its_checksum(tmp_path, caplog, checksums):
+  weights = {"w": jax.numpy.asarray(np.random.default_rng(0).standard_normal((64, 64)), "float32")}
+  checkpointer = checkpointing.Checkpointer(tmp_path, checksums=checksums, async_save=False)
+  for step in (1, 2):
+    checkpointer.save(step, weights, None, force=True)
+  checkpointer.close()
+  _flip_a_byte_in_the_chunk_of(tmp_path / "2" / "state", "w/c/0/0" if checksums else "w/0.0")
+  reader = checkpointing.Checkpointer(tmp_path, read_only=True)
+  with caplog.at_level(logging.WARNING):
+    restored, _, step = reader.restore()
+  reader.close()
+  if checksums:  # Caught: the previous checkpoint, intact.
+    (line,) = _messages(caplog, "cannot be read")
+    assert step == 1 and "first unreadable item state/w:" in line and "checksum" in line, line
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(weights))
+  else:  # The control: the earlier format restores the flipped value without a word.
+    assert step == 2 and not _messages(caplog, "cannot be read"), caplog.text
+    assert int(np.sum(np.asarray(restored["w"]) != np.asarray(weights["w"]))) == 1
+
+
 def test_checkpoints_without_checksums_restore_with_a_note(
     trained, restore_target, tmp_path, caplog
 ):
-  checkpoints = _copy(trained, tmp_path) / "checkpoints"
-  item = json.loads(_saved_config_item(checkpoints / "6").read_text())
-  del item["checksums"]  # as written before checksums were saved
-  _saved_config_item(checkpoints / "6").write_text(json.dumps(item))
-  checkpointer = checkpointing.Checkpointer(checkpoints, keep=3, save_every=2)
+  """A checkpoint in the earlier format (zarr2 chunks, no checksums) restores, noted once."""
+  older = checkpointing.Checkpointer(trained[0] / "checkpoints", read_only=True)
+  state, _, _ = older.restore(step=6)
+  older.close()
+  checkpoints = tmp_path / "checkpoints"
+  writer = checkpointing.Checkpointer(checkpoints, checksums=False, async_save=False)
+  writer.save(8, state, {"index": 8}, force=True)
+  writer.close()
+  assert not _array_codecs(checkpoints / "8" / "state")  # zarr2: no zarr3 chunk codecs at all
+  checkpointer = checkpointing.Checkpointer(checkpoints)
   with caplog.at_level(logging.WARNING):
-    _, _, step = checkpointer.restore(restore_target)
+    restored, iterator_state, step = checkpointer.restore(restore_target)
   checkpointer.close()
-  assert step == 6
+  assert (step, iterator_state) == (8, {"index": 8})
+  chex.assert_trees_all_equal(jax.device_get(restored.params), trained[1])
   notes = _messages(caplog, "carries no checksums")
-  assert len(notes) == 1 and str(checkpoints / "6") in notes[0], notes
+  assert len(notes) == 1 and str(checkpoints / "8") in notes[0], notes
 
 
 def test_truncated_checkpoint_run_resumes_from_the_previous_one(trained, tmp_path, caplog, capfd):
