@@ -158,23 +158,6 @@ def run_one(
   return metrics
 
 
-def resample_videos(gt: dict, results: list[dict], video_ids: list[int]) -> tuple[dict, list]:
-  """Ground truth and results of the videos `video_ids` (repeats allowed), renumbered 1..n."""
-  anns_by_video, results_by_video = {}, {}
-  for ann in gt["annotations"]:
-    anns_by_video.setdefault(ann["video_id"], []).append(ann)
-  for entry in results:
-    results_by_video.setdefault(entry["video_id"], []).append(entry)
-  videos_by_id = {v["id"]: v for v in gt["videos"]}
-  videos, anns, out_results = [], [], []
-  for new_id, vid in enumerate(video_ids, start=1):
-    videos.append({**videos_by_id[vid], "id": new_id})
-    for ann in anns_by_video.get(vid, []):
-      anns.append({**ann, "id": len(anns) + 1, "video_id": new_id})
-    out_results += [{**e, "video_id": new_id} for e in results_by_video.get(vid, [])]
-  return {**gt, "videos": videos, "annotations": anns}, out_results
-
-
 def paired_bootstrap(
     gt_json: str, results: dict[tuple[str, int], str], num_samples: int, seed: int = 0
 ) -> dict[tuple[str, int], np.ndarray]:
@@ -184,15 +167,7 @@ def paired_bootstrap(
 
   gt = json.loads(pathlib.Path(gt_json).read_text())
   loaded = {key: json.loads(pathlib.Path(path).read_text()) for key, path in results.items()}
-  video_ids = [v["id"] for v in gt["videos"]]
-  rng = np.random.default_rng(seed)
-  out = {key: np.zeros(num_samples) for key in results}
-  for b in range(num_samples):
-    sample = [int(v) for v in rng.choice(video_ids, size=len(video_ids), replace=True)]
-    for key, entries in loaded.items():
-      sample_gt, sample_results = resample_videos(gt, entries, sample)
-      out[key][b] = ytvis_eval.evaluate_ytvis(sample_gt, sample_results)["AP"]
-  return out
+  return ytvis_eval.paired_bootstrap_ap(gt, loaded, num_samples, seed)
 
 
 def paired_differences(

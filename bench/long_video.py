@@ -26,6 +26,8 @@ table diagnoses the tracks (`tracking.track_coverage`): per object covered, how 
 tracks cover it on some frame (mask IoU >= 0.5; "split": the fraction with more than one); per
 covering track, how many objects it covers ("merged": more than one); and the scores of true
 tracks (video IoU >= 0.5 with an object) and false ones.
+`--bootstrap B` resamples a length's videos B times (the same draws for both modes) and prints the
+AP ratio windows + tracks / whole video and their difference, with 90% intervals.
 `--shuffle_queries` permutes the query slots of every window (a stress test of association on the
 real model's embeddings and masks: the trained model keeps each slot on its object by itself).
 """
@@ -169,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--data_dir", default="/tmp/maskfreevis_long_video")
   parser.add_argument("--seed", type=int, default=0, help="seed of the first video")
   parser.add_argument("--videos", type=int, default=5, help="videos per length")
+  parser.add_argument(
+      "--bootstrap",
+      type=int,
+      default=0,
+      help="resamplings of the videos for the windows + tracks / whole AP ratio (paired)",
+  )
   parser.add_argument(
       "--shuffle_queries",
       action="store_true",
@@ -319,9 +327,9 @@ def _diagnostic_row(length: int, mode: str, scores: _Scores) -> str:
   )
 
 
-def _measure(args, mode, length, datas, gt, variables_path) -> tuple[str, str] | None:
-  """One mode on one length in a child process: its table and diagnostic rows, or None when it
-  failed."""
+def _measure(args, mode, length, datas, gt, variables_path) -> tuple[str, str, list] | None:
+  """One mode on one length in a child process: its table and diagnostic rows and its results
+  files (one per video), or None when it failed."""
   proc = subprocess.run(
       _child_command(args, mode, length, datas, variables_path),
       capture_output=True,
@@ -338,6 +346,27 @@ def _measure(args, mode, length, datas, gt, variables_path) -> tuple[str, str] |
   return (
       _row(length, mode, measured, scores, length * len(datas)),
       _diagnostic_row(length, mode, scores),
+      measured["results"],
+  )
+
+
+def _bootstrap_row(length: int, gt: dict, result_paths: dict, draws: int) -> str:
+  """Windows + tracks against the whole video on the same resampled videos (paired): the ratio
+  and the difference of their AP, median and 90% interval over `draws` resamplings."""
+  results = {}
+  for mode, paths in result_paths.items():
+    results[mode] = []
+    for video, path in zip(gt["videos"], paths):
+      entries = json.loads(pathlib.Path(path).read_text())
+      results[mode] += [{**e, "video_id": video["id"]} for e in entries]
+  boot = ytvis_eval.paired_bootstrap_ap(gt, results, draws)
+  ratio = boot["associated"] / np.maximum(boot["whole"], 1e-9)
+  diff = boot["associated"] - boot["whole"]
+  q = lambda x: "{:.3f} [{:.3f}, {:.3f}]".format(*np.percentile(x, [50, 5, 95]))
+  return (
+      f"{length} frames, {len(gt['videos'])} videos resampled {draws} times: windows + tracks / "
+      f"whole AP {q(ratio)}, difference {q(diff)} AP; share of draws with the ratio >= 0.95: "
+      f"{np.mean(ratio >= 0.95):.2f}"
   )
 
 
@@ -362,9 +391,10 @@ def main(argv=None) -> None:
       flush=True,
   )
   variables_path = _save_variables(args)
-  rows, diagnostics = [], []
+  rows, diagnostics, bootstraps = [], [], []
   for length in args.lengths:
     datas, gt = _long_videos(args, length)
+    result_paths = {}
     for mode in args.modes:
       if mode == "whole" and length > args.whole_max_frames:
         continue
@@ -372,9 +402,15 @@ def main(argv=None) -> None:
       if measured is not None:
         rows.append(measured[0])
         diagnostics.append(measured[1])
+        result_paths[mode] = measured[2]
         print(HEADER + "\n" + rows[-1] if len(rows) == 1 else rows[-1], flush=True)
+    if args.bootstrap and {"whole", "associated"} <= set(result_paths):
+      pair = {mode: result_paths[mode] for mode in ("whole", "associated")}
+      bootstraps.append(_bootstrap_row(length, gt, pair, args.bootstrap))
   print("\n" + HEADER + "\n" + "\n".join(rows), flush=True)
   print("\n" + DIAGNOSTIC_HEADER + "\n" + "\n".join(diagnostics), flush=True)
+  if bootstraps:
+    print("\n" + "\n".join(bootstraps), flush=True)
 
 
 if __name__ == "__main__":

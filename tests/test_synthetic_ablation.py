@@ -50,7 +50,7 @@ def _results(hits):
 )
 def test_resampled_videos_are_renumbered_with_their_predictions(sample, expected_ap):
   gt, results = _ground_truth(), _results([True, True, False])
-  sample_gt, sample_results = ablation.resample_videos(gt, results, sample)
+  sample_gt, sample_results = ytvis_eval.resample_videos(gt, results, sample)
   assert [v["id"] for v in sample_gt["videos"]] == [1, 2, 3]
   assert len({a["id"] for a in sample_gt["annotations"]}) == 3
   ap = ytvis_eval.evaluate_ytvis(sample_gt, sample_results)["AP"]

@@ -696,6 +696,46 @@ def format_table(metrics: Mapping[str, float], columns: int = 3) -> str:
   return "\n".join(lines)
 
 
+def resample_videos(gt: dict, results: list[dict], video_ids: list[int]) -> tuple[dict, list]:
+  """Ground truth and results of the videos `video_ids` (repeats allowed), renumbered 1..n.
+
+  For a bootstrap over videos: a video drawn twice counts twice, with its predictions.
+  """
+  anns_by_video, results_by_video = {}, {}
+  for ann in gt["annotations"]:
+    anns_by_video.setdefault(ann["video_id"], []).append(ann)
+  for entry in results:
+    results_by_video.setdefault(entry["video_id"], []).append(entry)
+  videos_by_id = {v["id"]: v for v in gt["videos"]}
+  videos, anns, out_results = [], [], []
+  for new_id, vid in enumerate(video_ids, start=1):
+    videos.append({**videos_by_id[vid], "id": new_id})
+    for ann in anns_by_video.get(vid, []):
+      anns.append({**ann, "id": len(anns) + 1, "video_id": new_id})
+    out_results += [{**e, "video_id": new_id} for e in results_by_video.get(vid, [])]
+  return {**gt, "videos": videos, "annotations": anns}, out_results
+
+
+def paired_bootstrap_ap(
+    gt: dict, results: Mapping[Any, list[dict]], num_samples: int, seed: int = 0
+) -> dict[Any, np.ndarray]:
+  """AP of every set of results on `num_samples` resamplings of the videos of `gt` (with
+  replacement), the same draws for every set, so differences between them are paired.
+
+  Returns:
+    {key of `results`: float64 [num_samples] AP in percent}.
+  """
+  video_ids = [v["id"] for v in gt["videos"]]
+  rng = np.random.default_rng(seed)
+  out = {key: np.zeros(num_samples) for key in results}
+  for b in range(num_samples):
+    sample = [int(v) for v in rng.choice(video_ids, size=len(video_ids), replace=True)]
+    for key, entries in results.items():
+      sample_gt, sample_results = resample_videos(gt, entries, sample)
+      out[key][b] = evaluate_ytvis(sample_gt, sample_results)["AP"]
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description="YouTube-VIS mask AP of a results JSON file.")
   parser.add_argument("--gt", required=True, help="annotation JSON with segmentations")
