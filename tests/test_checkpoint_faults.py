@@ -168,6 +168,21 @@ def _truncate_one_file(step_dir: pathlib.Path) -> None:
   os.truncate(f, f.stat().st_size // 2)
 
 
+def _truncate_the_file_of_the_largest_parameter(step_dir: pathlib.Path) -> None:
+  """One data file cut in the middle of the largest parameter's chunk: damage that evaluation,
+  which reads the parameters alone, meets too (the largest file may hold optimizer slots only)."""
+  state = step_dir / "state"
+  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+  chunks = [k for k in store.list().result() if k.startswith(b"params.") and b"/c" in k]
+  stored = max((store.read(k).result().value for k in chunks), key=len)
+  for f in _array_files(step_dir):
+    at = f.read_bytes().find(stored)
+    if at >= 0:
+      os.truncate(f, at + len(stored) // 2)
+      return
+  raise AssertionError(f"no data file under {state} holds the largest parameter's chunk")
+
+
 def _flip_a_byte(step_dir: pathlib.Path) -> None:
   """Silent corruption: one byte changed inside an array file of the right size."""
   f = _array_files(step_dir)[0]
@@ -568,7 +583,7 @@ def _halve_files_over_1kib(step_dir: pathlib.Path) -> None:
 MAIN_DAMAGES = {
     "every-file": _truncate_array_files,
     "files-over-1kib": _halve_files_over_1kib,
-    "one-file": _truncate_one_file,
+    "one-file": _truncate_the_file_of_the_largest_parameter,
 }
 
 
