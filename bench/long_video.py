@@ -262,6 +262,18 @@ class _Scores:
     self.false_scores += [s for s, t in zip(scores, true) if not t]
 
 
+def _video_results(gt: dict, result_paths: list[str]) -> list[list[dict]]:
+  """Each video's results (one file per video, in `gt`'s video order), with its video id."""
+  per_video = []
+  for video, path in zip(gt["videos"], result_paths):
+    entries = json.loads(pathlib.Path(path).read_text())
+    for entry in entries:
+      entry.pop("file_names", None)  # predict's frame names: not part of the evaluation format
+      entry["video_id"] = video["id"]
+    per_video.append(entries)
+  return per_video
+
+
 def _score(args, mode: str, length: int, gt: dict, result_paths: list[str]) -> _Scores:
   """Identity switches (all, at window boundaries), matched fraction and AP of a mode's results."""
   scores = _Scores()
@@ -269,11 +281,7 @@ def _score(args, mode: str, length: int, gt: dict, result_paths: list[str]) -> _
   # A window's first new frame (the frames after the previous window's end).
   boundaries = {previous + args.window for previous in starts[:-1]}
   results = []
-  for video, path in zip(gt["videos"], result_paths):
-    video_results = json.loads(pathlib.Path(path).read_text())
-    for r in video_results:
-      r["video_id"] = video["id"]
-      r.pop("file_names", None)
+  for video, video_results in zip(gt["videos"], _video_results(gt, result_paths)):
     results += video_results
     truths = [a["segmentations"] for a in gt["annotations"] if a["video_id"] == video["id"]]
     predicted, track_scores = tracking.scored_tracks_from_results(video_results)
@@ -353,12 +361,7 @@ def _measure(args, mode, length, datas, gt, variables_path) -> tuple[str, str, l
 def _bootstrap_row(length: int, gt: dict, result_paths: dict, draws: int) -> str:
   """Windows + tracks against the whole video on the same resampled videos (paired): the ratio
   and the difference of their AP, median and 90% interval over `draws` resamplings."""
-  results = {}
-  for mode, paths in result_paths.items():
-    results[mode] = []
-    for video, path in zip(gt["videos"], paths):
-      entries = json.loads(pathlib.Path(path).read_text())
-      results[mode] += [{**e, "video_id": video["id"]} for e in entries]
+  results = {mode: sum(_video_results(gt, paths), []) for mode, paths in result_paths.items()}
   boot = ytvis_eval.paired_bootstrap_ap(gt, results, draws)
   ratio = boot["associated"] / np.maximum(boot["whole"], 1e-9)
   diff = boot["associated"] - boot["whole"]

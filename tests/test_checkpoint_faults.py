@@ -156,6 +156,21 @@ def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
   return sorted(read, key=lambda p: (-p.stat().st_size, str(p)))
 
 
+def _ocdbt_store(state_dir: pathlib.Path) -> ts.KvStore:
+  """The key-value store of a state item (keys such as `params.x/zarr.json`, `params.x/c/0/0`)."""
+  return ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
+
+
+def _files_holding(state_dir: pathlib.Path, stored: bytes) -> list[tuple[pathlib.Path, int]]:
+  """(data file, offset) of every copy of a value's stored bytes under the state item."""
+  found = []
+  for f in sorted(p for p in state_dir.glob("**/d/*") if p.is_file()):
+    at = f.read_bytes().find(stored)
+    if at >= 0:
+      found.append((f, at))
+  return found
+
+
 def _truncate_the_larger_half(step_dir: pathlib.Path) -> None:
   """As after a crash mid-write: some arrays readable, some not."""
   files = _array_files(step_dir)
@@ -172,15 +187,14 @@ def _truncate_the_file_of_the_largest_parameter(step_dir: pathlib.Path) -> None:
   """One data file cut in the middle of the largest parameter's chunk: damage that evaluation,
   which reads the parameters alone, meets too (the largest file may hold optimizer slots only)."""
   state = step_dir / "state"
-  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+  store = _ocdbt_store(state)
   chunks = [k for k in store.list().result() if k.startswith(b"params.") and b"/c" in k]
   stored = max((store.read(k).result().value for k in chunks), key=len)
-  for f in _array_files(step_dir):
-    at = f.read_bytes().find(stored)
-    if at >= 0:
-      os.truncate(f, at + len(stored) // 2)
-      return
-  raise AssertionError(f"no data file under {state} holds the largest parameter's chunk")
+  read = set(_array_files(step_dir))  # not OCDBT's pre-merge copies, which are never read
+  found = [(f, at) for f, at in _files_holding(state, stored) if f in read]
+  assert found, f"no data file under {state} holds the largest parameter's chunk"
+  f, at = found[0]
+  os.truncate(f, at + len(stored) // 2)
 
 
 def _flip_a_byte(step_dir: pathlib.Path) -> None:
@@ -241,7 +255,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
 
 def _array_codecs(state_dir: pathlib.Path) -> dict[str, list[dict]]:
   """{array: its chunk codecs} from the zarr3 metadata in a state item's OCDBT store."""
-  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
+  store = _ocdbt_store(state_dir)
   codecs = {}
   for key in (k.decode() for k in store.list().result()):
     if key.endswith("/zarr.json"):
@@ -266,18 +280,14 @@ def _flip_a_byte_in_the_chunk_of(state_dir: pathlib.Path, key: str) -> None:
   carry their own checksum); the stored bytes of a random chunk are zstd's raw blocks, so without
   a chunk checksum the flip decodes to another value without any error.
   """
-  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
-  stored = store.read(key).result().value
+  stored = _ocdbt_store(state_dir).read(key).result().value
   assert len(stored) > 1024, f"{key} is stored inline ({len(stored)} bytes)"
-  flipped = 0
-  for f in (p for p in state_dir.glob("**/d/*") if p.is_file()):
+  found = _files_holding(state_dir, stored)
+  assert found, f"the stored bytes of {key} are in no data file under {state_dir}"
+  for f, at in found:
     data = bytearray(f.read_bytes())
-    at = data.find(stored)
-    if at >= 0:
-      data[at + len(stored) // 3] ^= 0x10
-      f.write_bytes(bytes(data))
-      flipped += 1
-  assert flipped, f"the stored bytes of {key} are in no data file under {state_dir}"
+    data[at + len(stored) // 3] ^= 0x10
+    f.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "zarr2-unchecked"])
