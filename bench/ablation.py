@@ -14,7 +14,9 @@ Protocols (`--protocol`): the stage-1 weights every arm starts from, `boxes` (no
 (`weights/synthetic_stage1.safetensors`). `--val_videos N` evaluates every run on N validation
 videos (the training videos do not change: each video is drawn from its own seed). `--camouflage
 c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md:
-`--config.data.synthetic.camouflage=c`). After the runs, `--bootstrap B`
+`--config.data.synthetic.camouflage=c`); with `--camouflage_cover f < 1`, format-5 videos (only
+a share f of each camouflaged object's area camouflaged); `--lookalike l`, format-6 videos (a share l
+of objects with a stripe of their own material across their path). After the runs, `--bootstrap B`
 resamples the validation videos B times (the same draws for every run) and reports each arm's AP
 spread over videos and the paired differences of the arms' mean AP.
 
@@ -292,6 +294,15 @@ def _parse_args(argv):
       "--camouflage", type=float, default=0.0, help="format-4 videos with this camouflaged share"
   )
   parser.add_argument(
+      "--camouflage_cover",
+      type=float,
+      default=1.0,
+      help="format-5 videos: the camouflaged share of a camouflaged object's area",
+  )
+  parser.add_argument(
+      "--lookalike", type=float, default=0.0, help="format-6 videos: the look-alike share"
+  )
+  parser.add_argument(
       "--bootstrap", type=int, default=0, help="paired resamplings of the validation videos"
   )
   parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
@@ -310,17 +321,29 @@ def _stage2_config(protocol: str | None):
   return module.get_config(protocol)
 
 
-def data_overrides(config, val_videos: int, camouflage: float):
+def data_overrides(
+    config,
+    val_videos: int,
+    camouflage: float,
+    camouflage_cover: float = 1.0,
+    lookalike: float = 0.0,
+):
   """(overrides, validation JSON): the synthetic set with `val_videos` validation videos (0: the
-  config's) and a `camouflage` share of camouflaged objects (> 0: format 4), generated if absent."""
+  config's), a `camouflage` share of camouflaged objects (> 0: format 4), each on a
+  `camouflage_cover` share of its area (< 1: format 5), and a `lookalike` share of objects with a
+  look-alike stripe (> 0: format 6), generated if absent."""
   from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   s = config.data.synthetic
   s.num_val_videos = val_videos or s.num_val_videos
   s.camouflage = camouflage
+  s.camouflage_cover = camouflage_cover
+  s.lookalike = lookalike
   extra = [
       f"--config.data.synthetic.num_val_videos={s.num_val_videos}",
       f"--config.data.synthetic.camouflage={camouflage}",
+      f"--config.data.synthetic.camouflage_cover={camouflage_cover}",
+      f"--config.data.synthetic.lookalike={lookalike}",
   ]
   return extra, os.path.join(sources.ensure_synthetic(config), "valid.json")
 
@@ -346,7 +369,9 @@ def main(argv=None) -> None:
   extra.append(f"--config.init_from={os.path.abspath(init_from)}")
   workdir = pathlib.Path(args.workdir).absolute()
   jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-  data_extra, gt_json = data_overrides(config, args.val_videos, args.camouflage)
+  data_extra, gt_json = data_overrides(
+      config, args.val_videos, args.camouflage, args.camouflage_cover, args.lookalike
+  )
   extra += data_extra
   if args.print_commands:
     for arm, seed in jobs:
@@ -372,7 +397,8 @@ def main(argv=None) -> None:
   text = (
       f"{summary_table(rows, args.arms)}\n\n" + "\n".join(checks) + f"\n\nStage-2 steps per "
       f"run: {steps}; stage-1 weights: {init_from}; seeds: {args.seeds}; validation videos: "
-      f"{config.data.synthetic.num_val_videos}; camouflage: {args.camouflage:g}.\n"
+      f"{config.data.synthetic.num_val_videos}; camouflage: {args.camouflage:g} (cover "
+      f"{args.camouflage_cover:g}); look-alike: {args.lookalike:g}.\n"
   )
   print(text, flush=True)
   if args.markdown:

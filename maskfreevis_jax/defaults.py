@@ -228,6 +228,10 @@ def data_defaults() -> ml_collections.ConfigDict:
           max_objects=4,
           # > 0: format 4, that share of objects cut from their own background photo (docs/data.md)
           camouflage=0.0,
+          # < 1: format 5, only that share of a camouflaged object's area wears the photo
+          camouflage_cover=1.0,
+          # > 0: format 6, that share of objects has a stripe of its own material across its path
+          lookalike=0.0,
       )
   )
   # Generated still images (data/synthetic_images.py) for the synthetic stage 1.

@@ -1,4 +1,6 @@
-"""Format 4 of the synthetic videos: a share of objects camouflaged in their own background."""
+"""Formats 4 to 6 of the synthetic videos: a share of objects camouflaged in their own
+background, wholly (format 4) or on a share of their area (format 5), or crossing a stripe of
+their own material (format 6)."""
 
 import hashlib
 import json
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
+from skimage import color
 
 from conftest import load_script
 from maskfreevis_jax import defaults
@@ -23,7 +26,7 @@ def _load_bench():
   return load_script("bench/tk_precision.py", "tk_precision")
 
 
-def _generate(out_dir, camouflage, num_videos=8):
+def _generate(out_dir, camouflage, num_videos=8, camouflage_cover=1.0, lookalike=0.0):
   return synthetic.generate(
       str(out_dir),
       seed=0,
@@ -32,6 +35,8 @@ def _generate(out_dir, camouflage, num_videos=8):
       frame_size=(64, 64),
       frames_per_video=(3, 3),
       camouflage=camouflage,
+      camouflage_cover=camouflage_cover,
+      lookalike=lookalike,
   )
 
 
@@ -65,14 +70,22 @@ def _clips(out_dir, max_instances=4):
     )
 
 
-@pytest.mark.parametrize("camouflage", [0.0, 0.5], ids=["format3", "format4"])
-def test_generation_is_a_pure_function_of_the_arguments(tmp_path, camouflage):
-  first = _generate(tmp_path / "a", camouflage, num_videos=2)
-  second = _generate(tmp_path / "b", camouflage, num_videos=2)
+@pytest.mark.parametrize(
+    "camouflage, cover, lookalike, expected_version",
+    [(0.0, 1.0, 0.0, 3), (0.5, 1.0, 0.0, 4), (0.5, 0.5, 0.0, 5), (0.0, 1.0, 1.0, 6)],
+    ids=["format3", "format4", "format5", "format6"],
+)
+def test_generation_is_a_pure_function_of_the_arguments(
+    tmp_path, camouflage, cover, lookalike, expected_version
+):
+  kwargs = dict(num_videos=2, camouflage_cover=cover, lookalike=lookalike)
+  first = _generate(tmp_path / "a", camouflage, **kwargs)
+  second = _generate(tmp_path / "b", camouflage, **kwargs)
   assert first["params"] == second["params"]
-  expected_version = 4 if camouflage else synthetic.FORMAT_VERSION
   assert first["params"]["format_version"] == expected_version
   assert ("camouflage" in first["params"]) == bool(camouflage)
+  assert ("camouflage_cover" in first["params"]) == (cover < 1)
+  assert ("lookalike" in first["params"]) == bool(lookalike)
   for name in ("train.json", "train/JPEGImages/train_00001/00002.jpg"):
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -89,41 +102,172 @@ def test_camouflage_zero_writes_format_3_unchanged(tmp_path):
   assert digest == FORMAT3_TRAIN_JSON_SHA256
 
 
-def test_camouflage_makes_colour_ambiguous_and_motion_not(tmp_path):
-  """Measured by bench/tk_precision.py on the ground truth: camouflaged objects lower the
-  spatial pairs' precision inside the boxes, and TK's pairs stay more precise there."""
+# sha256 of the frames and visible masks of `_Renderer(64, 64).video(default_rng(seed), 3, 4, 0.5)`
+# for seeds 0-3, as rendered by format 4's generator before format 5 existed (commit 3539378).
+FORMAT4_RENDER_SHA256 = "33f21c6d074a0fcabbd92e22c89b12aaa092eb1de4b891a3b22406b332111808"
+
+
+def test_whole_camouflage_renders_format_4_unchanged():
+  """camouflage_cover = 1 (the default) is format 4 as it was rendered before format 5."""
+  renderer = synthetic._Renderer(64, 64)
+  digest = hashlib.sha256()
+  for seed in range(4):
+    frames, visible, _ = renderer.video(np.random.default_rng(seed), 3, 4, 0.5)
+    digest.update(frames.tobytes())
+    digest.update(visible.tobytes())
+  assert digest.hexdigest() == FORMAT4_RENDER_SHA256
+
+
+@pytest.mark.parametrize("cover", [0.3, 0.5, 0.8], ids=["cover0.3", "cover0.5", "cover0.8"])
+def test_a_partly_camouflaged_object_wears_the_photo_on_its_cover_share(cover):
+  """Format 5: swapping the camouflage photo changes exactly the pixels beyond the cut, a `cover`
+  share of the mask; the rest keeps the object's own colouring."""
+  renderer = synthetic._Renderer(96, 96)
+  label = synthetic.SHAPE_CLASSES.index("ellipse")
+  appearance = dict(
+      aspect=0.8,
+      colouring=dict(hue=0.3, saturation=0.9, value=0.9),
+      texture=-1,
+      tex_offset=np.array([5, 7]),
+      camouflage=True,
+      cut=synthetic._camouflage_cut(np.random.default_rng(0), label, 0.8, cover),
+  )
+  frames = []
+  for photo in (0, 1):
+    frame = np.zeros((96, 96, 3), np.uint8)
+    appearance["camouflage_texture"] = photo
+    mask = renderer.draw_object(frame, label, appearance, 48.0, 48.0, 0.4, 40.0)
+    frames.append(frame)
+  changed = (frames[0] != frames[1]).any(axis=-1)
+  assert not (changed & ~mask).any()
+  assert abs(changed[mask].mean() - cover) < 0.05, changed[mask].mean()
+  own = synthetic.paint_object(appearance["colouring"], shade=np.ones(1))[0]
+  assert np.abs(frames[0][mask & ~changed].astype(int) - own).max() <= 64
+
+
+def _video_with_a_stripe(monkeypatch, seed=3, length=7):
+  """(renderer, visible [1, L, H, W], object, stripe masks bool [L, H, W]) of a one-object
+  format-6 video; the stripe masks are where `video` painted the stripe in each frame."""
+  renderer = synthetic._Renderer(96, 96)
+  drawn = []
+  original = renderer._lookalike_band
+
+  def recording(rng, obj, bg_index, start, pan, length):
+    drawn.append((obj, bg_index, start, pan))
+    return original(rng, obj, bg_index, start, pan, length)
+
+  monkeypatch.setattr(renderer, "_lookalike_band", recording)
+  _, visible, _ = renderer.video(np.random.default_rng(seed), length, 1, lookalike=1.0)
+  ((obj, bg_index, start, pan),) = drawn
+  spare = np.array(renderer.backgrounds[bg_index].shape[:2]) - 96
+  stripes = []
+  for t in range(length):
+    painted = np.zeros((96, 96, 3), np.uint8)
+    renderer._draw_band(painted, obj, *np.clip(np.rint(start + pan * t), 0, spare).astype(int))
+    stripes.append(painted.any(axis=-1))
+  return renderer, visible, obj, np.stack(stripes)
+
+
+def test_a_lookalike_stripe_is_the_objects_material(monkeypatch):
+  """Format 6: the stripe is the object's texture photo in the object's colouring."""
+  renderer, _, obj, _ = _video_with_a_stripe(monkeypatch)
+  assert obj["texture"] >= 0  # made textured: a flat fill would match every stripe patch
+  sample = np.zeros((96, 96, 3), np.uint8)
+  renderer._draw_band(sample, obj, 0, 0)
+  painted = sample.any(axis=-1)
+  assert 0 < painted.mean() < 1
+  hues = color.rgb2hsv(sample[painted][None].astype(np.float32) / 255)[0, :, 0]
+  hue_error = np.abs((hues - obj["colouring"]["hue"] + 0.5) % 1.0 - 0.5)
+  assert np.median(hue_error) < 0.05, np.median(hue_error)
+
+
+def test_a_lookalike_stripe_pans_with_the_background(monkeypatch):
+  """The stripe is fixed in background coordinates: moving the crop moves it by as much."""
+  renderer, _, obj, _ = _video_with_a_stripe(monkeypatch)
+  first, moved = np.zeros((2, 96, 96, 3), np.uint8)
+  renderer._draw_band(first, obj, 10, 20)
+  renderer._draw_band(moved, obj, 13, 22)
+  assert first.any()
+  np.testing.assert_array_equal(moved[:-3, :-2], first[3:, 2:])
+
+
+def _object_cells(obj, mask, t, cells=8):
+  """The object's own-frame grid cells (u, v quantised, `cells` per radius) that `mask` covers
+  at frame `t`, as `video` places the object."""
+  ys, xs = np.nonzero(mask)
+  radius = obj["radius"] * (1.0 + obj["growth"] * t)
+  dy, dx = ys + 0.5 - (obj["cy"] + obj["vy"] * t), xs + 0.5 - (obj["cx"] + obj["vx"] * t)
+  angle = obj["angle"] + obj["spin"] * t
+  u = (np.cos(angle) * dx + np.sin(angle) * dy) / radius
+  v = (-np.sin(angle) * dx + np.cos(angle) * dy) / radius
+  return set(zip(np.floor(u * cells).astype(int), np.floor(v * cells).astype(int)))
+
+
+@pytest.mark.parametrize("seed", [0, 3, 6], ids=["seed0", "seed3", "seed6"])
+def test_the_object_crosses_its_stripe(monkeypatch, seed):
+  """The object moves across its stripe: a good share of the object's own parts (cells of its
+  frame) that lie on the stripe in one frame lie off it in another, so TK can carry them."""
+  _, visible, obj, stripes = _video_with_a_stripe(monkeypatch, seed)
+  frames = [t for t, m in enumerate(visible[0]) if m.sum() > 20]
+  first, last = frames[0], frames[-1]
+  both = _object_cells(obj, visible[0, first], first) & _object_cells(obj, visible[0, last], last)
+  on = [_object_cells(obj, visible[0, t] & stripes[t], t) & both for t in (first, last)]
+  hidden_once = on[0] ^ on[1]
+  assert len(hidden_once) > 0.3 * len(both), (len(hidden_once), len(both))
+
+
+@pytest.mark.parametrize(
+    "cover, lookalike", [(1.0, 0.0), (0.5, 0.0), (1.0, 1.0)], ids=["format4", "format5", "format6"]
+)
+def test_camouflage_makes_colour_ambiguous_and_motion_not(tmp_path, cover, lookalike):
+  """Measured by bench/tk_precision.py on the ground truth: camouflaged objects, wholly or on half
+  their area, and objects crossing a stripe of their own material lower the spatial pairs'
+  precision inside the boxes, and TK's pairs stay more precise there."""
   bench = _load_bench()
   config = losses.MaskFreeLossConfig(box_window_fractions=())
   zone = bench.ZONES.index("box_not_mask")
   precision = {}
-  for camouflage in (0.0, 1.0):
-    out_dir = tmp_path / f"c{camouflage}"
-    _generate(out_dir, camouflage)
+  for share in (0.0, 1.0):
+    out_dir = tmp_path / f"c{share}"
+    camouflage = 0.0 if lookalike else share
+    _generate(out_dir, camouflage, camouflage_cover=cover, lookalike=lookalike * share)
     stats = bench.pair_statistics(list(_clips(out_dir)), config)
-    precision[camouflage] = {k: v.precision[zone] for k, v in stats.items()}
-    chex.assert_tree_all_finite(jnp.asarray(list(precision[camouflage].values())))
+    precision[share] = {k: v.precision[zone] for k, v in stats.items()}
+    chex.assert_tree_all_finite(jnp.asarray(list(precision[share].values())))
   assert precision[0.0]["spatial"] > 0.9, precision
   assert precision[1.0]["spatial"] < precision[0.0]["spatial"] - 0.1, precision
   assert precision[1.0]["temporal"] > precision[1.0]["spatial"] + 0.05, precision
 
 
-def test_camouflage_must_be_a_share(tmp_path):
-  with pytest.raises(ValueError, match="camouflage"):
-    _generate(tmp_path, 1.5)
+@pytest.mark.parametrize(
+    "camouflage, cover, argument",
+    [(1.5, 1.0, "camouflage must"), (0.5, 0.0, "camouflage_cover"), (0.5, 1.5, "camouflage_cover")],
+    ids=["camouflage-above-1", "cover-0", "cover-above-1"],
+)
+def test_camouflage_and_its_cover_must_be_shares(tmp_path, camouflage, cover, argument):
+  with pytest.raises(ValueError, match=argument):
+    _generate(tmp_path, camouflage, camouflage_cover=cover)
 
 
 @pytest.mark.parametrize(
-    "camouflage, format_version",
-    [(0.0, synthetic.FORMAT_VERSION), (0.5, synthetic.CAMOUFLAGE_FORMAT_VERSION)],
-    ids=["format-3", "format-4"],
+    "camouflage, cover, format_version",
+    [
+        (0.0, 1.0, synthetic.FORMAT_VERSION),
+        (0.5, 1.0, synthetic.CAMOUFLAGE_FORMAT_VERSION),
+        (0.5, 0.5, synthetic.PARTIAL_CAMOUFLAGE_FORMAT_VERSION),
+    ],
+    ids=["format-3", "format-4", "format-5"],
 )
-def test_config_camouflage_generates_its_own_format(tmp_path, camouflage, format_version):
+def test_config_camouflage_generates_its_own_format(tmp_path, camouflage, cover, format_version):
   config = defaults.get_config("tiny", num_classes=len(synthetic.SHAPE_CLASSES))
   s = config.data.synthetic
   s.cache_dir, s.num_train_videos, s.num_val_videos = str(tmp_path), 2, 1
   s.frame_size, s.frames_per_video, s.camouflage = (32, 32), (2, 2), camouflage
+  s.camouflage_cover = cover
   folder = sources.ensure_synthetic(config)
   params = json.loads((pathlib.Path(folder) / synthetic.MARKER_FILE).read_text())["params"]
   assert params["format_version"] == format_version, params
   assert params.get("camouflage", 0.0) == camouflage, params
+  assert params.get("camouflage_cover", 1.0) == cover, params
   assert ("camouflage" in pathlib.Path(folder).name) == (camouflage > 0), folder
+  assert ("cover" in pathlib.Path(folder).name) == (cover < 1), folder

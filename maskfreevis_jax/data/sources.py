@@ -98,9 +98,14 @@ def ensure_synthetic(config: ml_collections.ConfigDict) -> str:
   s = config.data.synthetic
   out = s.cache_dir or synthetic.default_cache_dir()
   name = (
-      f"s{s.seed}_{s.frame_size[0]}x{s.frame_size[1]}_{s.num_train_videos}_"
-      f"{s.num_val_videos}_{s.frames_per_video[0]}-{s.frames_per_video[1]}_o{s.max_objects}"
-  ) + (f"_camouflage{s.camouflage:g}" if s.camouflage else "")
+      (
+          f"s{s.seed}_{s.frame_size[0]}x{s.frame_size[1]}_{s.num_train_videos}_"
+          f"{s.num_val_videos}_{s.frames_per_video[0]}-{s.frames_per_video[1]}_o{s.max_objects}"
+      )
+      + (f"_camouflage{s.camouflage:g}" if s.camouflage else "")
+      + (f"_cover{s.camouflage_cover:g}" if s.camouflage and s.camouflage_cover < 1 else "")
+      + (f"_lookalike{s.lookalike:g}" if s.lookalike else "")
+  )
   return synthetic.ensure_dataset(
       os.path.join(out, name),
       seed=s.seed,
@@ -110,6 +115,8 @@ def ensure_synthetic(config: ml_collections.ConfigDict) -> str:
       frames_per_video=tuple(s.frames_per_video),
       max_objects=s.max_objects,
       camouflage=s.camouflage,
+      camouflage_cover=s.camouflage_cover,
+      lookalike=s.lookalike,
   )
 
 

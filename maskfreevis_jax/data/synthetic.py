@@ -61,6 +61,15 @@ CAMOUFLAGE_FORMAT_VERSION = 4
 # A camouflaged object moves at least this share of the frame's side per frame (relative to the
 # frame; the background pans at most 0.015), so its motion tells it from the background.
 CAMOUFLAGE_MIN_SPEED = 0.04
+# 5: format 4 with camouflage_cover < 1: only that share of a camouflaged object's area (beyond a
+# straight cut across it) wears the background photo; the rest keeps its class colouring, so the
+# object stays visible in one frame while the camouflaged part's outline is told by motion alone.
+PARTIAL_CAMOUFLAGE_FORMAT_VERSION = 5
+# 6: format 3 plus a share of objects with a look-alike band: a stripe of the object's own material
+# (its texture photo in its colouring) in the background, across its path. Where the object
+# overlaps the stripe its outline is invisible in that frame; as it moves across, the ambiguous
+# part changes from frame to frame, while the object's own appearance stays the same.
+LOOKALIKE_FORMAT_VERSION = 6
 # Each class has a characteristic hue, a sixth of the colour wheel apart, as real categories have
 # typical colours; each object varies it slightly and picks its saturation and brightness freely.
 # The class is then visible in the pixels inside the mask, which is what the decoder's masked
@@ -157,6 +166,19 @@ def _other_index(rng: np.random.Generator, size: int, excluded: int) -> int:
   return index + (index >= excluded)
 
 
+def _camouflage_cut(
+    rng: np.random.Generator, label: int, aspect: float, cover: float
+) -> tuple[float, float]:
+  """(direction, threshold) of a straight cut in the object's own frame: the pixels with
+  u cos(direction) + v sin(direction) < threshold are `cover` of the shape's area."""
+  direction = float(rng.uniform(0, 2 * np.pi))
+  grid = np.linspace(-1.0, 1.0, 129)
+  v, u = np.meshgrid(grid, grid, indexing="ij")
+  inside = _shape_mask(SHAPE_CLASSES[label], u, v, aspect)
+  along = (u * np.cos(direction) + v * np.sin(direction))[inside]
+  return direction, float(np.quantile(along, cover))
+
+
 class _Renderer:
   """Holds the backgrounds/textures for one frame size (loaded once per generation)."""
 
@@ -190,25 +212,75 @@ class _Renderer:
     mask = _shape_mask(SHAPE_CLASSES[label], u, v, appearance["aspect"])
     if not mask.any():
       return mask
-    if appearance.get("camouflage", False):
+    if appearance.get("camouflage", False) and "cut" not in appearance:
       # Cut from the video's own background photo, untinted: in one frame its colours are the
       # background's; only its motion relative to the background sets it apart.
-      tex = self.textures[appearance["texture"]]
-      ty = (np.rint(v * radius).astype(int) + appearance["tex_offset"][0]) % tex.shape[0]
-      tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
-      frame[mask] = tex[ty[mask], tx[mask]]
-    elif appearance["texture"] >= 0:
-      tex = self.textures[appearance["texture"]]
-      ty = (np.rint(v * radius).astype(int) + appearance["tex_offset"][0]) % tex.shape[0]
-      tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
-      frame[mask] = paint_object(appearance["colouring"], texture=tex[ty[mask], tx[mask]])
+      frame[mask] = self._texture(appearance["texture"], appearance, u, v, radius, mask)
+      return mask
+    if appearance["texture"] >= 0:
+      texture = self._texture(appearance["texture"], appearance, u, v, radius, mask)
+      frame[mask] = paint_object(appearance["colouring"], texture=texture)
     else:
       shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
       frame[mask] = paint_object(appearance["colouring"], shade=shade)
+    if "cut" in appearance:  # format 5: the part beyond the cut wears the background photo
+      direction, threshold = appearance["cut"]
+      part = mask & (u * np.cos(direction) + v * np.sin(direction) < threshold)
+      frame[part] = self._texture(appearance["camouflage_texture"], appearance, u, v, radius, part)
     return mask
 
-  def video(self, rng: np.random.Generator, length: int, max_objects: int, camouflage: float = 0.0):
-    """Renders one video; a `camouflage` share of its objects wears its background photo.
+  def _lookalike_band(self, rng, obj, bg_index, start, pan, length) -> dict[str, Any]:
+    """Makes `obj` (one `video` object) textured and moving, and returns its look-alike stripe:
+    centred on its position at the middle frame, in background coordinates (it pans with the
+    background), across its motion relative to the background, as wide as its radius."""
+    if obj["texture"] < 0:  # a flat fill matches every patch of a flat stripe: TK cannot tell
+      obj["texture"] = _other_index(rng, len(self.textures), bg_index)
+    # The crop moves by `pan` per frame, so the background's content moves by -pan in the frame.
+    relative = np.array([obj["vy"], obj["vx"]]) + pan
+    speed = float(np.hypot(*relative))
+    floor = CAMOUFLAGE_MIN_SPEED * min(self.height, self.width)
+    heading = np.arctan2(*relative) if speed > 0 else rng.uniform(0, 2 * np.pi)
+    if speed < floor:
+      obj.update(vy=floor * np.sin(heading) - pan[0], vx=floor * np.cos(heading) - pan[1])
+    middle = (length - 1) / 2
+    centre = start + pan * middle + [obj["cy"] + obj["vy"] * middle, obj["cx"] + obj["vx"] * middle]
+    return dict(
+        centre=centre,
+        normal=np.array([np.sin(heading), np.cos(heading)]),
+        width=obj["radius"],
+        tex_offset=rng.integers(0, 10_000, size=2),
+    )
+
+  def _draw_band(self, frame: np.ndarray, obj: dict[str, Any], oy: int, ox: int) -> None:
+    """Paints `obj`'s look-alike stripe into `frame` (the background crop at offset oy, ox)."""
+    band = obj["band"]
+    by, bx = self.grid_y + oy, self.grid_x + ox  # background coordinates of the frame's pixels
+    (cy, cx), (ny, nx) = band["centre"], band["normal"]
+    where = np.abs((by - cy) * ny + (bx - cx) * nx) <= band["width"] / 2
+    tex = self.textures[obj["texture"]]
+    ty = (by.astype(int) + band["tex_offset"][0]) % tex.shape[0]
+    tx = (bx.astype(int) + band["tex_offset"][1]) % tex.shape[1]
+    frame[where] = paint_object(obj["colouring"], texture=tex[ty[where], tx[where]])
+
+  def _texture(self, index, appearance, u, v, radius, where) -> np.ndarray:
+    """Texture `index`'s pixels at `where` (bool [H, W]), fixed to the object's frame."""
+    tex = self.textures[index]
+    ty = (np.rint(v * radius).astype(int) + appearance["tex_offset"][0]) % tex.shape[0]
+    tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
+    return tex[ty[where], tx[where]]
+
+  def video(
+      self,
+      rng: np.random.Generator,
+      length: int,
+      max_objects: int,
+      camouflage: float = 0.0,
+      camouflage_cover: float = 1.0,
+      lookalike: float = 0.0,
+  ):
+    """Renders one video; a `camouflage` share of its objects wears its background photo
+    (on `camouflage_cover` of their area: 1 the whole object, format 4; less, format 5), and a
+    `lookalike` share has a stripe of its own material across its path (format 6).
 
     Returns:
       frames uint8 [L, H, W, 3], visible masks bool [K, L, H, W], labels list[int] (K).
@@ -261,19 +333,29 @@ class _Renderer:
       # Drawn only when asked, so camouflage=0 keeps format 3's random stream (byte-identical).
       if camouflage > 0 and rng.uniform() < camouflage:
         obj = objects[-1]
-        obj.update(camouflage=True, texture=bg_index)
+        if camouflage_cover >= 1.0:
+          obj.update(camouflage=True, texture=bg_index)
+        else:
+          obj.update(camouflage=True, camouflage_texture=bg_index)
         # Motion is all that sets it apart: at least CAMOUFLAGE_MIN_SPEED of the frame per step.
         speed = float(np.hypot(obj["vy"], obj["vx"]))
         floor = CAMOUFLAGE_MIN_SPEED * size
         if speed < floor:
           heading = np.arctan2(obj["vy"], obj["vx"]) if speed > 0 else rng.uniform(0, 2 * np.pi)
           obj.update(vy=floor * np.sin(heading), vx=floor * np.cos(heading))
+        if camouflage_cover < 1.0:
+          obj["cut"] = _camouflage_cut(rng, label, obj["aspect"], camouflage_cover)
+      if lookalike > 0 and rng.uniform() < lookalike:
+        objects[-1]["band"] = self._lookalike_band(rng, objects[-1], bg_index, start, pan, length)
     # Random depth order: later objects occlude earlier ones.
     frames = np.empty((length, h, w, 3), np.uint8)
     full = np.zeros((num_objects, length, h, w), bool)
     for t in range(length):
       oy, ox = np.clip(np.rint(start + pan * t), 0, [spare_y, spare_x]).astype(int)
       frame = bg[oy : oy + h, ox : ox + w].copy()
+      for obj in objects:
+        if "band" in obj:
+          self._draw_band(frame, obj, oy, ox)
       for k, obj in enumerate(objects):
         radius = obj["radius"] * (1.0 + obj["growth"] * t)
         cy, cx = obj["cy"] + obj["vy"] * t, obj["cx"] + obj["vx"] * t
@@ -355,6 +437,8 @@ def _write_split(
     jpeg_quality: int,
     min_visible_pixels: int,
     camouflage: float = 0.0,
+    camouflage_cover: float = 1.0,
+    lookalike: float = 0.0,
 ) -> dict[str, Any]:
   split_index = {"train": 0, "valid": 1}[split]
   videos, annotations = [], []
@@ -363,7 +447,9 @@ def _write_split(
     length = int(rng.integers(frames_range[0], frames_range[1] + 1))
     # Retry (deterministically) until at least one object is visible somewhere.
     for _ in range(20):
-      frames, visible, labels = renderer.video(rng, length, max_objects, camouflage)
+      frames, visible, labels = renderer.video(
+          rng, length, max_objects, camouflage, camouflage_cover, lookalike
+      )
       visible &= visible.sum(axis=(2, 3), keepdims=True) >= min_visible_pixels
       if visible.any():
         break
@@ -406,6 +492,8 @@ def generate(
     jpeg_quality: int = 90,
     min_visible_pixels: int = 4,
     camouflage: float = 0.0,
+    camouflage_cover: float = 1.0,
+    lookalike: float = 0.0,
 ) -> dict[str, Any]:
   """Writes the synthetic dataset (YouTube-VIS JSON + JPEG frames) into ``out_dir``.
 
@@ -422,6 +510,12 @@ def generate(
     camouflage: the share of objects cut from their video's own background photo, untinted
       (format 4; 0 writes format 3 unchanged): spatial colour cannot tell them from the
       background, their motion relative to it can.
+    camouflage_cover: the share of a camouflaged object's area that wears the background photo,
+      beyond a straight cut across it (format 5 when < 1; 1 is format 4: the whole object). The
+      rest keeps its class colouring, so the object stays visible in a single frame.
+    lookalike: the share of objects (made textured) with a stripe of their own material in the
+      background across their path (format 6, docs/data.md): their outline is invisible where
+      they overlap it, a part that changes from frame to frame as they move across.
 
   Returns:
     The parameters and per-split counts (also written to the marker file).
@@ -438,6 +532,10 @@ def generate(
     raise ValueError("video counts must be >= 0 and max_objects >= 1")
   if not 0.0 <= camouflage <= 1.0:
     raise ValueError(f"camouflage must be a share in [0, 1], got {camouflage}")
+  if not 0.0 < camouflage_cover <= 1.0:
+    raise ValueError(f"camouflage_cover must be a share in (0, 1], got {camouflage_cover}")
+  if not 0.0 <= lookalike <= 1.0:
+    raise ValueError(f"lookalike must be a share in [0, 1], got {lookalike}")
   params = _params(
       seed,
       num_train_videos,
@@ -448,6 +546,8 @@ def generate(
       jpeg_quality,
       min_visible_pixels,
       camouflage,
+      camouflage_cover,
+      lookalike,
   )
   start = time.time()
   os.makedirs(out_dir, exist_ok=True)
@@ -468,6 +568,8 @@ def generate(
         jpeg_quality,
         min_visible_pixels,
         camouflage,
+        camouflage_cover,
+        lookalike,
     )
   summary = dict(params=params, counts=counts, seconds=round(time.time() - start, 2))
   with open(marker, "w") as f:
@@ -486,6 +588,8 @@ def _params(
     jpeg_quality=90,
     min_visible_pixels=4,
     camouflage=0.0,
+    camouflage_cover=1.0,
+    lookalike=0.0,
 ) -> dict[str, Any]:
   params = dict(
       format_version=FORMAT_VERSION,
@@ -500,6 +604,12 @@ def _params(
   )
   if camouflage > 0:  # format 4: format 3 plus camouflaged objects; 0 keeps format 3's marker
     params.update(format_version=CAMOUFLAGE_FORMAT_VERSION, camouflage=float(camouflage))
+    if camouflage_cover < 1.0:  # format 5: partly camouflaged objects
+      params.update(
+          format_version=PARTIAL_CAMOUFLAGE_FORMAT_VERSION, camouflage_cover=float(camouflage_cover)
+      )
+  if lookalike > 0:  # format 6: look-alike stripes (0 keeps the other formats' markers)
+    params.update(format_version=LOOKALIKE_FORMAT_VERSION, lookalike=float(lookalike))
   return params
 
 
@@ -533,6 +643,8 @@ def ensure_dataset(
     jpeg_quality: int = 90,
     min_visible_pixels: int = 4,
     camouflage: float = 0.0,
+    camouflage_cover: float = 1.0,
+    lookalike: float = 0.0,
 ) -> str:
   """Generates the dataset into ``out_dir`` unless a complete copy is already there.
 
@@ -553,6 +665,8 @@ def ensure_dataset(
       jpeg_quality=jpeg_quality,
       min_visible_pixels=min_visible_pixels,
       camouflage=camouflage,
+      camouflage_cover=camouflage_cover,
+      lookalike=lookalike,
   )
   if is_complete(out_dir, **params):
     return out_dir
@@ -869,6 +983,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   )
   parser.add_argument("--max_objects", type=int, default=4)
   parser.add_argument("--camouflage", type=float, default=0.0, help="format 4: camouflaged share")
+  parser.add_argument(
+      "--camouflage_cover", type=float, default=1.0, help="format 5: camouflaged share of its area"
+  )
+  parser.add_argument("--lookalike", type=float, default=0.0, help="format 6: look-alike share")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   console.enable_echo()
@@ -881,6 +999,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       frames_per_video=args.frames_per_video,
       max_objects=args.max_objects,
       camouflage=args.camouflage,
+      camouflage_cover=args.camouflage_cover,
+      lookalike=args.lookalike,
   )
   console.report(json.dumps(summary))
 
