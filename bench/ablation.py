@@ -16,7 +16,8 @@ videos (the training videos do not change: each video is drawn from its own seed
 c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md:
 `--config.data.synthetic.camouflage=c`); with `--camouflage_cover f < 1`, format-5 videos (only
 a share f of each camouflaged object's area camouflaged); `--lookalike l`, format-6 videos (a share l
-of objects with a stripe of their own material across their path). After the runs, `--bootstrap B`
+of objects with spots of their own material along their path); `--data_seed s`, another synthetic
+data seed (a design set: new training and validation videos). After the runs, `--bootstrap B`
 resamples the validation videos B times (the same draws for every run) and reports each arm's AP
 spread over videos and the paired differences of the arms' mean AP.
 
@@ -303,6 +304,13 @@ def _parse_args(argv):
       "--lookalike", type=float, default=0.0, help="format-6 videos: the look-alike share"
   )
   parser.add_argument(
+      "--data_seed",
+      type=int,
+      default=None,
+      help="synthetic data seed (default: the config's 0); another seed is a design set, "
+      "training and validation videos both new",
+  )
+  parser.add_argument(
       "--bootstrap", type=int, default=0, help="paired resamplings of the validation videos"
   )
   parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
@@ -327,11 +335,12 @@ def data_overrides(
     camouflage: float,
     camouflage_cover: float = 1.0,
     lookalike: float = 0.0,
+    data_seed: int | None = None,
 ):
   """(overrides, validation JSON): the synthetic set with `val_videos` validation videos (0: the
   config's), a `camouflage` share of camouflaged objects (> 0: format 4), each on a
   `camouflage_cover` share of its area (< 1: format 5), and a `lookalike` share of objects with a
-  look-alike stripe (> 0: format 6), generated if absent."""
+  look-alike spots (> 0: format 6), from `data_seed` (None: the config's), generated if absent."""
   from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   s = config.data.synthetic
@@ -339,11 +348,13 @@ def data_overrides(
   s.camouflage = camouflage
   s.camouflage_cover = camouflage_cover
   s.lookalike = lookalike
+  s.seed = s.seed if data_seed is None else data_seed
   extra = [
       f"--config.data.synthetic.num_val_videos={s.num_val_videos}",
       f"--config.data.synthetic.camouflage={camouflage}",
       f"--config.data.synthetic.camouflage_cover={camouflage_cover}",
       f"--config.data.synthetic.lookalike={lookalike}",
+      f"--config.data.synthetic.seed={s.seed}",
   ]
   return extra, os.path.join(sources.ensure_synthetic(config), "valid.json")
 
@@ -370,7 +381,12 @@ def main(argv=None) -> None:
   workdir = pathlib.Path(args.workdir).absolute()
   jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
   data_extra, gt_json = data_overrides(
-      config, args.val_videos, args.camouflage, args.camouflage_cover, args.lookalike
+      config,
+      args.val_videos,
+      args.camouflage,
+      args.camouflage_cover,
+      args.lookalike,
+      args.data_seed,
   )
   extra += data_extra
   if args.print_commands:
@@ -398,7 +414,8 @@ def main(argv=None) -> None:
       f"{summary_table(rows, args.arms)}\n\n" + "\n".join(checks) + f"\n\nStage-2 steps per "
       f"run: {steps}; stage-1 weights: {init_from}; seeds: {args.seeds}; validation videos: "
       f"{config.data.synthetic.num_val_videos}; camouflage: {args.camouflage:g} (cover "
-      f"{args.camouflage_cover:g}); look-alike: {args.lookalike:g}.\n"
+      f"{args.camouflage_cover:g}); look-alike: {args.lookalike:g}; data seed: "
+      f"{config.data.synthetic.seed}.\n"
   )
   print(text, flush=True)
   if args.markdown:
