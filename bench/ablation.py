@@ -16,7 +16,7 @@ videos (the training videos do not change: each video is drawn from its own seed
 c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md:
 `--config.data.synthetic.camouflage=c`); with `--camouflage_cover f < 1`, format-5 videos (only
 a share f of each camouflaged object's area camouflaged); `--lookalike l`, format-6 videos (a share l
-of objects with spots of their own material along their path); `--data_seed s`, another synthetic
+of objects with a stripe of their own material across their path); `--data_seed s`, another synthetic
 data seed (a design set: new training and validation videos). After the runs, `--bootstrap B`
 resamples the validation videos B times (the same draws for every run) and reports each arm's AP
 spread over videos and the paired differences of the arms' mean AP.
@@ -340,7 +340,7 @@ def data_overrides(
   """(overrides, validation JSON): the synthetic set with `val_videos` validation videos (0: the
   config's), a `camouflage` share of camouflaged objects (> 0: format 4), each on a
   `camouflage_cover` share of its area (< 1: format 5), and a `lookalike` share of objects with a
-  look-alike spots (> 0: format 6), from `data_seed` (None: the config's), generated if absent."""
+  look-alike stripe (> 0: format 6), from `data_seed` (None: the config's), generated if absent."""
   from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   s = config.data.synthetic

@@ -65,16 +65,11 @@ CAMOUFLAGE_MIN_SPEED = 0.04
 # straight cut across it) wears the background photo; the rest keeps its class colouring, so the
 # object stays visible in one frame while the camouflaged part's outline is told by motion alone.
 PARTIAL_CAMOUFLAGE_FORMAT_VERSION = 5
-# 6: format 3 plus a share of objects with look-alike spots: discs of the object's own material
-# (its texture photo in its colouring) in the background, each touching the object's outline in
-# one frame. Where a spot touches the object, colour cannot tell the two apart in that frame; in
-# the other frames the object has moved on and the spot lies apart. (Commit 1ccf32a had a stripe
-# across the object's path instead: docs/ablation.md.)
+# 6: format 3 plus a share of objects with a look-alike band: a stripe of the object's own material
+# (its texture photo in its colouring) in the background, across its path. Where the object
+# overlaps the stripe its outline is invisible in that frame; as it moves across, the ambiguous
+# part changes from frame to frame, while the object's own appearance stays the same.
 LOOKALIKE_FORMAT_VERSION = 6
-# A look-alike object moves at least this share of the frame's side per frame relative to the
-# background, and its spots have this share of its radius.
-LOOKALIKE_MIN_SPEED = 0.06
-LOOKALIKE_SPOT_RADIUS = 0.4
 # Each class has a characteristic hue, a sixth of the colour wheel apart, as real categories have
 # typical colours; each object varies it slightly and picks its saturation and brightness freely.
 # The class is then visible in the pixels inside the mask, which is what the decoder's masked
@@ -234,47 +229,37 @@ class _Renderer:
       frame[part] = self._texture(appearance["camouflage_texture"], appearance, u, v, radius, part)
     return mask
 
-  def _lookalike_spots(self, rng, obj, bg_index, start, pan, length) -> dict[str, Any]:
-    """Makes `obj` (one `video` object) textured and moving, and returns its look-alike spots:
-    discs of its own material fixed to the background (they pan with it), one per frame, each
-    placed ahead of or behind the object (within 45 degrees of its motion relative to the
-    background) to touch its outline at that frame; the object moves on, so a spot touches it
-    around one frame and lies apart from it (or under it) a few frames away."""
-    if obj["texture"] < 0:  # a flat fill matches every patch of a flat spot: TK cannot tell
+  def _lookalike_band(self, rng, obj, bg_index, start, pan, length) -> dict[str, Any]:
+    """Makes `obj` (one `video` object) textured and moving, and returns its look-alike stripe:
+    centred on its position at the middle frame, in background coordinates (it pans with the
+    background), across its motion relative to the background, as wide as its radius."""
+    if obj["texture"] < 0:  # a flat fill matches every patch of a flat stripe: TK cannot tell
       obj["texture"] = _other_index(rng, len(self.textures), bg_index)
     # The crop moves by `pan` per frame, so the background's content moves by -pan in the frame.
     relative = np.array([obj["vy"], obj["vx"]]) + pan
     speed = float(np.hypot(*relative))
-    floor = LOOKALIKE_MIN_SPEED * min(self.height, self.width)
+    floor = CAMOUFLAGE_MIN_SPEED * min(self.height, self.width)
     heading = np.arctan2(*relative) if speed > 0 else rng.uniform(0, 2 * np.pi)
     if speed < floor:
       obj.update(vy=floor * np.sin(heading) - pan[0], vx=floor * np.cos(heading) - pan[1])
-    frames = np.arange(length)
-    behind = rng.integers(0, 2, length)
-    angles = heading + np.pi * behind + rng.uniform(-np.pi / 4, np.pi / 4, length)
-    reach = obj["radius"] * (1.0 + obj["growth"] * frames) * rng.uniform(0.5, 1.0, length)
-    centres = (
-        start
-        + pan * frames[:, None]
-        + np.stack([obj["cy"] + obj["vy"] * frames, obj["cx"] + obj["vx"] * frames], axis=1)
-        + reach[:, None] * np.stack([np.sin(angles), np.cos(angles)], axis=1)
-    )
+    middle = (length - 1) / 2
+    centre = start + pan * middle + [obj["cy"] + obj["vy"] * middle, obj["cx"] + obj["vx"] * middle]
     return dict(
-        centres=centres,
-        radius=LOOKALIKE_SPOT_RADIUS * obj["radius"],
+        centre=centre,
+        normal=np.array([np.sin(heading), np.cos(heading)]),
+        width=obj["radius"],
         tex_offset=rng.integers(0, 10_000, size=2),
     )
 
-  def _draw_spots(self, frame: np.ndarray, obj: dict[str, Any], oy: int, ox: int) -> None:
-    """Paints `obj`'s look-alike spots into `frame` (the background crop at offset oy, ox)."""
-    spots = obj["spots"]
+  def _draw_band(self, frame: np.ndarray, obj: dict[str, Any], oy: int, ox: int) -> None:
+    """Paints `obj`'s look-alike stripe into `frame` (the background crop at offset oy, ox)."""
+    band = obj["band"]
     by, bx = self.grid_y + oy, self.grid_x + ox  # background coordinates of the frame's pixels
-    where = np.zeros(frame.shape[:2], bool)
-    for cy, cx in spots["centres"]:
-      where |= (by - cy) ** 2 + (bx - cx) ** 2 <= spots["radius"] ** 2
+    (cy, cx), (ny, nx) = band["centre"], band["normal"]
+    where = np.abs((by - cy) * ny + (bx - cx) * nx) <= band["width"] / 2
     tex = self.textures[obj["texture"]]
-    ty = (by.astype(int) + spots["tex_offset"][0]) % tex.shape[0]
-    tx = (bx.astype(int) + spots["tex_offset"][1]) % tex.shape[1]
+    ty = (by.astype(int) + band["tex_offset"][0]) % tex.shape[0]
+    tx = (bx.astype(int) + band["tex_offset"][1]) % tex.shape[1]
     frame[where] = paint_object(obj["colouring"], texture=tex[ty[where], tx[where]])
 
   def _texture(self, index, appearance, u, v, radius, where) -> np.ndarray:
@@ -295,7 +280,7 @@ class _Renderer:
   ):
     """Renders one video; a `camouflage` share of its objects wears its background photo
     (on `camouflage_cover` of their area: 1 the whole object, format 4; less, format 5), and a
-    `lookalike` share has spots of its own material along its path (format 6).
+    `lookalike` share has a stripe of its own material across its path (format 6).
 
     Returns:
       frames uint8 [L, H, W, 3], visible masks bool [K, L, H, W], labels list[int] (K).
@@ -361,7 +346,7 @@ class _Renderer:
         if camouflage_cover < 1.0:
           obj["cut"] = _camouflage_cut(rng, label, obj["aspect"], camouflage_cover)
       if lookalike > 0 and rng.uniform() < lookalike:
-        objects[-1]["spots"] = self._lookalike_spots(rng, objects[-1], bg_index, start, pan, length)
+        objects[-1]["band"] = self._lookalike_band(rng, objects[-1], bg_index, start, pan, length)
     # Random depth order: later objects occlude earlier ones.
     frames = np.empty((length, h, w, 3), np.uint8)
     full = np.zeros((num_objects, length, h, w), bool)
@@ -369,8 +354,8 @@ class _Renderer:
       oy, ox = np.clip(np.rint(start + pan * t), 0, [spare_y, spare_x]).astype(int)
       frame = bg[oy : oy + h, ox : ox + w].copy()
       for obj in objects:
-        if "spots" in obj:
-          self._draw_spots(frame, obj, oy, ox)
+        if "band" in obj:
+          self._draw_band(frame, obj, oy, ox)
       for k, obj in enumerate(objects):
         radius = obj["radius"] * (1.0 + obj["growth"] * t)
         cy, cx = obj["cy"] + obj["vy"] * t, obj["cx"] + obj["vx"] * t
@@ -528,9 +513,9 @@ def generate(
     camouflage_cover: the share of a camouflaged object's area that wears the background photo,
       beyond a straight cut across it (format 5 when < 1; 1 is format 4: the whole object). The
       rest keeps its class colouring, so the object stays visible in a single frame.
-    lookalike: the share of objects (made textured) with spots of their own material in the
-      background along their path, each touching the object's outline in one frame (format 6,
-      docs/data.md): colour cannot tell a spot from the object where they touch, motion can.
+    lookalike: the share of objects (made textured) with a stripe of their own material in the
+      background across their path (format 6, docs/data.md): their outline is invisible where
+      they overlap it, a part that changes from frame to frame as they move across.
 
   Returns:
     The parameters and per-split counts (also written to the marker file).
@@ -623,7 +608,7 @@ def _params(
       params.update(
           format_version=PARTIAL_CAMOUFLAGE_FORMAT_VERSION, camouflage_cover=float(camouflage_cover)
       )
-  if lookalike > 0:  # format 6: look-alike spots (0 keeps the other formats' markers)
+  if lookalike > 0:  # format 6: look-alike stripes (0 keeps the other formats' markers)
     params.update(format_version=LOOKALIKE_FORMAT_VERSION, lookalike=float(lookalike))
   return params
 
