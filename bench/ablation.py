@@ -16,7 +16,9 @@ videos (the training videos do not change: each video is drawn from its own seed
 c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md:
 `--config.data.synthetic.camouflage=c`); with `--camouflage_cover f < 1`, format-5 videos (only
 a share f of each camouflaged object's area camouflaged); `--lookalike l`, format-6 videos (a share l
-of objects with a stripe of their own material across their path); `--data_seed s`, another synthetic
+of objects with a stripe of their own material across their path); `--camouflage_recolour`,
+format-7 videos (format 5 whose camouflaged part is another photo recoloured to the background's
+colours); `--data_seed s`, another synthetic
 data seed (a design set: new training and validation videos). After the runs, `--bootstrap B`
 resamples the validation videos B times (the same draws for every run) and reports each arm's AP
 spread over videos and the paired differences of the arms' mean AP.
@@ -304,6 +306,11 @@ def _parse_args(argv):
       "--lookalike", type=float, default=0.0, help="format-6 videos: the look-alike share"
   )
   parser.add_argument(
+      "--camouflage_recolour",
+      action="store_true",
+      help="format-7 videos: the camouflaged part recoloured from another photo",
+  )
+  parser.add_argument(
       "--data_seed",
       type=int,
       default=None,
@@ -336,6 +343,7 @@ def data_overrides(
     camouflage_cover: float = 1.0,
     lookalike: float = 0.0,
     data_seed: int | None = None,
+    camouflage_recolour: bool = False,
 ):
   """(overrides, validation JSON): the synthetic set with `val_videos` validation videos (0: the
   config's), a `camouflage` share of camouflaged objects (> 0: format 4), each on a
@@ -349,12 +357,14 @@ def data_overrides(
   s.camouflage_cover = camouflage_cover
   s.lookalike = lookalike
   s.seed = s.seed if data_seed is None else data_seed
+  s.camouflage_recolour = camouflage_recolour
   extra = [
       f"--config.data.synthetic.num_val_videos={s.num_val_videos}",
       f"--config.data.synthetic.camouflage={camouflage}",
       f"--config.data.synthetic.camouflage_cover={camouflage_cover}",
       f"--config.data.synthetic.lookalike={lookalike}",
       f"--config.data.synthetic.seed={s.seed}",
+      f"--config.data.synthetic.camouflage_recolour={camouflage_recolour}",
   ]
   return extra, os.path.join(sources.ensure_synthetic(config), "valid.json")
 
@@ -387,6 +397,7 @@ def main(argv=None) -> None:
       args.camouflage_cover,
       args.lookalike,
       args.data_seed,
+      args.camouflage_recolour,
   )
   extra += data_extra
   if args.print_commands:
@@ -414,7 +425,8 @@ def main(argv=None) -> None:
       f"{summary_table(rows, args.arms)}\n\n" + "\n".join(checks) + f"\n\nStage-2 steps per "
       f"run: {steps}; stage-1 weights: {init_from}; seeds: {args.seeds}; validation videos: "
       f"{config.data.synthetic.num_val_videos}; camouflage: {args.camouflage:g} (cover "
-      f"{args.camouflage_cover:g}); look-alike: {args.lookalike:g}; data seed: "
+      f"{args.camouflage_cover:g}); look-alike: {args.lookalike:g}; recoloured: "
+      f"{args.camouflage_recolour}; data seed: "
       f"{config.data.synthetic.seed}.\n"
   )
   print(text, flush=True)

@@ -232,6 +232,8 @@ def data_defaults() -> ml_collections.ConfigDict:
           camouflage_cover=1.0,
           # > 0: format 6, that share of objects has a stripe of its own material across its path
           lookalike=0.0,
+          # True: format 7, the camouflaged part (camouflage_cover < 1) recoloured from another photo
+          camouflage_recolour=False,
       )
   )
   # Generated still images (data/synthetic_images.py) for the synthetic stage 1.

@@ -105,6 +105,7 @@ def ensure_synthetic(config: ml_collections.ConfigDict) -> str:
       + (f"_camouflage{s.camouflage:g}" if s.camouflage else "")
       + (f"_cover{s.camouflage_cover:g}" if s.camouflage and s.camouflage_cover < 1 else "")
       + (f"_lookalike{s.lookalike:g}" if s.lookalike else "")
+      + ("_recolour" if s.camouflage_recolour else "")
   )
   return synthetic.ensure_dataset(
       os.path.join(out, name),
@@ -117,6 +118,7 @@ def ensure_synthetic(config: ml_collections.ConfigDict) -> str:
       camouflage=s.camouflage,
       camouflage_cover=s.camouflage_cover,
       lookalike=s.lookalike,
+      camouflage_recolour=s.camouflage_recolour,
   )
 
 

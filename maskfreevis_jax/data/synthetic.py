@@ -70,6 +70,11 @@ PARTIAL_CAMOUFLAGE_FORMAT_VERSION = 5
 # overlaps the stripe its outline is invisible in that frame; as it moves across, the ambiguous
 # part changes from frame to frame, while the object's own appearance stays the same.
 LOOKALIKE_FORMAT_VERSION = 6
+# 7: format 5 whose camouflaged part wears another photo recoloured to the background photo's
+# colour distribution (histogram matching) instead of the background photo: single pixels' colours
+# are the background's (the colour pairwise term is fooled), the texture's structure is not (a CNN
+# can see the part in one frame, and TK's 3x3 patches tell it apart).
+RECOLOURED_CAMOUFLAGE_FORMAT_VERSION = 7
 # Each class has a characteristic hue, a sixth of the colour wheel apart, as real categories have
 # typical colours; each object varies it slightly and picks its saturation and brightness freely.
 # The class is then visible in the pixels inside the mask, which is what the decoder's masked
@@ -189,6 +194,7 @@ class _Renderer:
     tex_size = max(64, min(height, width))
     self.textures = [_resize_to_cover(p, tex_size, tex_size, margin=0.0) for p in photos]
     self.grid_y, self.grid_x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    self._recoloured_cache = {}
 
   def draw_object(
       self,
@@ -226,8 +232,24 @@ class _Renderer:
     if "cut" in appearance:  # format 5: the part beyond the cut wears the background photo
       direction, threshold = appearance["cut"]
       part = mask & (u * np.cos(direction) + v * np.sin(direction) < threshold)
-      frame[part] = self._texture(appearance["camouflage_texture"], appearance, u, v, radius, part)
+      camouflage = appearance["camouflage_texture"]
+      if "recolour_source" in appearance:  # format 7: another photo in the background's colours
+        camouflage = self._recoloured(appearance["recolour_source"], camouflage)
+      frame[part] = self._texture(camouflage, appearance, u, v, radius, part)
     return mask
+
+  def _recoloured(self, source: int, reference: int) -> np.ndarray:
+    """Texture `source` with the colour distribution of texture `reference` (per-channel
+    histogram matching), cached: another structure in the background photo's colours."""
+    key = (source, reference)
+    if key not in self._recoloured_cache:
+      from skimage import exposure  # pylint: disable=g-import-not-at-top
+
+      matched = exposure.match_histograms(
+          self.textures[source], self.textures[reference], channel_axis=-1
+      )
+      self._recoloured_cache[key] = np.clip(np.rint(matched), 0, 255).astype(np.uint8)
+    return self._recoloured_cache[key]
 
   def _lookalike_band(self, rng, obj, bg_index, start, pan, length) -> dict[str, Any]:
     """Makes `obj` (one `video` object) textured and moving, and returns its look-alike stripe:
@@ -262,9 +284,10 @@ class _Renderer:
     tx = (bx.astype(int) + band["tex_offset"][1]) % tex.shape[1]
     frame[where] = paint_object(obj["colouring"], texture=tex[ty[where], tx[where]])
 
-  def _texture(self, index, appearance, u, v, radius, where) -> np.ndarray:
-    """Texture `index`'s pixels at `where` (bool [H, W]), fixed to the object's frame."""
-    tex = self.textures[index]
+  def _texture(self, texture, appearance, u, v, radius, where) -> np.ndarray:
+    """The pixels at `where` (bool [H, W]) of `texture` (an index into `textures`, or a uint8
+    [S, S, 3] image), fixed to the object's frame."""
+    tex = self.textures[texture] if isinstance(texture, (int, np.integer)) else texture
     ty = (np.rint(v * radius).astype(int) + appearance["tex_offset"][0]) % tex.shape[0]
     tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
     return tex[ty[where], tx[where]]
@@ -277,10 +300,13 @@ class _Renderer:
       camouflage: float = 0.0,
       camouflage_cover: float = 1.0,
       lookalike: float = 0.0,
+      recolour: bool = False,
   ):
     """Renders one video; a `camouflage` share of its objects wears its background photo
     (on `camouflage_cover` of their area: 1 the whole object, format 4; less, format 5), and a
-    `lookalike` share has a stripe of its own material across its path (format 6).
+    `lookalike` share has a stripe of its own material across its path (format 6). With
+    `recolour` (format 7, needs `camouflage_cover` < 1) the camouflaged part wears another photo
+    recoloured to the background photo's colours instead of the background photo itself.
 
     Returns:
       frames uint8 [L, H, W, 3], visible masks bool [K, L, H, W], labels list[int] (K).
@@ -345,6 +371,8 @@ class _Renderer:
           obj.update(vy=floor * np.sin(heading), vx=floor * np.cos(heading))
         if camouflage_cover < 1.0:
           obj["cut"] = _camouflage_cut(rng, label, obj["aspect"], camouflage_cover)
+        if recolour:
+          obj["recolour_source"] = _other_index(rng, len(self.textures), bg_index)
       if lookalike > 0 and rng.uniform() < lookalike:
         objects[-1]["band"] = self._lookalike_band(rng, objects[-1], bg_index, start, pan, length)
     # Random depth order: later objects occlude earlier ones.
@@ -439,6 +467,7 @@ def _write_split(
     camouflage: float = 0.0,
     camouflage_cover: float = 1.0,
     lookalike: float = 0.0,
+    camouflage_recolour: bool = False,
 ) -> dict[str, Any]:
   split_index = {"train": 0, "valid": 1}[split]
   videos, annotations = [], []
@@ -448,7 +477,7 @@ def _write_split(
     # Retry (deterministically) until at least one object is visible somewhere.
     for _ in range(20):
       frames, visible, labels = renderer.video(
-          rng, length, max_objects, camouflage, camouflage_cover, lookalike
+          rng, length, max_objects, camouflage, camouflage_cover, lookalike, camouflage_recolour
       )
       visible &= visible.sum(axis=(2, 3), keepdims=True) >= min_visible_pixels
       if visible.any():
@@ -494,6 +523,7 @@ def generate(
     camouflage: float = 0.0,
     camouflage_cover: float = 1.0,
     lookalike: float = 0.0,
+    camouflage_recolour: bool = False,
 ) -> dict[str, Any]:
   """Writes the synthetic dataset (YouTube-VIS JSON + JPEG frames) into ``out_dir``.
 
@@ -516,6 +546,8 @@ def generate(
     lookalike: the share of objects (made textured) with a stripe of their own material in the
       background across their path (format 6, docs/data.md): their outline is invisible where
       they overlap it, a part that changes from frame to frame as they move across.
+    camouflage_recolour: format 7 (needs camouflage > 0 and camouflage_cover < 1): the
+      camouflaged part wears another photo recoloured to the background photo's colours.
 
   Returns:
     The parameters and per-split counts (also written to the marker file).
@@ -536,6 +568,8 @@ def generate(
     raise ValueError(f"camouflage_cover must be a share in (0, 1], got {camouflage_cover}")
   if not 0.0 <= lookalike <= 1.0:
     raise ValueError(f"lookalike must be a share in [0, 1], got {lookalike}")
+  if camouflage_recolour and not (camouflage > 0 and camouflage_cover < 1):
+    raise ValueError("camouflage_recolour needs camouflage > 0 and camouflage_cover < 1")
   params = _params(
       seed,
       num_train_videos,
@@ -548,6 +582,7 @@ def generate(
       camouflage,
       camouflage_cover,
       lookalike,
+      camouflage_recolour,
   )
   start = time.time()
   os.makedirs(out_dir, exist_ok=True)
@@ -570,6 +605,7 @@ def generate(
         camouflage,
         camouflage_cover,
         lookalike,
+        camouflage_recolour,
     )
   summary = dict(params=params, counts=counts, seconds=round(time.time() - start, 2))
   with open(marker, "w") as f:
@@ -590,6 +626,7 @@ def _params(
     camouflage=0.0,
     camouflage_cover=1.0,
     lookalike=0.0,
+    camouflage_recolour=False,
 ) -> dict[str, Any]:
   params = dict(
       format_version=FORMAT_VERSION,
@@ -610,6 +647,8 @@ def _params(
       )
   if lookalike > 0:  # format 6: look-alike stripes (0 keeps the other formats' markers)
     params.update(format_version=LOOKALIKE_FORMAT_VERSION, lookalike=float(lookalike))
+  if camouflage_recolour:  # format 7: the camouflaged part recoloured from another photo
+    params.update(format_version=RECOLOURED_CAMOUFLAGE_FORMAT_VERSION, camouflage_recolour=True)
   return params
 
 
@@ -645,6 +684,7 @@ def ensure_dataset(
     camouflage: float = 0.0,
     camouflage_cover: float = 1.0,
     lookalike: float = 0.0,
+    camouflage_recolour: bool = False,
 ) -> str:
   """Generates the dataset into ``out_dir`` unless a complete copy is already there.
 
@@ -667,6 +707,7 @@ def ensure_dataset(
       camouflage=camouflage,
       camouflage_cover=camouflage_cover,
       lookalike=lookalike,
+      camouflage_recolour=camouflage_recolour,
   )
   if is_complete(out_dir, **params):
     return out_dir
@@ -987,6 +1028,9 @@ def main(argv: Sequence[str] | None = None) -> None:
       "--camouflage_cover", type=float, default=1.0, help="format 5: camouflaged share of its area"
   )
   parser.add_argument("--lookalike", type=float, default=0.0, help="format 6: look-alike share")
+  parser.add_argument(
+      "--camouflage_recolour", action="store_true", help="format 7: recoloured camouflage"
+  )
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   console.enable_echo()
@@ -1001,6 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       camouflage=args.camouflage,
       camouflage_cover=args.camouflage_cover,
       lookalike=args.lookalike,
+      camouflage_recolour=args.camouflage_recolour,
   )
   console.report(json.dumps(summary))
 
