@@ -15,8 +15,8 @@ Protocols (`--protocol`): the stage-1 weights every arm starts from, `boxes` (no
 videos (the training videos do not change: each video is drawn from its own seed). `--camouflage
 c` trains and evaluates on format-4 videos (a share c of camouflaged objects, docs/data.md:
 `--config.data.synthetic.camouflage=c`); with `--camouflage_cover f < 1`, format-5 videos (only
-a share f of each camouflaged object's area camouflaged); `--lookalike l`, format-6 videos (a share l
-of objects with a stripe of their own material across their path); `--camouflage_recolour`,
+a share f of each camouflaged object's area camouflaged); `--lookalike l`, format-6 videos (a
+share l of objects with a stripe of their own material across their path); `--camouflage_recolour`,
 format-7 videos (format 5 whose camouflaged part is another photo recoloured to the background's
 colours); `--data_seed s`, another synthetic
 data seed (a design set: new training and validation videos). After the runs, `--bootstrap B`

@@ -209,7 +209,8 @@ class _Renderer:
     """Draws one object into `frame` (uint8 [H, W, 3], in place); returns its bool [H, W] mask.
 
     `appearance` holds the object's aspect, colouring, texture index (-1: flat fill) and
-    texture offset.
+    texture offset; a camouflaged object also `camouflage` (format 4: `texture` is the background
+    photo), or `cut` and `camouflage_texture` (format 5) and `recolour_source` (format 7).
     """
     dy, dx = self.grid_y - cy, self.grid_x - cx
     cos, sin = np.cos(angle), np.sin(angle)
@@ -292,6 +293,63 @@ class _Renderer:
     tx = (np.rint(u * radius).astype(int) + appearance["tex_offset"][1]) % tex.shape[1]
     return tex[ty[where], tx[where]]
 
+  def _random_object(self, rng: np.random.Generator, length: int, bg_index: int) -> dict[str, Any]:
+    """One object's shape, motion and appearance (format 3), for a video of `length` frames."""
+    h, w = self.height, self.width
+    size = min(h, w)
+    radius = rng.uniform(0.12, 0.3) * size
+    enters = rng.uniform() < 0.25
+    if enters:  # start outside a random border, move inwards
+      side = rng.integers(4)
+      cy = [-(radius * 0.8), h + radius * 0.8, rng.uniform(0, h), rng.uniform(0, h)][side]
+      cx = [rng.uniform(0, w), rng.uniform(0, w), -(radius * 0.8), w + radius * 0.8][side]
+      vy = (h / 2 - cy) / max(length, 1) * rng.uniform(0.6, 1.4)
+      vx = (w / 2 - cx) / max(length, 1) * rng.uniform(0.6, 1.4)
+    else:
+      cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+      speed = rng.uniform(0.0, 0.08) * size
+      heading = rng.uniform(0, 2 * np.pi)
+      vy, vx = speed * np.sin(heading), speed * np.cos(heading)
+    fill_texture = rng.uniform() < 0.5
+    label = int(rng.integers(len(SHAPE_CLASSES)))
+    return dict(
+        label=label,
+        cy=cy,
+        cx=cx,
+        vy=vy,
+        vx=vx,
+        radius=radius,
+        growth=rng.uniform(-0.04, 0.04),
+        angle=rng.uniform(0, 2 * np.pi),
+        spin=rng.uniform(-0.15, 0.15),
+        aspect=rng.uniform(0.45, 0.85),
+        colouring=object_colouring(rng, label),
+        # A photo other than the background's: an object cut from the background photo
+        # itself would be camouflaged (invisible but for the pan), not a fair instance.
+        texture=_other_index(rng, len(self.textures), bg_index) if fill_texture else -1,
+        tex_offset=rng.integers(0, 10_000, size=2),
+    )
+
+  def _camouflage(
+      self, rng: np.random.Generator, obj: dict, bg_index: int, cover: float, recolour: bool
+  ) -> None:
+    """Camouflages `obj` in its background photo (format 4), on a `cover` share of its area
+    (< 1: format 5), that share recoloured from another photo if `recolour` (format 7)."""
+    if cover >= 1.0:
+      obj.update(camouflage=True, texture=bg_index)
+    else:
+      obj.update(camouflage=True, camouflage_texture=bg_index)
+    # Motion is all that sets it apart: at least CAMOUFLAGE_MIN_SPEED of the frame per step.
+    speed = float(np.hypot(obj["vy"], obj["vx"]))
+    floor = CAMOUFLAGE_MIN_SPEED * min(self.height, self.width)
+    if speed < floor:
+      heading = np.arctan2(obj["vy"], obj["vx"]) if speed > 0 else rng.uniform(0, 2 * np.pi)
+      obj.update(vy=floor * np.sin(heading), vx=floor * np.cos(heading))
+    if cover < 1.0:
+      obj["cut"] = _camouflage_cut(rng, obj["label"], obj["aspect"], cover)
+    if recolour:
+      obj["recolour_source"] = _other_index(rng, len(self.textures), bg_index)
+
   def video(
       self,
       rng: np.random.Generator,
@@ -300,13 +358,13 @@ class _Renderer:
       camouflage: float = 0.0,
       camouflage_cover: float = 1.0,
       lookalike: float = 0.0,
-      recolour: bool = False,
+      camouflage_recolour: bool = False,
   ):
     """Renders one video; a `camouflage` share of its objects wears its background photo
     (on `camouflage_cover` of their area: 1 the whole object, format 4; less, format 5), and a
     `lookalike` share has a stripe of its own material across its path (format 6). With
-    `recolour` (format 7, needs `camouflage_cover` < 1) the camouflaged part wears another photo
-    recoloured to the background photo's colours instead of the background photo itself.
+    `camouflage_recolour` (format 7, needs `camouflage_cover` < 1) the camouflaged part wears
+    another photo recoloured to the background photo's colours, not the background photo.
 
     Returns:
       frames uint8 [L, H, W, 3], visible masks bool [K, L, H, W], labels list[int] (K).
@@ -322,59 +380,13 @@ class _Renderer:
     num_objects = int(rng.integers(1, max_objects + 1))
     objects = []
     for _ in range(num_objects):
-      radius = rng.uniform(0.12, 0.3) * size
-      enters = rng.uniform() < 0.25
-      if enters:  # start outside a random border, move inwards
-        side = rng.integers(4)
-        cy = [-(radius * 0.8), h + radius * 0.8, rng.uniform(0, h), rng.uniform(0, h)][side]
-        cx = [rng.uniform(0, w), rng.uniform(0, w), -(radius * 0.8), w + radius * 0.8][side]
-        vy = (h / 2 - cy) / max(length, 1) * rng.uniform(0.6, 1.4)
-        vx = (w / 2 - cx) / max(length, 1) * rng.uniform(0.6, 1.4)
-      else:
-        cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
-        speed = rng.uniform(0.0, 0.08) * size
-        heading = rng.uniform(0, 2 * np.pi)
-        vy, vx = speed * np.sin(heading), speed * np.cos(heading)
-      fill_texture = rng.uniform() < 0.5
-      label = int(rng.integers(len(SHAPE_CLASSES)))
-      objects.append(
-          dict(
-              label=label,
-              cy=cy,
-              cx=cx,
-              vy=vy,
-              vx=vx,
-              radius=radius,
-              growth=rng.uniform(-0.04, 0.04),
-              angle=rng.uniform(0, 2 * np.pi),
-              spin=rng.uniform(-0.15, 0.15),
-              aspect=rng.uniform(0.45, 0.85),
-              colouring=object_colouring(rng, label),
-              # A photo other than the background's: an object cut from the background photo
-              # itself would be camouflaged (invisible but for the pan), not a fair instance.
-              texture=_other_index(rng, len(self.textures), bg_index) if fill_texture else -1,
-              tex_offset=rng.integers(0, 10_000, size=2),
-          )
-      )
+      obj = self._random_object(rng, length, bg_index)
       # Drawn only when asked, so camouflage=0 keeps format 3's random stream (byte-identical).
       if camouflage > 0 and rng.uniform() < camouflage:
-        obj = objects[-1]
-        if camouflage_cover >= 1.0:
-          obj.update(camouflage=True, texture=bg_index)
-        else:
-          obj.update(camouflage=True, camouflage_texture=bg_index)
-        # Motion is all that sets it apart: at least CAMOUFLAGE_MIN_SPEED of the frame per step.
-        speed = float(np.hypot(obj["vy"], obj["vx"]))
-        floor = CAMOUFLAGE_MIN_SPEED * size
-        if speed < floor:
-          heading = np.arctan2(obj["vy"], obj["vx"]) if speed > 0 else rng.uniform(0, 2 * np.pi)
-          obj.update(vy=floor * np.sin(heading), vx=floor * np.cos(heading))
-        if camouflage_cover < 1.0:
-          obj["cut"] = _camouflage_cut(rng, label, obj["aspect"], camouflage_cover)
-        if recolour:
-          obj["recolour_source"] = _other_index(rng, len(self.textures), bg_index)
+        self._camouflage(rng, obj, bg_index, camouflage_cover, camouflage_recolour)
       if lookalike > 0 and rng.uniform() < lookalike:
-        objects[-1]["band"] = self._lookalike_band(rng, objects[-1], bg_index, start, pan, length)
+        obj["band"] = self._lookalike_band(rng, obj, bg_index, start, pan, length)
+      objects.append(obj)
     # Random depth order: later objects occlude earlier ones.
     frames = np.empty((length, h, w, 3), np.uint8)
     full = np.zeros((num_objects, length, h, w), bool)
@@ -464,11 +476,9 @@ def _write_split(
     max_objects: int,
     jpeg_quality: int,
     min_visible_pixels: int,
-    camouflage: float = 0.0,
-    camouflage_cover: float = 1.0,
-    lookalike: float = 0.0,
-    camouflage_recolour: bool = False,
+    **variants: Any,
 ) -> dict[str, Any]:
+  """Writes one split; `variants` are `_Renderer.video`'s format options (camouflage, ...)."""
   split_index = {"train": 0, "valid": 1}[split]
   videos, annotations = [], []
   for i in range(num_videos):
@@ -476,9 +486,7 @@ def _write_split(
     length = int(rng.integers(frames_range[0], frames_range[1] + 1))
     # Retry (deterministically) until at least one object is visible somewhere.
     for _ in range(20):
-      frames, visible, labels = renderer.video(
-          rng, length, max_objects, camouflage, camouflage_cover, lookalike, camouflage_recolour
-      )
+      frames, visible, labels = renderer.video(rng, length, max_objects, **variants)
       visible &= visible.sum(axis=(2, 3), keepdims=True) >= min_visible_pixels
       if visible.any():
         break
@@ -537,39 +545,21 @@ def generate(
     max_objects: at most this many objects per video (at least one is visible).
     jpeg_quality: JPEG quality of the frames.
     min_visible_pixels: a frame where an object shows fewer pixels counts as not visible.
-    camouflage: the share of objects cut from their video's own background photo, untinted
-      (format 4; 0 writes format 3 unchanged): spatial colour cannot tell them from the
-      background, their motion relative to it can.
-    camouflage_cover: the share of a camouflaged object's area that wears the background photo,
-      beyond a straight cut across it (format 5 when < 1; 1 is format 4: the whole object). The
-      rest keeps its class colouring, so the object stays visible in a single frame.
-    lookalike: the share of objects (made textured) with a stripe of their own material in the
-      background across their path (format 6, docs/data.md): their outline is invisible where
-      they overlap it, a part that changes from frame to frame as they move across.
-    camouflage_recolour: format 7 (needs camouflage > 0 and camouflage_cover < 1): the
-      camouflaged part wears another photo recoloured to the background photo's colours.
+    camouflage, camouflage_cover, lookalike, camouflage_recolour: the opt-in formats 4-7 for the
+      loss ablation (docs/data.md; `_Renderer.video`); their defaults write format 3 unchanged.
 
   Returns:
     The parameters and per-split counts (also written to the marker file).
   """
-  height, width = int(frame_size[0]), int(frame_size[1])
-  if height < 16 or width < 16:
-    raise ValueError(f"frame_size must be at least 16x16, got {frame_size}")
-  lo, hi = int(frames_per_video[0]), int(frames_per_video[1])
-  if not 1 <= lo <= hi:
-    raise ValueError(
-        f"frames_per_video must be (min, max) with 1 <= min <= max, got " f"{frames_per_video}"
-    )
-  if num_train_videos < 0 or num_val_videos < 0 or max_objects < 1:
-    raise ValueError("video counts must be >= 0 and max_objects >= 1")
-  if not 0.0 <= camouflage <= 1.0:
-    raise ValueError(f"camouflage must be a share in [0, 1], got {camouflage}")
-  if not 0.0 < camouflage_cover <= 1.0:
-    raise ValueError(f"camouflage_cover must be a share in (0, 1], got {camouflage_cover}")
-  if not 0.0 <= lookalike <= 1.0:
-    raise ValueError(f"lookalike must be a share in [0, 1], got {lookalike}")
-  if camouflage_recolour and not (camouflage > 0 and camouflage_cover < 1):
-    raise ValueError("camouflage_recolour needs camouflage > 0 and camouflage_cover < 1")
+  variants = dict(
+      camouflage=camouflage,
+      camouflage_cover=camouflage_cover,
+      lookalike=lookalike,
+      camouflage_recolour=camouflage_recolour,
+  )
+  height, width, lo, hi = _checked_sizes(
+      frame_size, frames_per_video, num_train_videos, num_val_videos, max_objects, **variants
+  )
   params = _params(
       seed,
       num_train_videos,
@@ -579,10 +569,7 @@ def generate(
       max_objects,
       jpeg_quality,
       min_visible_pixels,
-      camouflage,
-      camouflage_cover,
-      lookalike,
-      camouflage_recolour,
+      **variants,
   )
   start = time.time()
   os.makedirs(out_dir, exist_ok=True)
@@ -602,16 +589,48 @@ def generate(
         max_objects,
         jpeg_quality,
         min_visible_pixels,
-        camouflage,
-        camouflage_cover,
-        lookalike,
-        camouflage_recolour,
+        **variants,
     )
   summary = dict(params=params, counts=counts, seconds=round(time.time() - start, 2))
   with open(marker, "w") as f:
     json.dump(summary, f)
   logging.info("synthetic dataset written to %s in %.1fs: %s", out_dir, summary["seconds"], counts)
   return summary
+
+
+def _checked_sizes(
+    frame_size,
+    frames_per_video,
+    num_train_videos,
+    num_val_videos,
+    max_objects,
+    *,
+    camouflage,
+    camouflage_cover,
+    lookalike,
+    camouflage_recolour,
+) -> tuple[int, int, int, int]:
+  """(height, width, min frames, max frames) of `generate`'s arguments, checked; raises
+  ValueError naming the first bad argument."""
+  height, width = int(frame_size[0]), int(frame_size[1])
+  if height < 16 or width < 16:
+    raise ValueError(f"frame_size must be at least 16x16, got {frame_size}")
+  lo, hi = int(frames_per_video[0]), int(frames_per_video[1])
+  if not 1 <= lo <= hi:
+    raise ValueError(
+        f"frames_per_video must be (min, max) with 1 <= min <= max, got {frames_per_video}"
+    )
+  if num_train_videos < 0 or num_val_videos < 0 or max_objects < 1:
+    raise ValueError("video counts must be >= 0 and max_objects >= 1")
+  if not 0.0 <= camouflage <= 1.0:
+    raise ValueError(f"camouflage must be a share in [0, 1], got {camouflage}")
+  if not 0.0 < camouflage_cover <= 1.0:
+    raise ValueError(f"camouflage_cover must be a share in (0, 1], got {camouflage_cover}")
+  if not 0.0 <= lookalike <= 1.0:
+    raise ValueError(f"lookalike must be a share in [0, 1], got {lookalike}")
+  if camouflage_recolour and not (camouflage > 0 and camouflage_cover < 1):
+    raise ValueError("camouflage_recolour needs camouflage > 0 and camouflage_cover < 1")
+  return height, width, lo, hi
 
 
 def _params(
