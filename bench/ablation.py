@@ -18,8 +18,8 @@ c` trains and evaluates on format-4 videos (a share c of camouflaged objects, do
 a share f of each camouflaged object's area camouflaged); `--lookalike l`, format-6 videos (a
 share l of objects with a stripe of their own material across their path); `--camouflage_recolour`,
 format-7 videos (format 5 whose camouflaged part is another photo recoloured to the background's
-colours); `--data_seed s`, another synthetic
-data seed (a design set: new training and validation videos). After the runs, `--bootstrap B`
+colours); `--data_seed s`, another synthetic data seed (a design set: new training and validation
+videos). After the runs, `--bootstrap B`
 resamples the validation videos B times (the same draws for every run) and reports each arm's AP
 spread over videos and the paired differences of the arms' mean AP.
 
@@ -348,7 +348,8 @@ def data_overrides(
   """(overrides, validation JSON): the synthetic set with `val_videos` validation videos (0: the
   config's), a `camouflage` share of camouflaged objects (> 0: format 4), each on a
   `camouflage_cover` share of its area (< 1: format 5), and a `lookalike` share of objects with a
-  look-alike stripe (> 0: format 6), from `data_seed` (None: the config's), generated if absent."""
+  look-alike stripe (> 0: format 6), the camouflaged part recoloured if `camouflage_recolour`
+  (format 7), from `data_seed` (None: the config's), generated if absent."""
   from maskfreevis_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   s = config.data.synthetic

@@ -128,10 +128,9 @@ def test_whole_camouflage_renders_format_4_unchanged():
   assert digest.hexdigest() == FORMAT4_RENDER_SHA256
 
 
-@pytest.mark.parametrize("cover", [0.3, 0.5, 0.8], ids=["cover0.3", "cover0.5", "cover0.8"])
-def test_a_partly_camouflaged_object_wears_the_photo_on_its_cover_share(cover):
-  """Format 5: swapping the camouflage photo changes exactly the pixels beyond the cut, a `cover`
-  share of the mask; the rest keeps the object's own colouring."""
+def _cut_ellipse(cover):
+  """(renderer, label, appearance) of a flat-filled ellipse camouflaged beyond a cut at `cover`
+  of its area (format 5), for drawing at the centre of a 96x96 frame."""
   renderer = synthetic._Renderer(96, 96)
   label = synthetic.SHAPE_CLASSES.index("ellipse")
   appearance = dict(
@@ -142,6 +141,14 @@ def test_a_partly_camouflaged_object_wears_the_photo_on_its_cover_share(cover):
       camouflage=True,
       cut=synthetic._camouflage_cut(np.random.default_rng(0), label, 0.8, cover),
   )
+  return renderer, label, appearance
+
+
+@pytest.mark.parametrize("cover", [0.3, 0.5, 0.8], ids=["cover0.3", "cover0.5", "cover0.8"])
+def test_a_partly_camouflaged_object_wears_the_photo_on_its_cover_share(cover):
+  """Format 5: swapping the camouflage photo changes exactly the pixels beyond the cut, a `cover`
+  share of the mask; the rest keeps the object's own colouring."""
+  renderer, label, appearance = _cut_ellipse(cover)
   frames = []
   for photo in (0, 1):
     frame = np.zeros((96, 96, 3), np.uint8)
@@ -249,16 +256,7 @@ def test_a_recoloured_part_has_the_backgrounds_colours_and_another_structure():
 
 def test_a_recoloured_part_is_drawn_from_the_recoloured_photo():
   """Format 7: the part beyond the cut shows the recoloured photo, not the background photo."""
-  renderer = synthetic._Renderer(96, 96)
-  label = synthetic.SHAPE_CLASSES.index("ellipse")
-  appearance = dict(
-      aspect=0.8,
-      colouring=dict(hue=0.3, saturation=0.9, value=0.9),
-      texture=-1,
-      tex_offset=np.array([5, 7]),
-      camouflage=True,
-      cut=synthetic._camouflage_cut(np.random.default_rng(0), label, 0.8, 0.5),
-  )
+  renderer, label, appearance = _cut_ellipse(0.5)
   source, reference = 2, 9
 
   def render(**extra):

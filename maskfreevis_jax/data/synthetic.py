@@ -259,12 +259,8 @@ class _Renderer:
     if obj["texture"] < 0:  # a flat fill matches every patch of a flat stripe: TK cannot tell
       obj["texture"] = _other_index(rng, len(self.textures), bg_index)
     # The crop moves by `pan` per frame, so the background's content moves by -pan in the frame.
-    relative = np.array([obj["vy"], obj["vx"]]) + pan
-    speed = float(np.hypot(*relative))
-    floor = CAMOUFLAGE_MIN_SPEED * min(self.height, self.width)
-    heading = np.arctan2(*relative) if speed > 0 else rng.uniform(0, 2 * np.pi)
-    if speed < floor:
-      obj.update(vy=floor * np.sin(heading) - pan[0], vx=floor * np.cos(heading) - pan[1])
+    relative, heading = self._at_least_min_speed(rng, np.array([obj["vy"], obj["vx"]]) + pan)
+    obj.update(vy=relative[0] - pan[0], vx=relative[1] - pan[1])
     middle = (length - 1) / 2
     centre = start + pan * middle + [obj["cy"] + obj["vy"] * middle, obj["cx"] + obj["vx"] * middle]
     return dict(
@@ -330,6 +326,18 @@ class _Renderer:
         tex_offset=rng.integers(0, 10_000, size=2),
     )
 
+  def _at_least_min_speed(
+      self, rng: np.random.Generator, velocity: np.ndarray
+  ) -> tuple[np.ndarray, float]:
+    """(velocity [vy, vx], its heading), sped up along its heading to CAMOUFLAGE_MIN_SPEED of the
+    frame's side per frame if slower (a random heading only if it was 0)."""
+    speed = float(np.hypot(*velocity))
+    heading = float(np.arctan2(*velocity)) if speed > 0 else rng.uniform(0, 2 * np.pi)
+    floor = CAMOUFLAGE_MIN_SPEED * min(self.height, self.width)
+    if speed < floor:
+      velocity = floor * np.array([np.sin(heading), np.cos(heading)])
+    return velocity, heading
+
   def _camouflage(
       self, rng: np.random.Generator, obj: dict, bg_index: int, cover: float, recolour: bool
   ) -> None:
@@ -340,11 +348,8 @@ class _Renderer:
     else:
       obj.update(camouflage=True, camouflage_texture=bg_index)
     # Motion is all that sets it apart: at least CAMOUFLAGE_MIN_SPEED of the frame per step.
-    speed = float(np.hypot(obj["vy"], obj["vx"]))
-    floor = CAMOUFLAGE_MIN_SPEED * min(self.height, self.width)
-    if speed < floor:
-      heading = np.arctan2(obj["vy"], obj["vx"]) if speed > 0 else rng.uniform(0, 2 * np.pi)
-      obj.update(vy=floor * np.sin(heading), vx=floor * np.cos(heading))
+    (vy, vx), _ = self._at_least_min_speed(rng, np.array([obj["vy"], obj["vx"]]))
+    obj.update(vy=vy, vx=vx)
     if cover < 1.0:
       obj["cut"] = _camouflage_cut(rng, obj["label"], obj["aspect"], cover)
     if recolour:
