@@ -20,6 +20,7 @@ Faults (see the README's "Reliability" section):
     checkpoints are pruned (keep-last-N) only after a newer one has committed.
   * Every chunk of every array carries a checksum (zstd's frame checksum, `_with_chunk_checksums`)
     that TensorStore checks as it reads: a changed byte is an unreadable array like any other.
+  * A save that fails leaves no write pending behind it (`_run_then_cancel_leftovers`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from maskfreevis_jax import process_agreement
@@ -135,7 +137,10 @@ def _unreadable_array(error: BaseException | None) -> str | None:
   """The array a TensorStore read error (or its cause, under Orbax's wrapper) names
   (`params.x.kernel`), or None."""
   while error is not None:
-    found = re.search(r'Error reading "([^"]+?)/(?:\.zarray|[^"/]*)" in OCDBT', str(error))
+    # The array's key before its metadata or chunk key: `.zarray`, `0.0` (zarr2), `c/0/0` (zarr3).
+    found = re.search(
+        r'Error reading "([^"]+?)/(?:\.zarray|c(?:/\d+)+|[^"/]*)" in OCDBT', str(error)
+    )
     found = found or re.search(r'Error reading shard entry [^"]* in "([^"]+?)/c[/"]', str(error))
     if found:
       return found.group(1)
@@ -202,6 +207,49 @@ def _quiet_orbax_failures() -> None:
   for quiet in (_OrbaxOSErrorTracebacks, _OrbaxReadOnlyNotices):
     if not any(isinstance(f, quiet) for f in absl_logger.filters):
       absl_logger.addFilter(quiet())
+
+
+# How long closing one of Orbax's event loops waits for its cancelled leftover tasks.
+_LEFTOVER_TASKS_TIMEOUT_S = 60.0
+
+
+def _run_then_cancel_leftovers(coro):
+  """Orbax's `asyncio_utils._run_sync_via_new_loop`, cancelling what the coroutine left running.
+
+  Orbax runs each save, commit and restore in a fresh event loop that it closes as soon as the
+  coroutine returns or raises. When one array write of a save fails (a full disk), the writes
+  it had started for the other arrays are still pending: closed with the loop, each was
+  destroyed unfinished ("Task was destroyed but it is pending!"), and one created but not yet
+  started warned `coroutine ... was never awaited` when garbage collected, later, in whatever
+  code ran then. Here they are cancelled and awaited before the loop closes.
+  """
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  finally:
+    try:
+      leftovers = asyncio.all_tasks(loop)
+      for task in leftovers:
+        task.cancel()
+      if leftovers:
+        loop.run_until_complete(asyncio.wait(leftovers, timeout=_LEFTOVER_TASKS_TIMEOUT_S))
+        for task in leftovers:  # their errors belong to the failure already being raised
+          if task.done() and not task.cancelled():
+            task.exception()
+    finally:
+      asyncio.set_event_loop(None)
+      loop.close()
+
+
+_run_then_cancel_leftovers.cancels_leftovers = True
+
+
+def _install_leftover_cancelling() -> None:
+  """Makes Orbax's event loops cancel their leftover tasks (`_run_then_cancel_leftovers`)."""
+  # pylint: disable=protected-access
+  if not getattr(asyncio_utils._run_sync_via_new_loop, "cancels_leftovers", False):
+    asyncio_utils._run_sync_via_new_loop = _run_then_cancel_leftovers
 
 
 class _AbandonedReadsPolicy(asyncio.DefaultEventLoopPolicy):
@@ -298,13 +346,25 @@ def _add_chunk_checksum(chunk_codecs: list[dict]) -> None:
     chunk_codecs.append({"name": "crc32c"})
 
 
-def _with_chunk_checksums(build_array_write_spec):
+def _unwrap_single_chunk_shard(metadata: dict) -> None:
+  """Writes a zarr3 shard that holds one chunk as that chunk (no shard index around it)."""
+  codecs = metadata["codecs"]
+  if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+    inner = codecs[0]["configuration"]
+    if inner["chunk_shape"] == metadata["chunk_grid"]["configuration"]["chunk_shape"]:
+      metadata["codecs"] = inner["codecs"]
+
+
+def _with_chunk_checksums(build_array_write_spec, *, flat: bool = True):
   """Orbax's array write-spec builder, with a checksum in every zarr3 chunk (`_add_chunk_checksum`).
 
   TensorStore checks it whenever it decodes the chunk: a changed byte fails the read (`DATA_LOSS`),
   which the fallback treats as any unreadable array. It costs no pass of our own over the state:
   zstd hashes the bytes it compresses anyway (bench/checkpoint.py). Orbax (0.12) has no option for
   chunk codecs, so its builder is wrapped; a test reads the codecs back from the saved metadata.
+  With `flat`, an array whose shard holds a single chunk (every array unless one shard exceeds
+  OCDBT's 2 GiB data files) is written as that chunk, without the shard index Orbax wraps it in:
+  the layout of its zarr2 format, which saves faster (bench/checkpoint.py).
   """
 
   @functools.wraps(build_array_write_spec)
@@ -312,7 +372,13 @@ def _with_chunk_checksums(build_array_write_spec):
     spec = build_array_write_spec(*args, **kwargs)
     array = spec.json["base"] if spec.json.get("driver") == "cast" else spec.json
     if array.get("driver") == "zarr3":
-      _add_chunk_checksum(array["metadata"]["codecs"][0]["configuration"]["codecs"])
+      metadata = array["metadata"]
+      if flat:
+        _unwrap_single_chunk_shard(metadata)
+      codecs = metadata["codecs"]
+      if codecs[0]["name"] == "sharding_indexed":
+        codecs = codecs[0]["configuration"]["codecs"]
+      _add_chunk_checksum(codecs)
     return spec
 
   build.adds_chunk_checksums = True
@@ -472,6 +538,7 @@ class Checkpointer:
     # On several processes a failed background write releases the others (process_agreement).
     self._barrier = process_agreement.AbortableBarrier()
     _quiet_orbax_failures()
+    _install_leftover_cancelling()
     if self.checksums:
       _install_chunk_checksums()
     if not read_only and jax.process_index() == 0:

@@ -237,7 +237,10 @@ def data_defaults() -> ml_collections.ConfigDict:
       )
   )
   # Generated still images (data/synthetic_images.py) for the synthetic stage 1.
-  c.stills = ml_collections.ConfigDict(dict(num_images=4000, size=(96, 96), seed=0, max_objects=4))
+  # recoloured_share > 0 (opt-in): that share of objects with a half in the background's colours.
+  c.stills = ml_collections.ConfigDict(
+      dict(num_images=4000, size=(96, 96), seed=0, max_objects=4, recoloured_share=0.0)
+  )
   c.coco = _coco_defaults()
   return c
 

@@ -98,6 +98,8 @@ def stage1_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   for key in _BOOKKEEPING:
     fingerprint["train"].pop(key, None)
   fingerprint["data"].pop("class_names", None)  # labels only: the weights do not depend on them
+  if not fingerprint["data"]["stills"].get("recoloured_share"):  # as before the option existed
+    fingerprint["data"]["stills"].pop("recoloured_share", None)
   # The generator's format too: weights trained on stills of an older format are stale.
   fingerprint["stills_format_version"] = synthetic_images.FORMAT_VERSION
   return fingerprint
@@ -137,6 +139,7 @@ def _train_stage1(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> t
       int(stills.seed),
       max_objects=int(stills.max_objects),
       with_masks=with_masks,  # box-only stills are written without any mask
+      recoloured_share=float(stills.recoloured_share),
   )
   result = train.train(experiment_lib.build_experiment(config), workdir)
   if result.preempted:

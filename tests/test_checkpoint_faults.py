@@ -9,7 +9,9 @@ Each `train()` call compiles the step again, so most faults are checked on `Chec
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -26,6 +28,8 @@ import jax
 import numpy as np
 from orbax.checkpoint._src.path import async_path
 from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src import asyncio_utils
 import pytest
 import tensorstore as ts
 
@@ -253,15 +257,21 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
   assert not _messages(caplog, "never retrieved")
 
 
-def _array_codecs(state_dir: pathlib.Path) -> dict[str, list[dict]]:
-  """{array: its chunk codecs} from the zarr3 metadata in a state item's OCDBT store."""
+def _array_codecs(state_dir: pathlib.Path, unwrap_shards: bool = True) -> dict[str, list[dict]]:
+  """{array: its chunk codecs} from the zarr3 metadata in a state item's OCDBT store (those inside
+  the shard of an array written in shards, unless not `unwrap_shards`)."""
   store = _ocdbt_store(state_dir)
   codecs = {}
   for key in (k.decode() for k in store.list().result()):
     if key.endswith("/zarr.json"):
-      metadata = json.loads(store.read(key).result().value)
-      (sharding,) = metadata["codecs"]
-      codecs[key[: -len("/zarr.json")]] = sharding["configuration"]["codecs"]
+      chain = json.loads(store.read(key).result().value)["codecs"]
+      if not unwrap_shards:
+        codecs[key[: -len("/zarr.json")]] = chain
+        continue
+      if chain[0]["name"] == "sharding_indexed":  # the layout of sessions 8 and 9
+        (sharding,) = chain
+        chain = sharding["configuration"]["codecs"]
+      codecs[key[: -len("/zarr.json")]] = chain
   return codecs
 
 
@@ -290,13 +300,34 @@ def _flip_a_byte_in_the_chunk_of(state_dir: pathlib.Path, key: str) -> None:
     f.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "zarr2-unchecked"])
-def test_a_byte_flipped_inside_a_chunk_is_caught_by_its_checksum(tmp_path, caplog, checksums):
+def _write_chunks_in_shards(monkeypatch) -> None:
+  """Saves each checksummed chunk inside a zarr3 shard (the layout of sessions 8 and 9)."""
+  checkpointing._install_chunk_checksums()  # pylint: disable=protected-access
+  monkeypatch.setattr(
+      ts_utils,
+      "build_array_write_spec",
+      checkpointing._with_chunk_checksums(  # pylint: disable=protected-access
+          ts_utils.build_array_write_spec.__wrapped__, flat=False
+      ),
+  )
+
+
+@pytest.mark.parametrize("layout", ["checksummed", "checksummed-in-shards", "zarr2-unchecked"])
+def test_a_byte_flipped_inside_a_chunk_is_caught_by_its_checksum(
+    tmp_path, caplog, monkeypatch, layout
+):
   weights = {"w": jax.numpy.asarray(np.random.default_rng(0).standard_normal((64, 64)), "float32")}
+  checksums = layout != "zarr2-unchecked"
+  if layout == "checksummed-in-shards":
+    _write_chunks_in_shards(monkeypatch)
   checkpointer = checkpointing.Checkpointer(tmp_path, checksums=checksums, async_save=False)
   for step in (1, 2):
     checkpointer.save(step, weights, None, force=True)
   checkpointer.close()
+  (chain,) = _array_codecs(tmp_path / "2" / "state", unwrap_shards=False).values() or [[]]
+  outer = {"checksummed": "bytes", "checksummed-in-shards": "sharding_indexed"}
+  assert [c["name"] for c in chain[:1]] == ([outer[layout]] if checksums else []), chain
+  monkeypatch.undo()
   _flip_a_byte_in_the_chunk_of(tmp_path / "2" / "state", "w/c/0/0" if checksums else "w/0.0")
   reader = checkpointing.Checkpointer(tmp_path, read_only=True)
   with caplog.at_level(logging.WARNING):
@@ -401,6 +432,7 @@ def test_sigkill_during_an_async_save_resumes_from_the_last_committed(trained, t
   finally:
     proc.kill()
     proc.wait(timeout=60)
+    proc.stdout.close()
   assert any(HOLDING in line for line in output), "".join(output[-30:])
   assert proc.returncode == -signal.SIGKILL
   partial = checkpoints / f"8{TMP_MARKER}"
@@ -522,6 +554,37 @@ def test_disk_full_during_background_saves_then_space_again(trained, tmp_path, m
   _, iterator_state, step = checkpointer.restore()
   checkpointer.close()
   assert (step, iterator_state) == (12, {"index": 12})
+
+
+async def _write_failing_beside(write_events: list[str], left: str):
+  """A save whose write fails while another write it started is `left` (started, or not yet)."""
+  loop = asyncio.get_running_loop()
+
+  async def other_write():
+    write_events.append("started")
+    try:
+      await asyncio.sleep(60)
+    finally:
+      write_events.append("ended")
+
+  tasks = [loop.create_task(other_write())]
+  if left == "not-started":  # created after the failure is reported: the loop stops first
+    loop.call_soon(lambda: tasks.append(loop.create_task(other_write())))
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("left", ["started", "not-started"])
+def test_a_failed_save_leaves_no_pending_write_behind(tmp_path, caplog, recwarn, left):
+  checkpointing.Checkpointer(tmp_path / "checkpoints").close()  # installs the cancelling
+  write_events = []
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    with pytest.raises(OSError, match="No space left"):
+      # How Orbax runs each save in its background thread.
+      asyncio_utils.run_sync(_write_failing_beside(write_events, left))
+    gc.collect()
+  assert not [str(w.message) for w in recwarn if "never awaited" in str(w.message)]
+  assert not [r.getMessage() for r in caplog.records if "destroyed" in r.getMessage()]
+  assert write_events == ["started", "ended"]  # cancelled; the one not started never runs
 
 
 def test_evaluate_takes_the_newest_readable_checkpoint_and_warns(trained, tmp_path, caplog):

@@ -127,6 +127,7 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(tmp_path):
   _wait_for_checkpoint(proc, workdir, after_term + 2)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
+  proc.stdout.close()
   assert proc.returncode == -signal.SIGKILL
   after_kill = max(_finished_steps(workdir))
   assert after_term < after_kill < STEPS, (after_term, after_kill)

@@ -1,5 +1,6 @@
 """Tests of the embedded two-stage default: still images, stage-1 cache, init of stage 2."""
 
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -82,6 +83,51 @@ def test_still_images_are_coco_instances_with_masks(tmp_path):
   )
   assert json.loads(open(again).read())["annotations"] == data["annotations"]
   assert json.loads(open(other).read())["annotations"] != data["annotations"]
+
+
+# sha256 of the pixels, visible masks and labels of `_StillRenderer(48, 64).image` for rngs
+# [3, 0..4], 4 objects at most: the default stills as the generator made them before the
+# recoloured option (session 10); the committed stage-1 weights were trained on such stills.
+DEFAULT_STILLS_RENDER_SHA256 = "b684e03d8aa49912bafea763fa061ad0321bdfc8599be1a588ac82164892b5a1"
+
+
+def test_default_stills_render_unchanged():
+  renderer = synthetic_images._StillRenderer(48, 64)  # pylint: disable=protected-access
+  digest = hashlib.sha256()
+  for i in range(5):
+    pixels, visible, labels = renderer.image(np.random.default_rng([3, i]), 4)
+    digest.update(pixels.tobytes())
+    digest.update(visible.tobytes())
+    digest.update(bytes(labels))
+  assert digest.hexdigest() == DEFAULT_STILLS_RENDER_SHA256
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3], ids=lambda s: f"rng{s}")
+def test_recoloured_stills_repaint_half_an_object_in_background_colours(seed):
+  renderer = synthetic_images._StillRenderer(96, 96)  # pylint: disable=protected-access
+  # One object; the draws before the recolouring are the plain image's, so only it differs.
+  plain, plain_visible, labels = renderer.image(np.random.default_rng([seed, 7]), 1)
+  pixels, visible, again = renderer.image(np.random.default_rng([seed, 7]), 1, 1.0)
+  np.testing.assert_array_equal(visible, plain_visible)
+  assert again == labels
+  changed = (pixels != plain).any(axis=-1)
+  mask = visible[0]
+  assert not (changed & ~mask).any()  # the background and other pixels untouched
+  # Half of the whole shape; the image border may cut either side.
+  assert 0.15 <= changed.sum() / mask.sum() <= 0.85, (changed.sum(), mask.sum())
+  # Histogram-matched to the background crop: each channel within the background's values.
+  background = plain[~mask]
+  repainted = pixels[changed]
+  assert (repainted >= background.min(axis=0)).all() and (repainted <= background.max(axis=0)).all()
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5], ids=["default", "recoloured"])
+def test_stage1_fingerprint_names_recoloured_stills_only_when_used(share):
+  config = _small_stage1_config()
+  config.data.stills.recoloured_share = share
+  stills = two_stage.stage1_fingerprint(config)["data"]["stills"]
+  # The default's fingerprint stays what it was before the option (cached runs stay valid).
+  assert stills.get("recoloured_share") == (share or None)
 
 
 def _forbid_masks(monkeypatch):

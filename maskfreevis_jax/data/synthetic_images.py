@@ -85,10 +85,25 @@ class _StillRenderer:
       crop = crop[:, ::-1]
     return _colourise(crop, rng)
 
+  def _recolour_half(self, rng, pixels, background, bg_index, label, aspect, mask, u, v) -> None:
+    """Paints half of the object (beyond a straight cut, as the videos' format 5) with another
+    photo histogram-matched to the background crop: its structure differs, its colours do not
+    (the videos' format 7)."""
+    from skimage import exposure  # pylint: disable=g-import-not-at-top
+
+    direction, threshold = synthetic._camouflage_cut(rng, label, aspect, 0.5)  # pylint: disable=protected-access
+    part = mask & (u * np.cos(direction) + v * np.sin(direction) < threshold)
+    other = synthetic._other_index(rng, len(self.photos), bg_index)  # pylint: disable=protected-access
+    texture = exposure.match_histograms(
+        self._crop(rng, other, self.height, self.width), background, channel_axis=-1
+    )
+    pixels[part] = np.clip(np.rint(texture[part]), 0, 255).astype(np.uint8)
+
   def image(
-      self, rng: np.random.Generator, max_objects: int
+      self, rng: np.random.Generator, max_objects: int, recoloured_share: float = 0.0
   ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Renders one image.
+    """Renders one image; a `recoloured_share` of its objects get a half in the background's
+    colours (`_recolour_half`).
 
     Returns:
       pixels uint8 [H, W, 3], visible masks bool [K, H, W], labels list[int] (K).
@@ -97,6 +112,7 @@ class _StillRenderer:
     size = min(h, w)
     bg_index = int(rng.integers(len(self.photos)))
     pixels = self._crop(rng, bg_index, h, w)
+    background = pixels.copy()
     num_objects = int(rng.integers(1, max_objects + 1))
     full = np.zeros((num_objects, h, w), bool)
     labels = []
@@ -123,6 +139,9 @@ class _StillRenderer:
       else:
         shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
         pixels[mask] = synthetic.paint_object(colouring, shade=shade)
+      # No draw at share 0: the default set stays byte-identical.
+      if recoloured_share > 0 and rng.uniform() < recoloured_share:
+        self._recolour_half(rng, pixels, background, bg_index, label, aspect, mask, u, v)
     # Later objects are drawn on top: visible mask = own mask minus everything above it.
     visible = full.copy()
     above = np.zeros((h, w), bool)
@@ -140,6 +159,7 @@ def _params(
     min_visible_pixels: int,
     jpeg_quality: int,
     with_masks: bool = True,
+    recoloured_share: float = 0.0,
 ) -> dict[str, Any]:
   params = dict(
       format_version=FORMAT_VERSION,
@@ -152,6 +172,8 @@ def _params(
   )
   if not with_masks:  # box-only sets differ; sets with masks keep their old parameters
     params["with_masks"] = False
+  if recoloured_share > 0:  # opt-in; the default set keeps its parameters
+    params["recoloured_share"] = float(recoloured_share)
   return params
 
 
@@ -171,7 +193,9 @@ def _generate(out_dir: str, params: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng([params["seed"], _SEED_SALT, i])
     # Retry (deterministically) until at least one object shows enough pixels.
     for _ in range(20):
-      pixels, visible, labels = renderer.image(rng, params["max_objects"])
+      pixels, visible, labels = renderer.image(
+          rng, params["max_objects"], params.get("recoloured_share", 0.0)
+      )
       keep = visible.sum(axis=(1, 2)) >= params["min_visible_pixels"]
       if keep.any():
         break
@@ -235,6 +259,7 @@ def write_coco_instances(
     min_visible_pixels: int = 16,
     jpeg_quality: int = 90,
     with_masks: bool = True,
+    recoloured_share: float = 0.0,
 ) -> str:
   """Writes (or reuses) a COCO instances set of synthetic still images; returns the JSON path.
 
@@ -252,6 +277,9 @@ def write_coco_instances(
     jpeg_quality: JPEG quality of the images.
     with_masks: False writes boxes only: no annotation has a ``segmentation`` or an ``area``
       (the box-only stage 1, the synthetic counterpart of the release's `model_final_proj.pth`).
+    recoloured_share: the share of objects (opt-in, default none) whose half beyond a straight
+      cut wears another photo histogram-matched to the background: the stills counterpart of
+      the videos' format 7 (`synthetic.generate(camouflage_recolour=True)`).
 
   Returns:
     Path of ``out_dir/instances.json``; its images are relative to ``out_dir``.
@@ -263,8 +291,17 @@ def write_coco_instances(
         f"num_images, max_objects and min_visible_pixels must be >= 1, got "
         f"{num_images}, {max_objects}, {min_visible_pixels}"
     )
+  if not 0.0 <= recoloured_share <= 1.0:
+    raise ValueError(f"recoloured_share must be in [0, 1], got {recoloured_share}")
   params = _params(
-      num_images, size, seed, max_objects, min_visible_pixels, jpeg_quality, with_masks
+      num_images,
+      size,
+      seed,
+      max_objects,
+      min_visible_pixels,
+      jpeg_quality,
+      with_masks,
+      recoloured_share,
   )
   json_path = os.path.join(os.path.abspath(out_dir), JSON_NAME)
   if synthetic.marker_matches(out_dir, params):
