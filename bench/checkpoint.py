@@ -7,14 +7,11 @@ both Adam moments, ~132M float32 values), filled with random numbers. Each repea
 asynchronously (timing what the train loop waits for), then synchronously (the blocking time plus
 the whole write) and restores it into its shardings, in three formats, in rotating order:
   * checksums: the default (`Checkpointer(checksums=True)`): zarr3 chunks compressed by zstd
-    (level 1), each zstd frame with its content checksum (XXH64), verified at every read, one
-    chunk per array and process written as it is (no shard index around it);
-  * sharded: the same chunks inside Orbax's zarr3 shard (`sharding_indexed`), the default of
-    sessions 8 and 9;
-  * zarr3: the default's chunks without the checksum (the checksum's own cost);
+    (level 1), each zstd frame with its content checksum (XXH64), verified at every read;
+  * zarr3: the same chunks without the checksum (the checksum's own cost);
   * zarr2: `checksums=False`, the format written before checksums (Orbax's default).
-It prints the medians and the median over repeats of the paired ratios of the default to each
-other format, with a bootstrap 90% interval over the repeats (on a shared machine the spread
+It prints the medians and the median over repeats of the paired ratios checksums / zarr3 and
+checksums / zarr2, with a bootstrap 90% interval over the repeats (on a shared machine the spread
 of single times is larger than the checksum itself: compare formats within a repeat), for the
 wall time and for the process's CPU time (all threads) of each save and restore: the CPU time is
 the work the checksum adds, and other jobs on the machine move it far less than the wall time.
@@ -74,10 +71,7 @@ def _without_chunk_checksums():
 
   def plain(*args, **kwargs):
     spec = wrapped(*args, **kwargs)
-    codecs = spec.json["metadata"]["codecs"]
-    if codecs[0]["name"] == "sharding_indexed":
-      codecs = codecs[0]["configuration"]["codecs"]
-    for codec in codecs:
+    for codec in spec.json["metadata"]["codecs"][0]["configuration"]["codecs"]:
       if codec["name"] == "zstd":
         codec["configuration"]["checksum"] = False
     return spec
@@ -115,32 +109,14 @@ def _time_once(
   return blocking, saved, restore, saved_cpu, restore_cpu
 
 
-@contextlib.contextmanager
-def _in_shards():
-  """Each array's checksummed chunk inside a zarr3 shard, as Orbax lays it out (the "sharded"
-  format: the default of sessions 8 and 9)."""
-  checkpointing._install_chunk_checksums()  # pylint: disable=protected-access
-  flat = ts_utils.build_array_write_spec
-  ts_utils.build_array_write_spec = checkpointing._with_chunk_checksums(  # pylint: disable=protected-access
-      flat.__wrapped__, flat=False
-  )
-  try:
-    yield
-  finally:
-    ts_utils.build_array_write_spec = flat
-
-
 def _time_format(directory: pathlib.Path, state, target, name: str) -> tuple[float, ...]:
   if name == "zarr3":
     with _without_chunk_checksums():
       return _time_once(directory, state, target, checksums=True)
-  if name == "sharded":
-    with _in_shards():
-      return _time_once(directory, state, target, checksums=True)
   return _time_once(directory, state, target, checksums=name == "checksums")
 
 
-FORMATS = ("checksums", "sharded", "zarr3", "zarr2")
+FORMATS = ("checksums", "zarr3", "zarr2")
 # What `_time_once` returns. CPU time (all threads of the process) is the checksum's own work and
 # hardly moves with other jobs on a shared machine; wall time includes waiting for the disk.
 MEASURES = (
@@ -241,7 +217,9 @@ def main() -> None:
   for i, what in enumerate(MEASURES):
     medians = {name: statistics.median(t[i] for t in times[name]) for name in FORMATS}
     figures = ", ".join(f"{n} {medians[n]:.2f} s" for n in FORMATS)
-    ratios = ", ".join(f"checksums/{base} {_paired_ratio(times, i, base)}" for base in FORMATS[1:])
+    ratios = ", ".join(
+        f"checksums/{base} {_paired_ratio(times, i, base)}" for base in ("zarr3", "zarr2")
+    )
     print(f"{what}, medians of {args.repeats}: {figures}; paired ratios: {ratios}")
   shutil.rmtree(directory, ignore_errors=True)
 

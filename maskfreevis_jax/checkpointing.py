@@ -137,10 +137,7 @@ def _unreadable_array(error: BaseException | None) -> str | None:
   """The array a TensorStore read error (or its cause, under Orbax's wrapper) names
   (`params.x.kernel`), or None."""
   while error is not None:
-    # The array's key before its metadata or chunk key: `.zarray`, `0.0` (zarr2), `c/0/0` (zarr3).
-    found = re.search(
-        r'Error reading "([^"]+?)/(?:\.zarray|c(?:/\d+)+|[^"/]*)" in OCDBT', str(error)
-    )
+    found = re.search(r'Error reading "([^"]+?)/(?:\.zarray|[^"/]*)" in OCDBT', str(error))
     found = found or re.search(r'Error reading shard entry [^"]* in "([^"]+?)/c[/"]', str(error))
     if found:
       return found.group(1)
@@ -346,26 +343,13 @@ def _add_chunk_checksum(chunk_codecs: list[dict]) -> None:
     chunk_codecs.append({"name": "crc32c"})
 
 
-def _unwrap_single_chunk_shard(metadata: dict) -> None:
-  """Writes a zarr3 shard that holds one chunk as that chunk (no shard index around it)."""
-  codecs = metadata["codecs"]
-  if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
-    inner = codecs[0]["configuration"]
-    if inner["chunk_shape"] == metadata["chunk_grid"]["configuration"]["chunk_shape"]:
-      metadata["codecs"] = inner["codecs"]
-
-
-def _with_chunk_checksums(build_array_write_spec, *, flat: bool = True):
+def _with_chunk_checksums(build_array_write_spec):
   """Orbax's array write-spec builder, with a checksum in every zarr3 chunk (`_add_chunk_checksum`).
 
   TensorStore checks it whenever it decodes the chunk: a changed byte fails the read (`DATA_LOSS`),
   which the fallback treats as any unreadable array. It costs no pass of our own over the state:
   zstd hashes the bytes it compresses anyway (bench/checkpoint.py). Orbax (0.12) has no option for
   chunk codecs, so its builder is wrapped; a test reads the codecs back from the saved metadata.
-  With `flat`, an array whose shard holds a single chunk (every array unless one shard exceeds
-  OCDBT's 2 GiB data files) is written as that chunk, without the shard index Orbax wraps it in:
-  the layout of its zarr2 format (save and restore a few percent faster in bench/checkpoint.py,
-  within its spread). Checkpoints written with the index restore as they are.
   """
 
   @functools.wraps(build_array_write_spec)
@@ -373,13 +357,7 @@ def _with_chunk_checksums(build_array_write_spec, *, flat: bool = True):
     spec = build_array_write_spec(*args, **kwargs)
     array = spec.json["base"] if spec.json.get("driver") == "cast" else spec.json
     if array.get("driver") == "zarr3":
-      metadata = array["metadata"]
-      if flat:
-        _unwrap_single_chunk_shard(metadata)
-      codecs = metadata["codecs"]
-      if codecs[0]["name"] == "sharding_indexed":
-        codecs = codecs[0]["configuration"]["codecs"]
-      _add_chunk_checksum(codecs)
+      _add_chunk_checksum(array["metadata"]["codecs"][0]["configuration"]["codecs"])
     return spec
 
   build.adds_chunk_checksums = True
