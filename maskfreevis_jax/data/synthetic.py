@@ -184,6 +184,22 @@ def _camouflage_cut(
   return direction, float(np.quantile(along, cover))
 
 
+def beyond_cut(mask: np.ndarray, u: np.ndarray, v: np.ndarray, cut: tuple[float, float]):
+  """The pixels of `mask` on the `cover` side of a `_camouflage_cut` (bool, the shape of mask),
+  with `u`, `v` the pixels' coordinates in the object's own frame."""
+  direction, threshold = cut
+  return mask & (u * np.cos(direction) + v * np.sin(direction) < threshold)
+
+
+def histogram_matched(source: np.ndarray, reference: np.ndarray) -> np.ndarray:
+  """`source` (uint8 [H, W, 3]) with the colour distribution of `reference` (per-channel
+  histogram matching): another structure in the reference's colours, uint8."""
+  from skimage import exposure  # pylint: disable=g-import-not-at-top
+
+  matched = exposure.match_histograms(source, reference, channel_axis=-1)
+  return np.clip(np.rint(matched), 0, 255).astype(np.uint8)
+
+
 class _Renderer:
   """Holds the backgrounds/textures for one frame size (loaded once per generation)."""
 
@@ -231,8 +247,7 @@ class _Renderer:
       shade = 1.0 - 0.25 * np.clip(np.sqrt(u * u + v * v), 0, 1)[mask]
       frame[mask] = paint_object(appearance["colouring"], shade=shade)
     if "cut" in appearance:  # format 5: the part beyond the cut wears the background photo
-      direction, threshold = appearance["cut"]
-      part = mask & (u * np.cos(direction) + v * np.sin(direction) < threshold)
+      part = beyond_cut(mask, u, v, appearance["cut"])
       camouflage = appearance["camouflage_texture"]
       if "recolour_source" in appearance:  # format 7: another photo in the background's colours
         camouflage = self._recoloured(appearance["recolour_source"], camouflage)
@@ -244,12 +259,9 @@ class _Renderer:
     histogram matching), cached: another structure in the background photo's colours."""
     key = (source, reference)
     if key not in self._recoloured_cache:
-      from skimage import exposure  # pylint: disable=g-import-not-at-top
-
-      matched = exposure.match_histograms(
-          self.textures[source], self.textures[reference], channel_axis=-1
+      self._recoloured_cache[key] = histogram_matched(
+          self.textures[source], self.textures[reference]
       )
-      self._recoloured_cache[key] = np.clip(np.rint(matched), 0, 255).astype(np.uint8)
     return self._recoloured_cache[key]
 
   def _lookalike_band(self, rng, obj, bg_index, start, pan, length) -> dict[str, Any]:

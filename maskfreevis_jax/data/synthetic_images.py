@@ -89,15 +89,11 @@ class _StillRenderer:
     """Paints half of the object (beyond a straight cut, as the videos' format 5) with another
     photo histogram-matched to the background crop: its structure differs, its colours do not
     (the videos' format 7)."""
-    from skimage import exposure  # pylint: disable=g-import-not-at-top
-
-    direction, threshold = synthetic._camouflage_cut(rng, label, aspect, 0.5)  # pylint: disable=protected-access
-    part = mask & (u * np.cos(direction) + v * np.sin(direction) < threshold)
+    cut = synthetic._camouflage_cut(rng, label, aspect, 0.5)  # pylint: disable=protected-access
+    part = synthetic.beyond_cut(mask, u, v, cut)
     other = synthetic._other_index(rng, len(self.photos), bg_index)  # pylint: disable=protected-access
-    texture = exposure.match_histograms(
-        self._crop(rng, other, self.height, self.width), background, channel_axis=-1
-    )
-    pixels[part] = np.clip(np.rint(texture[part]), 0, 255).astype(np.uint8)
+    texture = self._crop(rng, other, self.height, self.width)
+    pixels[part] = synthetic.histogram_matched(texture, background)[part]
 
   def image(
       self, rng: np.random.Generator, max_objects: int, recoloured_share: float = 0.0
