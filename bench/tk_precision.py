@@ -23,7 +23,12 @@ Zones, by the centre pixel p and the instance n whose box weighs the pair:
   all            every weighted pair;
   box_not_mask   p inside n's box(es) but not on n's mask: where box supervision is ambiguous;
   mask           p on n's mask;
-  boundary       p within `boundary_width` mask-stride pixels of n's mask edge (either side).
+  boundary       p within `boundary_width` mask-stride pixels of n's mask edge (either side);
+  anchored       p in box_not_mask, its partner outside n's box in the partner's own frame,
+                 weighted by how much of the partner's cell is outside that box: the pairs that
+                 carry what the box projection knows (outside a box is background) to a pixel the
+                 box leaves ambiguous. Its precision is that of box_not_mask pairs that reach out
+                 of the box; its count is how much box evidence a loss propagates inward.
 Labels at mask stride: each cell takes the label covering most of it (background included).
 
   python bench/tk_precision.py --clips 60                      # today's default data
@@ -50,7 +55,7 @@ from maskfreevis_jax import losses
 from maskfreevis_jax.data import iterators
 from maskfreevis_jax.losses import affinity as affinity_lib
 
-ZONES = ("all", "box_not_mask", "mask", "boundary")
+ZONES = ("all", "box_not_mask", "mask", "boundary", "anchored")
 # Sweeps: TK's K at the default radius, TK's radius (search dilation) at the default K, the
 # spatial window's dilation (radius).
 TOPK_VALUES = (1, 3, 5, 9)
@@ -85,7 +90,8 @@ def _band(member: jnp.ndarray, width: int) -> jnp.ndarray:
 
 
 def _zone_masks(member: jnp.ndarray, weight: jnp.ndarray, width: int) -> jnp.ndarray:
-  """`[Z, ...]` float32 zone indicators of the centre pixels (order of ZONES)."""
+  """`[Z - 1, ...]` float32 zone indicators of the centre pixels (ZONES but `anchored`, which
+  depends on the partner too: `_anchored_tally`)."""
   inside = weight > 0
   return jnp.stack(
       [
@@ -110,6 +116,21 @@ def _tally(weight, same, zones) -> jnp.ndarray:
   zoned = weight[None] * zones[..., None, :, :]
   axes = tuple(range(1, zoned.ndim))
   return jnp.stack([jnp.sum(zoned, axis=axes), jnp.sum(zoned * same, axis=axes)], axis=-1)
+
+
+def _anchored_tally(weight, same, box_not_mask, partner_box) -> jnp.ndarray:
+  """`[1, 2]`: kept-pair and same-label weight of the `anchored` zone.
+
+  weight `[N, ..., K, h, w]`, same `[..., K, h, w]`, box_not_mask `[N, ..., h, w]` (centre in n's
+  box, off n's mask), partner_box `[N, ..., K, h, w]` (n's box fraction at the partner).
+  """
+  anchored = weight * box_not_mask[..., None, :, :] * (1.0 - partner_box)
+  return jnp.stack([jnp.sum(anchored), jnp.sum(anchored * same)])[None]
+
+
+def _partner_boxes(box_masks: jnp.ndarray, offsets) -> jnp.ndarray:
+  """`[..., K, h, w]`: box fraction at p + d_k (0 outside the frame, where no pair is kept)."""
+  return jnp.stack([affinity_lib.shift_spatial(box_masks, o, fill=0.0) for o in offsets], axis=-3)
 
 
 def clip_pair_counts(
@@ -152,7 +173,14 @@ def clip_pair_counts(
   s_kept = affinities.spatial_affinity[0] * affinity_lib.inside_frame((h, w), s_offsets)
   s_same = (labels[:, None] == _neighbour_labels(labels, s_offsets)).astype(jnp.float32)
   s_weight = box_masks[:, :, None] * s_kept[None]  # [N, T, K, h, w]
-  spatial = _tally(s_weight, s_same, _zone_masks(member, box_masks, boundary_width))
+  spatial = jnp.concatenate(
+      [
+          _tally(s_weight, s_same, _zone_masks(member, box_masks, boundary_width)),
+          _anchored_tally(
+              s_weight, s_same, (box_masks > 0) & ~member, _partner_boxes(box_masks, s_offsets)
+          ),
+      ]
+  )
 
   t_offsets = affinity_lib.window_offsets(
       config.temporal_search_size, config.temporal_dilation, include_center=True
@@ -166,7 +194,17 @@ def clip_pair_counts(
   union = (jnp.sum(box_masks, axis=1) >= 1.0).astype(jnp.float32)  # [N, h, w], as the loss
   union_p = jnp.broadcast_to(union[:, None], (union.shape[0], len(b_idx), h, w))
   t_weight = union_p[:, :, None] * t_kept[None]  # [N, P, K, h, w]
-  temporal = _tally(t_weight, t_same, _zone_masks(member[:, b_idx], union_p, boundary_width))
+  temporal = jnp.concatenate(
+      [
+          _tally(t_weight, t_same, _zone_masks(member[:, b_idx], union_p, boundary_width)),
+          _anchored_tally(
+              t_weight,
+              t_same,
+              (union_p > 0) & ~member[:, b_idx],
+              _partner_boxes(box_masks[:, a_idx], t_offsets),
+          ),
+      ]
+  )
   return {"spatial": spatial, "temporal": temporal}
 
 

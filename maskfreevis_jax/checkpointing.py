@@ -18,8 +18,9 @@ Faults (see the README's "Reliability" section):
   * A save that fails (full disk, unwritable directory) is logged and training goes on; after
     `max_consecutive_failed_saves` failures in a row it stops (`CheckpointSaveError`). Old
     checkpoints are pruned (keep-last-N) only after a newer one has committed.
-  * Every chunk of every array carries a checksum (zstd's frame checksum, `_with_chunk_checksums`)
-    that TensorStore checks as it reads: a changed byte is an unreadable array like any other.
+  * Every array is saved with a checksum per saved block (`array_digests`: XXH3-64 of each
+    shard's bytes, in the config item), checked after it is read: a changed byte is damage like an
+    unreadable array.
   * A save that fails leaves no write pending behind it (`_run_then_cancel_leftovers`).
 """
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import gc
 import json
 import logging as std_logging
@@ -46,8 +46,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src import asyncio_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+from maskfreevis_jax import array_digests
 from maskfreevis_jax import process_agreement
 from maskfreevis_jax import sharding as sharding_lib
 
@@ -61,10 +61,10 @@ _COMMIT_RECORD = "_CHECKPOINT_METADATA"
 # Name marker of Orbax's temporary (uncommitted) step directories: `<step>.orbax-checkpoint-tmp-*`.
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 QUARANTINE_SUFFIX = ".corrupt"
-# The config item says whether its step's arrays carry a checksum per chunk.
+# The config item says whether its step's arrays carry checksums, and holds them.
 _CHECKSUMS_KEY = "array_checksums"
-_PER_CHUNK = "per_chunk"
-_ZSTD_LEVEL = 1  # Orbax's zarr2 level; its zarr3 default (3) saves slower
+_PER_BLOCK = "xxh3_64_per_block"  # `array_digests`: the table is under _DIGESTS_KEY
+_DIGESTS_KEY = "array_digests"
 
 
 class CheckpointMismatchError(ValueError):
@@ -108,11 +108,6 @@ def _agreed_damage(damage: _Damage | None) -> _Damage | None:
   if jax.process_count() > 1:
     detail = f"{detail} (read by process {process} of {jax.process_count()})"
   return _Damage(item, detail)
-
-
-def _path_str(path) -> str:
-  """'a/b/0' for a pytree key path."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _describe_error(error: BaseException, root: pathlib.Path | None = None) -> str:
@@ -317,57 +312,41 @@ def _config_of(saved: Any) -> dict | None:
   return None
 
 
-def _carries_chunk_checksums(saved: Any) -> bool:
-  """Whether a saved config item says its step's arrays were written with chunk checksums."""
-  return isinstance(saved, dict) and saved.get(_CHECKSUMS_KEY) == _PER_CHUNK
+def _saved_digests(saved: Any) -> dict | None:
+  """The digest table of a saved config item; None for checkpoints written without one."""
+  if isinstance(saved, dict) and saved.get(_CHECKSUMS_KEY) == _PER_BLOCK:
+    return saved.get(_DIGESTS_KEY) or {}
+  return None
 
 
-def _note_unverified(step_dir: pathlib.Path, saved: Any) -> None:
-  """The one-line note for a checkpoint restored without checksums (an older format)."""
-  if not _carries_chunk_checksums(saved):
+def _verify(step_dir: pathlib.Path, restored: Any, saved: Any) -> None:
+  """Checks restored arrays against the checksums saved with them, on this process alone.
+
+  Logs one line for a checkpoint without checksums (an older format) and one for arrays no saved
+  block covers (restored split finer than saved).
+
+  Raises:
+    _Damage: naming the first array whose bytes differ from those saved.
+  """
+  table = _saved_digests(saved)
+  if table is None:
     logging.warning(
         "checkpoint %s carries no checksums (written before they were saved): restored unverified",
         step_dir,
     )
-
-
-def _add_chunk_checksum(chunk_codecs: list[dict]) -> None:
-  """Makes a zarr3 chunk codec chain checksum every chunk: zstd's frame checksum (XXH64 of the
-  chunk's bytes, computed while compressing, checked while decompressing), or, for uncompressed
-  chunks, TensorStore's CRC32C codec."""
-  for codec in chunk_codecs:
-    if codec["name"] == "zstd":
-      codec.setdefault("configuration", {}).update(level=_ZSTD_LEVEL, checksum=True)
-      return
-  if {"name": "crc32c"} not in chunk_codecs:
-    chunk_codecs.append({"name": "crc32c"})
-
-
-def _with_chunk_checksums(build_array_write_spec):
-  """Orbax's array write-spec builder, with a checksum in every zarr3 chunk (`_add_chunk_checksum`).
-
-  TensorStore checks it whenever it decodes the chunk: a changed byte fails the read (`DATA_LOSS`),
-  which the fallback treats as any unreadable array. It costs no pass of our own over the state:
-  zstd hashes the bytes it compresses anyway (bench/checkpoint.py). Orbax (0.12) has no option for
-  chunk codecs, so its builder is wrapped; a test reads the codecs back from the saved metadata.
-  """
-
-  @functools.wraps(build_array_write_spec)
-  def build(*args, **kwargs):
-    spec = build_array_write_spec(*args, **kwargs)
-    array = spec.json["base"] if spec.json.get("driver") == "cast" else spec.json
-    if array.get("driver") == "zarr3":
-      _add_chunk_checksum(array["metadata"]["codecs"][0]["configuration"]["codecs"])
-    return spec
-
-  build.adds_chunk_checksums = True
-  return build
-
-
-def _install_chunk_checksums() -> None:
-  """Wraps Orbax's write-spec builder once per process (`_with_chunk_checksums`)."""
-  if not getattr(ts_utils.build_array_write_spec, "adds_chunk_checksums", False):
-    ts_utils.build_array_write_spec = _with_chunk_checksums(ts_utils.build_array_write_spec)
+    return
+  verdict = array_digests.verify(restored, table)
+  if verdict.mismatch is not None:
+    name, why = verdict.mismatch
+    raise _Damage(f"{_STATE}/{name}", why)
+  if verdict.unverified:
+    logging.warning(
+        "checkpoint %s: %d array(s) restored partly unverified (split finer than saved; the "
+        "checksums are of the saved blocks), first %s",
+        step_dir,
+        len(verdict.unverified),
+        verdict.unverified[0],
+    )
 
 
 def restore_variables(directory: str | pathlib.Path, step: int | None = None) -> tuple[dict, int]:
@@ -495,8 +474,8 @@ class Checkpointer:
       save_every: `save` writes at multiples of this step.
       fingerprint: flat config values saved with each checkpoint (for clear mismatch errors).
       config: the resolved config (`ConfigDict.to_dict()`), saved with each checkpoint.
-      checksums: write the arrays in zarr3 chunks that each carry a checksum (zstd's XXH64,
-        verified whenever a chunk is read); False writes the earlier zarr2 format without.
+      checksums: save a checksum of every block of every array (`array_digests`), verified
+        after each restore; False writes checkpoints without (as before checksums existed).
       async_save: write in a background thread (the train loop goes on meanwhile).
       max_consecutive_failed_saves: stop (`CheckpointSaveError`) after this many failed saves
         in a row; earlier failures are logged and training goes on.
@@ -518,8 +497,6 @@ class Checkpointer:
     self._barrier = process_agreement.AbortableBarrier()
     _quiet_orbax_failures()
     _install_leftover_cancelling()
-    if self.checksums:
-      _install_chunk_checksums()
     if not read_only and jax.process_index() == 0:
       self._remove_uncommitted()
     # Retention is ours (max_to_keep=None): Orbax would prune when a save is launched, before we
@@ -541,7 +518,7 @@ class Checkpointer:
         self.directory,
         options=options,
         item_handlers={
-            _STATE: ocp.PyTreeCheckpointHandler(use_zarr3=self.checksums),
+            _STATE: ocp.PyTreeCheckpointHandler(),
             _ITERATOR: ocp.JsonCheckpointHandler(),
             _CONFIG: ocp.JsonCheckpointHandler(),
         },
@@ -658,12 +635,14 @@ class Checkpointer:
 
   def _launch(self, step: int, state: Any, iterator_state: Any) -> Exception | None:
     """Starts writing `step` (in the background when async); returns the error if it failed."""
-    host_states = sharding_lib.gather_host_strings(
-        json.dumps(_encode_iterator_state(iterator_state))
-    )
+    own = {"iterator": _encode_iterator_state(iterator_state)}
+    if self.checksums:
+      own["digests"] = array_digests.process_digests(state)
+    per_process = [json.loads(s) for s in sharding_lib.gather_host_strings(json.dumps(own))]
     config_item = {"fingerprint": self.fingerprint, "config": self.config}
     if self.checksums:
-      config_item[_CHECKSUMS_KEY] = _PER_CHUNK
+      config_item[_CHECKSUMS_KEY] = _PER_BLOCK
+      config_item[_DIGESTS_KEY] = array_digests.merge([p["digests"] for p in per_process])
     self._barrier.begin_save()
     try:
       self.manager.save(
@@ -672,7 +651,7 @@ class Checkpointer:
               **{
                   _STATE: ocp.args.PyTreeSave(state),
                   _ITERATOR: ocp.args.JsonSave(
-                      {"per_process": [json.loads(s) for s in host_states]}
+                      {"per_process": [p["iterator"] for p in per_process]}
                   ),
                   _CONFIG: ocp.args.JsonSave(config_item),
               }
@@ -777,11 +756,11 @@ class Checkpointer:
     """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
     step_dir = self.directory / str(step)
     saved = {
-        _path_str(p): tuple(getattr(m, "shape", ()) or ())
+        array_digests.path_name(p): tuple(getattr(m, "shape", ()) or ())
         for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]
     }
     wanted = {
-        _path_str(p): tuple(getattr(x, "shape", ()) or ())
+        array_digests.path_name(p): tuple(getattr(x, "shape", ()) or ())
         for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }
     hint = ""
@@ -816,7 +795,7 @@ class Checkpointer:
 
   def _read(self, step: int, abstract_state: Any) -> tuple[Any, Any, Any]:
     """(state, this host's iterator state, saved config item) of `step`, read completely by this
-    process (every chunk's checksum verified by TensorStore as it is read), or raises _Damage.
+    process (its bytes checked against the saved checksums), or raises _Damage.
 
     Raises:
       _Damage: naming the first unreadable item (commit record, item, array).
@@ -860,6 +839,7 @@ class Checkpointer:
     else:
       self._check_compatible(step, metadata, saved_fingerprint, abstract_state)
     state = restore_item(_STATE, ocp.args.StandardRestore(abstract_state))
+    _verify(step_dir, state, saved_item)
     if iterator_states and len(iterator_states) != jax.process_count():
       raise CheckpointMismatchError(
           f"checkpoint {step_dir} holds data iterator states of {len(iterator_states)} "
@@ -873,8 +853,8 @@ class Checkpointer:
   def _try_read(self, step: int, abstract_state: Any) -> tuple[Any, _Damage | None]:
     """((state, iterator state), None), or (None, damage) when any process cannot read it.
 
-    Each process reads its own part (TensorStore checks every chunk's checksum as it decodes it),
-    then they agree on the verdict, so every process takes the same one.
+    Each process reads and checks its own part, then they agree on the verdict, so every process
+    takes the same one.
     """
     result, damage = None, None
     try:
@@ -885,8 +865,7 @@ class Checkpointer:
     damage = _agreed_damage(damage)
     if damage is not None:
       return None, damage
-    state, iterator_state, saved_item = result
-    _note_unverified(self.directory / str(step), saved_item)
+    state, iterator_state, _ = result
     return (state, iterator_state), None
 
   def restore(
@@ -935,8 +914,8 @@ class Checkpointer:
     return None if step is None else _config_of(self._saved_item(step))
 
   def _saved_item(self, step: int) -> Any:
-    """The raw config item of `step`: fingerprint, config and the checksum marker (or, earlier,
-    the fingerprint alone)."""
+    """The raw config item of `step`: fingerprint, config and the checksums (or, earlier, the
+    fingerprint alone)."""
     try:
       return self._reader().restore(
           step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
@@ -1052,7 +1031,7 @@ class Checkpointer:
       raise _Damage(f"{_STATE}/{array}" if array else _STATE, _describe_error(e, step_dir)) from e
     if "params" not in state:
       raise _Damage(_STATE, "it holds no 'params'")
-    _note_unverified(step_dir, saved_item)
+    _verify(step_dir, state, saved_item)
     return {"params": state["params"], **dict(state.get("model_state") or {})}, _config_of(
         saved_item
     )

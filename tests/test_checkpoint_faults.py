@@ -31,6 +31,7 @@ from orbax.checkpoint._src.path import atomicity
 from orbax.checkpoint._src import asyncio_utils
 import pytest
 import tensorstore as ts
+import xxhash
 
 from maskfreevis_jax import train_step
 from maskfreevis_jax import experiment
@@ -160,7 +161,7 @@ def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _ocdbt_store(state_dir: pathlib.Path) -> ts.KvStore:
-  """The key-value store of a state item (keys such as `params.x/zarr.json`, `params.x/c/0/0`)."""
+  """The key-value store of a state item (keys such as `params.x/.zarray`, `params.x/0.0`)."""
   return ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
 
 
@@ -191,7 +192,9 @@ def _truncate_the_file_of_the_largest_parameter(step_dir: pathlib.Path) -> None:
   which reads the parameters alone, meets too (the largest file may hold optimizer slots only)."""
   state = step_dir / "state"
   store = _ocdbt_store(state)
-  chunks = [k for k in store.list().result() if k.startswith(b"params.") and b"/c" in k]
+  chunks = [
+      k for k in store.list().result() if k.startswith(b"params.") and not k.endswith(b"/.zarray")
+  ]
   stored = max((store.read(k).result().value for k in chunks), key=len)
   read = set(_array_files(step_dir))  # not OCDBT's pre-merge copies, which are never read
   found = [(f, at) for f, at in _files_holding(state, stored) if f in read]
@@ -256,32 +259,37 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
   assert not _messages(caplog, "never retrieved")
 
 
-def _array_codecs(state_dir: pathlib.Path) -> dict[str, list[dict]]:
-  """{array: its chunk codecs} from the zarr3 metadata in a state item's OCDBT store."""
-  store = _ocdbt_store(state_dir)
-  codecs = {}
-  for key in (k.decode() for k in store.list().result()):
-    if key.endswith("/zarr.json"):
-      metadata = json.loads(store.read(key).result().value)
-      (sharding,) = metadata["codecs"]
-      codecs[key[: -len("/zarr.json")]] = sharding["configuration"]["codecs"]
-  return codecs
+def _saved_config_item(step_dir: pathlib.Path) -> dict:
+  return json.loads((step_dir / "config" / "metadata").read_text())
 
 
-def test_every_saved_array_carries_a_chunk_checksum(trained, restore_target):
-  codecs = _array_codecs(trained[0] / "checkpoints" / "6" / "state")
-  # Every array of the train state; each chunk's zstd frame carries its content checksum.
-  assert len(codecs) == len(jax.tree.leaves(restore_target)), sorted(codecs)
-  zstd = [[c for c in chain if c["name"] == "zstd"] for chain in codecs.values()]
-  assert all(z and z[0]["configuration"]["checksum"] for z in zstd), codecs
+def test_every_saved_array_carries_checksums_of_its_bytes(trained, restore_target):
+  """The checksums saved with a checkpoint are XXH3-64 of each array's bytes (each array is one
+  block here: one device)."""
+  item = _saved_config_item(trained[0] / "checkpoints" / "6")
+  assert item["array_checksums"] == "xxh3_64_per_block", item.keys()
+  table = item["array_digests"]
+  reader = checkpointing.Checkpointer(trained[0] / "checkpoints", read_only=True)
+  state, _, _ = reader.restore(restore_target, step=6)
+  reader.close()
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  assert sorted(table) == sorted(
+      jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves
+  )
+  for path, value in leaves:
+    entry = table[jax.tree_util.keystr(path, simple=True, separator="/")]
+    value = np.asarray(value)
+    assert entry["dtype"] == str(value.dtype)
+    block = ",".join(f"0:{n}" for n in value.shape)
+    assert entry["blocks"] == {block: xxhash.xxh3_64_hexdigest(value.tobytes())}, path
 
 
 def _flip_a_byte_in_the_chunk_of(state_dir: pathlib.Path, key: str) -> None:
   """Flips a byte inside one chunk's stored (compressed) bytes, wherever a data file holds them.
 
   Only values over 1 KiB live in data files (smaller ones sit in OCDBT's b-tree nodes, which
-  carry their own checksum); the stored bytes of a random chunk are zstd's raw blocks, so without
-  a chunk checksum the flip decodes to another value without any error.
+  carry their own checksum); the stored bytes of a random chunk are zstd's raw blocks, so the flip
+  decodes to another value without any error: only a checksum of the array's bytes catches it.
   """
   stored = _ocdbt_store(state_dir).read(key).result().value
   assert len(stored) > 1024, f"{key} is stored inline ({len(stored)} bytes)"
@@ -294,13 +302,13 @@ def _flip_a_byte_in_the_chunk_of(state_dir: pathlib.Path, key: str) -> None:
 
 
 @pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "zarr2-unchecked"])
-def test_a_byte_flipped_inside_a_chunk_is_caught_by_its_checksum(tmp_path, caplog, checksums):
+def test_a_byte_flipped_inside_a_chunk_is_caught_by_the_checksum(tmp_path, caplog, checksums):
   weights = {"w": jax.numpy.asarray(np.random.default_rng(0).standard_normal((64, 64)), "float32")}
   checkpointer = checkpointing.Checkpointer(tmp_path, checksums=checksums, async_save=False)
   for step in (1, 2):
     checkpointer.save(step, weights, None, force=True)
   checkpointer.close()
-  _flip_a_byte_in_the_chunk_of(tmp_path / "2" / "state", "w/c/0/0" if checksums else "w/0.0")
+  _flip_a_byte_in_the_chunk_of(tmp_path / "2" / "state", "w/0.0")
   reader = checkpointing.Checkpointer(tmp_path, read_only=True)
   with caplog.at_level(logging.WARNING):
     restored, _, step = reader.restore()
@@ -309,15 +317,52 @@ def test_a_byte_flipped_inside_a_chunk_is_caught_by_its_checksum(tmp_path, caplo
     (line,) = _messages(caplog, "cannot be read")
     assert step == 1 and "first unreadable item state/w:" in line and "checksum" in line, line
     chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(weights))
-  else:  # The control: the earlier format restores the flipped value without a word.
+  else:  # The control: without checksums the flipped value restores without a word.
     assert step == 2 and not _messages(caplog, "cannot be read"), caplog.text
     assert int(np.sum(np.asarray(restored["w"]) != np.asarray(weights["w"]))) == 1
+
+
+def _weights_on(devices: int, split: bool) -> dict[str, jax.Array]:
+  """A 64x64 array on `devices` CPU devices, split by rows or replicated."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+  spec = jax.sharding.PartitionSpec("data" if split else None)
+  values = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+  return {"w": jax.device_put(values, jax.sharding.NamedSharding(mesh, spec))}
+
+
+RESHARDINGS = {  # (saved on, split; restored on, split; arrays left unchecked)
+    "saved-split-restored-on-one-device": (8, True, 1, False, 0),
+    "saved-split-restored-replicated": (8, True, 8, False, 0),
+    "saved-whole-restored-split": (1, False, 8, True, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(RESHARDINGS), ids=list(RESHARDINGS))
+def test_checksums_check_restores_in_another_sharding(tmp_path, caplog, case):
+  saved_on, saved_split, restored_on, restored_split, unchecked = RESHARDINGS[case]
+  weights = _weights_on(saved_on, saved_split)
+  writer = checkpointing.Checkpointer(tmp_path, async_save=False)
+  writer.save(1, weights, None, force=True)
+  writer.close()
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      _weights_on(restored_on, restored_split),
+  )
+  reader = checkpointing.Checkpointer(tmp_path, read_only=True)
+  with caplog.at_level(logging.WARNING):
+    restored, _, step = reader.restore(target)
+  reader.close()
+  assert step == 1
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(weights))
+  notes = _messages(caplog, "unverified")
+  assert len(notes) == unchecked, notes
+  assert all("1 array(s) restored partly unverified" in n and "first w" in n for n in notes), notes
 
 
 def test_checkpoints_without_checksums_restore_with_a_note(
     trained, restore_target, tmp_path, caplog
 ):
-  """A checkpoint in the earlier format (zarr2 chunks, no checksums) restores, noted once."""
+  """A checkpoint in the earlier format (no checksums) restores, noted once."""
   older = checkpointing.Checkpointer(trained[0] / "checkpoints", read_only=True)
   state, _, _ = older.restore(step=6)
   older.close()
@@ -325,7 +370,7 @@ def test_checkpoints_without_checksums_restore_with_a_note(
   writer = checkpointing.Checkpointer(checkpoints, checksums=False, async_save=False)
   writer.save(8, state, {"index": 8}, force=True)
   writer.close()
-  assert not _array_codecs(checkpoints / "8" / "state")  # zarr2: no zarr3 chunk codecs at all
+  assert "array_checksums" not in _saved_config_item(checkpoints / "8")
   checkpointer = checkpointing.Checkpointer(checkpoints)
   with caplog.at_level(logging.WARNING):
     restored, iterator_state, step = checkpointer.restore(restore_target)

@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from maskfreevis_jax import array_digests  # noqa: E402
 from maskfreevis_jax import checkpointing  # noqa: E402
 from maskfreevis_jax import console  # noqa: E402
 from maskfreevis_jax import defaults  # noqa: E402
@@ -39,7 +40,7 @@ STEPS = 12
 
 def _flat_params(params) -> dict[str, np.ndarray]:
   return {
-      checkpointing._path_str(p): np.asarray(v)  # pylint: disable=protected-access
+      array_digests.path_name(p): np.asarray(v)
       for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
   }
 

@@ -73,12 +73,14 @@ def _reference(clip, config, boundary_width=1):
         near |= inside and lab[yy, xx] != lab[y, x]
     return [True, weight > 0 and lab[y, x] == 0, lab[y, x] == 1, near]
 
-  def add(totals, zs, weight, same):
+  def add(totals, zs, weight, same, partner_box):
     for z, inside in enumerate(zs):
       if inside:
         totals[z] += [weight, weight * same]
+    if zs[1]:  # anchored: off the mask in the box, the partner outside the box (by its fraction)
+      totals[4] += [weight * (1 - partner_box), weight * (1 - partner_box) * same]
 
-  spatial = np.zeros((4, 2))
+  spatial = np.zeros((5, 2))
   offsets = affinity_lib.window_offsets(3, config.pairwise_dilation, False)
   kept = np.asarray(aff.spatial_affinity[0])
   for t in range(t_count):
@@ -87,8 +89,9 @@ def _reference(clip, config, boundary_width=1):
         for x in range(w):
           if 0 <= y + dy < h and 0 <= x + dx < w and kept[t, k, y, x]:
             same = labels[t, y, x] == labels[t, y + dy, x + dx]
-            add(spatial, zones(labels[t], box[t, y, x], y, x), box[t, y, x], same)
-  temporal = np.zeros((4, 2))
+            partner_box = box[t, y + dy, x + dx]
+            add(spatial, zones(labels[t], box[t, y, x], y, x), box[t, y, x], same, partner_box)
+  temporal = np.zeros((5, 2))
   offsets = affinity_lib.window_offsets(3, config.temporal_dilation, True)
   kept = np.asarray(aff.temporal_affinity[0])
   for j, (a, b) in enumerate(aff.pairs):
@@ -97,7 +100,8 @@ def _reference(clip, config, boundary_width=1):
         for x in range(w):
           if 0 <= y + dy < h and 0 <= x + dx < w and kept[j, k, y, x]:
             same = labels[b, y, x] == labels[a, y + dy, x + dx]
-            add(temporal, zones(labels[b], union[y, x], y, x), union[y, x], same)
+            partner_box = box[a, y + dy, x + dx]
+            add(temporal, zones(labels[b], union[y, x], y, x), union[y, x], same, partner_box)
   return spatial, temporal
 
 
@@ -174,3 +178,14 @@ def test_masks_are_required():
   del clip["masks"]
   with pytest.raises(ValueError, match="with_masks"):
     tk_precision.pair_statistics([clip], CONFIG)
+
+
+def test_on_a_textured_background_only_tk_pairs_carry_the_box_inward():
+  """A box moving over static noise: no colour pair reaches out of the box off the mask, while TK
+  links box cells off the mask to cells outside the box in the other frames (`anchored`)."""
+  clip = _clip((200, 30, 30), None, L_SHAPE, (2, 1, 6, 5), shift=1)
+  out = tk_precision.clip_pair_counts(**clip, config=CONFIG)
+  zone = tk_precision.ZONES.index("anchored")
+  assert float(out["spatial"][zone, 0]) == 0.0
+  assert float(out["temporal"][zone, 0]) > 0.0
+  assert float(out["temporal"][zone, 1]) == pytest.approx(float(out["temporal"][zone, 0]))
