@@ -168,8 +168,8 @@ def verify(tree: Any, table: dict[str, dict]) -> Verdict:
       unverified.append(name)
       continue
     saved = {_parse_bounds(k): v for k, v in entry["blocks"].items()}
-    for held, host in _held_blocks(array):
-      bad, checked = _check_shard(host, held, saved)
+    for held, host_of in _held_blocks(array):
+      bad, checked = _check_shard(host_of, held, saved)
       if bad is not None:
         why = f"checksum mismatch: block [{bad}] reads back other bytes than were saved"
         return Verdict((name, why), tuple(unverified))
