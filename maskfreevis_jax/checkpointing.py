@@ -335,7 +335,10 @@ def _verify(step_dir: pathlib.Path, restored: Any, saved: Any) -> None:
         step_dir,
     )
     return
-  verdict = array_digests.verify(restored, table)
+  try:
+    verdict = array_digests.verify(restored, table)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a table edited or mangled
+    raise _Damage(_CONFIG, f"its checksum table cannot be read ({type(e).__name__}: {e})") from e
   if verdict.mismatch is not None:
     name, why = verdict.mismatch
     raise _Damage(f"{_STATE}/{name}", why)

@@ -359,6 +359,32 @@ def test_checksums_check_restores_in_another_sharding(tmp_path, caplog, case):
   assert all("1 array(s) restored partly unverified" in n and "first w" in n for n in notes), notes
 
 
+MANGLED_TABLES = {
+    "entry-without-dtype": {"w": {"blocks": {"0:64,0:64": "0"}}},
+    "bounds-not-numbers": {"w": {"dtype": "float32", "blocks": {"a:b,0:64": "0"}}},
+    "table-a-list": ["w"],
+}
+
+
+@pytest.mark.parametrize("table", MANGLED_TABLES.values(), ids=MANGLED_TABLES)
+def test_a_mangled_checksum_table_is_damage_named_in_one_line(tmp_path, caplog, table):
+  weights = _weights_on(1, False)
+  writer = checkpointing.Checkpointer(tmp_path, async_save=False)
+  for step in (1, 2):
+    writer.save(step, weights, None, force=True)
+  writer.close()
+  item_file = tmp_path / "2" / "config" / "metadata"
+  item = json.loads(item_file.read_text())
+  item["array_digests"] = table
+  item_file.write_text(json.dumps(item))
+  reader = checkpointing.Checkpointer(tmp_path, read_only=True)
+  with caplog.at_level(logging.WARNING):
+    _, _, step = reader.restore()
+  reader.close()
+  (line,) = _messages(caplog, "cannot be read")
+  assert step == 1 and "first unreadable item config: its checksum table cannot be read" in line
+
+
 def test_checkpoints_without_checksums_restore_with_a_note(
     trained, restore_target, tmp_path, caplog
 ):
