@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import gc
 import json
 import logging as std_logging
 import os
@@ -242,40 +240,6 @@ def _install_leftover_cancelling() -> None:
   # pylint: disable=protected-access
   if not getattr(asyncio_utils._run_sync_via_new_loop, "cancels_leftovers", False):
     asyncio_utils._run_sync_via_new_loop = _run_then_cancel_leftovers
-
-
-class _AbandonedReadsPolicy(asyncio.DefaultEventLoopPolicy):
-  """Event loops made while a checkpoint is probed collect the errors of abandoned reads.
-
-  When one array of a damaged checkpoint cannot be read, Orbax's restore stops at the first error
-  and closes its event loop; the reads still in flight then fail with nobody awaiting them, and
-  asyncio would log each one with a traceback when it is garbage collected ("Task exception was
-  never retrieved", hundreds for a model). The probe reports the damage in one line instead.
-  """
-
-  def new_event_loop(self):
-    loop = super().new_event_loop()
-    loop.set_exception_handler(_retrieve_abandoned_read)
-    return loop
-
-
-def _retrieve_abandoned_read(loop, context) -> None:
-  if "exception" in context and "never retrieved" in str(context.get("message", "")):
-    logging.debug("abandoned checkpoint read: %s", context["exception"])
-    return
-  loop.default_exception_handler(context)
-
-
-@contextlib.contextmanager
-def _probing():
-  """Reads a checkpoint that may be damaged without leaving unretrieved failed reads behind."""
-  previous = asyncio.get_event_loop_policy()
-  asyncio.set_event_loop_policy(_AbandonedReadsPolicy())
-  try:
-    yield
-  finally:
-    gc.collect()  # the abandoned reads are collected now, by their loops' handler
-    asyncio.set_event_loop_policy(previous)
 
 
 def _encode_iterator_state(state: Any) -> dict:
@@ -861,8 +825,7 @@ class Checkpointer:
     """
     result, damage = None, None
     try:
-      with _probing():
-        result = self._read(step, abstract_state)
+      result = self._read(step, abstract_state)
     except _Damage as e:
       damage = e
     damage = _agreed_damage(damage)
@@ -995,8 +958,7 @@ class Checkpointer:
     cannot read it."""
     result, damage = None, None
     try:
-      with _probing():
-        result = self._read_variables(step)
+      result = self._read_variables(step)
     except _Damage as e:
       damage = e
     damage = _agreed_damage(damage)

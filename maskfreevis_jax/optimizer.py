@@ -56,11 +56,6 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Sch
   return lambda step: (factor + ramp(step)) * decays(step)
 
 
-def _path_str(path) -> str:
-  """'a/b/0' for a pytree key path."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def module_types_by_path(model: nn.Module, *init_args, **init_kwargs) -> dict[str, type]:
   """Maps every submodule's '/'-joined path to its class, tracing `model.init` abstractly.
 
@@ -109,7 +104,7 @@ def param_labels(
   module_types = module_types or {}
 
   def label(path, _):
-    name = _path_str(path)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     if frozen_re is not None and frozen_re.search(name):
       return FROZEN
     owner = module_types.get(name.rsplit("/", 1)[0] if "/" in name else "")
